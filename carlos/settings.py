@@ -1,0 +1,150 @@
+"""Django settings for Carlos.
+
+Everything that differs between machines comes from the environment (or a local `.env`
+file) through django-environ; `.env.example` lists every variable.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+if (BASE_DIR / ".env").is_file():
+    environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+# A development key is only acceptable while DEBUG is on; production must set its own.
+SECRET_KEY = env("DJANGO_SECRET_KEY", default="") or (
+    "dev-insecure-carlos-key-change-me" if DEBUG else ""
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "daphne",
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "channels",
+    "pools",
+    "agents",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "carlos.urls"
+ASGI_APPLICATION = "carlos.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+DATABASES = {
+    "default": env.db("DATABASE_URL", default=f"sqlite:///{BASE_DIR / 'db.sqlite3'}"),
+}
+DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=0))
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"] if (BASE_DIR / "static").is_dir() else []
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "login"
+
+CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+}
+
+# --- LLM endpoint and pools ---------------------------------------------------------------
+# One upstream for every pool. Azure OpenAI when AZURE_OPENAI_ENDPOINT is set; otherwise any
+# OpenAI-compatible server at LLM_BASE_URL; otherwise the project's offline simulator.
+LLM_SIMULATOR_HOST = env("LLM_SIMULATOR_HOST", default="127.0.0.1")
+LLM_SIMULATOR_PORT = env.int("LLM_SIMULATOR_PORT", default=8765)
+
+CARLOS_POOLS = {
+    "ENDPOINT": {
+        "AZURE_ENDPOINT": env("AZURE_OPENAI_ENDPOINT", default=""),
+        "AZURE_API_KEY": env("AZURE_OPENAI_API_KEY", default=""),
+        "AZURE_API_VERSION": env("AZURE_OPENAI_API_VERSION", default="2024-10-21"),
+        "BASE_URL": env("LLM_BASE_URL", default=""),
+        "API_KEY": env("LLM_API_KEY", default=""),
+        "SIMULATOR_URL": env(
+            "LLM_SIMULATOR_URL", default=f"http://{LLM_SIMULATOR_HOST}:{LLM_SIMULATOR_PORT}/v1"
+        ),
+        "CA_BUNDLE": env("LLM_CA_BUNDLE", default=""),
+    },
+    # The design note's single size knob: main and mini get it, ronei half of it.
+    "SIZE": env.int("POOL_SIZE", default=10),
+    "HTTP": {
+        "MAX_CONNECTIONS": env.int("HTTP_MAX_CONNECTIONS", default=100),
+        "MAX_KEEPALIVE_CONNECTIONS": env.int("HTTP_MAX_KEEPALIVE_CONNECTIONS", default=20),
+        "KEEPALIVE_EXPIRY": env.float("HTTP_KEEPALIVE_EXPIRY", default=120.0),
+        "CONNECT_TIMEOUT": env.float("HTTP_CONNECT_TIMEOUT", default=5.0),
+        "READ_TIMEOUT": env.float("HTTP_READ_TIMEOUT", default=60.0),
+    },
+    "POOLS": {
+        "main": {
+            "MODEL": env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"),
+            "TEMPERATURE": 0.7,
+            "SIZE": env.int("POOL_MAIN_SIZE", default=None),
+            "MAX_OVERFLOW": env.int("POOL_MAIN_MAX_OVERFLOW", default=None),
+        },
+        "ronei": {
+            "MODEL": env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"),
+            "TEMPERATURE": 0.9,
+            "SIZE": env.int("POOL_RONEI_SIZE", default=None),
+            "MAX_OVERFLOW": env.int("POOL_RONEI_MAX_OVERFLOW", default=None),
+        },
+        "mini": {
+            "MODEL": env("AZURE_OPENAI_MINI_DEPLOYMENT_NAME", default="gpt-4o-mini"),
+            "TEMPERATURE": 0.7,
+            "SIZE": env.int("POOL_MINI_SIZE", default=None),
+            "MAX_OVERFLOW": env.int("POOL_MINI_MAX_OVERFLOW", default=None),
+        },
+    },
+}

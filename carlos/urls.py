@@ -1,0 +1,9 @@
+"""URL routes for Carlos."""
+
+from django.contrib import admin
+from django.urls import include, path
+
+urlpatterns = [
+    path("admin/", admin.site.urls),
+    path("", include("pools.urls")),
+]

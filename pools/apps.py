@@ -1,0 +1,20 @@
+"""Django app for the pool engine."""
+
+from django.apps import AppConfig
+
+
+class PoolsConfig(AppConfig):
+    name = "pools"
+    verbose_name = "LLM connection pools"
+
+    def ready(self) -> None:
+        # Only registers checks and builds plain objects: ready() runs in every process and
+        # may run twice, so no client, socket, database or event loop belongs here.
+        from pools import checks  # noqa: F401
+        from pools.exceptions import ConfigError
+        from pools.runtime import get_pool
+
+        try:
+            get_pool()
+        except ConfigError:
+            pass  # reported precisely by the system check `pools.E001`

@@ -1,0 +1,292 @@
+"""Typed pool configuration, parsed from one plain dictionary.
+
+The parser collects every problem instead of stopping at the first, so the Django system
+check can show them all at once, each naming the setting the user wrote.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pools.exceptions import ConfigError
+
+EndpointKind = Literal["azure", "openai", "simulator"]
+
+DEFAULT_POOLS: dict[str, dict[str, Any]] = {
+    "main": {"MODEL": "gpt-4o", "TEMPERATURE": 0.7},
+    "ronei": {"MODEL": "gpt-4o", "TEMPERATURE": 0.9},
+    "mini": {"MODEL": "gpt-4o-mini", "TEMPERATURE": 0.7},
+}
+DEFAULT_SIZE = 10
+# The note's pools: main and mini take the global size, ronei (used less often) half of it.
+SIZE_SHARE = {"ronei": 0.5}
+
+_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS"}
+_ENDPOINT_KEYS = {
+    "AZURE_ENDPOINT",
+    "AZURE_API_KEY",
+    "AZURE_API_VERSION",
+    "BASE_URL",
+    "API_KEY",
+    "SIMULATOR_URL",
+    "CA_BUNDLE",
+}
+_HTTP_KEYS = {
+    "MAX_CONNECTIONS",
+    "MAX_KEEPALIVE_CONNECTIONS",
+    "KEEPALIVE_EXPIRY",
+    "CONNECT_TIMEOUT",
+    "READ_TIMEOUT",
+}
+_POOL_KEYS = {"MODEL", "TEMPERATURE", "SIZE", "MAX_OVERFLOW", "TIMEOUT", "MAX_WAITING"}
+
+
+@dataclass(frozen=True)
+class EndpointConfig:
+    """Where every pool sends its calls, and how it authenticates (never shown anywhere)."""
+
+    kind: EndpointKind
+    base_url: str
+    api_key: str = field(repr=False, default="")
+    api_version: str = ""
+    ca_bundle: str = ""
+
+    @property
+    def public_url(self) -> str:
+        """The URL without credentials, path secrets or query: safe for logs and /health."""
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}"
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The shared keep-alive HTTP client's limits (the design note's 100 / 20)."""
+
+    max_connections: int = 100
+    max_keepalive_connections: int = 20
+    keepalive_expiry: float = 120.0
+    connect_timeout: float = 5.0
+    read_timeout: float = 60.0
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """One named pool: the model it talks to and how many slots it keeps."""
+
+    name: str
+    model: str
+    temperature: float
+    size: int
+    # None: the note's behaviour, a temporary connection instead of blocking, bounded only by
+    # the HTTP connection limit. A number: at most that many temporary connections, then
+    # callers queue FIFO.
+    max_overflow: int | None = None
+    timeout: float = 30.0
+    max_waiting: int | None = None
+    # True when SIZE was set for this pool, so the global size knob leaves it alone.
+    size_explicit: bool = False
+
+
+@dataclass(frozen=True)
+class PoolsConfig:
+    endpoint: EndpointConfig
+    http: HttpLimits
+    pools: dict[str, PoolConfig]
+
+    @property
+    def total_slots(self) -> int:
+        return sum(pool.size for pool in self.pools.values())
+
+    def with_size(self, size: int) -> PoolsConfig:
+        """The same configuration with the note's global size knob set to `size`."""
+        if size < 1:
+            raise ConfigError("size", f"must be at least 1, got {size}")
+        pools = {
+            name: pool if pool.size_explicit else replace(pool, size=sized_for(name, size))
+            for name, pool in self.pools.items()
+        }
+        return replace(self, pools=pools)
+
+
+def sized_for(pool_name: str, global_size: int) -> int:
+    return max(1, math.floor(global_size * SIZE_SHARE.get(pool_name, 1.0)))
+
+
+def _is_http_url(value: str) -> bool:
+    try:
+        parts = urlsplit(value)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        return False
+    return parts.scheme in {"http", "https"} and bool(parts.hostname) and port_ok
+
+
+def _redact(url: str) -> str:
+    """A URL safe to show in an error: no user, password or query string."""
+    try:
+        parts = urlsplit(url)
+        host = parts.netloc.rpartition("@")[2]
+    except ValueError:
+        return "<unparseable URL>"
+    return f"{parts.scheme}://{host}{parts.path}" if parts.scheme else host or url[:40]
+
+
+def parse_config(raw: dict[str, Any], prefix: str = "CARLOS_POOLS") -> PoolsConfig:
+    """Build a `PoolsConfig` or raise `ConfigErrors` listing every problem found."""
+    errors: list[ConfigError] = []
+
+    def err(setting: str, message: str) -> None:
+        errors.append(ConfigError(setting, message))
+
+    if not isinstance(raw, dict):
+        raise ConfigErrors([ConfigError(prefix, "must be a dictionary")])
+    for key in sorted(set(raw) - _TOP_KEYS):
+        err(f"{prefix}['{key}']", f"unknown key; expected one of {sorted(_TOP_KEYS)}")
+
+    endpoint = _parse_endpoint(raw.get("ENDPOINT") or {}, f"{prefix}['ENDPOINT']", err)
+    http = _parse_http(raw.get("HTTP") or {}, f"{prefix}['HTTP']", err)
+
+    global_size = raw.get("SIZE", DEFAULT_SIZE)
+    if global_size is None:
+        global_size = DEFAULT_SIZE
+    if not _is_int(global_size) or global_size < 1:
+        err(f"{prefix}['SIZE'] (POOL_SIZE)", f"must be a whole number of at least 1, got {global_size!r}")
+        global_size = DEFAULT_SIZE
+
+    raw_pools = raw.get("POOLS", DEFAULT_POOLS)
+    pools: dict[str, PoolConfig] = {}
+    if not isinstance(raw_pools, dict) or not raw_pools:
+        err(f"{prefix}['POOLS']", "must be a non-empty dictionary of pool name to options")
+        raw_pools = {}
+    for name, options in raw_pools.items():
+        pool = _parse_pool(name, options, global_size, f"{prefix}['POOLS']['{name}']", err)
+        if pool is not None:
+            pools[name] = pool
+
+    if errors:
+        raise ConfigErrors(errors)
+    return PoolsConfig(endpoint=endpoint, http=http, pools=pools)
+
+
+class ConfigErrors(ConfigError):
+    """Several configuration problems at once."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        self.errors = errors
+        first = errors[0]
+        super().__init__(first.setting, "; ".join(str(e) for e in errors))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_endpoint(raw: dict[str, Any], where: str, err) -> EndpointConfig:
+    for key in sorted(set(raw) - _ENDPOINT_KEYS):
+        err(f"{where}['{key}']", f"unknown key; expected one of {sorted(_ENDPOINT_KEYS)}")
+    azure = (raw.get("AZURE_ENDPOINT") or "").strip()
+    base = (raw.get("BASE_URL") or "").strip()
+    simulator = (raw.get("SIMULATOR_URL") or "").strip()
+    ca_bundle = (raw.get("CA_BUNDLE") or "").strip()
+    if azure:
+        if not _is_http_url(azure):
+            err("AZURE_OPENAI_ENDPOINT", f"is not a valid http(s) URL: {_redact(azure)!r}")
+        key = raw.get("AZURE_API_KEY") or ""
+        if not key:
+            err("AZURE_OPENAI_API_KEY", "is required when AZURE_OPENAI_ENDPOINT is set")
+        version = raw.get("AZURE_API_VERSION") or ""
+        if not version:
+            err("AZURE_OPENAI_API_VERSION", "is required for Azure OpenAI")
+        return EndpointConfig("azure", azure.rstrip("/"), key, version, ca_bundle)
+    if base:
+        if not _is_http_url(base):
+            err("LLM_BASE_URL", f"is not a valid http(s) URL: {_redact(base)!r}")
+        key = raw.get("API_KEY") or ""
+        if not key:
+            err("LLM_API_KEY", "is required when LLM_BASE_URL is set (any value for keyless servers)")
+        return EndpointConfig("openai", base.rstrip("/"), key, "", ca_bundle)
+    if not simulator or not _is_http_url(simulator):
+        err(
+            "LLM_SIMULATOR_URL",
+            f"no endpoint is configured (set AZURE_OPENAI_ENDPOINT or LLM_BASE_URL) and the "
+            f"simulator URL is not a valid http(s) URL: {_redact(simulator)!r}",
+        )
+    return EndpointConfig("simulator", simulator.rstrip("/"), "simulator", "", ca_bundle)
+
+
+def _parse_http(raw: dict[str, Any], where: str, err) -> HttpLimits:
+    for key in sorted(set(raw) - _HTTP_KEYS):
+        err(f"{where}['{key}']", f"unknown key; expected one of {sorted(_HTTP_KEYS)}")
+    defaults = HttpLimits()
+    values: dict[str, Any] = {}
+    for key in ("MAX_CONNECTIONS", "MAX_KEEPALIVE_CONNECTIONS"):
+        value = raw.get(key, getattr(defaults, key.lower()))
+        if not _is_int(value) or value < 1:
+            err(f"{where}['{key}'] (HTTP_{key})", f"must be a whole number of at least 1, got {value!r}")
+            value = getattr(defaults, key.lower())
+        values[key.lower()] = value
+    for key in ("KEEPALIVE_EXPIRY", "CONNECT_TIMEOUT", "READ_TIMEOUT"):
+        value = raw.get(key, getattr(defaults, key.lower()))
+        if not _is_number(value) or value <= 0:
+            err(f"{where}['{key}'] (HTTP_{key})", f"must be a positive number of seconds, got {value!r}")
+            value = getattr(defaults, key.lower())
+        values[key.lower()] = float(value)
+    return HttpLimits(**values)
+
+
+def _parse_pool(name: Any, options: Any, global_size: int, where: str, err) -> PoolConfig | None:
+    if not isinstance(name, str) or not name.isidentifier():
+        err(where, "a pool name must be a plain identifier such as 'main'")
+        return None
+    if not isinstance(options, dict):
+        err(where, "must be a dictionary of pool options")
+        return None
+    for key in sorted(set(options) - _POOL_KEYS):
+        err(f"{where}['{key}']", f"unknown key; expected one of {sorted(_POOL_KEYS)}")
+    defaults = DEFAULT_POOLS.get(name, {})
+    model = options.get("MODEL") or defaults.get("MODEL")
+    if not isinstance(model, str) or not model.strip():
+        err(f"{where}['MODEL']", "a model or deployment name is required")
+        model = ""
+    temperature = options.get("TEMPERATURE", defaults.get("TEMPERATURE", 0.7))
+    if not _is_number(temperature) or not 0 <= temperature <= 2:
+        err(f"{where}['TEMPERATURE']", f"must be a number from 0 to 2, got {temperature!r}")
+        temperature = 0.7
+    size = options.get("SIZE")
+    size_explicit = size is not None
+    if size is None:
+        size = sized_for(name, global_size)
+    elif not _is_int(size) or size < 1:
+        err(f"{where}['SIZE'] (POOL_{name.upper()}_SIZE)", f"must be a whole number of at least 1, got {size!r}")
+        size = 1
+    max_overflow = options.get("MAX_OVERFLOW")
+    if max_overflow is not None and (not _is_int(max_overflow) or max_overflow < 0):
+        err(f"{where}['MAX_OVERFLOW']", f"must be empty (no cap) or a whole number >= 0, got {max_overflow!r}")
+        max_overflow = None
+    timeout = options.get("TIMEOUT", 30.0)
+    if not _is_number(timeout) or timeout <= 0:
+        err(f"{where}['TIMEOUT']", f"must be a positive number of seconds, got {timeout!r}")
+        timeout = 30.0
+    max_waiting = options.get("MAX_WAITING")
+    if max_waiting is not None and (not _is_int(max_waiting) or max_waiting < 0):
+        err(f"{where}['MAX_WAITING']", f"must be empty (no limit) or a whole number >= 0, got {max_waiting!r}")
+        max_waiting = None
+    return PoolConfig(
+        name=name,
+        model=model,
+        temperature=float(temperature),
+        size=size,
+        max_overflow=max_overflow,
+        timeout=float(timeout),
+        max_waiting=max_waiting,
+        size_explicit=size_explicit,
+    )

@@ -1,0 +1,37 @@
+"""Errors raised by the pool engine.
+
+Callers catch `PoolError` for anything the pool itself refuses; errors from the model
+endpoint come through unchanged as the `openai` SDK's exceptions.
+"""
+
+
+class PoolError(Exception):
+    """Base class for every refusal by the pool engine."""
+
+
+class PoolTimeout(PoolError):
+    """A queued caller waited longer than the pool's timeout for a slot."""
+
+
+class PoolExhausted(PoolError):
+    """The pool is full, its overflow is capped and `max_waiting` callers already queue."""
+
+
+class PoolClosed(PoolError):
+    """The pool engine was closed (server shutting down)."""
+
+
+class UnknownPool(PoolError, KeyError):
+    """A pool name that is not configured."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "unknown pool"
+
+
+class ConfigError(PoolError, ValueError):
+    """A configuration value is invalid; `setting` names it the way the user wrote it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(f"{setting}: {message}")
+        self.setting = setting
+        self.message = message

@@ -1,0 +1,39 @@
+"""Start-up warm-up and clean shutdown for ASGI servers that speak the lifespan protocol.
+
+Daphne sends no lifespan events (`manage.py serve` hooks its start and stop instead);
+uvicorn and hypercorn do, and this wrapper answers them in front of the Channels router,
+which would otherwise reject the `lifespan` scope.
+"""
+
+import logging
+from typing import Any
+
+from pools.runtime import get_pool
+
+logger = logging.getLogger("pools")
+
+
+class PoolLifespan:
+    """ASGI middleware: warm the pools on `lifespan.startup`, close them on shutdown."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await get_pool().initialize()
+                except Exception as exc:  # report, so the server refuses to start
+                    logger.exception("pool warm-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await get_pool().close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,133 @@
+"""`manage.py serve`: Carlos under Daphne, with the pools warmed at start and closed at stop.
+
+Daphne sends no ASGI lifespan events, so this command hooks Daphne's own start (its
+`ready_callable`) and Twisted's shutdown trigger instead. With no LLM endpoint configured it
+also starts the offline simulator in a child process and stops it on exit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+from typing import Any
+from urllib.parse import urlsplit
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from pools.runtime import get_pool
+
+logger = logging.getLogger("pools")
+
+SIMULATOR_READY_TIMEOUT_S = 30.0
+
+
+class Command(BaseCommand):
+    help = (
+        "Serve Carlos over HTTP and WebSockets with Daphne. The LLM pools are warmed before "
+        "the first request and closed cleanly on Ctrl-C / SIGTERM. With no endpoint "
+        "configured (no AZURE_OPENAI_ENDPOINT or LLM_BASE_URL) the offline LLM simulator is "
+        "started too."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
+        parser.add_argument("--port", type=int, default=8000, help="Port to bind (default 8000).")
+        parser.add_argument(
+            "--no-simulator",
+            action="store_true",
+            help="Do not start the offline simulator even when no endpoint is configured "
+            "(use when one already runs, e.g. `manage.py llm_simulator` in another shell).",
+        )
+        parser.add_argument(
+            "--simulator-args",
+            default="--ttft-ms 120 --tokens-per-second 400",
+            help="Extra arguments for the simulator it starts (default: realistic pacing).",
+        )
+        parser.add_argument(
+            "--migrate", action="store_true", help="Apply database migrations before serving."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        from daphne.server import Server  # installs Twisted's asyncio reactor: import late
+
+        from carlos.asgi import application
+
+        if options["migrate"]:
+            call_command("migrate", interactive=False, verbosity=0)
+        self.stdout.write("🚀 Starting Carlos the Architect...")
+        registry = get_pool()
+        simulator = None
+        if registry.config.endpoint.kind == "simulator" and not options["no_simulator"]:
+            simulator = self._start_simulator(registry.config.endpoint.base_url, options)
+
+        def on_ready() -> None:
+            loop = asyncio.get_event_loop()
+            loop.create_task(self._warm_up(options))
+
+        def on_shutdown() -> Any:
+            from twisted.internet import defer
+
+            return defer.Deferred.fromFuture(asyncio.ensure_future(registry.close()))
+
+        from twisted.internet import reactor
+
+        reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
+        server = Server(
+            application=application,
+            endpoints=[f"tcp:port={options['port']}:interface={options['host']}"],
+            signal_handlers=True,
+            ready_callable=on_ready,
+            verbosity=options["verbosity"],
+        )
+        try:
+            server.run()
+        finally:
+            if simulator is not None:
+                simulator.terminate()
+                try:
+                    simulator.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    simulator.kill()
+
+    async def _warm_up(self, options: dict[str, Any]) -> None:
+        try:
+            await get_pool().initialize()
+        except Exception:
+            logger.exception("pool warm-up failed")
+            return
+        self.stdout.write(
+            f"✅ Backend ready to serve requests on http://{options['host']}:{options['port']}/"
+        )
+
+    def _start_simulator(self, base_url: str, options: dict[str, Any]) -> subprocess.Popen:
+        parts = urlsplit(base_url)
+        command = [
+            sys.executable,
+            str(settings.BASE_DIR / "manage.py"),
+            "llm_simulator",
+            "--host",
+            parts.hostname or "127.0.0.1",
+            "--port",
+            str(parts.port or 80),
+            *options["simulator_args"].split(),
+        ]
+        if parts.scheme == "https":
+            command.append("--tls")
+        process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+        assert process.stdout is not None
+        line = process.stdout.readline()  # start-up only, before the event loop runs
+        if "listening" not in line:
+            process.kill()
+            raise CommandError(
+                f"the offline LLM simulator did not start (it said {line.strip()!r}); is port "
+                f"{parts.port} already in use? Run with --no-simulator if one already runs."
+            )
+        self.stdout.write(f"🤖 Offline LLM simulator: {line.strip()}")
+        return process

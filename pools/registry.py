@@ -1,0 +1,311 @@
+"""The pool engine's front door: named pools, per-loop clients, warm-up, stats, shutdown.
+
+`PoolRegistry` is plain asyncio and knows nothing of Django. Slot accounting is shared by
+the whole process; HTTP and SDK clients belong to the event loop that created them, because
+an `httpx.AsyncClient` must never be used from another loop. Building a registry opens
+nothing: connections are opened by `initialize()` (warm-up) or by the first call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from openai import AsyncAzureOpenAI, AsyncOpenAI
+
+from pools.config import PoolsConfig
+from pools.exceptions import PoolClosed, UnknownPool
+from pools.handle import LLMHandle
+from pools.slots import SlotPool
+from pools.transport import (
+    ConnectionLedger,
+    build_http_client,
+    current_pool,
+    http_timeout,
+)
+
+logger = logging.getLogger("pools")
+
+# The SDK's own retry layer (jittered backoff, honours Retry-After); the pool adds none.
+SDK_MAX_RETRIES = 2
+
+
+@dataclass(eq=False)
+class _LoopClients:
+    """The clients of one event loop."""
+
+    http: httpx.AsyncClient
+    sdk: AsyncOpenAI
+    lock: asyncio.Lock
+    warmed: dict[str, int] | None = None
+
+
+class PoolRegistry:
+    """Every named pool of the process, as configured by one `PoolsConfig`."""
+
+    def __init__(self, config: PoolsConfig) -> None:
+        self._config = config
+        self.ledger = ConnectionLedger()
+        self.pools: dict[str, SlotPool] = {
+            name: SlotPool(pool, config.http.max_connections)
+            for name, pool in config.pools.items()
+        }
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._loops_lock = threading.Lock()
+        self._initialized = False
+        self._closed = False
+        self.warmup_error: str | None = None
+
+    @property
+    def config(self) -> PoolsConfig:
+        return self._config
+
+    @property
+    def keepalive_connections(self) -> int:
+        """Idle connections kept open: the configured limit, raised so every slot stays warm."""
+        return max(self._config.http.max_keepalive_connections, self._config.total_slots)
+
+    # -- the design note's API -------------------------------------------------------------
+    def get_main_llm(self, timeout: float | None = None):
+        return self.acquire("main", timeout)
+
+    def get_ronei_llm(self, timeout: float | None = None):
+        return self.acquire("ronei", timeout)
+
+    def get_mini_llm(self, timeout: float | None = None):
+        return self.acquire("mini", timeout)
+
+    @asynccontextmanager
+    async def acquire(self, name: str, timeout: float | None = None) -> AsyncIterator[LLMHandle]:
+        """Hold one slot of pool `name` for the block; released on any exit, even cancellation."""
+        pool = self.pools.get(name)
+        if pool is None:
+            raise UnknownPool(f"no pool named {name!r}; configured: {sorted(self.pools)}")
+        if self._closed:
+            raise PoolClosed("the pool engine is closed")
+        slot = await pool.acquire(timeout)
+        token = current_pool.set(name)
+        temporary: httpx.AsyncClient | None = None
+        handle: LLMHandle | None = None
+        try:
+            clients = self._clients()
+            sdk = clients.sdk
+            if slot.overflow:
+                temporary = self._build_http(max_connections=1, keepalive=1)
+                sdk = sdk.copy(http_client=temporary)
+            handle = LLMHandle(pool, slot, sdk)
+            yield handle
+        finally:
+            current_pool.reset(token)
+            try:
+                if handle is not None:
+                    await handle._close_streams()
+                if temporary is not None:
+                    await temporary.aclose()
+            finally:
+                pool.release(slot)
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    async def initialize(self) -> dict[str, int]:
+        """Open every slot's connection on this loop; a second call changes nothing."""
+        clients = self._clients()
+        async with clients.lock:
+            if clients.warmed is not None:
+                return clients.warmed
+            for pool in self.pools.values():
+                pool.reopen()
+            self._closed = False
+            logger.info("🔥 Warming up LLM connection pools...")
+            started = time.perf_counter()
+            before = {name: self.ledger.for_pool(name)["connections_num"] for name in self.pools}
+            try:
+                await self._open_connections(clients.http)
+                self.warmup_error = None
+            except (httpx.HTTPError, OSError) as exc:
+                self.warmup_error = f"{type(exc).__name__}: {exc}"
+                logger.error(
+                    "❌ Warm-up could not reach the LLM endpoint %s (%s); calls will connect "
+                    "on first use. Check the endpoint URL, the API key and the network.",
+                    self._config.endpoint.public_url,
+                    self.warmup_error,
+                )
+            opened = {
+                name: self.ledger.for_pool(name)["connections_num"] - before[name]
+                for name in self.pools
+            }
+            clients.warmed = opened
+            self._initialized = True
+            logger.info(
+                "✅ Connection pool ready: %s (%.0f ms)",
+                ", ".join(f"{count} {name}" for name, count in opened.items()),
+                (time.perf_counter() - started) * 1000,
+            )
+            logger.info(
+                "🌐 HTTP connection pool initialized: %s, max_connections=%d, "
+                "max_keepalive_connections=%d",
+                self._config.endpoint.public_url,
+                self._config.http.max_connections,
+                self.keepalive_connections,
+            )
+            return opened
+
+    async def _open_connections(self, http: httpx.AsyncClient) -> None:
+        """Hold one request open per slot at the same time, so each gets its own connection."""
+        url, headers = self._probe_request()
+
+        async def open_one(pool_name: str) -> httpx.Response:
+            current_pool.set(pool_name)
+            request = http.build_request("GET", url, headers=headers)
+            return await http.send(request, stream=True)
+
+        tasks = [
+            asyncio.create_task(open_one(name))
+            for name, pool in self.pools.items()
+            for _ in range(pool.config.size)
+        ]
+        try:
+            responses = await asyncio.gather(*tasks)
+        except BaseException:
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    await task.result().aclose()
+                else:
+                    task.cancel()
+            raise
+        statuses = set()
+        for response in responses:
+            await response.aread()  # a fully read response leaves its connection reusable
+            await response.aclose()
+            statuses.add(response.status_code)
+        if 401 in statuses or 403 in statuses:
+            logger.error("❌ The LLM endpoint refused the API key during warm-up (HTTP 401/403)")
+
+    def _probe_request(self) -> tuple[str, dict[str, str]]:
+        endpoint = self._config.endpoint
+        if endpoint.kind == "azure":
+            url = f"{endpoint.base_url}/openai/models?api-version={endpoint.api_version}"
+            return url, {"api-key": endpoint.api_key}
+        return f"{endpoint.base_url}/models", {"Authorization": f"Bearer {endpoint.api_key}"}
+
+    async def aclose_loop(self) -> None:
+        """Close the clients of the running loop (a test's loop, or one made by async_to_sync)."""
+        loop = asyncio.get_running_loop()
+        with self._loops_lock:
+            clients = self._loops.pop(loop, None)
+        if clients is not None:
+            await clients.http.aclose()
+            await clients.sdk.close()
+
+    async def close(self) -> None:
+        """Shut down: refuse new calls, wake queued callers, close every client."""
+        self._closed = True
+        for pool in self.pools.values():
+            pool.close()
+        await self.aclose_loop()
+        with self._loops_lock:
+            others = list(self._loops.items())
+            self._loops.clear()
+        for loop, clients in others:
+            if not loop.is_closed() and loop.is_running():
+                asyncio.run_coroutine_threadsafe(clients.http.aclose(), loop)
+        logger.info("🛑 LLM connection pools closed")
+
+    def resize(self, size: int) -> None:
+        """Apply the global size knob to every pool without an explicit size."""
+        self._config = self._config.with_size(size)
+        for name, pool in self.pools.items():
+            pool.reconfigure(self._config.pools[name])
+
+    @property
+    def initialized(self) -> bool:
+        return self._initialized
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def usable(self) -> bool:
+        return self._initialized and not self._closed
+
+    # -- clients per loop -----------------------------------------------------------------
+    def _clients(self) -> _LoopClients:
+        loop = asyncio.get_running_loop()
+        clients = self._loops.get(loop)
+        if clients is not None:
+            return clients
+        with self._loops_lock:
+            clients = self._loops.get(loop)
+            if clients is None:
+                for stale in [other for other in self._loops if other.is_closed()]:
+                    del self._loops[stale]
+                http = self._build_http(
+                    max_connections=self._config.http.max_connections,
+                    keepalive=self.keepalive_connections,
+                )
+                clients = _LoopClients(http=http, sdk=self._build_sdk(http), lock=asyncio.Lock())
+                self._loops[loop] = clients
+            return clients
+
+    def _build_http(self, *, max_connections: int, keepalive: int) -> httpx.AsyncClient:
+        return build_http_client(
+            self._config.endpoint,
+            self._config.http,
+            self.ledger,
+            max_connections=max_connections,
+            max_keepalive_connections=keepalive,
+        )
+
+    def _build_sdk(self, http: httpx.AsyncClient) -> AsyncOpenAI:
+        endpoint = self._config.endpoint
+        timeout = http_timeout(self._config.http)
+        if endpoint.kind == "azure":
+            return AsyncAzureOpenAI(
+                azure_endpoint=endpoint.base_url,
+                api_key=endpoint.api_key,
+                api_version=endpoint.api_version,
+                http_client=http,
+                timeout=timeout,
+                max_retries=SDK_MAX_RETRIES,
+            )
+        return AsyncOpenAI(
+            base_url=endpoint.base_url,
+            api_key=endpoint.api_key,
+            http_client=http,
+            timeout=timeout,
+            max_retries=SDK_MAX_RETRIES,
+        )
+
+    # -- stats --------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Everything /health and the commands show; never a key or a credential."""
+        http = self._config.http
+        with self._loops_lock:
+            loops = len(self._loops)
+        return {
+            "initialized": self._initialized,
+            "closed": self._closed,
+            "endpoint": {"kind": self._config.endpoint.kind, "url": self._config.endpoint.public_url},
+            "warmup_error": self.warmup_error,
+            "http": {
+                "max_connections": http.max_connections,
+                "max_keepalive_connections": self.keepalive_connections,
+                "keepalive_expiry_s": http.keepalive_expiry,
+                "event_loops": loops,
+                **self.ledger.totals(),
+            },
+            "pools": {
+                name: {**pool.stats(), **self.ledger.for_pool(name)}
+                for name, pool in self.pools.items()
+            },
+        }

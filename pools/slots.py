@@ -1,0 +1,276 @@
+"""Slot accounting for one named pool: size, bounded overflow, a FIFO queue, honest stats.
+
+A slot is the right to hold one connection. Pooled slots use the shared keep-alive client;
+overflow slots get a temporary connection that is closed after use (the design note's
+"temporary connection rather than blocking"). When the overflow is capped, callers queue
+first-in first-out with a timeout, and past `max_waiting` they are refused at once.
+
+State is guarded by a `threading.Lock` rather than asyncio primitives because one pool is
+shared by every event loop of the process (Daphne's, a test's, one made by
+`async_to_sync`); each waiter is woken on its own loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from pools.config import PoolConfig
+from pools.exceptions import PoolClosed, PoolExhausted, PoolTimeout
+
+logger = logging.getLogger("pools")
+
+
+class SlotKind(StrEnum):
+    POOLED = "pooled"
+    OVERFLOW = "overflow"
+
+
+@dataclass(eq=False)
+class Slot:
+    """A granted slot; give it back exactly once with `SlotPool.release`."""
+
+    pool: str
+    kind: SlotKind
+    wait_ms: float
+    acquired_at: float = field(default_factory=time.perf_counter)
+    released: bool = False
+
+    @property
+    def overflow(self) -> bool:
+        return self.kind is SlotKind.OVERFLOW
+
+
+@dataclass(eq=False)
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[None]
+    granted: SlotKind | None = None
+
+
+def _wake(waiter: _Waiter) -> None:
+    if not waiter.future.done():
+        waiter.future.set_result(None)
+
+
+class SlotPool:
+    """Counts slots of one pool. Thread-safe; waiters may live on different event loops."""
+
+    def __init__(self, config: PoolConfig, max_connections: int) -> None:
+        self._lock = threading.Lock()
+        self._config = config
+        self._max_connections = max_connections
+        self._pooled_in_use = 0
+        self._overflow_in_use = 0
+        self._waiters: deque[_Waiter] = deque()
+        self._closed = False
+        self._burst_warned = False
+        self.counters: dict[str, float] = dict.fromkeys(
+            (
+                "requests_num",
+                "requests_overflow",
+                "requests_queued",
+                "requests_wait_ms",
+                "requests_timeouts",
+                "requests_refused",
+                "requests_errors",
+                "usage_ms",
+            ),
+            0,
+        )
+
+    # -- configuration ------------------------------------------------------------------
+    @property
+    def config(self) -> PoolConfig:
+        return self._config
+
+    @property
+    def name(self) -> str:
+        return self._config.name
+
+    @property
+    def overflow_limit(self) -> int:
+        """Temporary connections allowed at once: the cap, or what the HTTP limit leaves."""
+        if self._config.max_overflow is not None:
+            return self._config.max_overflow
+        return max(0, self._max_connections - self._config.size)
+
+    def reconfigure(self, config: PoolConfig) -> None:
+        """Apply a new size or limits; queued callers get any slots that this frees."""
+        with self._lock:
+            self._config = config
+            wake = self._grant_waiters_locked()
+        self._signal(wake)
+
+    # -- acquire / release ----------------------------------------------------------------
+    async def acquire(self, timeout: float | None = None) -> Slot:
+        """A slot now, a temporary one if the pool is full, or a place in the queue."""
+        started = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            kind = self._take_locked() if not self._waiters else None
+            if kind is not None:
+                return self._granted_locked(kind, started)
+            limit = self._config.max_waiting
+            if limit is not None and len(self._waiters) >= limit:
+                self.counters["requests_refused"] += 1
+                raise PoolExhausted(
+                    f"pool {self.name!r} is exhausted: {self._config.size} slots and "
+                    f"{self.overflow_limit} temporary connections in use, "
+                    f"{len(self._waiters)} callers already waiting"
+                )
+            loop = asyncio.get_running_loop()
+            waiter = _Waiter(loop, loop.create_future())
+            self._waiters.append(waiter)
+            self.counters["requests_queued"] += 1
+
+        wait_for = self._config.timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(wait_for):
+                await waiter.future
+        except BaseException as exc:
+            with self._lock:
+                kind = waiter.granted
+                if kind is None:
+                    self._waiters.remove(waiter)
+                    if isinstance(exc, TimeoutError):
+                        self.counters["requests_timeouts"] += 1
+            if kind is not None:
+                # Granted while we were being cancelled or timing out: give it back.
+                self._give_back(kind)
+            if isinstance(exc, TimeoutError):
+                raise PoolTimeout(
+                    f"no slot in pool {self.name!r} within {wait_for:g}s "
+                    f"({self._config.size} slots, {self.overflow_limit} temporary connections, "
+                    "all busy)"
+                ) from None
+            raise
+        with self._lock:
+            kind = waiter.granted
+            if kind is None:  # woken by close()
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            return self._granted_locked(kind, started, queued=True)
+
+    def release(self, slot: Slot) -> None:
+        """Return a slot; the first queued caller gets it."""
+        if slot.released:
+            return
+        slot.released = True
+        usage_ms = (time.perf_counter() - slot.acquired_at) * 1000
+        with self._lock:
+            self.counters["usage_ms"] += usage_ms
+        self._give_back(slot.kind)
+
+    def record_error(self) -> None:
+        with self._lock:
+            self.counters["requests_errors"] += 1
+
+    def close(self) -> None:
+        """Refuse new callers and wake the queued ones with `PoolClosed`."""
+        with self._lock:
+            self._closed = True
+            waiters = list(self._waiters)
+            self._waiters.clear()
+        self._signal(waiters)
+
+    def reopen(self) -> None:
+        with self._lock:
+            self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    # -- internals (call with the lock held) ------------------------------------------------
+    def _take_locked(self) -> SlotKind | None:
+        if self._pooled_in_use < self._config.size:
+            self._pooled_in_use += 1
+            return SlotKind.POOLED
+        if self._overflow_in_use < self.overflow_limit:
+            self._overflow_in_use += 1
+            if not self._burst_warned:
+                self._burst_warned = True
+                logger.warning(
+                    "⚠️  %s LLM pool exhausted, creating temporary connection "
+                    "(%d slots busy; further warnings suppressed until the burst ends)",
+                    self.name.capitalize(),
+                    self._config.size,
+                )
+            return SlotKind.OVERFLOW
+        return None
+
+    def _granted_locked(self, kind: SlotKind, started: float, queued: bool = False) -> Slot:
+        wait_ms = (time.perf_counter() - started) * 1000
+        self.counters["requests_num"] += 1
+        self.counters["requests_wait_ms"] += wait_ms
+        if kind is SlotKind.OVERFLOW:
+            self.counters["requests_overflow"] += 1
+        return Slot(pool=self.name, kind=kind, wait_ms=wait_ms)
+
+    def _give_back(self, kind: SlotKind) -> None:
+        with self._lock:
+            if kind is SlotKind.POOLED:
+                self._pooled_in_use -= 1
+            else:
+                self._overflow_in_use -= 1
+                if self._overflow_in_use == 0:
+                    self._burst_warned = False
+            wake = self._grant_waiters_locked()
+        self._signal(wake)
+
+    def _grant_waiters_locked(self) -> list[_Waiter]:
+        woken: list[_Waiter] = []
+        while self._waiters:
+            kind = self._take_locked()
+            if kind is None:
+                break
+            waiter = self._waiters.popleft()
+            waiter.granted = kind
+            woken.append(waiter)
+        return woken
+
+    def _signal(self, waiters: list[_Waiter]) -> None:
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        for waiter in waiters:
+            if running is waiter.loop:
+                _wake(waiter)
+                continue
+            try:
+                waiter.loop.call_soon_threadsafe(_wake, waiter)
+            except RuntimeError:  # its loop is closed: nobody will take the slot
+                if waiter.granted is not None:
+                    self._give_back(waiter.granted)
+
+    # -- stats ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """psycopg_pool-style numbers; `in_use` includes temporary connections."""
+        with self._lock:
+            config = self._config
+            counters = {
+                key: round(value, 3) if isinstance(value, float) else int(value)
+                for key, value in self.counters.items()
+            }
+            return {
+                "model": config.model,
+                "temperature": config.temperature,
+                "total": config.size,
+                "in_use": self._pooled_in_use + self._overflow_in_use,
+                "available": max(0, config.size - self._pooled_in_use),
+                "overflow_in_use": self._overflow_in_use,
+                "waiting": len(self._waiters),
+                "max_overflow": config.max_overflow,
+                "overflow_limit": self.overflow_limit,
+                "max_waiting": config.max_waiting,
+                "timeout_s": config.timeout,
+                **counters,
+            }

@@ -1,0 +1,9 @@
+"""Operator endpoints of the pools app."""
+
+from django.urls import path
+
+from pools import views
+
+urlpatterns = [
+    path("health", views.health, name="health"),
+]

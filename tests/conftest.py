@@ -1,0 +1,67 @@
+"""Shared fixtures: a pool registry wired to an in-process simulator."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncio
+import threading
+
+import pytest
+
+from pools import runtime
+from pools.config import parse_config
+from pools.registry import PoolRegistry
+
+
+def registry_config(base_url: str, pools: dict[str, dict[str, Any]] | None = None, **http: Any):
+    """A `PoolsConfig` for the simulator at `base_url`; `pools` overrides the default three."""
+    raw: dict[str, Any] = {
+        "ENDPOINT": {"SIMULATOR_URL": base_url},
+        "HTTP": {key.upper(): value for key, value in http.items()},
+    }
+    if pools is not None:
+        raw["POOLS"] = {name: {k.upper(): v for k, v in o.items()} for name, o in pools.items()}
+    return parse_config(raw)
+
+
+@pytest.fixture
+async def make_registry() -> AsyncIterator[Callable[..., PoolRegistry]]:
+    """Build registries against a simulator; each is closed (clients and all) afterwards."""
+    made: list[PoolRegistry] = []
+
+    def build(simulator: Any, pools: dict[str, dict[str, Any]] | None = None, **http: Any):
+        registry = PoolRegistry(registry_config(simulator.base_url, pools, **http))
+        made.append(registry)
+        return registry
+
+    yield build
+    for registry in made:
+        await registry.close()
+
+
+@pytest.fixture
+async def installed_registry(make_registry, simulator) -> AsyncIterator[PoolRegistry]:
+    """The default three pools against the simulator, installed as the process registry."""
+    registry = make_registry(simulator)
+    previous = runtime.install(registry)
+    yield registry
+    runtime.install(previous)
+
+
+@pytest.fixture
+def simulator_thread():
+    """A simulator on its own loop in a background thread, for tests that make their own loops."""
+    from pools.simulator import LLMSimulator, SimulatorConfig
+
+    loop = asyncio.new_event_loop()
+    simulator = LLMSimulator(SimulatorConfig())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    asyncio.run_coroutine_threadsafe(simulator.start(), loop).result(10)
+    yield simulator
+    asyncio.run_coroutine_threadsafe(simulator.stop(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+    loop.close()

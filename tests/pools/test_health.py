@@ -1,0 +1,96 @@
+"""GET /health: the design note's JSON, live values, honest status codes, no secrets."""
+
+from __future__ import annotations
+
+import asyncio
+
+from django.test import AsyncClient
+
+from pools import runtime
+from pools.registry import PoolRegistry
+from tests.conftest import registry_config
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+async def test_health_is_degraded_until_the_pools_are_warm(installed_registry):
+    response = await AsyncClient().get("/health")
+    assert response.status_code == 503
+    assert response.json()["status"] == "degraded"
+    assert response.json()["reason"] == "pools not initialized"
+    assert "no-store" in response["Cache-Control"]
+
+
+async def test_health_shape_after_warm_up(installed_registry):
+    await installed_registry.initialize()
+    response = await AsyncClient().get("/health")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "healthy"
+    assert "no-store" in response["Cache-Control"]
+    assert set(body["pools"]) == {"main", "ronei", "mini"}
+    for name, size in {"main": 10, "ronei": 5, "mini": 10}.items():
+        pool = body["pools"][name]
+        assert (pool["total"], pool["in_use"], pool["available"]) == (size, 0, size)
+        assert pool["connections_num"] == size
+        for key in ("overflow_in_use", "waiting", "requests_num", "requests_overflow",
+                    "requests_queued", "requests_wait_ms", "requests_errors", "usage_ms",
+                    "connections_closed"):
+            assert key in pool
+    assert body["http"]["connections_open"] == 25
+
+
+async def test_health_reflects_a_call_in_flight(installed_registry, simulator):
+    await installed_registry.initialize()
+    simulator.config.ttft_ms = 400
+    started = asyncio.Event()
+
+    async def slow_call() -> None:
+        async with installed_registry.get_main_llm() as llm:
+            started.set()
+            await llm.ainvoke(HELLO)
+
+    task = asyncio.create_task(slow_call())
+    await started.wait()
+    body = (await AsyncClient().get("/health")).json()
+    assert body["pools"]["main"]["in_use"] == 1
+    assert body["pools"]["main"]["available"] == 9
+    await task
+    body = (await AsyncClient().get("/health")).json()
+    assert body["pools"]["main"]["in_use"] == 0
+    assert body["pools"]["main"]["requests_num"] == 1
+
+
+async def test_health_is_degraded_after_close(installed_registry):
+    await installed_registry.initialize()
+    await installed_registry.close()
+    response = await AsyncClient().get("/health")
+    assert response.status_code == 503
+    assert response.json()["reason"] == "pools closed"
+
+
+async def test_health_never_shows_secrets(simulator):
+    secret = "sk-very-secret-key-123"
+    config = registry_config(simulator.base_url)
+    from dataclasses import replace
+
+    endpoint = replace(
+        config.endpoint,
+        kind="openai",
+        api_key=secret,
+        base_url=simulator.base_url.replace("http://", f"http://user:{secret}@"),
+    )
+    registry = PoolRegistry(replace(config, endpoint=endpoint))
+    previous = runtime.install(registry)
+    try:
+        response = await AsyncClient().get("/health")
+        assert secret not in response.content.decode()
+        assert "user" not in response.json()["endpoint"]["url"]
+    finally:
+        runtime.install(previous)
+        await registry.close()
+
+
+async def test_health_only_answers_get(installed_registry):
+    response = await AsyncClient().post("/health")
+    assert response.status_code == 405
