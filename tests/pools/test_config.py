@@ -37,8 +37,13 @@ def test_global_size_knob_and_per_pool_override():
 
 def test_endpoint_kinds():
     azure = parse_config(
-        {"ENDPOINT": {"AZURE_ENDPOINT": "https://x.openai.azure.com/", "AZURE_API_KEY": "sk-42",
-                      "AZURE_API_VERSION": "2024-10-21"}}
+        {
+            "ENDPOINT": {
+                "AZURE_ENDPOINT": "https://x.openai.azure.com/",
+                "AZURE_API_KEY": "sk-42",
+                "AZURE_API_VERSION": "2024-10-21",
+            }
+        }
     )
     assert azure.endpoint.kind == "azure"
     assert azure.endpoint.public_url == "https://x.openai.azure.com"
@@ -99,4 +104,7 @@ def test_get_pool_size_argument_is_never_ignored():
         assert get_pool() is registry
         get_pool(size=4)
         assert {n: p.stats()["total"] for n, p in registry.pools.items()} == {
-            "main": 4, "ronei": 2, "mini": 4}
+            "main": 4,
+            "ronei": 2,
+            "mini": 4,
+        }

@@ -113,7 +113,9 @@ async def test_exhaustion_overflows_instead_of_blocking(make_registry, simulator
     assert stats["requests_num"] == 50 and stats["requests_overflow"] == 48
     assert stats["in_use"] == 0 and stats["overflow_in_use"] == 0 and stats["waiting"] == 0
     assert peak == {"in_use": 50, "overflow": 48}  # the stats never hid the overflow
-    warnings = [r for r in caplog.records if "exhausted, creating temporary connection" in r.message]
+    warnings = [
+        r for r in caplog.records if "exhausted, creating temporary connection" in r.message
+    ]
     assert len(warnings) == 1  # once per burst
     # Temporary connections are closed after use: only the two pooled ones stay open.
     await eventually(lambda: simulator.stats.connections_open == 2)

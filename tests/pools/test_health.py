@@ -33,9 +33,17 @@ async def test_health_shape_after_warm_up(installed_registry):
         pool = body["pools"][name]
         assert (pool["total"], pool["in_use"], pool["available"]) == (size, 0, size)
         assert pool["connections_num"] == size
-        for key in ("overflow_in_use", "waiting", "requests_num", "requests_overflow",
-                    "requests_queued", "requests_wait_ms", "requests_errors", "usage_ms",
-                    "connections_closed"):
+        for key in (
+            "overflow_in_use",
+            "waiting",
+            "requests_num",
+            "requests_overflow",
+            "requests_queued",
+            "requests_wait_ms",
+            "requests_errors",
+            "usage_ms",
+            "connections_closed",
+        ):
             assert key in pool
     assert body["http"]["connections_open"] == 25
 

@@ -1,0 +1,284 @@
+"""Measure the pool against the alternatives, in one interleaved run over real TLS sockets.
+
+Four ways to call the same endpoint, taking turns in a shuffled order every round so that
+drift on the machine hits them all alike:
+
+- `pooled`: this project's pool (warmed, shared keep-alive client);
+- `fresh`: a new SDK client (and so a new connection and TLS handshake) for every call;
+- `reused`: one SDK client created once and reused, the best case without a pool;
+- `original`: the original design, an exclusive SDK object per slot, each with its own
+  HTTP client, warmed by building objects only (no connection is opened).
+
+Plain asyncio; `manage.py benchmark_pools` runs it against a simulator in a child process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from openai import AsyncOpenAI
+
+from pools.config import parse_config
+from pools.registry import PoolRegistry
+
+MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
+
+
+@dataclass
+class BenchmarkReport:
+    rounds: int
+    latencies_ms: dict[str, list[float]] = field(default_factory=dict)
+    first_call_ms: dict[str, list[float]] = field(default_factory=dict)
+    acquire_release_us: list[float] = field(default_factory=list)
+    slot_acquire_release_us: list[float] = field(default_factory=list)
+    connections: dict[str, int] = field(default_factory=dict)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.latencies_ms[name])
+
+    def p90(self, name: str) -> float:
+        return _percentile(self.latencies_ms[name], 0.9)
+
+    def summary(self) -> dict[str, Any]:
+        variants = {
+            name: {
+                "median_ms": round(self.median(name), 3),
+                "p90_ms": round(self.p90(name), 3),
+                "calls": len(values),
+            }
+            for name, values in self.latencies_ms.items()
+        }
+        pooled = self.median("pooled")
+        first = {
+            name: round(statistics.median(values), 3) for name, values in self.first_call_ms.items()
+        }
+        acquire = statistics.median(self.acquire_release_us)
+        checks = {
+            "pooled_vs_reused": (round(pooled / self.median("reused"), 3), "<=", 1.05),
+            "fresh_vs_pooled": (round(self.median("fresh") / pooled, 3), ">=", 2.0),
+            "first_call_vs_steady": (round(first["pooled"] / pooled, 3), "<=", 1.2),
+            "acquire_release_us": (round(acquire, 3), "<", 20.0),
+        }
+        return {
+            "rounds": self.rounds,
+            "variants": variants,
+            "first_call_after_warm_up_ms": first,
+            "acquire_release_median_us": round(acquire, 3),
+            "slot_only_acquire_release_median_us": round(
+                statistics.median(self.slot_acquire_release_us), 3
+            ),
+            "connections_opened": self.connections,
+            "targets": {
+                name: {"value": value, "target": f"{op} {limit}", "met": _meets(value, op, limit)}
+                for name, (value, op, limit) in checks.items()
+            },
+        }
+
+
+def _meets(value: float, op: str, limit: float) -> bool:
+    return {"<=": value <= limit, ">=": value >= limit, "<": value < limit}[op]
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
+    return ordered[index]
+
+
+class _OriginalPool:
+    """The original design: N exclusive SDK objects, each with its own HTTP client.
+
+    Its warm-up builds the objects and opens no connection; the lowest free slot wins.
+    """
+
+    def __init__(self, base_url: str, ca_file: str, size: int) -> None:
+        self._free = list(range(size))
+        self._clients = [
+            AsyncOpenAI(
+                base_url=base_url,
+                api_key="benchmark",
+                http_client=httpx.AsyncClient(verify=ca_file),
+                max_retries=0,
+            )
+            for _ in range(size)
+        ]
+
+    async def call(self, model: str) -> None:
+        self._free.sort()
+        slot = self._free.pop(0)
+        try:
+            await _complete(self._clients[slot], model)
+        finally:
+            self._free.append(slot)
+
+    async def aclose(self) -> None:
+        for client in self._clients:
+            await client.close()
+
+
+async def _complete(client: AsyncOpenAI, model: str) -> None:
+    completion = await client.chat.completions.create(
+        model=model, messages=MESSAGES, max_tokens=8, temperature=0.7
+    )
+    assert completion.choices[0].message.content
+
+
+def build_registry(base_url: str, ca_file: str, size: int) -> PoolRegistry:
+    return PoolRegistry(
+        parse_config(
+            {
+                "ENDPOINT": {"SIMULATOR_URL": base_url, "CA_BUNDLE": ca_file},
+                "POOLS": {"main": {"MODEL": "gpt-4o", "SIZE": size}},
+            }
+        )
+    )
+
+
+async def _timed(call: Callable[[], Awaitable[None]]) -> float:
+    started = time.perf_counter()
+    await call()
+    return (time.perf_counter() - started) * 1000
+
+
+async def run_benchmark(
+    base_url: str,
+    ca_file: str,
+    *,
+    rounds: int = 200,
+    first_call_trials: int = 15,
+    size: int = 10,
+    acquire_iterations: int = 20_000,
+    seed: int = 7,
+) -> BenchmarkReport:
+    """Run every variant `rounds` times, interleaved, plus the warm-up and overhead probes."""
+    report = BenchmarkReport(rounds=rounds)
+    shuffle = random.Random(seed).shuffle
+    model = "gpt-4o"
+    async with AsyncExitStack() as stack:
+        registry = build_registry(base_url, ca_file, size)
+        stack.push_async_callback(registry.close)
+        await registry.initialize()
+        reused = AsyncOpenAI(
+            base_url=base_url,
+            api_key="benchmark",
+            http_client=httpx.AsyncClient(verify=ca_file),
+            max_retries=0,
+        )
+        stack.push_async_callback(reused.close)
+        original = _OriginalPool(base_url, ca_file, size)
+        stack.push_async_callback(original.aclose)
+
+        async def pooled() -> None:
+            async with registry.get_main_llm() as llm:
+                await llm.ainvoke(MESSAGES, max_tokens=8)
+
+        async def fresh() -> None:
+            async with AsyncOpenAI(
+                base_url=base_url,
+                api_key="benchmark",
+                http_client=httpx.AsyncClient(verify=ca_file),
+                max_retries=0,
+            ) as client:
+                await _complete(client, model)
+
+        variants: dict[str, Callable[[], Awaitable[None]]] = {
+            "pooled": pooled,
+            "fresh": fresh,
+            "reused": lambda: _complete(reused, model),
+            "original": lambda: original.call(model),
+        }
+        # The first call of each variant after its own warm-up, then the steady state.
+        report.first_call_ms["original"] = [await _timed(variants["original"])]
+        for name in ("reused", "pooled"):
+            await variants[name]()
+        report.latencies_ms = {name: [] for name in variants}
+        order = list(variants)
+        for _ in range(rounds):
+            shuffle(order)
+            for name in order:
+                report.latencies_ms[name].append(await _timed(variants[name]))
+        report.connections = {
+            "pooled": registry.stats()["http"]["connections_num"],
+            "fresh": rounds,
+        }
+
+    report.first_call_ms["pooled"] = []
+    for _ in range(first_call_trials):
+        registry = build_registry(base_url, ca_file, size)
+        try:
+            await registry.initialize()
+
+            async def first() -> None:
+                async with registry.get_main_llm() as llm:
+                    await llm.ainvoke(MESSAGES, max_tokens=8)
+
+            report.first_call_ms["pooled"].append(await _timed(first))
+        finally:
+            await registry.close()
+
+    report.acquire_release_us, report.slot_acquire_release_us = await _acquire_overhead(
+        base_url, ca_file, acquire_iterations
+    )
+    return report
+
+
+async def _acquire_overhead(base_url: str, ca_file: str, iterations: int):
+    """Microseconds for one uncontended acquire + release: the public path and the slot core."""
+    registry = build_registry(base_url, ca_file, 10)
+    try:
+        async with registry.get_main_llm():  # builds this loop's clients once
+            pass
+        full: list[float] = []
+        for _ in range(iterations):
+            started = time.perf_counter_ns()
+            async with registry.get_main_llm():
+                pass
+            full.append((time.perf_counter_ns() - started) / 1000)
+        pool = registry.pools["main"]
+        core: list[float] = []
+        for _ in range(iterations):
+            started = time.perf_counter_ns()
+            pool.release(await pool.acquire())
+            core.append((time.perf_counter_ns() - started) / 1000)
+        return full, core
+    finally:
+        await registry.close()
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """A plain-text table for the terminal and the README."""
+    lines = [
+        f"Interleaved rounds: {summary['rounds']} (each variant once per round, shuffled)",
+        "",
+        f"{'variant':<10} {'median ms':>10} {'p90 ms':>10} {'vs pooled':>10}",
+    ]
+    pooled = summary["variants"]["pooled"]["median_ms"]
+    for name, row in summary["variants"].items():
+        lines.append(
+            f"{name:<10} {row['median_ms']:>10.2f} {row['p90_ms']:>10.2f} "
+            f"{row['median_ms'] / pooled:>9.2f}x"
+        )
+    first = summary["first_call_after_warm_up_ms"]
+    lines += [
+        "",
+        f"first call after warm-up: pooled {first['pooled']:.2f} ms, "
+        f"original {first['original']:.2f} ms (steady pooled {pooled:.2f} ms)",
+        f"acquire + release (uncontended, median): {summary['acquire_release_median_us']:.2f} µs "
+        f"via `async with pool.get_main_llm()`, "
+        f"{summary['slot_only_acquire_release_median_us']:.2f} µs slot accounting alone",
+        f"connections opened: {summary['connections_opened']}",
+        "",
+        "targets:",
+    ]
+    for name, check in summary["targets"].items():
+        mark = "met" if check["met"] else "MISSED"
+        lines.append(f"  {name:<22} {check['value']:>9}  target {check['target']:<8} {mark}")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""Settings for the test suite: the real settings with a throwaway key and fast hashing."""
+
+from carlos.settings import *  # noqa: F403
+
+SECRET_KEY = "tests-only-not-secret"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
