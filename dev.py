@@ -39,12 +39,15 @@ def find_python() -> str:
         root = subprocess.run([pyenv, "root"], capture_output=True, text=True).stdout.strip()
         if root:
             candidates += sorted(
-                str(p / "bin/python") for p in Path(root, "versions").glob(f"{WANTED[0]}.{WANTED[1]}*")
+                str(p / "bin/python")
+                for p in Path(root, "versions").glob(f"{WANTED[0]}.{WANTED[1]}*")
             )
     for candidate in candidates:
         if candidate and Path(candidate).exists():
             return candidate
-    sys.exit(f"Carlos needs Python {WANTED[0]}.{WANTED[1]}; install it (e.g. `pyenv install 3.13`).")
+    sys.exit(
+        f"Carlos needs Python {WANTED[0]}.{WANTED[1]}; install it (e.g. `pyenv install 3.13`)."
+    )
 
 
 def fingerprint() -> str:
@@ -58,7 +61,8 @@ def ensure_venv() -> None:
     if VENV_PYTHON.exists():
         version = subprocess.run(
             [str(VENV_PYTHON), "-c", "import sys; print(sys.version_info[:2])"],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         ).stdout.strip()
         if version != str(WANTED):
             shutil.rmtree(VENV)

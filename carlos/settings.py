@@ -106,6 +106,20 @@ LOGGING = {
 LLM_SIMULATOR_HOST = env("LLM_SIMULATOR_HOST", default="127.0.0.1")
 LLM_SIMULATOR_PORT = env.int("LLM_SIMULATOR_PORT", default=8765)
 
+
+def _pool_env(name: str, model: str, temperature: float) -> dict:
+    """One pool's settings, each overridable as POOL_<NAME>_<KEY> (e.g. POOL_MAIN_SIZE)."""
+    prefix = f"POOL_{name.upper()}_"
+    return {
+        "MODEL": model,
+        "TEMPERATURE": temperature,
+        "SIZE": env.str(f"{prefix}SIZE", default=None),
+        "MAX_OVERFLOW": env.str(f"{prefix}MAX_OVERFLOW", default=None),
+        "TIMEOUT": env.str(f"{prefix}TIMEOUT", default="30"),
+        "MAX_WAITING": env.str(f"{prefix}MAX_WAITING", default=None),
+    }
+
+
 CARLOS_POOLS = {
     "ENDPOINT": {
         "AZURE_ENDPOINT": env("AZURE_OPENAI_ENDPOINT", default=""),
@@ -119,32 +133,21 @@ CARLOS_POOLS = {
         "CA_BUNDLE": env("LLM_CA_BUNDLE", default=""),
     },
     # The design note's single size knob: main and mini get it, ronei half of it.
-    "SIZE": env.int("POOL_SIZE", default=10),
+    # Numbers stay strings here so that a typo becomes a system-check error naming the
+    # variable, not a traceback while settings load.
+    "SIZE": env.str("POOL_SIZE", default="10"),
     "HTTP": {
-        "MAX_CONNECTIONS": env.int("HTTP_MAX_CONNECTIONS", default=100),
-        "MAX_KEEPALIVE_CONNECTIONS": env.int("HTTP_MAX_KEEPALIVE_CONNECTIONS", default=20),
-        "KEEPALIVE_EXPIRY": env.float("HTTP_KEEPALIVE_EXPIRY", default=120.0),
-        "CONNECT_TIMEOUT": env.float("HTTP_CONNECT_TIMEOUT", default=5.0),
-        "READ_TIMEOUT": env.float("HTTP_READ_TIMEOUT", default=60.0),
+        "MAX_CONNECTIONS": env.str("HTTP_MAX_CONNECTIONS", default="100"),
+        "MAX_KEEPALIVE_CONNECTIONS": env.str("HTTP_MAX_KEEPALIVE_CONNECTIONS", default="20"),
+        "KEEPALIVE_EXPIRY": env.str("HTTP_KEEPALIVE_EXPIRY", default="120"),
+        "CONNECT_TIMEOUT": env.str("HTTP_CONNECT_TIMEOUT", default="5"),
+        "READ_TIMEOUT": env.str("HTTP_READ_TIMEOUT", default="60"),
     },
     "POOLS": {
-        "main": {
-            "MODEL": env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"),
-            "TEMPERATURE": 0.7,
-            "SIZE": env.int("POOL_MAIN_SIZE", default=None),
-            "MAX_OVERFLOW": env.int("POOL_MAIN_MAX_OVERFLOW", default=None),
-        },
-        "ronei": {
-            "MODEL": env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"),
-            "TEMPERATURE": 0.9,
-            "SIZE": env.int("POOL_RONEI_SIZE", default=None),
-            "MAX_OVERFLOW": env.int("POOL_RONEI_MAX_OVERFLOW", default=None),
-        },
-        "mini": {
-            "MODEL": env("AZURE_OPENAI_MINI_DEPLOYMENT_NAME", default="gpt-4o-mini"),
-            "TEMPERATURE": 0.7,
-            "SIZE": env.int("POOL_MINI_SIZE", default=None),
-            "MAX_OVERFLOW": env.int("POOL_MINI_MAX_OVERFLOW", default=None),
-        },
+        "main": _pool_env("main", env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"), 0.7),
+        "ronei": _pool_env("ronei", env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"), 0.9),
+        "mini": _pool_env(
+            "mini", env("AZURE_OPENAI_MINI_DEPLOYMENT_NAME", default="gpt-4o-mini"), 0.7
+        ),
     },
 }

@@ -1,5 +1,7 @@
 """Django app for the pool engine."""
 
+import contextlib
+
 from django.apps import AppConfig
 
 
@@ -14,7 +16,5 @@ class PoolsConfig(AppConfig):
         from pools.exceptions import ConfigError
         from pools.runtime import get_pool
 
-        try:
+        with contextlib.suppress(ConfigError):  # reported precisely by check pools.E001
             get_pool()
-        except ConfigError:
-            pass  # reported precisely by the system check `pools.E001`

@@ -151,11 +151,14 @@ def parse_config(raw: dict[str, Any], prefix: str = "CARLOS_POOLS") -> PoolsConf
     endpoint = _parse_endpoint(raw.get("ENDPOINT") or {}, f"{prefix}['ENDPOINT']", err)
     http = _parse_http(raw.get("HTTP") or {}, f"{prefix}['HTTP']", err)
 
-    global_size = raw.get("SIZE", DEFAULT_SIZE)
+    global_size = _number(raw.get("SIZE", DEFAULT_SIZE), int)
     if global_size is None:
         global_size = DEFAULT_SIZE
     if not _is_int(global_size) or global_size < 1:
-        err(f"{prefix}['SIZE'] (POOL_SIZE)", f"must be a whole number of at least 1, got {global_size!r}")
+        err(
+            f"{prefix}['SIZE'] (POOL_SIZE)",
+            f"must be a whole number of at least 1, got {global_size!r}",
+        )
         global_size = DEFAULT_SIZE
 
     raw_pools = raw.get("POOLS", DEFAULT_POOLS)
@@ -180,6 +183,19 @@ class ConfigErrors(ConfigError):
         self.errors = errors
         first = errors[0]
         super().__init__(first.setting, "; ".join(str(e) for e in errors))
+
+
+def _number(value: Any, kind: type[int] | type[float]) -> Any:
+    """Numbers from the environment arrive as text: convert, or leave for the validator."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        return kind(text)
+    except ValueError:
+        return value
 
 
 def _is_int(value: Any) -> bool:
@@ -212,7 +228,10 @@ def _parse_endpoint(raw: dict[str, Any], where: str, err) -> EndpointConfig:
             err("LLM_BASE_URL", f"is not a valid http(s) URL: {_redact(base)!r}")
         key = raw.get("API_KEY") or ""
         if not key:
-            err("LLM_API_KEY", "is required when LLM_BASE_URL is set (any value for keyless servers)")
+            err(
+                "LLM_API_KEY",
+                "is required when LLM_BASE_URL is set (any value for keyless servers)",
+            )
         return EndpointConfig("openai", base.rstrip("/"), key, "", ca_bundle)
     if not simulator or not _is_http_url(simulator):
         err(
@@ -229,15 +248,21 @@ def _parse_http(raw: dict[str, Any], where: str, err) -> HttpLimits:
     defaults = HttpLimits()
     values: dict[str, Any] = {}
     for key in ("MAX_CONNECTIONS", "MAX_KEEPALIVE_CONNECTIONS"):
-        value = raw.get(key, getattr(defaults, key.lower()))
+        value = _number(raw.get(key, getattr(defaults, key.lower())), int)
         if not _is_int(value) or value < 1:
-            err(f"{where}['{key}'] (HTTP_{key})", f"must be a whole number of at least 1, got {value!r}")
+            err(
+                f"{where}['{key}'] (HTTP_{key})",
+                f"must be a whole number of at least 1, got {value!r}",
+            )
             value = getattr(defaults, key.lower())
         values[key.lower()] = value
     for key in ("KEEPALIVE_EXPIRY", "CONNECT_TIMEOUT", "READ_TIMEOUT"):
-        value = raw.get(key, getattr(defaults, key.lower()))
+        value = _number(raw.get(key, getattr(defaults, key.lower())), float)
         if not _is_number(value) or value <= 0:
-            err(f"{where}['{key}'] (HTTP_{key})", f"must be a positive number of seconds, got {value!r}")
+            err(
+                f"{where}['{key}'] (HTTP_{key})",
+                f"must be a positive number of seconds, got {value!r}",
+            )
             value = getattr(defaults, key.lower())
         values[key.lower()] = float(value)
     return HttpLimits(**values)
@@ -257,28 +282,37 @@ def _parse_pool(name: Any, options: Any, global_size: int, where: str, err) -> P
     if not isinstance(model, str) or not model.strip():
         err(f"{where}['MODEL']", "a model or deployment name is required")
         model = ""
-    temperature = options.get("TEMPERATURE", defaults.get("TEMPERATURE", 0.7))
+    temperature = _number(options.get("TEMPERATURE", defaults.get("TEMPERATURE", 0.7)), float)
     if not _is_number(temperature) or not 0 <= temperature <= 2:
         err(f"{where}['TEMPERATURE']", f"must be a number from 0 to 2, got {temperature!r}")
         temperature = 0.7
-    size = options.get("SIZE")
+    size = _number(options.get("SIZE"), int)
     size_explicit = size is not None
     if size is None:
         size = sized_for(name, global_size)
     elif not _is_int(size) or size < 1:
-        err(f"{where}['SIZE'] (POOL_{name.upper()}_SIZE)", f"must be a whole number of at least 1, got {size!r}")
+        err(
+            f"{where}['SIZE'] (POOL_{name.upper()}_SIZE)",
+            f"must be a whole number of at least 1, got {size!r}",
+        )
         size = 1
-    max_overflow = options.get("MAX_OVERFLOW")
+    max_overflow = _number(options.get("MAX_OVERFLOW"), int)
     if max_overflow is not None and (not _is_int(max_overflow) or max_overflow < 0):
-        err(f"{where}['MAX_OVERFLOW']", f"must be empty (no cap) or a whole number >= 0, got {max_overflow!r}")
+        err(
+            f"{where}['MAX_OVERFLOW']",
+            f"must be empty (no cap) or a whole number >= 0, got {max_overflow!r}",
+        )
         max_overflow = None
-    timeout = options.get("TIMEOUT", 30.0)
+    timeout = _number(options.get("TIMEOUT", 30.0), float)
     if not _is_number(timeout) or timeout <= 0:
         err(f"{where}['TIMEOUT']", f"must be a positive number of seconds, got {timeout!r}")
         timeout = 30.0
-    max_waiting = options.get("MAX_WAITING")
+    max_waiting = _number(options.get("MAX_WAITING"), int)
     if max_waiting is not None and (not _is_int(max_waiting) or max_waiting < 0):
-        err(f"{where}['MAX_WAITING']", f"must be empty (no limit) or a whole number >= 0, got {max_waiting!r}")
+        err(
+            f"{where}['MAX_WAITING']",
+            f"must be empty (no limit) or a whole number >= 0, got {max_waiting!r}",
+        )
         max_waiting = None
     return PoolConfig(
         name=name,

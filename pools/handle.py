@@ -150,7 +150,9 @@ class LLMHandle:
         usage = completion.usage
         return LLMResult(
             text=(choice.message.content or "") if choice else "",
-            usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else TokenUsage(),
+            usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens)
+            if usage
+            else TokenUsage(),
             model=completion.model,
             finish_reason=choice.finish_reason if choice else None,
             latency_ms=(time.perf_counter() - started) * 1000,

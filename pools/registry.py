@@ -55,8 +55,7 @@ class PoolRegistry:
         self._config = config
         self.ledger = ConnectionLedger()
         self.pools: dict[str, SlotPool] = {
-            name: SlotPool(pool, config.http.max_connections)
-            for name, pool in config.pools.items()
+            name: SlotPool(pool, config.http.max_connections) for name, pool in config.pools.items()
         }
         self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClients] = (
             weakref.WeakKeyDictionary()
@@ -295,7 +294,10 @@ class PoolRegistry:
         return {
             "initialized": self._initialized,
             "closed": self._closed,
-            "endpoint": {"kind": self._config.endpoint.kind, "url": self._config.endpoint.public_url},
+            "endpoint": {
+                "kind": self._config.endpoint.kind,
+                "url": self._config.endpoint.public_url,
+            },
             "warmup_error": self.warmup_error,
             "http": {
                 "max_connections": http.max_connections,

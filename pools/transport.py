@@ -138,7 +138,10 @@ class _CountingBackend(httpcore.AsyncNetworkBackend):
         pool = current_pool.get()
         try:
             stream = await self._inner.connect_tcp(
-                host, port, timeout=timeout, local_address=local_address,
+                host,
+                port,
+                timeout=timeout,
+                local_address=local_address,
                 socket_options=socket_options,
             )
         except BaseException:
@@ -193,7 +196,9 @@ def build_http_client(
             keepalive_expiry=limits.keepalive_expiry,
         ),
     )
-    pool = transport._pool  # httpcore.AsyncConnectionPool; tests prove the counts match the server's
+    pool = (
+        transport._pool
+    )  # httpcore.AsyncConnectionPool; tests prove the counts match the server's
     if not hasattr(pool, "_network_backend"):
         raise RuntimeError("this httpcore version has no _network_backend; pin httpcore 1.0.x")
     pool._network_backend = _CountingBackend(pool._network_backend, ledger)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from typing import Any
-
 import asyncio
 import threading
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 

@@ -64,21 +64,21 @@ class SimulatorConfig:
     """How the simulator behaves; mutable on a running server (tests flip fault rates live)."""
 
     host: str = "127.0.0.1"
-    port: int = 0
-    tls: bool = False
-    ttft_ms: float = 0.0
-    tokens_per_second: float = 0.0
-    rtt_ms: float = 0.0
-    capacity: int = 0
-    retry_after_s: float = 1.0
-    error_rate: float = 0.0
-    reset_rate: float = 0.0
-    stall_rate: float = 0.0
-    stall_seconds: float = 30.0
-    api_key: str | None = None
-    deployments: tuple[str, ...] | None = None
-    seed: int = 0
-    keepalive_timeout_s: float = 120.0
+    port: int = 0  # 0 = pick a free port (a restart then reuses the one picked)
+    tls: bool = False  # self-signed certificate from an in-memory trustme CA
+    ttft_ms: float = 0.0  # time to first token
+    tokens_per_second: float = 0.0  # 0 = as fast as possible
+    rtt_ms: float = 0.0  # per new connection (twice with TLS) and per request
+    capacity: int = 0  # max concurrent chat requests, beyond -> 429 (0 = unlimited)
+    retry_after_s: float = 1.0  # advertised on 429 (retry-after, retry-after-ms)
+    error_rate: float = 0.0  # fraction of chat requests answered 500
+    reset_rate: float = 0.0  # fraction of streams reset (RST) after a few chunks
+    stall_rate: float = 0.0  # fraction of chat responses that stop mid-way ...
+    stall_seconds: float = 30.0  # ... for this long
+    api_key: str | None = None  # when set, other keys get 401 (Bearer or Azure api-key)
+    deployments: tuple[str, ...] | None = None  # when set, other models/deployments get 404
+    seed: int = 0  # fault draws come from random.Random(seed): runs are reproducible
+    keepalive_timeout_s: float = 120.0  # idle connections are closed after this (0 = never)
 
 
 # Settings that POST /_simulator/faults (and LLMSimulator.apply_faults) may change live,
@@ -241,13 +241,21 @@ class LLMSimulator:
                     self._tls = await asyncio.to_thread(SimulatorTLS, [self.config.host])
                 ssl_context = self._tls.server_context()
             self._generation += 1
-            self._server = await asyncio.start_server(
-                functools.partial(self._on_connection, self._generation),
-                self.config.host,
-                self.config.port,
-                ssl=ssl_context,
-                reuse_address=True,
-            )
+            callback = functools.partial(self._on_connection, self._generation)
+            port = self.config.port
+            if port == 0 and self.port:
+                # A restart keeps its URL so clients can reconnect, as to a restarted upstream.
+                port = self.port
+            try:
+                self._server = await asyncio.start_server(
+                    callback, self.config.host, port, ssl=ssl_context, reuse_address=True
+                )
+            except OSError:
+                if port == self.config.port:
+                    raise
+                self._server = await asyncio.start_server(
+                    callback, self.config.host, 0, ssl=ssl_context, reuse_address=True
+                )
             self.port = self._server.sockets[0].getsockname()[1]
             logger.info("LLM simulator listening on %s", self.base_url)
 
@@ -447,7 +455,8 @@ class LLMSimulator:
             return data
         if conn.eof:
             return b""
-        async with asyncio.timeout(self.config.keepalive_timeout_s):
+        idle_limit = self.config.keepalive_timeout_s
+        async with asyncio.timeout(idle_limit if idle_limit > 0 else None):
             return await conn.reader.read(_READ_SIZE)
 
     async def _next_event(self, conn: _Connection) -> Any:
@@ -517,6 +526,9 @@ class LLMSimulator:
         if conn.count_response:
             counts = self.stats.status_counts
             counts[status] = counts.get(status, 0) + 1
+            if status < 300:
+                # Every successful API response advertises limits, like OpenAI's do.
+                headers = [*headers, *self._ratelimit_headers()]
         await self._send(
             conn, h11.Response(status_code=status, headers=self._base_headers() + headers)
         )
@@ -595,7 +607,7 @@ class LLMSimulator:
                 await self._route(conn, request)
             except _HTTPError as err:
                 await self._send_error(conn, err)
-            except (_PeerGone, _ConnectionReset, ConnectionError):
+            except (_PeerGone, _ConnectionReset, ConnectionError, ssl.SSLError):
                 raise
             except Exception as exc:
                 logger.exception("LLM simulator failed handling %s %s", request.method, target)
@@ -676,7 +688,7 @@ class LLMSimulator:
                 "or in an api-key header."
             )
         else:
-            shown = given[:3] + "*" * max(0, min(len(given) - 7, 20)) + given[-4:]
+            shown = given[:3] + "*" * 8 + given[-4:] if len(given) > 10 else "*" * 8
             message = f"Incorrect API key provided: {shown}."
         raise _HTTPError(401, message, code="invalid_api_key")
 
@@ -810,7 +822,6 @@ class LLMSimulator:
                 usage=usage,
                 reset=request.stream and reset_roll < self.config.reset_rate,
                 stall=stall_roll < self.config.stall_rate,
-                headers=self._ratelimit_headers(),
             )
             if request.stream:
                 await self._stream(conn, plan)
@@ -890,7 +901,6 @@ class LLMSimulator:
             ("content-type", "application/json"),
             ("content-length", str(len(body))),
             ("openai-processing-ms", str(round(generation * 1000))),
-            *plan.headers,
         ]
         await self._start_response(conn, 200, headers)
         if plan.stall:
@@ -911,7 +921,6 @@ class LLMSimulator:
             [
                 ("content-type", "text/event-stream; charset=utf-8"),
                 ("cache-control", "no-cache"),
-                *plan.headers,
             ],
         )
         request = plan.request
@@ -973,7 +982,6 @@ class _ResponsePlan:
     usage: dict[str, int]
     reset: bool
     stall: bool
-    headers: list[tuple[str, str]]
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
 

@@ -27,12 +27,14 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--rounds", type=int, default=200, help="Calls per variant (default 200).")
+        parser.add_argument(
+            "--rounds", type=int, default=200, help="Calls per variant (default 200)."
+        )
         parser.add_argument(
             "--rtt-ms",
             type=float,
             default=5.0,
-            help="Emulated network round trip added per new connection and per request (default 5).",
+            help="Emulated network round trip per new connection and per request (default 5).",
         )
         parser.add_argument("--size", type=int, default=10, help="Pool size (default 10).")
         parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
@@ -66,10 +68,13 @@ class Command(BaseCommand):
             sys.executable,
             str(settings.BASE_DIR / "manage.py"),
             "llm_simulator",
-            "--port", "0",
+            "--port",
+            "0",
             "--tls",
-            "--ca-file", ca_file,
-            "--rtt-ms", str(rtt_ms),
+            "--ca-file",
+            ca_file,
+            "--rtt-ms",
+            str(rtt_ms),
         ]
         process = subprocess.Popen(
             command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -35,7 +35,9 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1).")
+        parser.add_argument(
+            "--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1)."
+        )
         parser.add_argument("--port", type=int, default=8000, help="Port to bind (default 8000).")
         parser.add_argument(
             "--no-simulator",
@@ -65,9 +67,12 @@ class Command(BaseCommand):
         if registry.config.endpoint.kind == "simulator" and not options["no_simulator"]:
             simulator = self._start_simulator(registry.config.endpoint.base_url, options)
 
+        background: set[asyncio.Task] = set()
+
         def on_ready() -> None:
-            loop = asyncio.get_event_loop()
-            loop.create_task(self._warm_up(options))
+            task = asyncio.get_event_loop().create_task(self._warm_up(options))
+            background.add(task)
+            task.add_done_callback(background.discard)
 
         def on_shutdown() -> Any:
             from twisted.internet import defer

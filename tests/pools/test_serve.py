@@ -1,0 +1,140 @@
+"""The real server: `manage.py serve` (Daphne) warms the pools at start and closes them at stop,
+and `PoolLifespan` does the same for lifespan-aware servers such as uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pools import runtime
+from pools.lifespan import PoolLifespan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def get_json(url: str) -> tuple[int, dict]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@pytest.fixture
+def served(tmp_path):
+    """`manage.py serve` in a child process with its own database and simulator port."""
+    port, simulator_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "carlos.settings",
+        "DJANGO_DEBUG": "1",
+        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
+        "LLM_SIMULATOR_PORT": str(simulator_port),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL"):
+        env.pop(name, None)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--migrate", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if get_json(f"{base}/health")[0] == 200:
+                break
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"server did not become healthy:\n{log.read_text()}")
+        time.sleep(0.2)
+    yield base, process, log, simulator_port
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+def test_serve_warms_pools_and_shuts_down_cleanly(served):
+    base, process, log, simulator_port = served
+    status, body = get_json(f"{base}/health")
+    assert status == 200 and body["status"] == "healthy"
+    for name, size in {"main": 10, "ronei": 5, "mini": 10}.items():
+        assert body["pools"][name]["total"] == size
+        assert body["pools"][name]["connections_num"] == size  # warm-up opened real sockets
+    assert body["http"]["connections_open"] == 25
+    simulator_stats = get_json(f"http://127.0.0.1:{simulator_port}/_simulator/stats")[1]
+    assert simulator_stats["connections_accepted"] == 25
+
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
+    output = log.read_text()
+    assert "✅ Connection pool ready: 10 main, 5 ronei, 10 mini" in output
+    assert "LLM connection pools closed" in output
+    with pytest.raises(OSError):  # the simulator child went away with the server
+        get_json(f"http://127.0.0.1:{simulator_port}/_simulator/stats")
+
+
+async def test_lifespan_warms_and_closes(installed_registry, simulator):
+    """What uvicorn would do: lifespan.startup warms, lifespan.shutdown closes."""
+    app = PoolLifespan(lambda scope, receive, send: None)
+    inbox: asyncio.Queue = asyncio.Queue()
+    sent: list[dict] = []
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    for message in ({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}):
+        await inbox.put(message)
+    task = asyncio.create_task(app({"type": "lifespan"}, inbox.get, send))
+    await asyncio.wait_for(task, 10)
+    assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+    assert simulator.stats.connections_accepted == 25
+    assert runtime.get_pool() is installed_registry and installed_registry.closed
+
+
+async def test_pool_over_tls_reuses_its_connections(make_registry, simulator_factory, tmp_path):
+    simulator = await simulator_factory(tls=True)
+    ca_file = tmp_path / "ca.pem"
+    simulator.write_ca_pem(ca_file)
+    from pools.config import parse_config
+    from pools.registry import PoolRegistry
+
+    registry = PoolRegistry(
+        parse_config(
+            {
+                "ENDPOINT": {"SIMULATOR_URL": simulator.base_url, "CA_BUNDLE": str(ca_file)},
+                "POOLS": {"main": {"SIZE": 2}},
+            }
+        )
+    )
+    try:
+        await registry.initialize()
+        for _ in range(4):
+            async with registry.get_main_llm() as llm:
+                assert (await llm.ainvoke([{"role": "user", "content": "hi"}])).text
+        assert simulator.stats.connections_accepted == 2
+    finally:
+        await registry.close()
