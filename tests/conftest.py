@@ -90,8 +90,6 @@ async def installed_registry(make_registry, simulator) -> AsyncIterator[PoolRegi
 @pytest.fixture
 def simulator_thread():
     """A simulator on its own loop in a background thread, for tests that make their own loops."""
-    from pools.simulator import LLMSimulator, SimulatorConfig
-
     loop = asyncio.new_event_loop()
     simulator = LLMSimulator(SimulatorConfig())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
