@@ -17,6 +17,7 @@ from typing import Any
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from pools.events import EventBus, EventKind, PoolEvent
 from pools.slots import Slot, SlotPool
 
 Messages = Iterable[ChatCompletionMessageParam]
@@ -87,9 +88,12 @@ class LLMStream:
                         yield text
         except asyncio.CancelledError:
             raise
-        except Exception:
-            handle._pool.record_error()
+        except Exception as exc:
+            handle._failed(exc)
             raise
+        else:  # read to the end (a stream closed early is neither completed nor failed)
+            latency_ms = (time.perf_counter() - started) * 1000
+            handle._completed(latency_ms, self.first_token_ms, self.usage)
         finally:
             await self._release()
 
@@ -115,8 +119,11 @@ class LLMStream:
 class LLMHandle:
     """A model bound to a pool's model name and temperature, valid while the slot is held."""
 
-    def __init__(self, pool: SlotPool, slot: Slot, client: AsyncOpenAI) -> None:
+    def __init__(
+        self, pool: SlotPool, slot: Slot, client: AsyncOpenAI, events: EventBus | None = None
+    ) -> None:
         self._pool = pool
+        self._events = events or EventBus()
         self._slot = slot
         self.client = client
         self.pool_name = pool.name
@@ -163,6 +170,30 @@ class LLMHandle:
         stream = LLMStream(self, messages, kwargs)
         self._streams.add(stream)
         return stream
+
+    def _completed(
+        self, latency_ms: float, ttft_ms: float | None, usage: TokenUsage | None
+    ) -> None:
+        usage = usage or TokenUsage()
+        self._events.emit(
+            PoolEvent(
+                self.pool_name,
+                EventKind.COMPLETED,
+                latency_ms=latency_ms,
+                ttft_ms=ttft_ms,
+                tokens_in=usage.prompt_tokens,
+                tokens_out=usage.completion_tokens,
+                overflow=self.overflow,
+            )
+        )
+
+    def _failed(self, exc: BaseException) -> None:
+        self._pool.record_error()
+        self._events.emit(
+            PoolEvent(
+                self.pool_name, EventKind.FAILED, error=type(exc).__name__, overflow=self.overflow
+            )
+        )
 
     async def _close_streams(self) -> None:
         for stream in list(self._streams):

@@ -22,7 +22,8 @@ import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
 from pools.config import PoolsConfig
-from pools.exceptions import PoolClosed, UnknownPool
+from pools.events import EventBus, EventKind, PoolEvent
+from pools.exceptions import PoolClosed, PoolError, UnknownPool
 from pools.handle import LLMHandle
 from pools.slots import SlotPool
 from pools.transport import (
@@ -54,6 +55,7 @@ class PoolRegistry:
     def __init__(self, config: PoolsConfig) -> None:
         self._config = config
         self.ledger = ConnectionLedger()
+        self.events = EventBus()
         self.pools: dict[str, SlotPool] = {
             name: SlotPool(pool, config.http.max_connections) for name, pool in config.pools.items()
         }
@@ -92,7 +94,20 @@ class PoolRegistry:
             raise UnknownPool(f"no pool named {name!r}; configured: {sorted(self.pools)}")
         if self._closed:
             raise PoolClosed("the pool engine is closed")
-        slot = await pool.acquire(timeout)
+        try:
+            slot = await pool.acquire(timeout)
+        except PoolError as exc:
+            self.events.emit(PoolEvent(name, EventKind.REFUSED, error=type(exc).__name__))
+            raise
+        self.events.emit(
+            PoolEvent(
+                name,
+                EventKind.ACQUIRED,
+                wait_ms=slot.wait_ms,
+                overflow=slot.overflow,
+                queued=slot.queued,
+            )
+        )
         token = current_pool.set(name)
         temporary: httpx.AsyncClient | None = None
         handle: LLMHandle | None = None
@@ -102,7 +117,7 @@ class PoolRegistry:
             if slot.overflow:
                 temporary = self._build_http(max_connections=1, keepalive=1)
                 sdk = sdk.copy(http_client=temporary)
-            handle = LLMHandle(pool, slot, sdk)
+            handle = LLMHandle(pool, slot, sdk, self.events)
             yield handle
         finally:
             current_pool.reset(token)

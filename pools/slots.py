@@ -39,6 +39,7 @@ class Slot:
     pool: str
     kind: SlotKind
     wait_ms: float
+    queued: bool = False
     acquired_at: float = field(default_factory=time.perf_counter)
     released: bool = False
 
@@ -212,7 +213,7 @@ class SlotPool:
         self.counters["requests_wait_ms"] += wait_ms
         if kind is SlotKind.OVERFLOW:
             self.counters["requests_overflow"] += 1
-        return Slot(pool=self.name, kind=kind, wait_ms=wait_ms)
+        return Slot(pool=self.name, kind=kind, wait_ms=wait_ms, queued=queued)
 
     def _give_back(self, kind: SlotKind) -> None:
         with self._lock:

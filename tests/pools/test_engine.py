@@ -333,3 +333,30 @@ def test_one_registry_serves_several_loops_at_once(simulator_thread):
     assert errors == []
     stats = registry.stats()["pools"]["main"]
     assert stats["requests_num"] == 10 and stats["in_use"] == 0
+
+
+async def test_events_report_every_grant_call_and_refusal(make_registry, simulator_factory):
+    from pools.events import EventKind
+
+    simulator = await simulator_factory(ttft_ms=50)
+    registry = make_registry(simulator, {"main": {"size": 1, "max_overflow": 0, "max_waiting": 0}})
+    events = []
+    registry.events.subscribe(events.append)
+    async with registry.get_main_llm() as llm:
+        await llm.ainvoke(HELLO)
+        stream = llm.astream(HELLO)
+        await stream.text()
+        with pytest.raises(PoolExhausted):
+            async with registry.get_main_llm():
+                pass
+    kinds = [(e.kind, e.pool) for e in events]
+    assert kinds == [
+        (EventKind.ACQUIRED, "main"),
+        (EventKind.COMPLETED, "main"),
+        (EventKind.COMPLETED, "main"),
+        (EventKind.REFUSED, "main"),
+    ]
+    invoke, streamed = events[1], events[2]
+    assert invoke.latency_ms >= 50 and invoke.ttft_ms is None and invoke.tokens_out > 0
+    assert streamed.ttft_ms >= 50 and streamed.tokens_out == stream.usage.completion_tokens
+    assert events[3].error == "PoolExhausted"
