@@ -150,12 +150,12 @@ class LLMHandle:
             )
         except asyncio.CancelledError:
             raise
-        except Exception:
-            self._pool.record_error()
+        except Exception as exc:
+            self._failed(exc)
             raise
         choice = completion.choices[0] if completion.choices else None
         usage = completion.usage
-        return LLMResult(
+        result = LLMResult(
             text=(choice.message.content or "") if choice else "",
             usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens)
             if usage
@@ -164,6 +164,8 @@ class LLMHandle:
             finish_reason=choice.finish_reason if choice else None,
             latency_ms=(time.perf_counter() - started) * 1000,
         )
+        self._completed(result.latency_ms, None, result.usage)
+        return result
 
     def astream(self, messages: Messages, **kwargs: Any) -> LLMStream:
         """Text chunks as they arrive; the stream holds the connection until read or closed."""
