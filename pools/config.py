@@ -24,7 +24,7 @@ DEFAULT_SIZE = 10
 # The note's pools: main and mini take the global size, ronei (used less often) half of it.
 SIZE_SHARE = {"ronei": 0.5}
 
-_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS"}
+_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS", "RESILIENCE"}
 _ENDPOINT_KEYS = {
     "AZURE_ENDPOINT",
     "AZURE_API_KEY",
@@ -41,7 +41,20 @@ _HTTP_KEYS = {
     "CONNECT_TIMEOUT",
     "READ_TIMEOUT",
 }
-_POOL_KEYS = {"MODEL", "TEMPERATURE", "SIZE", "MAX_OVERFLOW", "TIMEOUT", "MAX_WAITING"}
+_POOL_KEYS = {
+    "MODEL",
+    "TEMPERATURE",
+    "SIZE",
+    "MAX_OVERFLOW",
+    "TIMEOUT",
+    "MAX_WAITING",
+    "FIRST_TOKEN_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "CALL_TIMEOUT",
+    "MAX_RETRIES",
+}
+# Per-pool deadlines (seconds) and retries; the SDK's 600 s defaults are never in force.
+_POOL_DEADLINES = {"FIRST_TOKEN_TIMEOUT": 30.0, "IDLE_TIMEOUT": 30.0, "CALL_TIMEOUT": 180.0}
 
 
 @dataclass(frozen=True)
@@ -88,8 +101,26 @@ class PoolConfig:
     max_overflow: int | None = None
     timeout: float = 30.0
     max_waiting: int | None = None
+    # Deadlines: response headers or first token, the gap between chunks, the whole call.
+    first_token_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    call_timeout: float = 180.0
+    max_retries: int = 2
     # True when SIZE was set for this pool, so the global size knob leaves it alone.
     size_explicit: bool = False
+
+
+@dataclass(frozen=True)
+class Resilience:
+    """Backoff between retries and the circuit breaker shared by pools of one deployment."""
+
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    retry_after_cap: float = 30.0
+    breaker_failures: int = 5
+    breaker_failure_rate: float = 0.5
+    breaker_window: int = 20
+    breaker_cooldown: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -97,6 +128,7 @@ class PoolsConfig:
     endpoint: EndpointConfig
     http: HttpLimits
     pools: dict[str, PoolConfig]
+    resilience: Resilience = field(default_factory=Resilience)
 
     @property
     def total_slots(self) -> int:
@@ -171,9 +203,10 @@ def parse_config(raw: dict[str, Any], prefix: str = "CARLOS_POOLS") -> PoolsConf
         if pool is not None:
             pools[name] = pool
 
+    resilience = _parse_resilience(raw.get("RESILIENCE") or {}, f"{prefix}['RESILIENCE']", err)
     if errors:
         raise ConfigErrors(errors)
-    return PoolsConfig(endpoint=endpoint, http=http, pools=pools)
+    return PoolsConfig(endpoint=endpoint, http=http, pools=pools, resilience=resilience)
 
 
 class ConfigErrors(ConfigError):
@@ -268,6 +301,29 @@ def _parse_http(raw: dict[str, Any], where: str, err) -> HttpLimits:
     return HttpLimits(**values)
 
 
+def _parse_resilience(raw: dict[str, Any], where: str, err) -> Resilience:
+    defaults = Resilience()
+    known = {name.upper() for name in defaults.__dataclass_fields__}
+    for key in sorted(set(raw) - known):
+        err(f"{where}['{key}']", f"unknown key; expected one of {sorted(known)}")
+    values: dict[str, Any] = {}
+    for name in defaults.__dataclass_fields__:
+        default = getattr(defaults, name)
+        kind = int if isinstance(default, int) else float
+        value = _number(raw.get(name.upper(), default), kind)
+        if name == "breaker_failure_rate":
+            valid = _is_number(value) and 0 < value <= 1
+        elif kind is int:
+            valid = _is_int(value) and value >= 1
+        else:
+            valid = _is_number(value) and value > 0
+        if not valid:
+            err(f"{where}['{name.upper()}']", f"invalid value {value!r}")
+            value = default
+        values[name] = kind(value)
+    return Resilience(**values)
+
+
 def _parse_pool(name: Any, options: Any, global_size: int, where: str, err) -> PoolConfig | None:
     if not isinstance(name, str) or not name.isidentifier():
         err(where, "a pool name must be a plain identifier such as 'main'")
@@ -314,7 +370,20 @@ def _parse_pool(name: Any, options: Any, global_size: int, where: str, err) -> P
             f"must be empty (no limit) or a whole number >= 0, got {max_waiting!r}",
         )
         max_waiting = None
+    deadlines: dict[str, float] = {}
+    for key, default in _POOL_DEADLINES.items():
+        value = _number(options.get(key, default), float)
+        if not _is_number(value) or value <= 0:
+            err(f"{where}['{key}']", f"must be a positive number of seconds, got {value!r}")
+            value = default
+        deadlines[key.lower()] = float(value)
+    max_retries = _number(options.get("MAX_RETRIES", 2), int)
+    if not _is_int(max_retries) or max_retries < 0:
+        err(f"{where}['MAX_RETRIES']", f"must be a whole number >= 0, got {max_retries!r}")
+        max_retries = 2
     return PoolConfig(
+        **deadlines,
+        max_retries=max_retries,
         name=name,
         model=model,
         temperature=float(temperature),

@@ -35,3 +35,25 @@ class ConfigError(PoolError, ValueError):
         super().__init__(f"{setting}: {message}")
         self.setting = setting
         self.message = message
+
+
+class CircuitOpen(PoolError):
+    """The upstream deployment failed repeatedly; calls are refused until it cools down."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(TimeoutError):
+    """A call ran past one of its deadlines: `first_token`, `idle` (between chunks), `total`."""
+
+    def __init__(self, deadline: str, seconds: float) -> None:
+        labels = {
+            "first_token": "no first token",
+            "idle": "no new chunk",
+            "total": "the call did not finish",
+        }
+        super().__init__(f"{labels.get(deadline, deadline)} within {seconds:g}s")
+        self.deadline = deadline
+        self.seconds = seconds

@@ -1,23 +1,28 @@
 """The object an agent holds while it owns a slot: a model bound to its pool's settings.
 
 `ainvoke` returns the whole answer with its token usage; `astream` yields text as the
-endpoint produces it. Streams are tracked so that leaving the `async with` block closes any
-stream still open: the connection is never handed to the next caller while a response is
-still arriving on it.
+endpoint produces it. Both enforce the pool's deadlines (first token, idle gap between
+chunks, whole call), retry what may pass with backoff that honours the server's
+`Retry-After`, and report every attempt to the deployment's circuit breaker. A stream is
+never retried once it has delivered text. Streams are tracked so that leaving the
+`async with` block closes any still open: a connection is never handed to the next caller
+while a response is still arriving on it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
 from pools.events import EventBus, EventKind, PoolEvent
+from pools.exceptions import DeadlineExceeded
+from pools.resilience import CircuitBreaker, RetryPolicy, classify
 from pools.slots import Slot, SlotPool
 
 Messages = Iterable[ChatCompletionMessageParam]
@@ -40,6 +45,27 @@ class LLMResult:
     model: str
     finish_reason: str | None
     latency_ms: float
+    retries: int = 0
+
+
+@dataclass
+class Guard:
+    """What protects one handle's calls: retry policy, breaker, and where to report."""
+
+    policy: RetryPolicy
+    breaker: CircuitBreaker
+    events: EventBus = field(default_factory=EventBus)
+
+
+async def _within[T](awaitable: Awaitable[T], deadline: float, which: str, seconds: float) -> T:
+    """Await with an absolute loop-time deadline, raising `DeadlineExceeded(which)`."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await awaitable
+    except TimeoutError as exc:
+        if isinstance(exc, DeadlineExceeded):
+            raise
+        raise DeadlineExceeded(which, seconds) from None
 
 
 class LLMStream:
@@ -54,6 +80,7 @@ class LLMStream:
         self.usage: TokenUsage | None = None
         self.finish_reason: str | None = None
         self.first_token_ms: float | None = None
+        self.retries = 0
         self.closed = False
 
     def __aiter__(self) -> AsyncIterator[str]:
@@ -61,31 +88,84 @@ class LLMStream:
             self._iterator = self._chunks()
         return self._iterator
 
-    async def _chunks(self) -> AsyncIterator[str]:
+    async def _open(self, deadline: float) -> Any:
         handle = self._handle
-        started = time.perf_counter()
-        try:
-            kwargs = {"stream_options": {"include_usage": True}, **self._kwargs}
-            self._sdk_stream = await handle.client.chat.completions.create(
+        config = handle._pool.config
+        kwargs = {"stream_options": {"include_usage": True}, **self._kwargs}
+        stream = await _within(
+            handle.client.chat.completions.create(
                 model=handle.model,
                 temperature=handle.temperature,
                 messages=self._messages,
                 stream=True,
                 **kwargs,
-            )
-            async for chunk in self._sdk_stream:
-                if chunk.usage is not None:
-                    self.usage = TokenUsage(
-                        chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+            ),
+            deadline,
+            "first_token",
+            config.first_token_timeout,
+        )
+        self._sdk_stream = stream
+        return stream
+
+    async def _chunks(self) -> AsyncIterator[str]:
+        handle = self._handle
+        config = handle._pool.config
+        loop = asyncio.get_running_loop()
+        started = time.perf_counter()
+        call_deadline = loop.time() + config.call_timeout
+        attempt = 0
+        delivered = False
+        try:
+            while True:
+                attempt_started = loop.time()
+                handle._before_attempt()
+                try:
+                    first_deadline = min(
+                        call_deadline, attempt_started + config.first_token_timeout
                     )
-                for choice in chunk.choices:
-                    if choice.finish_reason:
-                        self.finish_reason = choice.finish_reason
-                    text = choice.delta.content if choice.delta else None
-                    if text:
-                        if self.first_token_ms is None:
-                            self.first_token_ms = (time.perf_counter() - started) * 1000
-                        yield text
+                    iterator = (await self._open(first_deadline)).__aiter__()
+                    deadline, which, seconds = (
+                        first_deadline,
+                        "first_token",
+                        config.first_token_timeout,
+                    )
+                    while True:
+                        if deadline >= call_deadline:
+                            deadline, which, seconds = call_deadline, "total", config.call_timeout
+                        try:
+                            chunk = await _within(anext(iterator), deadline, which, seconds)
+                        except StopAsyncIteration:
+                            break
+                        if chunk.usage is not None:
+                            self.usage = TokenUsage(
+                                chunk.usage.prompt_tokens, chunk.usage.completion_tokens
+                            )
+                        for choice in chunk.choices:
+                            if choice.finish_reason:
+                                self.finish_reason = choice.finish_reason
+                            text = choice.delta.content if choice.delta else None
+                            if text:
+                                if self.first_token_ms is None:
+                                    self.first_token_ms = (time.perf_counter() - started) * 1000
+                                delivered = True
+                                yield text
+                        if delivered:  # before the first text, the first-token deadline holds
+                            deadline = loop.time() + config.idle_timeout
+                            which, seconds = "idle", config.idle_timeout
+                except asyncio.CancelledError:
+                    handle._abandon_attempt()
+                    raise
+                except Exception as exc:
+                    await self._drop_sdk_stream()
+                    if delivered:  # the user has seen tokens: never retry behind their back
+                        handle._attempt_failed(exc)
+                        raise
+                    await handle._after_failure(exc, attempt, call_deadline)
+                    attempt += 1
+                    self.retries = attempt
+                    continue
+                handle._attempt_succeeded()
+                break
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -97,13 +177,17 @@ class LLMStream:
         finally:
             await self._release()
 
+    async def _drop_sdk_stream(self) -> None:
+        if self._sdk_stream is not None:
+            stream, self._sdk_stream = self._sdk_stream, None
+            await stream.close()
+
     async def _release(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._handle._streams.discard(self)
-        if self._sdk_stream is not None:
-            await self._sdk_stream.close()
+        await self._drop_sdk_stream()
 
     async def aclose(self) -> None:
         """Close the response so its connection goes back to the pool (or is dropped)."""
@@ -120,11 +204,11 @@ class LLMHandle:
     """A model bound to a pool's model name and temperature, valid while the slot is held."""
 
     def __init__(
-        self, pool: SlotPool, slot: Slot, client: AsyncOpenAI, events: EventBus | None = None
+        self, pool: SlotPool, slot: Slot, client: AsyncOpenAI, guard: Guard | None = None
     ) -> None:
         self._pool = pool
-        self._events = events or EventBus()
         self._slot = slot
+        self._guard = guard or Guard(RetryPolicy(), CircuitBreaker(pool.config.model))
         self.client = client
         self.pool_name = pool.name
         self.model = pool.config.model
@@ -143,11 +227,36 @@ class LLMHandle:
 
     async def ainvoke(self, messages: Messages, **kwargs: Any) -> LLMResult:
         """The whole completion at once, with its token usage."""
+        config = self._pool.config
+        messages = list(messages)
+        loop = asyncio.get_running_loop()
         started = time.perf_counter()
+        call_deadline = loop.time() + config.call_timeout
+        attempt = 0
         try:
-            completion = await self.client.chat.completions.create(
-                model=self.model, temperature=self.temperature, messages=list(messages), **kwargs
-            )
+            while True:
+                self._before_attempt()
+                try:
+                    completion = await _within(
+                        self.client.chat.completions.create(
+                            model=self.model,
+                            temperature=self.temperature,
+                            messages=messages,
+                            **kwargs,
+                        ),
+                        call_deadline,
+                        "total",
+                        config.call_timeout,
+                    )
+                except asyncio.CancelledError:
+                    self._abandon_attempt()
+                    raise
+                except Exception as exc:
+                    await self._after_failure(exc, attempt, call_deadline)
+                    attempt += 1
+                    continue
+                self._attempt_succeeded()
+                break
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -163,6 +272,7 @@ class LLMHandle:
             model=completion.model,
             finish_reason=choice.finish_reason if choice else None,
             latency_ms=(time.perf_counter() - started) * 1000,
+            retries=attempt,
         )
         self._completed(result.latency_ms, None, result.usage)
         return result
@@ -173,11 +283,38 @@ class LLMHandle:
         self._streams.add(stream)
         return stream
 
+    # -- one attempt's bookkeeping -------------------------------------------------------
+    def _before_attempt(self) -> None:
+        self._guard.breaker.before_attempt()
+
+    def _attempt_succeeded(self) -> None:
+        self._guard.breaker.record_success()
+
+    def _abandon_attempt(self) -> None:
+        self._guard.breaker.release_probe()
+
+    def _attempt_failed(self, exc: BaseException) -> None:
+        self._guard.breaker.record_failure(classify(exc), type(exc).__name__)
+
+    async def _after_failure(self, exc: Exception, attempt: int, call_deadline: float) -> None:
+        """Record a failed attempt, then wait before the next one or re-raise."""
+        self._attempt_failed(exc)
+        failure = classify(exc)
+        policy = self._guard.policy
+        if not failure.retryable or attempt >= self._pool.config.max_retries:
+            raise exc
+        delay = policy.delay(attempt + 1, failure)
+        loop = asyncio.get_running_loop()
+        if loop.time() + delay >= call_deadline:
+            raise exc  # no time left for another attempt within the call's deadline
+        self._pool.record_retry()
+        await asyncio.sleep(delay)
+
     def _completed(
         self, latency_ms: float, ttft_ms: float | None, usage: TokenUsage | None
     ) -> None:
         usage = usage or TokenUsage()
-        self._events.emit(
+        self._guard.events.emit(
             PoolEvent(
                 self.pool_name,
                 EventKind.COMPLETED,
@@ -191,7 +328,7 @@ class LLMHandle:
 
     def _failed(self, exc: BaseException) -> None:
         self._pool.record_error()
-        self._events.emit(
+        self._guard.events.emit(
             PoolEvent(
                 self.pool_name, EventKind.FAILED, error=type(exc).__name__, overflow=self.overflow
             )

@@ -24,7 +24,8 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI
 from pools.config import PoolsConfig
 from pools.events import EventBus, EventKind, PoolEvent
 from pools.exceptions import PoolClosed, PoolError, UnknownPool
-from pools.handle import LLMHandle
+from pools.handle import Guard, LLMHandle
+from pools.resilience import BreakerState, CircuitBreaker, RetryPolicy
 from pools.slots import SlotPool
 from pools.transport import (
     ConnectionLedger,
@@ -35,8 +36,8 @@ from pools.transport import (
 
 logger = logging.getLogger("pools")
 
-# The SDK's own retry layer (jittered backoff, honours Retry-After); the pool adds none.
-SDK_MAX_RETRIES = 2
+# One retry layer: the pool's (pools.handle), so the SDK must not retry on its own.
+SDK_MAX_RETRIES = 0
 
 
 @dataclass(eq=False)
@@ -56,6 +57,27 @@ class PoolRegistry:
         self._config = config
         self.ledger = ConnectionLedger()
         self.events = EventBus()
+        resilience = config.resilience
+        policy = RetryPolicy(
+            backoff_base=resilience.backoff_base,
+            backoff_max=resilience.backoff_max,
+            retry_after_cap=resilience.retry_after_cap,
+        )
+        # One breaker per upstream deployment: pools on the same model share its health.
+        self.breakers: dict[str, CircuitBreaker] = {}
+        for pool in config.pools.values():
+            if pool.model not in self.breakers:
+                self.breakers[pool.model] = CircuitBreaker(
+                    pool.model,
+                    failures_to_open=resilience.breaker_failures,
+                    failure_rate=resilience.breaker_failure_rate,
+                    window=resilience.breaker_window,
+                    cooldown=resilience.breaker_cooldown,
+                )
+        self._guards = {
+            name: Guard(policy, self.breakers[pool.model], self.events)
+            for name, pool in config.pools.items()
+        }
         self.pools: dict[str, SlotPool] = {
             name: SlotPool(pool, config.http.max_connections) for name, pool in config.pools.items()
         }
@@ -94,7 +116,9 @@ class PoolRegistry:
             raise UnknownPool(f"no pool named {name!r}; configured: {sorted(self.pools)}")
         if self._closed:
             raise PoolClosed("the pool engine is closed")
+        guard = self._guards[name]
         try:
+            guard.breaker.check()  # fail fast while the upstream cools down: hold no slot
             slot = await pool.acquire(timeout)
         except PoolError as exc:
             self.events.emit(PoolEvent(name, EventKind.REFUSED, error=type(exc).__name__))
@@ -117,7 +141,7 @@ class PoolRegistry:
             if slot.overflow:
                 temporary = self._build_http(max_connections=1, keepalive=1)
                 sdk = sdk.copy(http_client=temporary)
-            handle = LLMHandle(pool, slot, sdk, self.events)
+            handle = LLMHandle(pool, slot, sdk, guard)
             yield handle
         finally:
             current_pool.reset(token)
@@ -252,6 +276,19 @@ class PoolRegistry:
     def usable(self) -> bool:
         return self._initialized and not self._closed
 
+    def breaker_for(self, pool_name: str) -> CircuitBreaker:
+        return self._guards[pool_name].breaker
+
+    def unavailable_reason(self) -> str | None:
+        """Why the service should not take traffic now, or None (drives /health readiness)."""
+        if self._closed:
+            return "pools closed"
+        if not self._initialized:
+            return "pools not initialized"
+        if "main" in self._guards and self.breaker_for("main").state is BreakerState.OPEN:
+            return "circuit open for the main pool's deployment"
+        return None
+
     # -- clients per loop -----------------------------------------------------------------
     def _clients(self) -> _LoopClients:
         loop = asyncio.get_running_loop()
@@ -322,7 +359,11 @@ class PoolRegistry:
                 **self.ledger.totals(),
             },
             "pools": {
-                name: {**pool.stats(), **self.ledger.for_pool(name)}
+                name: {
+                    **pool.stats(),
+                    **self.ledger.for_pool(name),
+                    "breaker": self._guards[name].breaker.snapshot(),
+                }
                 for name, pool in self.pools.items()
             },
         }

@@ -81,6 +81,7 @@ class SlotPool:
                 "requests_timeouts",
                 "requests_refused",
                 "requests_errors",
+                "requests_retries",
                 "usage_ms",
             ),
             0,
@@ -172,6 +173,10 @@ class SlotPool:
     def record_error(self) -> None:
         with self._lock:
             self.counters["requests_errors"] += 1
+
+    def record_retry(self) -> None:
+        with self._lock:
+            self.counters["requests_retries"] += 1
 
     def close(self) -> None:
         """Refuse new callers and wake the queued ones with `PoolClosed`."""

@@ -10,11 +10,18 @@ from pools.runtime import get_pool
 @never_cache
 @require_GET
 async def health(request: HttpRequest) -> JsonResponse:
-    """The design note's health JSON, live: 200 when the pools are usable, 503 when not."""
+    """Readiness: the design note's health JSON, live; 503 when the pools cannot serve
+    (not initialized, closed, or the main deployment's circuit is open)."""
     registry = get_pool()
-    stats = registry.stats()
-    healthy = registry.usable
-    body = {"status": "healthy" if healthy else "degraded", **stats}
-    if not healthy:
-        body["reason"] = "pools closed" if registry.closed else "pools not initialized"
-    return JsonResponse(body, status=200 if healthy else 503, json_dumps_params={"indent": 2})
+    reason = registry.unavailable_reason()
+    body = {"status": "degraded" if reason else "healthy", **registry.stats()}
+    if reason:
+        body["reason"] = reason
+    return JsonResponse(body, status=503 if reason else 200, json_dumps_params={"indent": 2})
+
+
+@never_cache
+@require_GET
+async def liveness(request: HttpRequest) -> JsonResponse:
+    """The process answers: 200 even during an LLM outage, so nothing restarts a healthy app."""
+    return JsonResponse({"status": "alive"})

@@ -1,0 +1,227 @@
+"""Retries that respect the server, and a circuit breaker per upstream deployment.
+
+There is exactly one retry layer: the pool's (the SDK is built with `max_retries=0`), so
+every attempt is seen by the breaker and counted in the stats. A call is retried only on
+failures that may pass (connection errors, timeouts, 408/409/429/5xx), never once the user
+has seen tokens of a stream, and never when cancelled.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import math
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+import openai
+
+from pools.exceptions import CircuitOpen, DeadlineExceeded
+
+RETRYABLE_STATUS = {408, 409, 429}
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one failed attempt should be treated."""
+
+    retryable: bool
+    breaker_failure: bool  # counts against the upstream's health
+    rate_limited: bool = False
+    retry_after: float | None = None
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from `retry-after-ms`, else `Retry-After` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    for name, divisor in (("retry-after-ms", 1000.0), ("retry-after", 1.0)):
+        value = headers.get(name)
+        if value is None:
+            continue
+        try:
+            seconds = float(value) / divisor
+        except ValueError:
+            if name != "retry-after":
+                continue
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                continue
+        if math.isfinite(seconds):
+            return max(0.0, seconds)
+    return None
+
+
+def classify(exc: BaseException) -> Failure:
+    """Decide whether an exception from a call may be retried and whether it hurts health."""
+    if isinstance(exc, DeadlineExceeded):
+        return Failure(retryable=exc.deadline != "idle", breaker_failure=True)
+    if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
+        return Failure(retryable=True, breaker_failure=True)
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        retry_after = parse_retry_after(exc.response.headers if exc.response else None)
+        if status == 429:
+            return Failure(True, True, rate_limited=True, retry_after=retry_after)
+        if status in RETRYABLE_STATUS or status >= 500:
+            return Failure(True, status >= 500, retry_after=retry_after)
+    return Failure(retryable=False, breaker_failure=False)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Backoff between attempts; how many attempts is each pool's `MAX_RETRIES`."""
+
+    backoff_base: float = 0.5
+    backoff_max: float = 8.0
+    retry_after_cap: float = 30.0
+
+    def delay(self, attempt: int, failure: Failure, rng: random.Random | None = None) -> float:
+        """Seconds before retry number `attempt` (1-based): the server's hint, capped, or
+        exponential backoff with jitter."""
+        if failure.retry_after is not None:
+            return min(failure.retry_after, self.retry_after_cap)
+        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
+        return ceiling * (0.5 + 0.5 * (rng or random).random())  # jitter in [50%, 100%]
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitBreaker:
+    """Per deployment: opens on a run of failures or a failure rate, or at once on 429.
+
+    While open, calls fail immediately; after the cooldown one probe is let through
+    (half-open) and its outcome closes or re-opens the circuit. Thread-safe.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        failures_to_open: int = 5,
+        failure_rate: float = 0.5,
+        window: int = 20,
+        cooldown: float = 30.0,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.failures_to_open = failures_to_open
+        self.failure_rate = failure_rate
+        self.window = window
+        self.cooldown = cooldown
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = BreakerState.CLOSED
+        self._outcomes: deque[bool] = deque(maxlen=window)
+        self._consecutive_failures = 0
+        self._open_until = 0.0
+        self._probe_in_flight = False
+        self.times_opened = 0
+        self.last_reason = ""
+
+    def _refresh_locked(self) -> None:
+        if self._state is BreakerState.OPEN and self._clock() >= self._open_until:
+            self._state = BreakerState.HALF_OPEN
+            self._probe_in_flight = False
+
+    @property
+    def state(self) -> BreakerState:
+        with self._lock:
+            self._refresh_locked()
+            return self._state
+
+    def check(self) -> None:
+        """Raise `CircuitOpen` if a call would be refused now (takes no probe)."""
+        with self._lock:
+            self._refresh_locked()
+            if self._state is BreakerState.OPEN or (
+                self._state is BreakerState.HALF_OPEN and self._probe_in_flight
+            ):
+                raise self._refusal_locked()
+
+    def before_attempt(self) -> None:
+        """Admit one attempt; in half-open state only a single probe goes through."""
+        with self._lock:
+            self._refresh_locked()
+            if self._state is BreakerState.OPEN:
+                raise self._refusal_locked()
+            if self._state is BreakerState.HALF_OPEN:
+                if self._probe_in_flight:
+                    raise self._refusal_locked()
+                self._probe_in_flight = True
+
+    def record_success(self) -> None:
+        with self._lock:
+            self._outcomes.append(True)
+            self._consecutive_failures = 0
+            if self._state is not BreakerState.CLOSED:
+                self._state = BreakerState.CLOSED
+                self._outcomes.clear()
+            self._probe_in_flight = False
+
+    def record_failure(self, failure: Failure, reason: str) -> None:
+        if not failure.breaker_failure:
+            self.release_probe()
+            return
+        with self._lock:
+            self._outcomes.append(False)
+            self._consecutive_failures += 1
+            failed = self._outcomes.count(False)
+            rate_exceeded = (
+                len(self._outcomes) >= self.window // 2
+                and failed / len(self._outcomes) >= self.failure_rate
+            )
+            if failure.rate_limited:
+                self._open_locked(failure.retry_after or self.cooldown, reason)
+            elif (
+                self._state is BreakerState.HALF_OPEN
+                or self._consecutive_failures >= self.failures_to_open
+                or rate_exceeded
+            ):
+                self._open_locked(self.cooldown, reason)
+            self._probe_in_flight = False
+
+    def release_probe(self) -> None:
+        """An attempt ended without telling anything about health (cancelled, client error)."""
+        with self._lock:
+            self._probe_in_flight = False
+
+    def _open_locked(self, seconds: float, reason: str) -> None:
+        if self._state is not BreakerState.OPEN:
+            self.times_opened += 1
+        self._state = BreakerState.OPEN
+        self._open_until = max(self._open_until, self._clock() + seconds)
+        self.last_reason = reason
+
+    def _refusal_locked(self) -> CircuitOpen:
+        retry_in = max(0.0, self._open_until - self._clock())
+        return CircuitOpen(
+            f"the circuit for deployment {self.name!r} is open after upstream failures "
+            f"({self.last_reason}); retry in {retry_in:.1f}s",
+            retry_after=retry_in,
+        )
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            self._refresh_locked()
+            return {
+                "state": self._state.value,
+                "retry_in_s": round(max(0.0, self._open_until - self._clock()), 3)
+                if self._state is BreakerState.OPEN
+                else 0.0,
+                "consecutive_failures": self._consecutive_failures,
+                "recent_failure_rate": round(self._outcomes.count(False) / len(self._outcomes), 3)
+                if self._outcomes
+                else 0.0,
+                "times_opened": self.times_opened,
+                "last_reason": self.last_reason,
+            }
