@@ -143,6 +143,8 @@ CARLOS_POOLS = {
         "CONNECT_TIMEOUT": env.str("HTTP_CONNECT_TIMEOUT", default="5"),
         "READ_TIMEOUT": env.str("HTTP_READ_TIMEOUT", default="60"),
     },
+    # Requests/tokens per minute per deployment, e.g. "gpt-4o=600/150000,gpt-4o-mini=1000".
+    "RATE_LIMITS": env.str("LLM_RATE_LIMITS", default=""),
     "POOLS": {
         "main": _pool_env("main", env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"), 0.7),
         "ronei": _pool_env("ronei", env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"), 0.9),
@@ -151,3 +153,49 @@ CARLOS_POOLS = {
         ),
     },
 }
+
+# --- Web pages: design requests, live design pages (agents app, issue 3) ----------------------
+# Longest request text the form accepts (the form states the number).
+DESIGN_MAX_CHARS = env.int("DESIGN_MAX_CHARS", default=4000)
+# Designs one user may submit per sliding hour; past it the form answers 429 with the time.
+DESIGNS_PER_HOUR = env.int("DESIGNS_PER_HOUR", default=10)
+
+# Content Security Policy (Django's own middleware): the pages show model output, which is
+# untrusted. It is sanitised on the server; this is the second line: no inline or foreign
+# scripts, no plugins, no framing, sockets and fetches to this site only. Mermaid's SVG
+# diagrams carry inline <style> elements, hence 'unsafe-inline' for styles only.
+from django.utils.csp import CSP  # noqa: E402
+
+MIDDLEWARE = [*MIDDLEWARE, "django.middleware.csp.ContentSecurityPolicyMiddleware"]
+SECURE_CSP = {
+    "default-src": [CSP.SELF],
+    "script-src": [CSP.SELF],
+    "style-src": [CSP.SELF, CSP.UNSAFE_INLINE],
+    "img-src": [CSP.SELF, "data:"],
+    "connect-src": [CSP.SELF],
+    "object-src": [CSP.NONE],
+    "base-uri": [CSP.NONE],
+    "frame-ancestors": [CSP.NONE],
+    "form-action": [CSP.SELF],
+}
+
+# --- Design pipeline (agents app, issue 3) ------------------------------------------------
+# What the offline simulator says: each Carlos agent's plausible, deterministic answer.
+LLM_SIMULATOR_RESPONDER = env(
+    "LLM_SIMULATOR_RESPONDER", default="agents.simulated.carlos_responder"
+)
+# Revision rounds a NEEDS REVISION verdict may trigger before the pipeline goes on anyway.
+DESIGN_MAX_REVISIONS = env.int("DESIGN_MAX_REVISIONS", default=1)
+
+# --- Pool history and Prometheus metrics (pools app, issue 4) ------------------------------
+# Each server process saves one PoolSnapshot row per pool every POOL_SNAPSHOT_INTERVAL
+# seconds (0 turns the sampler off, e.g. when cron runs `manage.py snapshot_pools`), with
+# ±POOL_SNAPSHOT_JITTER (a fraction) so several processes do not write at the same instant.
+POOL_SNAPSHOT_INTERVAL = env.float("POOL_SNAPSHOT_INTERVAL", default=30.0)
+POOL_SNAPSHOT_JITTER = env.float("POOL_SNAPSHOT_JITTER", default=0.1)
+# What `manage.py prune_pool_snapshots` removes by default: rows older than this (12h, 30d, 90m).
+POOL_SNAPSHOT_RETENTION = env.str("POOL_SNAPSHOT_RETENTION", default="30d")
+# /metrics is open unless restricted: a bearer token, and/or client addresses or networks
+# (comma-separated, e.g. "127.0.0.1,10.0.0.0/8"); when both are set, both must match.
+METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
+METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=[])

@@ -24,7 +24,7 @@ DEFAULT_SIZE = 10
 # The note's pools: main and mini take the global size, ronei (used less often) half of it.
 SIZE_SHARE = {"ronei": 0.5}
 
-_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS", "RESILIENCE"}
+_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS", "RESILIENCE", "RATE_LIMITS"}
 _ENDPOINT_KEYS = {
     "AZURE_ENDPOINT",
     "AZURE_API_KEY",
@@ -121,6 +121,18 @@ class Resilience:
     breaker_failure_rate: float = 0.5
     breaker_window: int = 20
     breaker_cooldown: float = 30.0
+    # Rate budgets: how long a call may wait for its budget, and the output-token guess
+    # for calls that set no max_tokens.
+    rate_limit_max_wait: float = 10.0
+    default_output_tokens: int = 1000
+
+
+@dataclass(frozen=True)
+class RateLimit:
+    """Requests and tokens per minute for one deployment; 0 means no limit."""
+
+    rpm: int = 0
+    tpm: int = 0
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,7 @@ class PoolsConfig:
     http: HttpLimits
     pools: dict[str, PoolConfig]
     resilience: Resilience = field(default_factory=Resilience)
+    rate_limits: dict[str, RateLimit] = field(default_factory=dict)
 
     @property
     def total_slots(self) -> int:
@@ -204,9 +217,12 @@ def parse_config(raw: dict[str, Any], prefix: str = "CARLOS_POOLS") -> PoolsConf
             pools[name] = pool
 
     resilience = _parse_resilience(raw.get("RESILIENCE") or {}, f"{prefix}['RESILIENCE']", err)
+    rate_limits = _parse_rate_limits(raw.get("RATE_LIMITS") or {}, err)
     if errors:
         raise ConfigErrors(errors)
-    return PoolsConfig(endpoint=endpoint, http=http, pools=pools, resilience=resilience)
+    return PoolsConfig(
+        endpoint=endpoint, http=http, pools=pools, resilience=resilience, rate_limits=rate_limits
+    )
 
 
 class ConfigErrors(ConfigError):
@@ -299,6 +315,37 @@ def _parse_http(raw: dict[str, Any], where: str, err) -> HttpLimits:
             value = getattr(defaults, key.lower())
         values[key.lower()] = float(value)
     return HttpLimits(**values)
+
+
+def _parse_rate_limits(raw: Any, err) -> dict[str, RateLimit]:
+    """From a dict {deployment: {"RPM": n, "TPM": n}} or the env form "gpt-4o=600/150000,..."."""
+    where = "LLM_RATE_LIMITS"
+    if isinstance(raw, str):
+        parsed: dict[str, dict[str, Any]] = {}
+        for item in filter(None, (part.strip() for part in raw.split(","))):
+            name, _, limits = item.partition("=")
+            rpm, _, tpm = limits.partition("/")
+            if not name.strip() or not rpm.strip():
+                err(where, f"expected deployment=RPM[/TPM], got {item!r}")
+                continue
+            parsed[name.strip()] = {"RPM": rpm, "TPM": tpm or "0"}
+        raw = parsed
+    if not isinstance(raw, dict):
+        err(where, "must be a dictionary or 'deployment=RPM/TPM,...'")
+        return {}
+    limits: dict[str, RateLimit] = {}
+    for name, options in raw.items():
+        values = {}
+        for key in ("RPM", "TPM"):
+            value = _number((options or {}).get(key, 0), int)
+            if value is None:
+                value = 0
+            if not _is_int(value) or value < 0:
+                err(f"{where} ({name} {key})", f"must be a whole number >= 0, got {value!r}")
+                value = 0
+            values[key.lower()] = value
+        limits[name] = RateLimit(**values)
+    return limits
 
 
 def _parse_resilience(raw: dict[str, Any], where: str, err) -> Resilience:

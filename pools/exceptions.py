@@ -57,3 +57,11 @@ class DeadlineExceeded(TimeoutError):
         super().__init__(f"{labels.get(deadline, deadline)} within {seconds:g}s")
         self.deadline = deadline
         self.seconds = seconds
+
+
+class RateBudgetExceeded(PoolError):
+    """A call would overdraw its deployment's requests or tokens per minute for too long."""
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -20,6 +20,7 @@ from typing import Any
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from pools.budget import RateBudget, estimate_tokens
 from pools.events import EventBus, EventKind, PoolEvent
 from pools.exceptions import DeadlineExceeded
 from pools.resilience import CircuitBreaker, RetryPolicy, classify
@@ -55,6 +56,8 @@ class Guard:
     policy: RetryPolicy
     breaker: CircuitBreaker
     events: EventBus = field(default_factory=EventBus)
+    budget: RateBudget | None = None
+    default_output_tokens: int = 1000
 
 
 async def _within[T](awaitable: Awaitable[T], deadline: float, which: str, seconds: float) -> T:
@@ -115,10 +118,11 @@ class LLMStream:
         call_deadline = loop.time() + config.call_timeout
         attempt = 0
         delivered = False
+        estimate = handle._estimate(self._messages, self._kwargs)
         try:
             while True:
+                await handle._admit(estimate, call_deadline)
                 attempt_started = loop.time()
-                handle._before_attempt()
                 try:
                     first_deadline = min(
                         call_deadline, attempt_started + config.first_token_timeout
@@ -164,7 +168,7 @@ class LLMStream:
                     attempt += 1
                     self.retries = attempt
                     continue
-                handle._attempt_succeeded()
+                handle._attempt_succeeded(estimate, self.usage)
                 break
         except asyncio.CancelledError:
             raise
@@ -233,9 +237,10 @@ class LLMHandle:
         started = time.perf_counter()
         call_deadline = loop.time() + config.call_timeout
         attempt = 0
+        estimate = self._estimate(messages, kwargs)
         try:
             while True:
-                self._before_attempt()
+                await self._admit(estimate, call_deadline)
                 try:
                     completion = await _within(
                         self.client.chat.completions.create(
@@ -255,7 +260,11 @@ class LLMHandle:
                     await self._after_failure(exc, attempt, call_deadline)
                     attempt += 1
                     continue
-                self._attempt_succeeded()
+                usage = completion.usage
+                self._attempt_succeeded(
+                    estimate,
+                    TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+                )
                 break
         except asyncio.CancelledError:
             raise
@@ -263,7 +272,6 @@ class LLMHandle:
             self._failed(exc)
             raise
         choice = completion.choices[0] if completion.choices else None
-        usage = completion.usage
         result = LLMResult(
             text=(choice.message.content or "") if choice else "",
             usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens)
@@ -284,11 +292,26 @@ class LLMHandle:
         return stream
 
     # -- one attempt's bookkeeping -------------------------------------------------------
-    def _before_attempt(self) -> None:
+    def _estimate(self, messages: list[Any], kwargs: dict[str, Any]) -> int:
+        budget = self._guard.budget
+        if budget is None or not budget.limited:
+            return 0
+        return estimate_tokens(messages, kwargs, self._guard.default_output_tokens)
+
+    async def _admit(self, estimate: int, call_deadline: float) -> None:
+        """Wait for the deployment's rate budget (bounded), then pass the circuit breaker."""
+        budget = self._guard.budget
+        if budget is not None and budget.limited:
+            loop = asyncio.get_running_loop()
+            # The budget refills with time, not on an event: sleeping until then is the wait.
+            while wait := budget.reserve(estimate, max_wait=call_deadline - loop.time()):  # noqa: ASYNC110
+                await asyncio.sleep(wait)
         self._guard.breaker.before_attempt()
 
-    def _attempt_succeeded(self) -> None:
+    def _attempt_succeeded(self, estimate: int, usage: TokenUsage | None) -> None:
         self._guard.breaker.record_success()
+        if self._guard.budget is not None and usage is not None:
+            self._guard.budget.settle(estimate, usage.total_tokens)
 
     def _abandon_attempt(self) -> None:
         self._guard.breaker.release_probe()

@@ -21,6 +21,7 @@ from typing import Any
 import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
+from pools.budget import RateBudget
 from pools.config import PoolsConfig
 from pools.events import EventBus, EventKind, PoolEvent
 from pools.exceptions import PoolClosed, PoolError, UnknownPool
@@ -74,8 +75,18 @@ class PoolRegistry:
                     window=resilience.breaker_window,
                     cooldown=resilience.breaker_cooldown,
                 )
+        self.budgets: dict[str, RateBudget] = {
+            model: RateBudget(model, limit.rpm, limit.tpm, max_wait=resilience.rate_limit_max_wait)
+            for model, limit in config.rate_limits.items()
+        }
         self._guards = {
-            name: Guard(policy, self.breakers[pool.model], self.events)
+            name: Guard(
+                policy,
+                self.breakers[pool.model],
+                self.events,
+                self.budgets.get(pool.model),
+                resilience.default_output_tokens,
+            )
             for name, pool in config.pools.items()
         }
         self.pools: dict[str, SlotPool] = {
@@ -315,7 +326,14 @@ class PoolRegistry:
             self.ledger,
             max_connections=max_connections,
             max_keepalive_connections=keepalive,
+            on_response=self._observe_response if self.budgets else None,
         )
+
+    async def _observe_response(self, response: httpx.Response) -> None:
+        """Let the endpoint's x-ratelimit-remaining-* headers tighten the caller's budget."""
+        guard = self._guards.get(current_pool.get())
+        if guard is not None and guard.budget is not None:
+            guard.budget.observe(response.headers)
 
     def _build_sdk(self, http: httpx.AsyncClient) -> AsyncOpenAI:
         endpoint = self._config.endpoint
@@ -363,6 +381,9 @@ class PoolRegistry:
                     **pool.stats(),
                     **self.ledger.for_pool(name),
                     "breaker": self._guards[name].breaker.snapshot(),
+                    "rate_budget": budget.snapshot()
+                    if (budget := self._guards[name].budget)
+                    else None,
                 }
                 for name, pool in self.pools.items()
             },

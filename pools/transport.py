@@ -186,6 +186,7 @@ def build_http_client(
     *,
     max_connections: int,
     max_keepalive_connections: int,
+    on_response: typing.Callable[[httpx.Response], typing.Awaitable[None]] | None = None,
 ) -> httpx.AsyncClient:
     """An `httpx.AsyncClient` whose every TCP connection is recorded in `ledger`."""
     transport = httpx.AsyncHTTPTransport(
@@ -206,6 +207,7 @@ def build_http_client(
         transport=transport,
         timeout=http_timeout(limits),
         trust_env=False,
+        event_hooks={"response": [on_response]} if on_response else None,
     )
 
 
