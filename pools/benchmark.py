@@ -38,6 +38,7 @@ class BenchmarkReport:
     first_call_ms: dict[str, list[float]] = field(default_factory=dict)
     acquire_release_us: list[float] = field(default_factory=list)
     slot_acquire_release_us: list[float] = field(default_factory=list)
+    redis_acquire_release_us: list[float] = field(default_factory=list)
     connections: dict[str, int] = field(default_factory=dict)
 
     def median(self, name: str) -> float:
@@ -66,8 +67,16 @@ class BenchmarkReport:
             "first_call_vs_steady": (round(first["pooled"] / pooled, 3), "<=", 1.2),
             "acquire_release_us": (round(acquire, 3), "<", 20.0),
         }
+        if self.redis_acquire_release_us:
+            redis_median = statistics.median(self.redis_acquire_release_us)
+            checks["redis_extra_us"] = (round(redis_median - acquire, 1), "<", 1000.0)
         return {
             "rounds": self.rounds,
+            "redis_acquire_release_median_us": round(
+                statistics.median(self.redis_acquire_release_us), 1
+            )
+            if self.redis_acquire_release_us
+            else None,
             "variants": variants,
             "first_call_after_warm_up_ms": first,
             "acquire_release_median_us": round(acquire, 3),
@@ -130,15 +139,16 @@ async def _complete(client: AsyncOpenAI, model: str) -> None:
     assert completion.choices[0].message.content
 
 
-def build_registry(base_url: str, ca_file: str, size: int) -> PoolRegistry:
-    return PoolRegistry(
-        parse_config(
-            {
-                "ENDPOINT": {"SIMULATOR_URL": base_url, "CA_BUNDLE": ca_file},
-                "POOLS": {"main": {"MODEL": "gpt-4o", "SIZE": size}},
-            }
-        )
-    )
+def build_registry(
+    base_url: str, ca_file: str, size: int, redis_url: str | None = None
+) -> PoolRegistry:
+    raw: dict[str, Any] = {
+        "ENDPOINT": {"SIMULATOR_URL": base_url, "CA_BUNDLE": ca_file},
+        "POOLS": {"main": {"MODEL": "gpt-4o", "SIZE": size}},
+    }
+    if redis_url:
+        raw["CLUSTER"] = {"REDIS_URL": redis_url, "PREFIX": "carlos-benchmark"}
+    return PoolRegistry(parse_config(raw))
 
 
 async def _timed(call: Callable[[], Awaitable[None]]) -> float:
@@ -156,6 +166,7 @@ async def run_benchmark(
     size: int = 10,
     acquire_iterations: int = 20_000,
     seed: int = 7,
+    redis_url: str | None = None,
 ) -> BenchmarkReport:
     """Run every variant `rounds` times, interleaved, plus the warm-up and overhead probes."""
     report = BenchmarkReport(rounds=rounds)
@@ -216,6 +227,10 @@ async def run_benchmark(
     report.acquire_release_us, report.slot_acquire_release_us = await _acquire_overhead(
         base_url, ca_file, acquire_iterations
     )
+    if redis_url:
+        report.redis_acquire_release_us, _ = await _acquire_overhead(
+            base_url, ca_file, acquire_iterations // 4, redis_url
+        )
     return report
 
 
@@ -234,9 +249,11 @@ async def _first_call_after_warm_up(base_url: str, ca_file: str, size: int) -> f
         await registry.close()
 
 
-async def _acquire_overhead(base_url: str, ca_file: str, iterations: int):
+async def _acquire_overhead(
+    base_url: str, ca_file: str, iterations: int, redis_url: str | None = None
+):
     """Microseconds for one uncontended acquire + release: the public path and the slot core."""
-    registry = build_registry(base_url, ca_file, 10)
+    registry = build_registry(base_url, ca_file, 10, redis_url)
     try:
         async with registry.get_main_llm():  # builds this loop's clients once
             pass
@@ -279,6 +296,14 @@ def format_report(summary: dict[str, Any]) -> str:
         f"via `async with pool.get_main_llm()`, "
         f"{summary['slot_only_acquire_release_median_us']:.2f} µs slot accounting alone",
         f"connections opened: {summary['connections_opened']}",
+    ]
+    if summary["redis_acquire_release_median_us"] is not None:
+        lines.append(
+            f"acquire + release with Redis coordination (median): "
+            f"{summary['redis_acquire_release_median_us']:.1f} µs, of which Redis adds "
+            f"{summary['targets']['redis_extra_us']['value']:.1f} µs (two round trips)"
+        )
+    lines += [
         "",
         "targets:",
     ]

@@ -24,7 +24,7 @@ DEFAULT_SIZE = 10
 # The note's pools: main and mini take the global size, ronei (used less often) half of it.
 SIZE_SHARE = {"ronei": 0.5}
 
-_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS", "RESILIENCE", "RATE_LIMITS"}
+_TOP_KEYS = {"ENDPOINT", "SIZE", "HTTP", "POOLS", "RESILIENCE", "RATE_LIMITS", "CLUSTER"}
 _ENDPOINT_KEYS = {
     "AZURE_ENDPOINT",
     "AZURE_API_KEY",
@@ -128,6 +128,18 @@ class Resilience:
 
 
 @dataclass(frozen=True)
+class ClusterConfig:
+    """Redis coordination across processes; absent means each process limits itself."""
+
+    url: str = field(repr=False)
+    prefix: str = "carlos"
+    lease_seconds: float = 10.0
+    redis_timeout: float = 0.25  # past this, Redis counts as unreachable
+    retry_redis_after: float = 5.0  # how long to stay on local limits before trying again
+    poll_interval: float = 0.02  # while the cluster is full, how often to try again
+
+
+@dataclass(frozen=True)
 class RateLimit:
     """Requests and tokens per minute for one deployment; 0 means no limit."""
 
@@ -142,6 +154,7 @@ class PoolsConfig:
     pools: dict[str, PoolConfig]
     resilience: Resilience = field(default_factory=Resilience)
     rate_limits: dict[str, RateLimit] = field(default_factory=dict)
+    cluster: ClusterConfig | None = None
 
     @property
     def total_slots(self) -> int:
@@ -218,10 +231,16 @@ def parse_config(raw: dict[str, Any], prefix: str = "CARLOS_POOLS") -> PoolsConf
 
     resilience = _parse_resilience(raw.get("RESILIENCE") or {}, f"{prefix}['RESILIENCE']", err)
     rate_limits = _parse_rate_limits(raw.get("RATE_LIMITS") or {}, err)
+    cluster = _parse_cluster(raw.get("CLUSTER") or {}, err)
     if errors:
         raise ConfigErrors(errors)
     return PoolsConfig(
-        endpoint=endpoint, http=http, pools=pools, resilience=resilience, rate_limits=rate_limits
+        endpoint=endpoint,
+        http=http,
+        pools=pools,
+        resilience=resilience,
+        rate_limits=rate_limits,
+        cluster=cluster,
     )
 
 
@@ -315,6 +334,31 @@ def _parse_http(raw: dict[str, Any], where: str, err) -> HttpLimits:
             value = getattr(defaults, key.lower())
         values[key.lower()] = float(value)
     return HttpLimits(**values)
+
+
+def _parse_cluster(raw: dict[str, Any], err) -> ClusterConfig | None:
+    known = {"REDIS_URL", "PREFIX", "LEASE_SECONDS", "REDIS_TIMEOUT"}
+    for key in sorted(set(raw) - known):
+        err(f"CARLOS_POOLS['CLUSTER']['{key}']", f"unknown key; expected one of {sorted(known)}")
+    url = (raw.get("REDIS_URL") or "").strip()
+    if not url:
+        return None
+    try:
+        scheme = urlsplit(url).scheme
+    except ValueError:
+        scheme = ""
+    if scheme not in {"redis", "rediss", "unix"}:
+        err("REDIS_URL", f"must be a redis://, rediss:// or unix:// URL, got {_redact(url)!r}")
+    values: dict[str, Any] = {"url": url, "prefix": str(raw.get("PREFIX") or "carlos")}
+    for key, default in (("LEASE_SECONDS", 10.0), ("REDIS_TIMEOUT", 0.25)):
+        value = _number(raw.get(key, default), float)
+        if value is None:
+            value = default
+        if not _is_number(value) or value <= 0:
+            err(f"CARLOS_POOLS['CLUSTER']['{key}']", f"must be a positive number, got {value!r}")
+            value = default
+        values[key.lower()] = float(value)
+    return ClusterConfig(**values)
 
 
 def _parse_rate_limits(raw: Any, err) -> dict[str, RateLimit]:

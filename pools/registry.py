@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 import weakref
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from openai import AsyncAzureOpenAI, AsyncOpenAI
 from pools.budget import RateBudget
 from pools.config import PoolsConfig
 from pools.events import EventBus, EventKind, PoolEvent
-from pools.exceptions import PoolClosed, PoolError, UnknownPool
+from pools.exceptions import CircuitOpen, PoolClosed, PoolError, PoolTimeout, UnknownPool
 from pools.handle import Guard, LLMHandle
 from pools.resilience import BreakerState, CircuitBreaker, RetryPolicy
 from pools.slots import SlotPool
@@ -79,6 +80,15 @@ class PoolRegistry:
             model: RateBudget(model, limit.rpm, limit.tpm, max_wait=resilience.rate_limit_max_wait)
             for model, limit in config.rate_limits.items()
         }
+        self.cluster = None
+        if config.cluster is not None:
+            from pools.cluster import ClusterCoordinator  # needs redis only when configured
+
+            self.cluster = ClusterCoordinator(config.cluster)
+            self.cluster.stats_provider = self._instance_stats
+            for model, breaker in self.breakers.items():
+                breaker.on_change = self._breaker_listener(model)
+        self._background: set[asyncio.Task] = set()
         self._guards = {
             name: Guard(
                 policy,
@@ -99,6 +109,7 @@ class PoolRegistry:
         self._initialized = False
         self._closed = False
         self.warmup_error: str | None = None
+        self._cluster_waiting: Counter[str] = Counter()
 
     @property
     def config(self) -> PoolsConfig:
@@ -128,9 +139,16 @@ class PoolRegistry:
         if self._closed:
             raise PoolClosed("the pool engine is closed")
         guard = self._guards[name]
+        lease = None
         try:
             guard.breaker.check()  # fail fast while the upstream cools down: hold no slot
             slot = await pool.acquire(timeout)
+            if self.cluster is not None:
+                try:
+                    lease = await self._cluster_lease(pool, timeout, slot.wait_ms)
+                except BaseException:
+                    pool.release(slot)
+                    raise
         except PoolError as exc:
             self.events.emit(PoolEvent(name, EventKind.REFUSED, error=type(exc).__name__))
             raise
@@ -162,7 +180,65 @@ class PoolRegistry:
                 if temporary is not None:
                     await temporary.aclose()
             finally:
-                pool.release(slot)
+                try:
+                    if lease is not None:
+                        await self.cluster.release(lease)
+                finally:
+                    pool.release(slot)
+
+    async def _cluster_lease(self, pool: SlotPool, timeout: float | None, waited_ms: float):
+        """A cluster-wide lease for one more call of `pool`, waiting while the cluster is full."""
+        from pools.cluster import ClusterCircuitOpen, ClusterFull
+
+        config = pool.config
+        wait = (config.timeout if timeout is None else timeout) - waited_ms / 1000
+        loop = asyncio.get_running_loop()
+        self._cluster_waiting[pool.name] += 1
+        try:
+            return await self.cluster.acquire_waiting(
+                pool.name, config.size + pool.overflow_limit, config.model, loop.time() + wait
+            )
+        except ClusterFull:
+            raise PoolTimeout(
+                f"no cluster-wide slot in pool {pool.name!r} within {max(wait, 0):g}s "
+                f"(capacity {config.size + pool.overflow_limit} across all instances)"
+            ) from None
+        except ClusterCircuitOpen as exc:
+            raise CircuitOpen(
+                f"the circuit for deployment {config.model!r} is open ({exc.reason}); "
+                f"retry in {exc.retry_after:.1f}s",
+                retry_after=exc.retry_after,
+            ) from None
+        finally:
+            self._cluster_waiting[pool.name] -= 1
+
+    def _breaker_listener(self, model: str):
+        """Publish a local breaker's opening and closing to the other instances."""
+
+        def changed(state: BreakerState, seconds: float, reason: str) -> None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return
+            if state is BreakerState.OPEN:
+                work = self.cluster.publish_open(model, seconds, reason)
+            else:
+                work = self.cluster.publish_closed(model)
+            task = loop.create_task(work)
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        return changed
+
+    def _instance_stats(self) -> dict[str, Any]:
+        stats = self.stats()
+        return {"pools": stats["pools"], "http": stats["http"], "at": time.time()}
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        """The whole cluster as the instances last reported it (needs REDIS_URL)."""
+        if self.cluster is None:
+            raise PoolError("cluster scope needs REDIS_URL")
+        return await self.cluster.cluster_stats()
 
     # -- lifecycle ---------------------------------------------------------------------------
     async def initialize(self) -> dict[str, int]:
@@ -194,6 +270,8 @@ class PoolRegistry:
             }
             clients.warmed = opened
             self._initialized = True
+            if self.cluster is not None:
+                await self.cluster.start()
             logger.info(
                 "✅ Connection pool ready: %s (%.0f ms)",
                 ", ".join(f"{count} {name}" for name, count in opened.items()),
@@ -254,6 +332,8 @@ class PoolRegistry:
         if clients is not None:
             await clients.http.aclose()
             await clients.sdk.close()
+        if self.cluster is not None:
+            await self.cluster.aclose_loop()
 
     async def close(self) -> None:
         """Shut down: refuse new calls, wake queued callers, close every client."""
@@ -369,6 +449,7 @@ class PoolRegistry:
                 "url": self._config.endpoint.public_url,
             },
             "warmup_error": self.warmup_error,
+            "cluster": self.cluster.snapshot() if self.cluster is not None else None,
             "http": {
                 "max_connections": http.max_connections,
                 "max_keepalive_connections": self.keepalive_connections,
@@ -380,6 +461,7 @@ class PoolRegistry:
                 name: {
                     **pool.stats(),
                     **self.ledger.for_pool(name),
+                    "cluster_waiting": self._cluster_waiting[name],
                     "breaker": self._guards[name].breaker.snapshot(),
                     "rate_budget": budget.snapshot()
                     if (budget := self._guards[name].budget)

@@ -14,6 +14,7 @@ import random
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -127,6 +128,13 @@ class CircuitBreaker:
         self._probe_in_flight = False
         self.times_opened = 0
         self.last_reason = ""
+        # Told of every opening (state, seconds, reason) and closing, outside the lock: how
+        # other processes learn of it (see pools.cluster).
+        self.on_change: Callable[[BreakerState, float, str], None] | None = None
+
+    def _notify(self, state: BreakerState, seconds: float, reason: str) -> None:
+        if self.on_change is not None:
+            self.on_change(state, seconds, reason)
 
     def _refresh_locked(self) -> None:
         if self._state is BreakerState.OPEN and self._clock() >= self._open_until:
@@ -163,15 +171,19 @@ class CircuitBreaker:
         with self._lock:
             self._outcomes.append(True)
             self._consecutive_failures = 0
-            if self._state is not BreakerState.CLOSED:
+            closed_now = self._state is not BreakerState.CLOSED
+            if closed_now:
                 self._state = BreakerState.CLOSED
                 self._outcomes.clear()
             self._probe_in_flight = False
+        if closed_now:
+            self._notify(BreakerState.CLOSED, 0.0, "")
 
     def record_failure(self, failure: Failure, reason: str) -> None:
         if not failure.breaker_failure:
             self.release_probe()
             return
+        opened: float | None = None
         with self._lock:
             self._outcomes.append(False)
             self._consecutive_failures += 1
@@ -181,14 +193,18 @@ class CircuitBreaker:
                 and failed / len(self._outcomes) >= self.failure_rate
             )
             if failure.rate_limited:
-                self._open_locked(failure.retry_after or self.cooldown, reason)
+                opened = failure.retry_after or self.cooldown
             elif (
                 self._state is BreakerState.HALF_OPEN
                 or self._consecutive_failures >= self.failures_to_open
                 or rate_exceeded
             ):
-                self._open_locked(self.cooldown, reason)
+                opened = self.cooldown
+            if opened is not None:
+                self._open_locked(opened, reason)
             self._probe_in_flight = False
+        if opened is not None:
+            self._notify(BreakerState.OPEN, opened, reason)
 
     def release_probe(self) -> None:
         """An attempt ended without telling anything about health (cancelled, client error)."""

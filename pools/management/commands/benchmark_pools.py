@@ -38,6 +38,15 @@ class Command(BaseCommand):
         )
         parser.add_argument("--size", type=int, default=10, help="Pool size (default 10).")
         parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
+        parser.add_argument(
+            "--redis",
+            nargs="?",
+            const=os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/15",
+            default=None,
+            metavar="URL",
+            help="Also measure acquire + release with cluster coordination through this Redis "
+            "(default $REDIS_URL, else redis://127.0.0.1:6379/15).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["rounds"] < 5:
@@ -47,7 +56,13 @@ class Command(BaseCommand):
             process, base_url = self._start_simulator(ca_file, options["rtt_ms"])
             try:
                 report = asyncio.run(
-                    run_benchmark(base_url, ca_file, rounds=options["rounds"], size=options["size"])
+                    run_benchmark(
+                        base_url,
+                        ca_file,
+                        rounds=options["rounds"],
+                        size=options["size"],
+                        redis_url=options["redis"],
+                    )
                 )
             finally:
                 process.terminate()

@@ -1,0 +1,348 @@
+"""Cluster-wide pool capacity and shared upstream health, coordinated through Redis.
+
+With several Carlos processes behind a load balancer, per-process limits multiply by the
+number of processes. Here each pool's capacity (size plus overflow cap) is a cluster-wide
+limit: a call holds a lease, a member of a Redis sorted set scored by its expiry, renewed
+while the call runs; the leases of a process that dies (even `kill -9`) expire within the
+lease time and the capacity comes back. The local slot pool stays in front as a fast bound,
+and one Lua script per acquire (one round trip) also reports whether another process has
+opened the deployment's circuit. If Redis cannot be reached, the process falls back to its
+local limits after a short timeout, says so, and resumes coordination when Redis returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+import uuid
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from pools.config import ClusterConfig as ClusterSettings
+
+logger = logging.getLogger("pools")
+
+# KEYS[1] the pool's lease set, KEYS[2] the deployment's shared breaker.
+# ARGV[1] capacity, ARGV[2] lease time in ms, ARGV[3] lease id.
+# Returns {1} granted, {0} full, {-1, ms_left, reason} circuit open elsewhere.
+_ACQUIRE = """
+local open_ms = redis.call('PTTL', KEYS[2])
+if open_ms > 0 then return {-1, open_ms, redis.call('GET', KEYS[2])} end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]) * 2)
+  return {1}
+end
+return {0}
+"""
+
+# KEYS: lease sets; ARGV[1] lease time in ms, then one lease id per key. Only renews leases
+# that still exist (XX): an expired lease is gone for good.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+for i, key in ipairs(KEYS) do
+  redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+  redis.call('PEXPIRE', key, ttl * 2)
+end
+return #KEYS
+"""
+
+
+@dataclass(eq=False)
+class Lease:
+    pool: str
+    lease_id: str
+    key: str
+    coordinated: bool  # False when granted on local limits while Redis was unreachable
+
+
+@dataclass(eq=False)
+class _LoopState:
+    client: aioredis.Redis
+    acquire_script: Any  # EVALSHA with fallback: the script text is not resent every call
+    renew_script: Any
+    held: dict[str, Lease] = field(default_factory=dict)
+    renewer: asyncio.Task | None = None
+
+
+class ClusterFull(Exception):
+    """The cluster-wide capacity is taken; the caller may wait and try again."""
+
+
+class ClusterCircuitOpen(Exception):
+    def __init__(self, retry_after: float, reason: str) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+        self.reason = reason
+
+
+def instance_name() -> str:
+    """Host and process id, as snapshots tag them, plus a nonce for restarts with the same pid."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+class ClusterCoordinator:
+    """Redis leases for pool capacity, the shared breaker, and the cluster's instance list."""
+
+    def __init__(self, settings: ClusterSettings, instance: str | None = None) -> None:
+        self.settings = settings
+        self.instance = instance or instance_name()
+        self._loops: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self._was_down = False
+        # Called each renewal period; its result is what `/health?scope=cluster` shows.
+        self.stats_provider: Callable[[], dict[str, Any]] | None = None
+        self.redis_errors = 0
+        self.last_error = ""
+        self.leases_granted = 0
+        self.local_fallbacks = 0
+
+    # -- keys ---------------------------------------------------------------------------------
+    def lease_key(self, pool: str) -> str:
+        return f"{self.settings.prefix}:pool:{pool}:leases"
+
+    def breaker_key(self, deployment: str) -> str:
+        return f"{self.settings.prefix}:breaker:{deployment}"
+
+    def _instance_key(self, instance: str) -> str:
+        return f"{self.settings.prefix}:instance:{instance}"
+
+    @property
+    def _instances_key(self) -> str:
+        return f"{self.settings.prefix}:instances"
+
+    # -- availability -------------------------------------------------------------------------
+    @property
+    def redis_available(self) -> bool:
+        return time.monotonic() >= self._down_until
+
+    def _redis_failed(self, exc: BaseException) -> None:
+        with self._lock:
+            first = not self._was_down
+            self._was_down = True
+            self._down_until = time.monotonic() + self.settings.retry_redis_after
+            self.redis_errors += 1
+            self.last_error = f"{type(exc).__name__}: {exc}"
+        if first:
+            logger.warning(
+                "⚠️  Redis unreachable (%s): falling back to this process's local pool limits; "
+                "retrying in %.0fs",
+                self.last_error,
+                self.settings.retry_redis_after,
+            )
+
+    def _redis_succeeded(self) -> None:
+        if self._was_down:
+            with self._lock:
+                was_down, self._was_down = self._was_down, False
+            if was_down:
+                logger.info("✅ Redis reachable again: cluster coordination resumed")
+
+    def _state(self) -> _LoopState:
+        loop = asyncio.get_running_loop()
+        state = self._loops.get(loop)
+        if state is None:
+            client = aioredis.from_url(
+                self.settings.url,
+                socket_timeout=self.settings.redis_timeout,
+                socket_connect_timeout=self.settings.redis_timeout,
+                decode_responses=True,
+            )
+            state = _LoopState(
+                client, client.register_script(_ACQUIRE), client.register_script(_RENEW)
+            )
+            self._loops[loop] = state
+        return state
+
+    # -- leases ---------------------------------------------------------------------------------
+    async def acquire(self, pool: str, capacity: int, deployment: str) -> Lease:
+        """One round trip: a lease, or `ClusterFull`, or `ClusterCircuitOpen`.
+
+        While Redis is unreachable the lease is granted on local limits (`coordinated=False`).
+        """
+        lease_id = f"{self.instance}:{uuid.uuid4().hex[:12]}"
+        key = self.lease_key(pool)
+        if not self.redis_available:
+            self.local_fallbacks += 1
+            return Lease(pool, lease_id, key, coordinated=False)
+        state = self._state()
+        try:
+            reply = await state.acquire_script(
+                keys=[key, self.breaker_key(deployment)],
+                args=[capacity, int(self.settings.lease_seconds * 1000), lease_id],
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+            self.local_fallbacks += 1
+            return Lease(pool, lease_id, key, coordinated=False)
+        self._redis_succeeded()
+        status = int(reply[0])
+        if status == -1:
+            raise ClusterCircuitOpen(int(reply[1]) / 1000, str(reply[2] or "opened elsewhere"))
+        if status == 0:
+            raise ClusterFull(pool)
+        lease = Lease(pool, lease_id, key, coordinated=True)
+        state.held[lease_id] = lease
+        self.leases_granted += 1
+        self._ensure_renewer(state)
+        return lease
+
+    async def start(self) -> None:
+        """Join the cluster on this loop: renewals and heartbeats start now."""
+        state = self._state()
+        self._ensure_renewer(state)
+        await self._heartbeat()
+
+    def _ensure_renewer(self, state: _LoopState) -> None:
+        if state.renewer is None or state.renewer.done():
+            state.renewer = asyncio.get_running_loop().create_task(self._renew_forever(state))
+
+    async def acquire_waiting(
+        self, pool: str, capacity: int, deployment: str, deadline: float
+    ) -> Lease:
+        """Try again while the cluster is full, until `deadline` (loop time)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                return await self.acquire(pool, capacity, deployment)
+            except ClusterFull:
+                pause = self.settings.poll_interval * (0.5 + random.random())
+                if loop.time() + pause >= deadline:
+                    raise
+                await asyncio.sleep(pause)
+
+    async def release(self, lease: Lease) -> None:
+        """One round trip; if Redis is gone the lease simply expires."""
+        if not lease.coordinated:
+            return
+        state = self._loops.get(asyncio.get_running_loop())
+        if state is None:
+            return
+        state.held.pop(lease.lease_id, None)
+        try:
+            await state.client.zrem(lease.key, lease.lease_id)
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+
+    async def _renew_forever(self, state: _LoopState) -> None:
+        """Extend this loop's leases every third of the lease time; publish our heartbeat."""
+        period = self.settings.lease_seconds / 3
+        ttl_ms = int(self.settings.lease_seconds * 1000)
+        while True:
+            await asyncio.sleep(period)
+            held = list(state.held.values())
+            try:
+                if held:
+                    await state.renew_script(
+                        keys=[lease.key for lease in held],
+                        args=[ttl_ms, *[lease.lease_id for lease in held]],
+                    )
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._redis_failed(exc)
+            await self._heartbeat()
+
+    async def _heartbeat(self) -> None:
+        if self.stats_provider is not None:
+            await self.publish_stats(self.stats_provider())
+
+    # -- shared breaker ------------------------------------------------------------------------
+    async def publish_open(self, deployment: str, seconds: float, reason: str) -> None:
+        """Tell every process that `deployment` is failing, for `seconds`."""
+        if not self.redis_available:
+            return
+        try:
+            await self._state().client.set(
+                self.breaker_key(deployment),
+                f"{reason} (seen by {self.instance})",
+                px=max(1, int(seconds * 1000)),
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+
+    async def publish_closed(self, deployment: str) -> None:
+        if not self.redis_available:
+            return
+        try:
+            await self._state().client.delete(self.breaker_key(deployment))
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+
+    # -- the cluster's view ---------------------------------------------------------------------
+    async def publish_stats(self, stats: dict[str, Any]) -> None:
+        """Register this instance with its live stats, expiring if it stops publishing."""
+        if not self.redis_available:
+            return
+        client = self._state().client
+        ttl_ms = int(self.settings.lease_seconds * 3000)
+        try:
+            async with client.pipeline(transaction=False) as pipe:
+                pipe.set(self._instance_key(self.instance), json.dumps(stats), px=ttl_ms)
+                pipe.sadd(self._instances_key, self.instance)
+                await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+
+    async def cluster_stats(self) -> dict[str, Any]:
+        """Every live instance's last published stats, and the leases held per pool."""
+        client = self._state().client
+        instances = sorted(await client.smembers(self._instances_key))
+        values = await client.mget([self._instance_key(i) for i in instances]) if instances else []
+        live = {i: json.loads(v) for i, v in zip(instances, values, strict=True) if v}
+        gone = [i for i in instances if i not in live]
+        if gone:
+            await client.srem(self._instances_key, *gone)
+        pools: set[str] = set()
+        for stats in live.values():
+            pools.update(stats.get("pools", {}))
+        now_ms = int(time.time() * 1000)
+        leases = {}
+        for pool in sorted(pools):
+            leases[pool] = await client.zcount(self.lease_key(pool), now_ms, "+inf")
+        return {"instances": live, "leases_held": leases}
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "instance": self.instance,
+            "mode": "cluster" if self.redis_available else "local (Redis unreachable)",
+            "lease_seconds": self.settings.lease_seconds,
+            "leases_granted": self.leases_granted,
+            "local_fallbacks": self.local_fallbacks,
+            "redis_errors": self.redis_errors,
+            "last_error": self.last_error,
+        }
+
+    async def aclose_loop(self) -> None:
+        """Stop this loop's renewals, drop its leases from Redis, close its client."""
+        state = self._loops.pop(asyncio.get_running_loop(), None)
+        if state is None:
+            return
+        if state.renewer is not None:
+            state.renewer.cancel()
+            await asyncio.gather(state.renewer, return_exceptions=True)
+        try:
+            for lease in list(state.held.values()):
+                await state.client.zrem(lease.key, lease.lease_id)
+            await state.client.srem(self._instances_key, self.instance)
+            await state.client.delete(self._instance_key(self.instance))
+        except (RedisError, OSError, TimeoutError):
+            pass  # they expire on their own
+        await state.client.aclose()

@@ -1,0 +1,211 @@
+"""Cluster-wide capacity and shared breaker through a real Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import openai
+import pytest
+import redis
+
+from pools.config import parse_config
+from pools.exceptions import CircuitOpen, PoolTimeout
+from pools.registry import PoolRegistry
+
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+ROOT = Path(__file__).resolve().parents[2]
+HELLO = [{"role": "user", "content": "Design a ledger"}]
+
+
+def redis_reachable() -> bool:
+    try:
+        return redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping()
+    except redis.RedisError:
+        return False
+
+
+pytestmark = pytest.mark.skipif(
+    not redis_reachable(), reason=f"no Redis at {REDIS_URL} (.ci/run starts one)"
+)
+
+
+def cluster_raw(base_url: str, prefix: str, **pool) -> dict:
+    return {
+        "ENDPOINT": {"SIMULATOR_URL": base_url},
+        "POOLS": {"main": {"SIZE": 4, "MAX_OVERFLOW": 4, "TIMEOUT": 20, **pool}},
+        "RESILIENCE": {"BACKOFF_BASE": 0.01, "BACKOFF_MAX": 0.02},
+        "CLUSTER": {"REDIS_URL": REDIS_URL, "PREFIX": prefix, "LEASE_SECONDS": 1},
+    }
+
+
+@pytest.fixture
+async def instances(simulator_factory):
+    """Build 'instances': registries that share one Redis prefix, as separate processes do."""
+    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    made: list[PoolRegistry] = []
+
+    async def build(count: int = 2, **options):
+        sim = await simulator_factory(**options.pop("simulator", {}))
+        for _ in range(count):
+            made.append(PoolRegistry(parse_config(cluster_raw(sim.base_url, prefix, **options))))
+        return sim, made[-count:]
+
+    yield build
+    for registry in made:
+        await registry.close()
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{prefix}:*"):
+        client.delete(key)
+
+
+async def one_call(registry: PoolRegistry) -> str:
+    async with registry.get_main_llm() as llm:
+        return (await llm.ainvoke(HELLO, max_tokens=5)).text
+
+
+async def test_cluster_never_exceeds_its_capacity(instances):
+    simulator, (first, second) = await instances(simulator={"ttft_ms": 40})
+    calls = [one_call(first if index % 2 else second) for index in range(100)]
+    results = await asyncio.gather(*calls)
+    assert all(results)
+    # Each instance alone may run 8 (4 slots + 4 overflow); together they still run 8.
+    assert simulator.stats.peak_in_flight == 8
+    for registry in (first, second):
+        stats = registry.stats()
+        assert stats["pools"]["main"]["in_use"] == 0
+        assert stats["cluster"]["leases_granted"] >= 1
+    assert first.stats()["cluster"]["instance"] != second.stats()["cluster"]["instance"]
+
+
+async def test_an_open_breaker_is_shared(instances):
+    simulator, (first, second) = await instances(MAX_RETRIES=0, simulator={"error_rate": 1.0})
+    first.breaker_for("main").failures_to_open = 1
+    with pytest.raises(openai.InternalServerError):
+        await one_call(first)
+    await asyncio.sleep(0.05)  # the opening is published in the background
+    before = simulator.stats.chat_requests
+    with pytest.raises(CircuitOpen, match="seen by"):
+        await one_call(second)  # second never failed itself
+    assert simulator.stats.chat_requests == before
+
+
+async def test_cluster_view_lists_every_instance(instances):
+    _, (first, second) = await instances()
+    await first.initialize()
+    await second.initialize()
+    view = await first.cluster_stats()
+    assert set(view["instances"]) == {
+        first.stats()["cluster"]["instance"],
+        second.stats()["cluster"]["instance"],
+    }
+    assert view["instances"][second.stats()["cluster"]["instance"]]["pools"]["main"]["total"] == 4
+
+
+async def test_unreachable_redis_falls_back_to_local_limits_and_resumes(simulator, caplog):
+    config = parse_config(cluster_raw(simulator.base_url, f"test-{uuid.uuid4().hex[:8]}"))
+    from dataclasses import replace
+
+    down = replace(config.cluster, url="redis://127.0.0.1:1/0", redis_timeout=0.1)
+    registry = PoolRegistry(replace(config, cluster=down))
+    registry.cluster.settings = replace(down, retry_redis_after=0.2)
+    try:
+        with caplog.at_level(logging.WARNING, logger="pools"):
+            assert await one_call(registry)
+            assert await one_call(registry)  # local limits, Redis not asked again yet
+        snapshot = registry.stats()["cluster"]
+        assert snapshot["mode"].startswith("local")
+        assert snapshot["local_fallbacks"] == 2 and snapshot["redis_errors"] == 1
+        assert sum("Redis unreachable" in r.message for r in caplog.records) == 1
+
+        # Redis "comes back": point at the real one and wait out the retry period.
+        registry.cluster.settings = replace(registry.cluster.settings, url=REDIS_URL)
+        await registry.cluster.aclose_loop()  # drop the client bound to the dead address
+        await asyncio.sleep(0.25)
+        with caplog.at_level(logging.INFO, logger="pools"):
+            assert await one_call(registry)
+        assert registry.stats()["cluster"]["mode"] == "cluster"
+        assert any("coordination resumed" in r.message for r in caplog.records)
+    finally:
+        await registry.close()
+
+
+HOLDER = """
+import asyncio, sys
+from pools.config import parse_config
+from pools.registry import PoolRegistry
+from tests.pools.test_cluster import cluster_raw
+
+async def main():
+    registry = PoolRegistry(parse_config(cluster_raw(sys.argv[1], sys.argv[2])))
+    stack = [registry.get_main_llm() for _ in range(8)]
+    for lease in stack:
+        await lease.__aenter__()
+    print("held", registry.cluster.instance, flush=True)
+    await asyncio.sleep(3600)
+
+asyncio.run(main())
+"""
+
+
+async def test_leases_of_a_killed_instance_expire(instances):
+    simulator, (survivor,) = await instances(count=1)
+    prefix = survivor.cluster.settings.prefix
+    holder = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        HOLDER,
+        simulator.base_url,
+        prefix,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "DJANGO_SETTINGS_MODULE": "tests.settings", "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        line = (await holder.stdout.readline()).decode()
+        assert line.startswith("held ")
+        with pytest.raises(PoolTimeout, match="no cluster-wide slot"):
+            async with survivor.acquire("main", timeout=0.3):
+                pass
+        holder.send_signal(signal.SIGKILL)  # no release, no goodbye
+        await holder.wait()
+        client = redis.Redis.from_url(REDIS_URL)
+        assert client.zcard(survivor.cluster.lease_key("main")) == 8  # still held by the dead
+        # Nobody renews them any more: they expire (lease time 1 s) and the survivor takes the
+        # whole capacity; the generous bound only keeps a broken build from hanging.
+        calls = asyncio.gather(*(one_call(survivor) for _ in range(8)))
+        assert all(await asyncio.wait_for(calls, timeout=15))
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+
+
+async def test_health_cluster_scope(instances):
+    from django.test import AsyncClient
+
+    from pools import runtime
+
+    _, (first, second) = await instances()
+    await first.initialize()
+    await second.initialize()
+    previous = runtime.install(first)
+    try:
+        body = (await AsyncClient().get("/health?scope=cluster")).json()
+        assert len(body["cluster_view"]["instances"]) == 2
+        assert body["cluster"]["mode"] == "cluster"
+        assert (await AsyncClient().get("/health?scope=galaxy")).status_code == 400
+    finally:
+        runtime.install(previous)
+
+
+async def test_health_cluster_scope_without_redis(installed_registry):
+    from django.test import AsyncClient
+
+    response = await AsyncClient().get("/health?scope=cluster")
+    assert response.status_code == 400 and "REDIS_URL" in response.json()["error"]
