@@ -89,6 +89,7 @@ class PoolRegistry:
             for model, breaker in self.breakers.items():
                 breaker.on_change = self._breaker_listener(model)
         self._background: set[asyncio.Task] = set()
+        self.events.subscribe(self._clear_warmup_error)
         self._guards = {
             name: Guard(
                 policy,
@@ -378,7 +379,14 @@ class PoolRegistry:
             return "pools not initialized"
         if "main" in self._guards and self.breaker_for("main").state is BreakerState.OPEN:
             return "circuit open for the main pool's deployment"
+        if self.warmup_error:
+            return f"the LLM endpoint could not be reached at warm-up ({self.warmup_error})"
         return None
+
+    def _clear_warmup_error(self, event: PoolEvent) -> None:
+        """A call that succeeds proves the endpoint reachable after all."""
+        if event.kind is EventKind.COMPLETED and self.warmup_error:
+            self.warmup_error = None
 
     # -- clients per loop -----------------------------------------------------------------
     def _clients(self) -> _LoopClients:

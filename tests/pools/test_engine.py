@@ -360,3 +360,11 @@ async def test_events_report_every_grant_call_and_refusal(make_registry, simulat
     assert invoke.latency_ms >= 50 and invoke.ttft_ms is None and invoke.tokens_out > 0
     assert streamed.ttft_ms >= 50 and streamed.tokens_out == stream.usage.completion_tokens
     assert events[3].error == "PoolExhausted"
+
+
+async def test_streams_read_to_the_end_leave_their_connection_reusable(make_registry, simulator):
+    registry = make_registry(simulator, {"main": {"size": 1}})
+    for _ in range(4):
+        async with registry.get_main_llm() as llm:
+            assert await llm.astream(HELLO).text()
+    assert simulator.stats.connections_accepted == 1

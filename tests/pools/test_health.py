@@ -102,3 +102,23 @@ async def test_health_never_shows_secrets(simulator):
 async def test_health_only_answers_get(installed_registry):
     response = await AsyncClient().post("/health")
     assert response.status_code == 405
+
+
+async def test_health_is_degraded_while_the_endpoint_was_unreachable():
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    registry = PoolRegistry(
+        registry_config(f"http://127.0.0.1:{dead_port}/v1", {"main": {"size": 1}})
+    )
+    previous = runtime.install(registry)
+    try:
+        await registry.initialize()
+        response = await AsyncClient().get("/health")
+        assert response.status_code == 503
+        assert "could not be reached at warm-up" in response.json()["reason"]
+    finally:
+        runtime.install(previous)
+        await registry.close()
