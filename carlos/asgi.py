@@ -11,14 +11,38 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "carlos.settings")
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
+from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
+from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
+from agents.routing import websocket_urlpatterns  # noqa: E402
 from pools.lifespan import PoolLifespan  # noqa: E402
+
+
+class StaticFiles(ASGIStaticFilesHandler):
+    """STATIC_URL for Daphne; a path escaping the static folders (`..`) is a 404, not a 500."""
+
+    def serve(self, request: HttpRequest) -> HttpResponse:
+        try:
+            return super().serve(request)
+        except SuspiciousFileOperation as exc:
+            raise Http404("no such static file") from exc
+
 
 application = PoolLifespan(
     ProtocolTypeRouter(
         {
-            "http": django_asgi_app,
+            # Daphne serves no static files itself: the CSS, the page script and the vendored
+            # mermaid are served from STATIC_URL here (off the event loop, in a thread).
+            "http": StaticFiles(django_asgi_app),
+            # Sessions authenticate the socket; the Origin check stops other sites from
+            # opening it with the user's cookies (cross-site WebSocket hijacking).
+            "websocket": AllowedHostsOriginValidator(
+                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+            ),
         }
     )
 )

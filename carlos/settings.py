@@ -89,7 +89,19 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "login"
 
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# With REDIS_URL set, several Carlos processes form one cluster: pool capacity, breaker
+# state and live design streams are shared through Redis (a browser on instance B sees a
+# design running on instance A). Without it, each process stands alone.
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "channels_redis.core.RedisChannelLayer",
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": "carlos:channels"},
+        }
+    }
+else:
+    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
 
 LOGGING = {
     "version": 1,
@@ -142,6 +154,10 @@ CARLOS_POOLS = {
         "KEEPALIVE_EXPIRY": env.str("HTTP_KEEPALIVE_EXPIRY", default="120"),
         "CONNECT_TIMEOUT": env.str("HTTP_CONNECT_TIMEOUT", default="5"),
         "READ_TIMEOUT": env.str("HTTP_READ_TIMEOUT", default="60"),
+    },
+    "CLUSTER": {
+        "REDIS_URL": REDIS_URL,
+        "LEASE_SECONDS": env.str("POOL_LEASE_SECONDS", default="10"),
     },
     # Requests/tokens per minute per deployment, e.g. "gpt-4o=600/150000,gpt-4o-mini=1000".
     "RATE_LIMITS": env.str("LLM_RATE_LIMITS", default=""),

@@ -8,7 +8,9 @@ which would otherwise reject the `lifespan` scope.
 import logging
 from typing import Any
 
+from pools.metrics import metrics_for
 from pools.runtime import get_pool
+from pools.sampler import SnapshotSampler, start_sampler
 
 logger = logging.getLogger("pools")
 
@@ -18,6 +20,7 @@ class PoolLifespan:
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self.sampler: SnapshotSampler | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "lifespan":
@@ -26,14 +29,23 @@ class PoolLifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                registry = get_pool()
+                metrics_for(registry)
                 try:
-                    await get_pool().initialize()
+                    await registry.initialize()
                 except Exception as exc:  # report, so the server refuses to start
                     logger.exception("pool warm-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.sampler = start_sampler(registry)  # pool history, after warm-up
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.sampler is not None:  # before the pools close: it reads their stats
+                    try:
+                        await self.sampler.stop()
+                    except Exception:
+                        logger.exception("stopping the pool snapshot sampler failed")
+                    self.sampler = None
                 await get_pool().close()
                 await send({"type": "lifespan.shutdown.complete"})
                 return

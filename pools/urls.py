@@ -7,4 +7,5 @@ from pools import views
 urlpatterns = [
     path("health", views.health, name="health"),
     path("health/live", views.liveness, name="liveness"),
+    path("metrics", views.metrics, name="metrics"),
 ]

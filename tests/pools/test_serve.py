@@ -92,6 +92,7 @@ def test_serve_warms_pools_and_shuts_down_cleanly(served):
     assert process.wait(timeout=30) == 0
     output = log.read_text()
     assert "✅ Connection pool ready: 10 main, 5 ronei, 10 mini" in output
+    assert "log in as 'demo'; the password is in" in output  # DEBUG + simulator only
     assert "LLM connection pools closed" in output
     with pytest.raises(OSError):  # the simulator child went away with the server
         get_json(f"http://127.0.0.1:{simulator_port}/_simulator/stats")

@@ -19,7 +19,10 @@ from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from pools.metrics import metrics_for
+from pools.registry import PoolRegistry
 from pools.runtime import get_pool
+from pools.sampler import SnapshotSampler, start_sampler
 
 logger = logging.getLogger("pools")
 
@@ -57,12 +60,25 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         from daphne.server import Server  # installs Twisted's asyncio reactor: import late
 
+        from agents.demo import credentials_path, ensure_demo_account
+        from agents.tasks import mark_interrupted
         from carlos.asgi import application
 
         if options["migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
         self.stdout.write("🚀 Starting Carlos the Architect...")
+        interrupted = mark_interrupted()  # before serving: nothing of ours runs yet
+        if interrupted:
+            self.stdout.write(f"⏸  {interrupted} unfinished design(s) marked interrupted")
+        demo = ensure_demo_account()
+        if demo is not None:
+            # The password stays in its file (mode 600), out of terminals and log collectors.
+            self.stdout.write(
+                f"👤 Demo account (local, offline simulator only): log in as {demo[0]!r}; "
+                f"the password is in {credentials_path()}"
+            )
         registry = get_pool()
+        metrics_for(registry)  # histograms count from the first call, not the first scrape
         simulator = None
         if registry.config.endpoint.kind == "simulator" and not options["no_simulator"]:
             simulator = self._start_simulator(registry.config.endpoint.base_url, options)
@@ -77,7 +93,7 @@ class Command(BaseCommand):
         def on_shutdown() -> Any:
             from twisted.internet import defer
 
-            return defer.Deferred.fromFuture(asyncio.ensure_future(registry.close()))
+            return defer.Deferred.fromFuture(asyncio.ensure_future(self._shut_down(registry)))
 
         from twisted.internet import reactor
 
@@ -100,14 +116,29 @@ class Command(BaseCommand):
                     simulator.kill()
 
     async def _warm_up(self, options: dict[str, Any]) -> None:
+        registry = get_pool()
         try:
-            await get_pool().initialize()
+            await registry.initialize()
         except Exception:
             logger.exception("pool warm-up failed")
             return
+        finally:
+            # Pool history starts after warm-up, degraded or not: that is worth recording too.
+            if not registry.closed:
+                self._sampler = start_sampler(registry)
         self.stdout.write(
             f"✅ Backend ready to serve requests on http://{options['host']}:{options['port']}/"
         )
+
+    async def _shut_down(self, registry: PoolRegistry) -> None:
+        """Stop the snapshot sampler (saving the last interval), then close the pools."""
+        sampler: SnapshotSampler | None = getattr(self, "_sampler", None)
+        if sampler is not None:
+            try:
+                await sampler.stop()
+            except Exception:
+                logger.exception("stopping the pool snapshot sampler failed")
+        await registry.close()
 
     def _start_simulator(self, base_url: str, options: dict[str, Any]) -> subprocess.Popen:
         parts = urlsplit(base_url)

@@ -1,0 +1,112 @@
+"""Read-only admin for designs and the agent runs that produced them.
+
+Staff look here to see what a design went through: which agent ran on which pool, how long
+it waited for a slot, whether it needed a temporary connection, what failed. The records
+are written by the pipeline only; editing them here would falsify that history.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.contrib import admin
+from django.http import HttpRequest
+
+from agents.models import AgentRun, Design
+
+
+class ReadOnlyMixin:
+    """View permission only: no add, change or delete from the admin."""
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+class AgentRunInline(ReadOnlyMixin, admin.TabularInline):
+    model = AgentRun
+    fields = (
+        "agent",
+        "round",
+        "attempt",
+        "pool",
+        "model",
+        "status",
+        "overflow",
+        "wait_ms",
+        "ttft_ms",
+        "tokens_in",
+        "tokens_out",
+        "started_at",
+        "finished_at",
+        "error",
+    )
+    readonly_fields = fields
+    extra = 0
+    show_change_link = True
+    ordering = ("attempt", "id")
+
+
+@admin.register(Design)
+class DesignAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = (
+        "id",
+        "title",
+        "owner",
+        "status",
+        "verdict",
+        "recommendation",
+        "revisions",
+        "attempts",
+        "created_at",
+        "finished_at",
+    )
+    list_display_links = ("id", "title")
+    # Filters through the runs: e.g. designs where an agent ran on a temporary connection.
+    list_filter = (
+        "status",
+        "verdict",
+        "recommendation",
+        "runs__agent",
+        "runs__pool",
+        "runs__overflow",
+    )
+    search_fields = ("request_text",)
+    date_hierarchy = "created_at"
+    list_select_related = ("owner",)
+    inlines = (AgentRunInline,)
+
+
+@admin.register(AgentRun)
+class AgentRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
+    list_display = (
+        "id",
+        "design",
+        "agent",
+        "round",
+        "attempt",
+        "pool",
+        "model",
+        "status",
+        "overflow",
+        "wait_ms",
+        "ttft_ms",
+        "duration",
+        "tokens_in",
+        "tokens_out",
+        "started_at",
+    )
+    list_filter = ("status", "agent", "pool", "overflow")
+    search_fields = ("error", "design__request_text")
+    date_hierarchy = "started_at"
+    list_select_related = ("design",)
+
+    @admin.display(description="duration ms")
+    def duration(self, run: AgentRun) -> str:
+        duration = run.duration_ms
+        return "" if duration is None else f"{duration:.0f}"

@@ -1,0 +1,345 @@
+"""`manage.py benchmark_pipeline`: many concurrent designs against a paced in-process simulator.
+
+Why: the design note promised concurrency it never measured. This runs N whole designs at
+once through the real pipeline and pool engine, with every agent's response timed like the
+original's documented stage latencies (times a scale factor), and compares the wall time
+with the critical path, the time one design needs if nothing ever waits:
+requirements + max(designs) + max(analysts) + auditor + recommender + terraform.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from asgiref.sync import async_to_sync
+from django.contrib.auth import get_user_model
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import connection
+
+from agents.models import AgentRun, Design
+from agents.options import ANALYST_AGENTS, DESIGN_AGENTS
+from agents.pipeline import create_design
+from agents.simulated import agent_of, carlos_responder, in_process_endpoint
+from agents.tasks import start_design
+from pools.runtime import get_pool
+from pools.simulator import ChatRequest, SimulatorConfig, tokenize
+
+BENCHMARK_USERNAME = "benchmark"
+TARGET_RATIO = 1.15
+# The original's documented latency of each agent, in seconds (ANCHORS.md, CONNECTION_POOLING).
+STAGE_SECONDS: dict[str, tuple[float, float]] = {
+    "requirements": (2, 3),
+    "carlos": (15, 25),
+    "ronei": (15, 25),
+    "security": (5, 10),
+    "cost": (5, 10),
+    "reliability": (5, 10),
+    "auditor": (3, 5),
+    "recommender": (2, 3),
+    "terraform": (10, 20),
+}
+# Sequential stages; the parallel ones are timed by their slowest member.
+STAGES: dict[str, tuple[str, ...]] = {
+    "requirements": ("requirements",),
+    "designs": DESIGN_AGENTS,
+    "analysts": ANALYST_AGENTS,
+    "auditor": ("auditor",),
+    "recommender": ("recommender",),
+    "terraform": ("terraform",),
+}
+# A model streaming this many tokens per second, time-compressed by the scale.
+REAL_TOKENS_PER_SECOND = 80.0
+REQUESTS = (
+    "An online bookstore for 20k daily users with search and recommendations",
+    "Ingest IoT telemetry from 5,000 devices and build operations dashboards",
+    "Order processing microservices with payments, inventory and notifications",
+    "A patient portal for a clinic network with appointment booking",
+    "A multiplayer game backend with leaderboards and matchmaking",
+)
+_NUMBER = re.compile(r"^Benchmark design (\d+):")
+
+
+@dataclass
+class PacedResponder:
+    """carlos_responder, delayed so each response takes its stage's planned time.
+
+    The planned time of an agent in a design is drawn (deterministically) from its stage's
+    range times the scale; the response streams at the simulator's tokens per second and
+    the rest of the time is spent before the first token, as a model's queueing and prefill.
+    """
+
+    scale: float
+    tokens_per_second: float
+    brief: bool = False
+    planned: dict[tuple[int, str, int], float] = field(default_factory=dict)
+
+    def plan(self, number: int, agent: str) -> float:
+        low, high = STAGE_SECONDS[agent]
+        digest = hashlib.sha256(f"{number}:{agent}".encode()).digest()
+        fraction = int.from_bytes(digest[:4], "big") / 2**32
+        return self.scale * (low + (high - low) * fraction)
+
+    async def __call__(self, request: ChatRequest) -> str:
+        text = carlos_responder(request)
+        agent = agent_of(request)
+        if self.brief and agent is not None:
+            text = condense(agent, text)
+        match = _NUMBER.search(_request_line(request))
+        if agent not in STAGE_SECONDS or match is None:
+            return text
+        number = int(match[1])
+        streaming = len(tokenize(text)) / self.tokens_per_second if self.tokens_per_second else 0
+        duration = max(self.plan(number, agent), streaming)
+        key = (number, agent, len(request.messages))
+        self.planned[key] = self.planned.get(key, 0.0) + duration
+        await asyncio.sleep(duration - streaming)
+        return text
+
+    def critical_path(self, number: int) -> float:
+        """The design's planned time if nothing waited: its sequential stages added up."""
+
+        def stage(agents: tuple[str, ...]) -> float:
+            return max(
+                sum(v for (n, a, _), v in self.planned.items() if n == number and a == agent)
+                for agent in agents
+            )
+
+        return sum(stage(agents) for agents in STAGES.values())
+
+
+def condense(agent: str, text: str) -> str:
+    """The same format in a fraction of the tokens: every parser of the pipeline accepts it.
+
+    Streaming costs CPU per chunk (mostly the SDK building one object per chunk); with full
+    answers, many concurrent designs in one process measure that cost rather than the pools.
+    """
+    if agent in ANALYST_AGENTS:
+        return json.dumps(_trim(json.loads(text)), separators=(",", ":"))
+    return text.strip().splitlines()[0]  # the title, or the VERDICT / RECOMMEND line
+
+
+def _trim(value: Any, key: str = "") -> Any:
+    """Lists cut to what the schemas require, strings to two words; numbers kept."""
+    if isinstance(value, dict):
+        return {name: _trim(item, name) for name, item in value.items()}
+    if isinstance(value, list):
+        keep = 3 if key == "optimizations" else 1
+        return [_trim(item, key) for item in value[:keep]]
+    if isinstance(value, str):
+        return " ".join(value.split()[:2])
+    return value
+
+
+def _request_line(request: ChatRequest) -> str:
+    prompt = next((m.get("content") or "" for m in request.messages if m["role"] == "user"), "")
+    start = prompt.find("<request>\n")
+    return prompt[start + len("<request>\n") :] if start >= 0 else ""
+
+
+def _percentile(values: list[float], share: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+class Command(BaseCommand):
+    help = (
+        "Run N concurrent designs through the real pipeline and pools against an in-process "
+        "simulator paced like the original's stage latencies times --scale, and report the "
+        "wall time against the critical path (target: within 1.15x). Designs are written to "
+        "the configured database, owned by a 'benchmark' user."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--designs", type=int, default=50, help="Concurrent designs (50).")
+        parser.add_argument(
+            "--scale",
+            type=float,
+            default=0.02,
+            help="Multiplier of the original's stage latencies (0.02: a 25 s design takes 0.5 s).",
+        )
+        parser.add_argument(
+            "--tokens-per-second",
+            type=float,
+            default=None,
+            help=f"Streaming pace per response (default {REAL_TOKENS_PER_SECOND:g} / scale).",
+        )
+        parser.add_argument(
+            "--brief",
+            action="store_true",
+            help="Condensed answers (same formats, far fewer tokens), so the run measures the "
+            "pools and the pipeline rather than the CPU cost of parsing streamed chunks.",
+        )
+        parser.add_argument("--json", action="store_true", help="Print one JSON document.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["designs"] < 1 or options["scale"] <= 0:
+            raise CommandError("--designs must be at least 1 and --scale above 0.")
+        if Design._meta.db_table not in connection.introspection.table_names():
+            raise CommandError("The database has no design tables: run `manage.py migrate` first.")
+        users = get_user_model()
+        owner, created = users.objects.get_or_create(**{users.USERNAME_FIELD: BENCHMARK_USERNAME})
+        if created:
+            owner.set_unusable_password()
+            owner.save(update_fields=["password"])
+        tps = options["tokens_per_second"]
+        if tps is None:
+            tps = REAL_TOKENS_PER_SECOND / options["scale"]
+        report = async_to_sync(self._benchmark)(
+            owner, options["designs"], options["scale"], tps, options["brief"]
+        )
+        if options["json"]:
+            self.stdout.write(json.dumps(report, indent=2))
+        else:
+            self.stdout.write(render_report(report))
+
+    async def _benchmark(
+        self, owner: Any, count: int, scale: float, tokens_per_second: float, brief: bool
+    ) -> dict[str, Any]:
+        responder = PacedResponder(scale, tokens_per_second, brief)
+        config = SimulatorConfig(tokens_per_second=tokens_per_second)
+        async with in_process_endpoint(config, responder=responder) as simulator:
+            pool = get_pool()
+            await pool.initialize()
+            try:
+                designs = [
+                    await create_design(
+                        owner, f"Benchmark design {n}: {REQUESTS[n % len(REQUESTS)]}"
+                    )
+                    for n in range(1, count + 1)
+                ]
+                cpu_started = time.process_time()
+                started = time.perf_counter()
+                await asyncio.gather(*(start_design(design.pk) for design in designs))
+                wall = time.perf_counter() - started
+                cpu = time.process_time() - cpu_started
+                stats = pool.stats()
+                simulator_stats = simulator.stats.as_dict()
+            finally:
+                await pool.close()
+        ids = [design.pk for design in designs]
+        statuses = [
+            s async for s in Design.objects.filter(pk__in=ids).values_list("status", flat=True)
+        ]
+        runs = [run async for run in AgentRun.objects.filter(design_id__in=ids)]
+        critical = [responder.critical_path(n) for n in range(1, count + 1)]
+        longest = max(critical)
+        chunks = sum(run.tokens_out for run in runs)
+        return {
+            "designs": count,
+            "succeeded": statuses.count(Design.Status.SUCCEEDED),
+            "scale": scale,
+            "tokens_per_second": tokens_per_second,
+            "answers": "brief" if brief else "full",
+            "pools": {
+                name: {
+                    "size": data["total"],
+                    "max_overflow": data["max_overflow"],
+                    "overflow_limit": data["overflow_limit"],
+                    "requests": data["requests_num"],
+                    "overflow_requests": data["requests_overflow"],
+                    "queued_requests": data["requests_queued"],
+                    "errors": data["requests_errors"],
+                }
+                for name, data in stats["pools"].items()
+            },
+            "database": {
+                "vendor": connection.vendor,
+                "name": str(connection.settings_dict["NAME"]),
+                "owner": BENCHMARK_USERNAME,
+                "design_ids": [min(ids), max(ids)],
+            },
+            "stages": stage_rows(runs, scale),
+            "wall_time_s": round(wall, 3),
+            "critical_path_s": round(longest, 3),
+            "critical_path_mean_s": round(statistics.fmean(critical), 3),
+            "ratio": round(wall / longest, 3),
+            "target_ratio": TARGET_RATIO,
+            "met": wall / longest <= TARGET_RATIO,
+            "cpu_time_s": round(cpu, 3),
+            "chunks_streamed": chunks,
+            "cpu_us_per_chunk": round(cpu / chunks * 1e6, 1) if chunks else None,
+            "simulator_peak_in_flight": simulator_stats["peak_in_flight"],
+        }
+
+
+def stage_rows(runs: list[AgentRun], scale: float) -> list[dict[str, Any]]:
+    """Per stage: planned range, measured durations, waits for a slot, overflow calls."""
+    rows = []
+    for stage, agents in STAGES.items():
+        low, high = STAGE_SECONDS[agents[0]]
+        members = [run for run in runs if run.agent in agents]
+        durations = [run.duration_ms / 1000 for run in members if run.duration_ms is not None]
+        waits = [run.wait_ms for run in members if run.wait_ms is not None]
+        rows.append(
+            {
+                "stage": stage,
+                "agents": len(agents),
+                "planned_s": [round(low * scale, 3), round(high * scale, 3)],
+                "measured_mean_s": round(statistics.fmean(durations), 3) if durations else None,
+                "measured_max_s": round(max(durations), 3) if durations else None,
+                "wait_p50_ms": round(_percentile(waits, 0.5), 1),
+                "wait_max_ms": round(max(waits), 1) if waits else None,
+                "overflow_calls": sum(1 for run in members if run.overflow),
+                "calls": len(members),
+            }
+        )
+    return rows
+
+
+def render_report(report: dict[str, Any]) -> str:
+    pools = ", ".join(
+        f"{name} {data['size']}"
+        + (f" (+{data['overflow_requests']} overflow, {data['queued_requests']} queued)")
+        for name, data in report["pools"].items()
+    )
+    database = report["database"]
+    lines = [
+        "Carlos pipeline benchmark",
+        f"  designs            {report['designs']} concurrent, "
+        f"{report['succeeded']}/{report['designs']} succeeded",
+        f"  scale              {report['scale']:g} x the original's stage latencies",
+        f"  simulator          in-process, {report['answers']} answers, "
+        f"{report['tokens_per_second']:g} tokens/s per stream, "
+        f"peak {report['simulator_peak_in_flight']} requests in flight",
+        f"  pools              {pools}",
+        f"  database           {database['vendor']} {database['name']}: designs "
+        f"#{database['design_ids'][0]}-#{database['design_ids'][1]} owned by "
+        f"'{database['owner']}'",
+        "",
+        f"  {'stage':<13}{'planned (s)':>14}{'mean (s)':>10}{'max (s)':>10}"
+        f"{'wait p50':>10}{'wait max':>10}{'overflow':>10}",
+    ]
+    for row in report["stages"]:
+        low, high = row["planned_s"]
+        name = row["stage"] + (f" x{row['agents']}" if row["agents"] > 1 else "")
+        lines.append(
+            f"  {name:<13}{f'{low:.2f}-{high:.2f}':>14}{_num(row['measured_mean_s'], 2):>10}"
+            f"{_num(row['measured_max_s'], 2):>10}{_num(row['wait_p50_ms'], 0) + ' ms':>10}"
+            f"{_num(row['wait_max_ms'], 0) + ' ms':>10}"
+            f"{str(row['overflow_calls']) + '/' + str(row['calls']):>10}"
+        )
+    verdict = "MET" if report["met"] else "NOT MET"
+    lines += [
+        "",
+        f"  wall time          {report['wall_time_s']:.2f} s",
+        f"  critical path      {report['critical_path_s']:.2f} s (longest design: requirements "
+        "+ max(designs) + max(analysts) + auditor + recommender + terraform)",
+        f"  ratio              {report['ratio']:.3f} (target <= {report['target_ratio']}: "
+        f"{verdict})",
+        f"  CPU time           {report['cpu_time_s']:.2f} s for {report['chunks_streamed']:,} "
+        f"streamed chunks ({report['cpu_us_per_chunk']} us per chunk, simulator included)",
+    ]
+    return "\n".join(lines)
+
+
+def _num(value: float | None, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"

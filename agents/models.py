@@ -1,0 +1,121 @@
+"""Designs and the agent runs that produce them, persisted as each agent starts and finishes.
+
+Each run is written twice (started, finished) so a reload, another process or the next
+server start can see exactly where a design is, and the timings the pools measured are kept
+per call rather than lost in logs.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+from agents.options import AGENT_POOLS, AGENTS, Agent
+
+__all__ = ["AGENTS", "AGENT_POOLS", "Agent", "AgentRun", "Design"]
+
+
+class Design(models.Model):
+    """One user request and everything the agents produced for it."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        AWAITING_ANSWERS = "awaiting_answers", "Awaiting answers"
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+        INTERRUPTED = "interrupted", "Interrupted"
+
+    TERMINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTED})
+
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="designs"
+    )
+    request_text = models.TextField()
+    options = models.JSONField(default=dict)
+    # [{"question": str, "answer": str | None}]; answer None means the user skipped it.
+    clarifications = models.JSONField(default=list)
+    status = models.CharField(
+        max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True
+    )
+    created_at = models.DateTimeField(auto_now_add=True, db_index=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    verdict = models.CharField(max_length=20, blank=True)
+    recommendation = models.CharField(max_length=10, blank=True)
+    revisions = models.PositiveSmallIntegerField(default=0)
+    error = models.TextField(blank=True)
+    failed_agent = models.CharField(max_length=20, blank=True)
+    # Incremented each time the pipeline starts on this design (a retry keeps older runs).
+    attempts = models.PositiveSmallIntegerField(default=0)
+
+    class Meta:
+        ordering = ("-created_at", "-id")
+
+    def __str__(self) -> str:
+        return f"Design #{self.pk}: {self.title}"
+
+    @property
+    def title(self) -> str:
+        """The first line of the request, short enough for a list."""
+        first_line = self.request_text.strip().splitlines()[0] if self.request_text.strip() else ""
+        return first_line if len(first_line) <= 80 else first_line[:77] + "..."
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in self.TERMINAL_STATUSES
+
+    def _outputs(self) -> models.QuerySet[AgentRun]:
+        return self.runs.filter(status=AgentRun.Status.SUCCEEDED, attempt=self.attempts)
+
+    def output(self, agent: str) -> AgentRun | None:
+        """The latest succeeded run of `agent` in the current attempt (highest round)."""
+        return self._outputs().filter(agent=agent).order_by("-round", "-id").first()
+
+    async def aoutput(self, agent: str) -> AgentRun | None:
+        """`output()` for async views."""
+        return await self._outputs().filter(agent=agent).order_by("-round", "-id").afirst()
+
+
+class AgentRun(models.Model):
+    """One agent call: which pool served it, how long it waited and took, what it produced."""
+
+    class Status(models.TextChoices):
+        RUNNING = "running", "Running"
+        SUCCEEDED = "succeeded", "Succeeded"
+        FAILED = "failed", "Failed"
+
+    design = models.ForeignKey(Design, on_delete=models.CASCADE, related_name="runs")
+    agent = models.CharField(max_length=20, choices=Agent.choices)
+    round = models.PositiveSmallIntegerField(default=0)
+    attempt = models.PositiveSmallIntegerField(default=1)
+    pool = models.CharField(max_length=40)
+    model = models.CharField(max_length=100)
+    temperature = models.FloatField(default=0.0)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.RUNNING)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    ttft_ms = models.FloatField(null=True, blank=True)
+    wait_ms = models.FloatField(null=True, blank=True)
+    overflow = models.BooleanField(default=False)
+    tokens_in = models.PositiveIntegerField(default=0)
+    tokens_out = models.PositiveIntegerField(default=0)
+    error = models.TextField(blank=True)
+    output_text = models.TextField(blank=True)
+    # Parsed analyst JSON; json_error says why it is null when the repair attempt failed too.
+    output_json = models.JSONField(null=True, blank=True)
+    json_error = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ("id",)
+        indexes = [models.Index(fields=("design", "agent", "round"))]
+
+    def __str__(self) -> str:
+        return f"{self.agent} round {self.round} of design #{self.design_id} ({self.status})"
+
+    @property
+    def duration_ms(self) -> float | None:
+        """Wall time from start (including the wait for a slot) to finish."""
+        if self.started_at is None or self.finished_at is None:
+            return None
+        return (self.finished_at - self.started_at).total_seconds() * 1000

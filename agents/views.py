@@ -1,0 +1,448 @@
+"""The web pages: request a design, watch it live, browse history, download the results.
+
+Every view is async and uses the async ORM, so a slow database or a long list never holds
+the event loop that also carries the agents' token streams. Templates only receive data
+that is already loaded (lists, dicts, model instances without lazy relations) for the
+same reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import weakref
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.decorators import login_required
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.core.paginator import AsyncPaginator
+from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
+from django.shortcuts import aget_object_or_404, redirect, render
+from django.template.loader import render_to_string
+from django.utils import timezone
+from django.utils.text import slugify
+from django.views.decorators.http import require_GET, require_http_methods, require_POST
+
+from agents import tasks
+from agents.consumers import run_state
+from agents.forms import ClarificationForm, DesignRequestForm
+from agents.models import AgentRun, Design
+from agents.options import AGENTS, OPTION_FIELDS, Agent, option_label
+from agents.pipeline import DesignNotRunnable, ask_clarifying_questions
+from agents.rendering import present_run
+from agents.terraform import split_terraform
+
+DEFAULT_DESIGNS_PER_HOUR = 10
+RATE_WINDOW = timedelta(hours=1)
+DESIGNS_PER_PAGE = 20
+# Serialises each user's "check the limit, then create" so two quick POSTs cannot both pass.
+_submission_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+
+TAB_LABELS: dict[str, str] = {
+    "requirements": "Requirements",
+    "carlos": "Carlos",
+    "ronei": "Ronei",
+    "security": "Security",
+    "cost": "Cost",
+    "reliability": "Reliability",
+    "auditor": "Audit",
+    "recommender": "Recommendation",
+    "terraform": "Terraform",
+}
+RETRYABLE = frozenset({Design.Status.FAILED, Design.Status.INTERRUPTED})
+
+
+async def _current_user(request: HttpRequest) -> AbstractBaseUser | AnonymousUser:
+    """The user, loaded with the async API; templates then read it without a sync query."""
+    user = await request.auser()
+    request.user = user
+    return user
+
+
+async def _visible_design(request: HttpRequest, design_id: int) -> Design:
+    """The design if this user may see it (owner or staff); 404 otherwise, existing or not."""
+    user = await _current_user(request)
+    designs = Design.objects.select_related("owner")
+    if not user.is_staff:
+        designs = designs.filter(owner_id=user.pk)
+    return await aget_object_or_404(designs, pk=design_id)
+
+
+# --- rate limit -----------------------------------------------------------------------------
+
+
+def designs_per_hour() -> int:
+    return max(1, int(getattr(settings, "DESIGNS_PER_HOUR", DEFAULT_DESIGNS_PER_HOUR)))
+
+
+async def next_submission_time(user_id: int) -> datetime | None:
+    """When this user may submit again, or None if they may now.
+
+    The window slides: the oldest design inside the last hour frees its place an hour after
+    it was created.
+    """
+    limit = designs_per_hour()
+    since = timezone.now() - RATE_WINDOW
+    recent = Design.objects.filter(owner_id=user_id, created_at__gt=since)
+    count = await recent.acount()
+    if count < limit:
+        return None
+    # Once the (count - limit + 1) oldest have left the window, one more fits.
+    freeing = recent.order_by("created_at").values_list("created_at", flat=True)
+    oldest = [created async for created in freeing[: count - limit + 1]]
+    return oldest[-1] + RATE_WINDOW
+
+
+def _wait_text(when: datetime) -> str:
+    minutes = max(1, round((when - timezone.now()).total_seconds() / 60))
+    return f"in about {minutes} minute{'s' if minutes != 1 else ''}"
+
+
+# --- new design -----------------------------------------------------------------------------
+
+
+def _form_page(
+    request: HttpRequest,
+    form: DesignRequestForm,
+    *,
+    retry_at: datetime | None,
+    status: int = 200,
+) -> HttpResponse:
+    context = {
+        "form": form,
+        "nav": "new",
+        "retry_at": retry_at,
+        "retry_in": _wait_text(retry_at) if retry_at else "",
+        "designs_per_hour": designs_per_hour(),
+    }
+    response = render(request, "agents/new_design.html", context, status=status)
+    if retry_at is not None and status == 429:
+        seconds = max(1, int((retry_at - timezone.now()).total_seconds()) + 1)
+        response["Retry-After"] = str(seconds)
+    return response
+
+
+@login_required
+@require_http_methods(["GET", "POST"])
+async def new_design(request: HttpRequest) -> HttpResponse:
+    """The request form; on a valid POST, create the design and start (or question) it."""
+    user = await _current_user(request)
+    if request.method == "GET":
+        return _form_page(
+            request, DesignRequestForm(), retry_at=await next_submission_time(user.pk)
+        )
+    form = DesignRequestForm(request.POST)
+    if not form.is_valid():
+        return _form_page(request, form, retry_at=None, status=400)
+    lock = _submission_locks.setdefault(user.pk, asyncio.Lock())
+    async with lock:
+        retry_at = await next_submission_time(user.pk)
+        if retry_at is not None:
+            return _form_page(request, form, retry_at=retry_at, status=429)
+        design = await Design.objects.acreate(
+            owner_id=user.pk,
+            request_text=form.cleaned_data["request_text"],
+            options=form.options(),
+        )
+    # Questions are optional: when the analyst has none (or cannot be reached), run as asked.
+    if not form.cleaned_data["ask_questions"] or not await ask_clarifying_questions(design.pk):
+        tasks.start_design(design.pk)
+    return redirect("design-detail", design_id=design.pk)
+
+
+# --- design page ----------------------------------------------------------------------------
+
+
+@dataclass
+class Tab:
+    """One agent's tab: its latest run (any state) and its latest successful output."""
+
+    agent: str
+    label: str
+    title: str
+    run: AgentRun | None
+    output: AgentRun | None
+    presented: dict[str, Any] | None
+
+    @property
+    def state(self) -> str:
+        if self.run is None:
+            return "pending"
+        return self.run.status
+
+
+async def _current_runs(design: Design) -> list[AgentRun]:
+    """The runs of the design's current attempt, in start order (a retry starts afresh)."""
+    return [run async for run in design.runs.filter(attempt=design.attempts).order_by("id")]
+
+
+def _tabs(runs: list[AgentRun]) -> list[Tab]:
+    latest: dict[str, AgentRun] = {}
+    succeeded: dict[str, AgentRun] = {}
+    for run in runs:  # ordered by id, so the last one seen wins
+        latest[run.agent] = run
+        if run.status == AgentRun.Status.SUCCEEDED:
+            succeeded[run.agent] = run
+    tabs = []
+    for agent in AGENTS:
+        output = succeeded.get(agent)
+        tabs.append(
+            Tab(
+                agent=agent,
+                label=TAB_LABELS[agent],
+                title=str(Agent(agent).label),
+                run=latest.get(agent),
+                output=output,
+                presented=present_run(output) if output else None,
+            )
+        )
+    return tabs
+
+
+def _option_rows(design: Design) -> list[tuple[str, str]]:
+    rows = []
+    for key, (label, _choices) in OPTION_FIELDS.items():
+        value = design.options.get(key)
+        if value:
+            try:
+                rows.append((label, option_label(key, value)))
+            except ValueError:  # an option retired since this design was made
+                rows.append((label, str(value)))
+    return rows
+
+
+def _design_page(
+    request: HttpRequest,
+    design: Design,
+    runs: list[AgentRun],
+    *,
+    answers_form: ClarificationForm | None = None,
+    status: int = 200,
+) -> HttpResponse:
+    questions = [item["question"] for item in design.clarifications]
+    if answers_form is None and design.status == Design.Status.AWAITING_ANSWERS:
+        answers_form = ClarificationForm(questions)
+    page_data = {
+        "id": design.pk,
+        "status": design.status,
+        "terminal": sorted(Design.TERMINAL_STATUSES),
+        "socket": f"/ws/designs/{design.pk}/",
+        "runs": f"/designs/{design.pk}/runs/",
+        "labels": TAB_LABELS,
+    }
+    context = {
+        "design": design,
+        "runs": [run_state(run) | {"label": TAB_LABELS[run.agent]} for run in runs],
+        "tabs": _tabs(runs),
+        "options": _option_rows(design),
+        "answers_form": answers_form,
+        "answered": [item for item in design.clarifications if item.get("answer")],
+        "retryable": design.status in RETRYABLE,
+        "page_data": page_data,
+        "show_owner": request.user.is_staff and design.owner_id != request.user.pk,
+    }
+    return render(request, "agents/design_detail.html", context, status=status)
+
+
+@login_required
+@require_GET
+async def design_detail(request: HttpRequest, design_id: int) -> HttpResponse:
+    """The design with every agent's output so far; the page script streams the rest."""
+    design = await _visible_design(request, design_id)
+    return _design_page(request, design, await _current_runs(design))
+
+
+@login_required
+@require_GET
+async def run_output(request: HttpRequest, design_id: int, run_id: int) -> JsonResponse:
+    """One finished run rendered on the server (sanitised), for the page to swap in."""
+    design = await _visible_design(request, design_id)
+    run = await aget_object_or_404(AgentRun, pk=run_id, design_id=design.pk)
+    presented = present_run(run) if run.status == AgentRun.Status.SUCCEEDED else None
+    html = render_to_string(
+        "agents/_run_output.html", {"design": design, "run": run, "presented": presented}
+    )
+    return JsonResponse(run_state(run) | {"html": html})
+
+
+@login_required
+@require_POST
+async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse:
+    """Store the answers (or the skip) and start the design; only once, while it waits."""
+    design = await _visible_design(request, design_id)
+    if design.status != Design.Status.AWAITING_ANSWERS:
+        return _conflict(request, design, "This design is not waiting for answers any more.")
+    form = ClarificationForm([item["question"] for item in design.clarifications], request.POST)
+    skip = "skip" in request.POST
+    if not skip and not form.is_valid():
+        return _design_page(
+            request, design, await _current_runs(design), answers_form=form, status=400
+        )
+    answers = (
+        [{"question": item["question"], "answer": None} for item in design.clarifications]
+        if skip
+        else form.answers()
+    )
+    # Conditional update: a double submit cannot start the pipeline twice.
+    claimed = await Design.objects.filter(
+        pk=design.pk, status=Design.Status.AWAITING_ANSWERS
+    ).aupdate(clarifications=answers, status=Design.Status.QUEUED)
+    if not claimed:
+        return _conflict(request, design, "This design has already been started.")
+    tasks.start_design(design.pk)
+    return redirect("design-detail", design_id=design.pk)
+
+
+@login_required
+@require_POST
+async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
+    """Run a failed or interrupted design again from the start."""
+    design = await _visible_design(request, design_id)
+    if design.status not in RETRYABLE:
+        return _conflict(request, design, "Only a failed or interrupted design can be retried.")
+    try:
+        await tasks.retry_design(design.pk)
+    except DesignNotRunnable:  # another request retried it first
+        return _conflict(request, design, "This design has already been restarted.")
+    return redirect("design-detail", design_id=design.pk)
+
+
+def _conflict(request: HttpRequest, design: Design, message: str) -> HttpResponse:
+    return render(
+        request,
+        "agents/conflict.html",
+        {"design": design, "message": message},
+        status=409,
+    )
+
+
+# --- history --------------------------------------------------------------------------------
+
+
+@login_required
+@require_GET
+async def design_list(request: HttpRequest) -> HttpResponse:
+    """The user's designs, newest first (staff see everyone's)."""
+    user = await _current_user(request)
+    designs = Design.objects.select_related("owner").order_by("-created_at", "-id")
+    if not user.is_staff:
+        designs = designs.filter(owner_id=user.pk)
+    paginator = AsyncPaginator(designs, DESIGNS_PER_PAGE)
+    page = await paginator.aget_page(request.GET.get("page"))
+    context = {
+        "nav": "history",
+        "designs": await page.aget_object_list(),
+        "page_number": page.number,
+        "num_pages": await paginator.anum_pages(),
+        "previous_page": page.number - 1 if await page.ahas_previous() else None,
+        "next_page": page.number + 1 if await page.ahas_next() else None,
+        "total": await paginator.acount(),
+        "show_owner": user.is_staff,
+    }
+    return render(request, "agents/design_list.html", context)
+
+
+# --- downloads ------------------------------------------------------------------------------
+
+
+def _zip_response(build: io.BytesIO, filename: str) -> HttpResponse:
+    response = HttpResponse(build.getvalue(), content_type="application/zip")
+    response["Content-Disposition"] = f'attachment; filename="{filename}"'
+    return response
+
+
+def _terraform_files(run: AgentRun | None) -> dict[str, str]:
+    return split_terraform(run.output_text) if run is not None else {}
+
+
+@login_required
+@require_GET
+async def terraform_zip(request: HttpRequest, design_id: int) -> HttpResponse:
+    """The Terraform coder's files (main, variables, outputs, versions) as a zip."""
+    design = await _visible_design(request, design_id)
+    files = _terraform_files(await design.aoutput(Agent.TERRAFORM))
+    if not files:
+        raise Http404("This design has no Terraform yet.")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, content in files.items():
+            archive.writestr(f"terraform/{name}", content)
+    return _zip_response(buffer, f"design-{design.pk}-terraform.zip")
+
+
+def _package_readme(design: Design, runs: list[AgentRun], files: dict[str, str]) -> str:
+    lines = [
+        f"# Design #{design.pk}: {design.title}",
+        "",
+        f"- Status: {design.get_status_display()}",
+        f"- Created: {design.created_at:%Y-%m-%d %H:%M} UTC",
+    ]
+    if design.verdict:
+        lines.append(f"- Audit verdict: {design.verdict}")
+    if design.recommendation:
+        lines.append(f"- Recommendation: {design.recommendation.title()}")
+    if design.error:
+        lines.append(f"- Error: {design.error}")
+    lines += ["", "## Request", "", design.request_text, "", "## Options", ""]
+    lines += [f"- {label}: {value}" for label, value in _option_rows(design)]
+    if design.clarifications:
+        lines += ["", "## Clarifications", ""]
+        for item in design.clarifications:
+            lines += [f"- **{item['question']}**", f"  {item.get('answer') or '(skipped)'}"]
+    lines += [
+        "",
+        "## Agent timeline",
+        "",
+        "| agent | round | pool | model | wait ms | ttft ms | duration ms | tokens in/out "
+        "| overflow | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        lines.append(
+            f"| {run.agent} | {run.round} | {run.pool} | {run.model} | {_ms(run.wait_ms)} "
+            f"| {_ms(run.ttft_ms)} | {_ms(run.duration_ms)} | {run.tokens_in}/{run.tokens_out} "
+            f"| {'yes' if run.overflow else 'no'} | {run.status} |"
+        )
+    if files:
+        lines += ["", "## Terraform", ""]
+        lines += [f"- terraform/{name}" for name in files]
+    return "\n".join(lines) + "\n"
+
+
+def _ms(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f}"
+
+
+@login_required
+@require_GET
+async def download_package(request: HttpRequest, design_id: int) -> HttpResponse:
+    """Everything the agents produced, as a zip of markdown files plus the Terraform files."""
+    design = await _visible_design(request, design_id)
+    runs = await _current_runs(design)
+    outputs: dict[str, AgentRun] = {}
+    for run in runs:
+        if run.status == AgentRun.Status.SUCCEEDED:
+            outputs[run.agent] = run  # later rounds replace earlier ones
+    files = _terraform_files(outputs.get(Agent.TERRAFORM))
+    folder = f"design-{design.pk}-{slugify(design.title)[:40]}".rstrip("-")
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(f"{folder}/README.md", _package_readme(design, runs, files))
+        for position, agent in enumerate(AGENTS, start=1):
+            run = outputs.get(agent)
+            if run is None:
+                continue
+            stem = f"{folder}/{position:02d}-{agent}"
+            if run.output_json is not None:
+                archive.writestr(f"{stem}.json", json.dumps(run.output_json, indent=2) + "\n")
+            else:
+                title = f"# {Agent(agent).label} (round {run.round})\n\n"
+                archive.writestr(f"{stem}.md", title + run.output_text.rstrip() + "\n")
+        for name, content in files.items():
+            archive.writestr(f"{folder}/terraform/{name}", content)
+    return _zip_response(buffer, f"{folder}.zip")

@@ -1,0 +1,203 @@
+"""`manage.py pool_status`: the pools of a running server, or their history, as a table."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db.models import Avg, Count, Max, Sum
+from django.utils import timezone
+
+from pools.intervals import parse_duration
+from pools.models import PoolSnapshot
+
+TEXT_KEYS = {"pool", "model"}
+LIVE_COLUMNS = (
+    ("pool", "pool"),
+    ("model", "model"),
+    ("size", "total"),
+    ("in use", "in_use"),
+    ("free", "available"),
+    ("overflow", "overflow_in_use"),
+    ("waiting", "waiting"),
+    ("requests", "requests_num"),
+    ("overflowed", "requests_overflow"),
+    ("queued", "requests_queued"),
+    ("timeouts", "requests_timeouts"),
+    ("errors", "requests_errors"),
+    ("avg wait ms", "avg_wait_ms"),
+    ("conns open", "connections_open"),
+)
+HISTORY_COLUMNS = (
+    ("pool", "pool"),
+    ("rows", "rows"),
+    ("instances", "instances"),
+    ("avg in use", "avg_in_use"),
+    ("max in use", "max_in_use"),
+    ("max overflow", "max_overflow_in_use"),
+    ("max waiting", "max_waiting"),
+    ("requests", "requests"),
+    ("overflowed", "overflow_requests"),
+    ("queued", "queued_requests"),
+    ("errors", "errors"),
+    ("refused", "refused"),
+    ("worst p95 wait ms", "worst_wait_p95_ms"),
+    ("max wait ms", "max_wait_ms"),
+    ("worst p95 call ms", "worst_latency_p95_ms"),
+    ("worst p95 ttft ms", "worst_ttft_p95_ms"),
+    ("tokens in", "tokens_in"),
+    ("tokens out", "tokens_out"),
+)
+
+
+def table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> str:
+    """A plain aligned text table: names left, numbers right, empty cells as '-'."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return str(value)
+
+    cells = [[cell(row.get(key)) for _, key in columns] for row in rows]
+    widths = [
+        max([len(title), *(len(line[i]) for line in cells)]) for i, (title, _) in enumerate(columns)
+    ]
+
+    numeric = [key not in TEXT_KEYS for _, key in columns]
+
+    def line(values: list[str]) -> str:
+        return "  ".join(
+            value.rjust(width) if right else value.ljust(width)
+            for value, width, right in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    header = line([title for title, _ in columns])
+    return "\n".join([header, "-" * len(header), *(line(values) for values in cells)])
+
+
+class Command(BaseCommand):
+    help = (
+        "Show the LLM pools as a table. By default the live numbers of a running server, read "
+        "from its /health endpoint (slots in use, free, temporary connections, queued callers, "
+        "counters since start). With --history 1h, what the saved snapshots say about that "
+        "window instead (needs no running server, only the database). Exit status: 0 healthy, "
+        "1 server unreachable, 2 pools degraded."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--url",
+            default="http://127.0.0.1:8000",
+            help="Base URL of the running Carlos server (default http://127.0.0.1:8000).",
+        )
+        parser.add_argument(
+            "--history",
+            metavar="WINDOW",
+            help="Summarise the saved snapshots of the last WINDOW instead, e.g. 15m, 1h, 7d.",
+        )
+        parser.add_argument("--pool", action="append", help="Only this pool (repeatable).")
+        parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+        parser.add_argument(
+            "--timeout", type=float, default=5.0, help="Seconds to wait for /health (default 5)."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if options["history"]:
+            self._history(options)
+        else:
+            self._live(options)
+
+    # -- live, from /health ---------------------------------------------------------------------
+    def _live(self, options: dict[str, Any]) -> None:
+        url = options["url"].rstrip("/") + "/health"
+        try:
+            response = httpx.get(url, timeout=options["timeout"])
+            body = response.json()
+        except httpx.HTTPError as exc:
+            raise CommandError(
+                f"cannot reach {url} ({type(exc).__name__}: {exc}); is the server running? "
+                "Start it with `manage.py serve`, or point --url at it."
+            ) from None
+        except ValueError:
+            raise CommandError(
+                f"{url} answered HTTP {response.status_code} without the health JSON; "
+                "is --url a Carlos server?"
+            ) from None
+        pools = body.get("pools", {})
+        rows = []
+        for name, stats in pools.items():
+            if options["pool"] and name not in options["pool"]:
+                continue
+            requests = stats.get("requests_num", 0)
+            avg_wait = stats.get("requests_wait_ms", 0) / requests if requests else None
+            opened = stats.get("connections_num", 0) - stats.get("connections_closed", 0)
+            rows.append(
+                {"pool": name, **stats, "avg_wait_ms": avg_wait, "connections_open": opened}
+            )
+        status = body.get("status", "unknown")
+        if options["json"]:
+            self.stdout.write(json.dumps({"url": options["url"], **body}, indent=2))
+        else:
+            endpoint = body.get("endpoint", {})
+            self.stdout.write(
+                f"Carlos at {options['url']}: {status}"
+                + (f" ({body['reason']})" if body.get("reason") else "")
+                + f"; LLM endpoint {endpoint.get('kind', '?')} {endpoint.get('url', '')}"
+            )
+            if body.get("warmup_error"):
+                self.stdout.write(f"Warm-up error: {body['warmup_error']}")
+            self.stdout.write(table(rows, LIVE_COLUMNS) if rows else "No pools.")
+        if status != "healthy":
+            raise CommandError(
+                f"the pools are {status}: {body.get('reason', 'see /health')}", returncode=2
+            )
+
+    # -- history, from the snapshots -------------------------------------------------------------
+    def _history(self, options: dict[str, Any]) -> None:
+        try:
+            window = parse_duration(options["history"])
+        except ValueError as exc:
+            raise CommandError(f"--history: {exc}") from None
+        since = timezone.now() - window
+        rows_qs = PoolSnapshot.objects.filter(taken_at__gte=since)
+        if options["pool"]:
+            rows_qs = rows_qs.filter(pool__in=options["pool"])
+        summary = list(
+            rows_qs.order_by()
+            .values("pool")
+            .annotate(
+                rows=Count("id"),
+                instances=Count("instance", distinct=True),
+                avg_in_use=Avg("in_use"),
+                max_in_use=Max("in_use"),
+                max_overflow_in_use=Max("overflow_in_use"),
+                max_waiting=Max("waiting"),
+                requests=Sum("requests"),
+                overflow_requests=Sum("overflow_requests"),
+                queued_requests=Sum("queued_requests"),
+                errors=Sum("errors"),
+                refused=Sum("refused"),
+                worst_wait_p95_ms=Max("wait_p95_ms"),
+                max_wait_ms=Max("wait_max_ms"),
+                worst_latency_p95_ms=Max("latency_p95_ms"),
+                worst_ttft_p95_ms=Max("ttft_p95_ms"),
+                tokens_in=Sum("tokens_in"),
+                tokens_out=Sum("tokens_out"),
+            )
+            .order_by("pool")
+        )
+        if options["json"]:
+            payload = {"since": since.isoformat(), "window": options["history"], "pools": summary}
+            self.stdout.write(json.dumps(payload, indent=2))
+            return
+        self.stdout.write(
+            f"Pool history since {timezone.localtime(since):%Y-%m-%d %H:%M:%S %Z} "
+            f"(last {options['history']}):"
+        )
+        self.stdout.write(
+            table(summary, HISTORY_COLUMNS) if summary else "No snapshots in that window."
+        )

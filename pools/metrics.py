@@ -1,0 +1,202 @@
+"""Prometheus metrics for the pools, served at /metrics.
+
+Gauges and counters are read from `registry.stats()` at scrape time by a custom collector,
+so they can never drift from /health; histograms (acquire wait, call latency, time to first
+token) and the token and error counters are fed by the engine's event bus. Each pool
+registry gets its own `CollectorRegistry` (not prometheus_client's global one), so a
+registry installed by a test, or a reloaded module, never collides with an earlier one.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import threading
+import weakref
+from collections.abc import Iterator
+from functools import lru_cache
+
+from django.conf import settings
+from django.http import HttpRequest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.registry import Collector
+
+from pools.events import EventKind, PoolEvent
+from pools.registry import PoolRegistry
+
+logger = logging.getLogger("pools")
+
+CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+PREFIX = "carlos_pool"
+
+# Seconds. Acquiring is microseconds when a slot is free and up to the pool timeout (30 s)
+# when callers queue; calls and first tokens run from tens of ms to minutes.
+WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60)
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
+TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30)
+
+_GAUGES = {
+    "size": ("total", "Configured slots of the pool."),
+    "in_use": ("in_use", "Slots in use, temporary (overflow) connections included."),
+    "available": ("available", "Pooled slots free."),
+    "overflow_in_use": ("overflow_in_use", "Temporary connections in use."),
+    "waiting": ("waiting", "Callers queued for a slot."),
+}
+_COUNTERS = {
+    "requests": ("requests_num", 1, "Slots granted."),
+    "overflow_requests": ("requests_overflow", 1, "Slots granted on a temporary connection."),
+    "queued_requests": ("requests_queued", 1, "Callers that had to queue for a slot."),
+    "timeouts": ("requests_timeouts", 1, "Queued callers that gave up (PoolTimeout)."),
+    "exhausted": ("requests_refused", 1, "Callers refused at once (PoolExhausted)."),
+    "usage_seconds": ("usage_ms", 1000, "Time slots were held."),
+    "connections_opened": ("connections_num", 1, "TCP connections opened for the pool."),
+    "connections_closed": ("connections_closed", 1, "TCP connections of the pool closed."),
+    "connection_errors": ("connections_errors", 1, "TCP connections that failed to open."),
+}
+
+
+class _StatsCollector(Collector):
+    """Gauges and counters from `registry.stats()` at scrape time."""
+
+    def __init__(self, registry: weakref.ref[PoolRegistry]) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterator[Metric]:
+        registry = self._registry()
+        if registry is None:
+            return
+        stats = registry.stats()
+        up = GaugeMetricFamily(
+            "carlos_pools_up", "1 when the pools are initialized and not closed, else 0."
+        )
+        up.add_metric([], 1.0 if registry.usable else 0.0)
+        yield up
+        for name, (key, documentation) in _GAUGES.items():
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
+            for pool, values in stats["pools"].items():
+                family.add_metric([pool], float(values[key]))
+            yield family
+        for name, (key, divisor, documentation) in _COUNTERS.items():
+            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
+            for pool, values in stats["pools"].items():
+                family.add_metric([pool], float(values.get(key, 0)) / divisor)
+            yield family
+
+
+class PoolMetrics:
+    """The metrics of one pool registry: its own CollectorRegistry, fed by its event bus."""
+
+    def __init__(self, registry: PoolRegistry) -> None:
+        self.collectors = CollectorRegistry()
+        self.collectors.register(_StatsCollector(weakref.ref(registry)))
+        self.wait = Histogram(
+            f"{PREFIX}_acquire_wait_seconds",
+            "Time a caller waited for a slot.",
+            ["pool"],
+            buckets=WAIT_BUCKETS,
+            registry=self.collectors,
+        )
+        self.latency = Histogram(
+            f"{PREFIX}_call_latency_seconds",
+            "Duration of completed calls (whole answer, or the stream read to its end).",
+            ["pool"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.collectors,
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from the request to the first streamed token.",
+            ["pool"],
+            buckets=TTFT_BUCKETS,
+            registry=self.collectors,
+        )
+        self.tokens = Counter(
+            f"{PREFIX}_tokens",
+            "Tokens of completed calls, by direction (in = prompt, out = completion).",
+            ["pool", "direction"],
+            registry=self.collectors,
+        )
+        self.errors = Counter(
+            f"{PREFIX}_errors",
+            "Calls that raised (kind = exception class) and callers the pool refused "
+            "(kind = PoolTimeout or PoolExhausted).",
+            ["pool", "kind"],
+            registry=self.collectors,
+        )
+        registry.events.subscribe(self.observe)
+
+    def observe(self, event: PoolEvent) -> None:
+        """Event-bus observer: cheap, on the caller's path."""
+        pool = event.pool
+        if event.kind is EventKind.ACQUIRED:
+            if event.wait_ms is not None:
+                self.wait.labels(pool).observe(event.wait_ms / 1000)
+        elif event.kind is EventKind.COMPLETED:
+            if event.latency_ms is not None:
+                self.latency.labels(pool).observe(event.latency_ms / 1000)
+            if event.ttft_ms is not None:
+                self.ttft.labels(pool).observe(event.ttft_ms / 1000)
+            self.tokens.labels(pool, "in").inc(event.tokens_in)
+            self.tokens.labels(pool, "out").inc(event.tokens_out)
+        elif event.kind in (EventKind.FAILED, EventKind.REFUSED):
+            self.errors.labels(pool, event.error or event.kind.value).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.collectors)
+
+
+_lock = threading.Lock()
+_by_registry: weakref.WeakKeyDictionary[PoolRegistry, PoolMetrics] = weakref.WeakKeyDictionary()
+
+
+def metrics_for(registry: PoolRegistry) -> PoolMetrics:
+    """The registry's metrics, created (and subscribed to its events) on first use.
+
+    The server calls it at start so histograms count from the first call, not the first
+    scrape.
+    """
+    with _lock:
+        metrics = _by_registry.get(registry)
+        if metrics is None:
+            metrics = _by_registry[registry] = PoolMetrics(registry)
+        return metrics
+
+
+# -- access ------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _networks(
+    entries: tuple[str, ...],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] | None:
+    """The allow-list parsed, or None when an entry is invalid (then nobody is allowed)."""
+    try:
+        return tuple(ipaddress.ip_network(entry.strip(), strict=False) for entry in entries)
+    except ValueError as exc:
+        logger.error("METRICS_ALLOWED_IPS is invalid (%s); /metrics refuses everyone", exc)
+        return None
+
+
+def scrape_allowed(request: HttpRequest) -> bool:
+    """METRICS_TOKEN (a bearer token) and METRICS_ALLOWED_IPS (addresses or networks of the
+    direct client): each one that is set must pass; with neither set, /metrics is open."""
+    token: str = getattr(settings, "METRICS_TOKEN", "") or ""
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        ):
+            return False
+    allowed = tuple(entry for entry in getattr(settings, "METRICS_ALLOWED_IPS", ()) if entry)
+    if allowed:
+        networks = _networks(allowed)
+        try:
+            address = ipaddress.ip_address(request.META.get("REMOTE_ADDR", ""))
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if networks is None or not any(address in network for network in networks):
+            return False
+    return True

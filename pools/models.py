@@ -1,0 +1,67 @@
+"""Pool history: one row per pool per interval, so staff can see how the pools behaved.
+
+The live numbers (/health, /metrics) vanish with the process; these rows keep the shape of
+each interval (how full, how long callers waited, how slow calls were) for the admin chart,
+`pool_status --history` and post-mortems. Rows are written by the sampler in each server
+process (`pools.sampler`) or by `manage.py snapshot_pools` from cron.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class PoolSnapshot(models.Model):
+    """One pool of one server process at one moment, and what it did since the last row."""
+
+    taken_at = models.DateTimeField(db_index=True)
+    # "host:pid" for the in-process sampler, the server's URL for `snapshot_pools` (cron).
+    instance = models.CharField(max_length=200, db_index=True)
+    pool = models.CharField(max_length=40)
+
+    # The pool at that moment.
+    size = models.PositiveIntegerField(help_text="Configured slots.")
+    in_use = models.PositiveIntegerField(help_text="Slots in use, temporary connections included.")
+    available = models.PositiveIntegerField(help_text="Pooled slots free.")
+    overflow_in_use = models.PositiveIntegerField(help_text="Temporary connections in use.")
+    waiting = models.PositiveIntegerField(help_text="Callers queued for a slot.")
+
+    # The interval since this instance's previous row.
+    interval_s = models.FloatField(
+        null=True, blank=True, help_text="Seconds covered; empty when there was no earlier row."
+    )
+    requests = models.PositiveIntegerField(default=0, help_text="Slots granted.")
+    overflow_requests = models.PositiveIntegerField(
+        default=0, help_text="Slots granted on a temporary connection."
+    )
+    queued_requests = models.PositiveIntegerField(
+        default=0, help_text="Callers that had to queue for a slot."
+    )
+    errors = models.PositiveIntegerField(default=0, help_text="Calls that raised.")
+    refused = models.PositiveIntegerField(
+        default=0, help_text="Callers refused by the pool (PoolTimeout, PoolExhausted)."
+    )
+    wait_p50_ms = models.FloatField(null=True, blank=True)
+    wait_p95_ms = models.FloatField(null=True, blank=True)
+    wait_max_ms = models.FloatField(null=True, blank=True)
+    latency_p50_ms = models.FloatField(null=True, blank=True)
+    latency_p95_ms = models.FloatField(null=True, blank=True)
+    ttft_p50_ms = models.FloatField(null=True, blank=True, help_text="Streamed calls only.")
+    ttft_p95_ms = models.FloatField(null=True, blank=True, help_text="Streamed calls only.")
+    # Empty for cron rows: /health does not count tokens.
+    tokens_in = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_out = models.PositiveBigIntegerField(null=True, blank=True)
+    error_kinds = models.JSONField(
+        default=dict, blank=True, help_text="Errors and refusals by exception class."
+    )
+    # The pool's cumulative counters from its stats at that moment (what /health shows);
+    # cron rows compute their interval from the previous row's.
+    counters = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ("-taken_at", "pool")
+        get_latest_by = "taken_at"
+        indexes = [models.Index(fields=("pool", "taken_at"), name="pools_snap_pool_time")]
+
+    def __str__(self) -> str:
+        return f"{self.pool} @ {self.instance}, {self.taken_at:%Y-%m-%d %H:%M:%S}"

@@ -1,0 +1,333 @@
+// Carlos pages: tabs, copy buttons, the request form's counter and the design's live feed.
+// Model text arrives as plain text (textContent only); rendered HTML comes from the server,
+// already sanitised, when an agent finishes.
+(() => {
+  "use strict";
+  document.documentElement.classList.add("js");
+
+  // --- request form: a live character count -------------------------------------------------
+  const requestText = document.querySelector("textarea[data-max-chars]");
+  const counter = document.getElementById("char-count");
+  if (requestText && counter) {
+    const max = Number(requestText.dataset.maxChars);
+    const update = () => {
+      const used = requestText.value.replace(/\r\n/g, "\n").length;
+      counter.textContent = `${used.toLocaleString()} / ${max.toLocaleString()}.`;
+    };
+    requestText.addEventListener("input", update);
+    update();
+  }
+
+  // The request may first wait for the analyst's questions: show that the click was taken.
+  const designForm = document.getElementById("design-form");
+  if (designForm) {
+    designForm.addEventListener("submit", () => {
+      const button = designForm.querySelector("button[type=submit]");
+      button.disabled = true;
+      button.textContent = document.getElementById("id_ask_questions")?.checked
+        ? "Preparing questions…" : "Starting…";
+    });
+  }
+
+  // --- copy buttons (also inside fragments added later) --------------------------------------
+  document.addEventListener("click", async (event) => {
+    const button = event.target.closest("[data-copy]");
+    if (!button) return;
+    const source = document.querySelector(button.dataset.copy);
+    if (!source) return;
+    const text = source.textContent;
+    let copied = false;
+    try {
+      await navigator.clipboard.writeText(text);
+      copied = true;
+    } catch {
+      const area = document.createElement("textarea");
+      area.value = text;
+      document.body.append(area);
+      area.select();
+      copied = document.execCommand("copy");
+      area.remove();
+    }
+    const label = button.textContent;
+    button.textContent = copied ? "Copied" : "Copy failed";
+    setTimeout(() => { button.textContent = label; }, 1500);
+  });
+
+  // --- tabs ---------------------------------------------------------------------------------
+  const tabs = Array.from(document.querySelectorAll('[role="tab"]'));
+  const selectTab = (tab, remember) => {
+    for (const other of tabs) {
+      const selected = other === tab;
+      other.setAttribute("aria-selected", String(selected));
+      other.tabIndex = selected ? 0 : -1;
+      const panel = document.getElementById(other.getAttribute("aria-controls"));
+      if (panel) panel.hidden = !selected;
+    }
+    if (remember) history.replaceState(null, "", `#${tab.id.replace(/^tab-/, "")}`);
+  };
+  if (tabs.length) {
+    tabs.forEach((tab, index) => {
+      tab.addEventListener("click", () => selectTab(tab, true));
+      tab.addEventListener("keydown", (event) => {
+        const step = { ArrowRight: 1, ArrowLeft: -1 }[event.key];
+        if (!step) return;
+        const next = tabs[(index + step + tabs.length) % tabs.length];
+        next.focus();
+        selectTab(next, true);
+      });
+    });
+    const tabFromHash = () => {
+      const wanted = document.getElementById(`tab-${location.hash.slice(1)}`);
+      return wanted && tabs.includes(wanted) ? wanted : null;
+    };
+    selectTab(tabFromHash() || tabs[0], false);
+    window.addEventListener("hashchange", () => {
+      const wanted = tabFromHash();
+      if (wanted) selectTab(wanted, false);
+    });
+  }
+
+  // --- mermaid diagrams (drawn in the browser from server-sanitised source) ---------------
+  let mermaidReady = false;
+  let diagramCount = 0;
+  const drawDiagrams = async (root) => {
+    if (!window.mermaid) return;
+    if (!mermaidReady) {
+      window.mermaid.initialize({ startOnLoad: false, securityLevel: "strict", theme: "neutral" });
+      mermaidReady = true;
+    }
+    for (const pre of root.querySelectorAll("pre.mermaid-source:not([data-diagram])")) {
+      pre.dataset.diagram = "pending";
+      const source = pre.textContent;
+      const id = `diagram-${++diagramCount}`;
+      try {
+        if (!(await window.mermaid.parse(source, { suppressErrors: true }))) {
+          pre.dataset.diagram = "invalid"; // the code block stays as the fallback
+          continue;
+        }
+        const { svg } = await window.mermaid.render(id, source);
+        const figure = document.createElement("div");
+        figure.className = "diagram";
+        figure.innerHTML = svg; // mermaid's strict mode sanitises its own SVG output
+        const details = document.createElement("details");
+        details.className = "source";
+        const summary = document.createElement("summary");
+        summary.textContent = "Diagram source";
+        pre.replaceWith(figure);
+        details.append(summary, pre);
+        figure.after(details);
+        pre.dataset.diagram = "drawn";
+      } catch (error) {
+        pre.dataset.diagram = "invalid";
+        document.getElementById(`d${id}`)?.remove();
+        console.warn("mermaid could not draw a diagram", error);
+      }
+    }
+  };
+
+  const dataNode = document.getElementById("design-data");
+  if (!dataNode) return;
+  const page = JSON.parse(dataNode.textContent);
+  window.addEventListener("load", () => drawDiagrams(document));
+
+  // --- live design feed ----------------------------------------------------------------------
+  const statusBadge = document.getElementById("design-status");
+  const connection = document.getElementById("connection");
+  const timeline = document.querySelector("#timeline tbody");
+  const STATUS_LABELS = {
+    queued: "Queued", awaiting_answers: "Awaiting answers", running: "Running",
+    succeeded: "Succeeded", failed: "Failed", interrupted: "Interrupted",
+  };
+  let status = page.status;
+  const isTerminal = (value) => page.terminal.includes(value);
+
+  const ms = (value) => (value === null || value === undefined ? "" : `${Math.round(value)} ms`);
+  const badge = (className, text) => {
+    const span = document.createElement("span");
+    span.className = `badge ${className}`;
+    span.textContent = text;
+    return span;
+  };
+  const slug = (text) => text.toLowerCase().replace(/[^a-z0-9]+/g, "-");
+
+  const panelOf = (agent) => document.getElementById(`panel-${agent}`);
+  const dotOf = (agent) => document.querySelector(`#tab-${agent} .dot`);
+  const setAgentState = (agent, state) => {
+    const panel = panelOf(agent);
+    if (panel) panel.dataset.state = state;
+    const dot = dotOf(agent);
+    if (dot) dot.className = `dot ${state}`;
+  };
+
+  const setStatus = (design) => {
+    status = design.status;
+    statusBadge.className = `badge ${status}`;
+    statusBadge.dataset.status = status;
+    statusBadge.textContent = STATUS_LABELS[status] || status;
+    const verdict = document.getElementById("design-verdict");
+    verdict.replaceChildren(...(design.verdict ? [badge(slug(design.verdict), `Audit: ${design.verdict}`)] : []));
+    const recommendation = document.getElementById("design-recommendation");
+    const choice = design.recommendation
+      ? design.recommendation.charAt(0) + design.recommendation.slice(1).toLowerCase() : "";
+    recommendation.replaceChildren(...(choice ? [badge("recommend", `Recommended: ${choice}`)] : []));
+    const failure = document.getElementById("design-failure");
+    const failed = status === "failed" || status === "interrupted";
+    failure.hidden = !failed;
+    if (failed) {
+      document.getElementById("failure-title").textContent =
+        status === "interrupted" ? "This design was interrupted" : "This design failed";
+      document.getElementById("failure-agent").textContent =
+        design.failed_agent ? ` at the ${design.failed_agent} agent` : "";
+      document.getElementById("failure-cause").textContent = design.error || "No cause was recorded.";
+    }
+  };
+
+  const timelineRow = (run) => {
+    const key = `${run.agent}:${run.round}`;
+    let row = timeline.querySelector(`tr[data-key="${key}"]`);
+    if (!row) {
+      row = document.createElement("tr");
+      row.dataset.key = key;
+      for (let i = 0; i < 10; i += 1) row.append(document.createElement("td"));
+      [1, 4, 5, 6, 7].forEach((i) => row.children[i].classList.add("num"));
+      timeline.append(row);
+    }
+    const cells = row.children;
+    const set = (index, value) => {
+      if (value !== undefined) cells[index].textContent = value;
+    };
+    set(0, page.labels[run.agent] || run.agent);
+    set(1, String(run.round));
+    set(2, run.pool);
+    set(3, run.model);
+    if ("wait_ms" in run) set(4, ms(run.wait_ms));
+    if ("ttft_ms" in run) set(5, ms(run.ttft_ms));
+    if ("duration_ms" in run) set(6, ms(run.duration_ms));
+    if ("tokens_in" in run) set(7, `${run.tokens_in} / ${run.tokens_out}`);
+    if ("overflow" in run) set(8, run.overflow ? "yes" : "no");
+    cells[9].replaceChildren(badge(run.status, run.status));
+  };
+
+  const liveParts = (agent) => {
+    const panel = panelOf(agent);
+    return panel && {
+      panel,
+      live: panel.querySelector(".panel-live"),
+      meta: panel.querySelector(".live-meta"),
+      stream: panel.querySelector(".stream"),
+      body: panel.querySelector(".panel-body"),
+    };
+  };
+
+  const startAgent = (event, joinedLate) => {
+    const parts = liveParts(event.agent);
+    if (!parts) return;
+    parts.panel.dataset.round = String(event.round);
+    parts.stream.textContent = "";
+    parts.meta.textContent = `Round ${event.round} · ${event.pool} pool · ${event.model} · writing…` +
+      (joinedLate ? " (joined mid-answer: the full text appears when it finishes)" : "");
+    parts.live.hidden = false;
+    parts.body.hidden = true;
+    setAgentState(event.agent, "running");
+  };
+
+  const loadRun = async (agent, runId) => {
+    const parts = liveParts(agent);
+    if (!parts || !runId) return;
+    const response = await fetch(`${page.runs}${runId}/`, { headers: { Accept: "application/json" } });
+    if (!response.ok) return;
+    const run = await response.json();
+    parts.body.innerHTML = run.html; // rendered and sanitised by the server
+    parts.body.hidden = false;
+    parts.live.hidden = true;
+    parts.panel.dataset.runId = String(run.id);
+    setAgentState(agent, run.status);
+    drawDiagrams(parts.body);
+  };
+
+  const finishAgent = (event) => {
+    timelineRow(event);
+    const parts = liveParts(event.agent);
+    if (!parts) return;
+    if (event.status === "succeeded") {
+      loadRun(event.agent, event.run_id);
+    } else {
+      setAgentState(event.agent, "failed");
+      parts.meta.textContent = `Round ${event.round} failed: ${event.error || "no cause recorded"}`;
+      parts.live.hidden = false;
+    }
+  };
+
+  const applySnapshot = (state) => {
+    setStatus(state.design);
+    const latest = {};
+    for (const run of state.runs) {
+      timelineRow(run);
+      latest[run.agent] = run;
+    }
+    for (const run of Object.values(latest)) {
+      const panel = panelOf(run.agent);
+      if (!panel) continue;
+      if (run.status === "running") {
+        if (panel.dataset.state !== "running" || panel.dataset.round !== String(run.round)) {
+          startAgent(run, true);
+        }
+      } else if (run.status === "succeeded" && panel.dataset.runId !== String(run.id)) {
+        loadRun(run.agent, run.id);
+      } else if (run.status === "failed") {
+        setAgentState(run.agent, "failed");
+      }
+    }
+  };
+
+  const handle = (event) => {
+    switch (event.kind) {
+      case "snapshot": applySnapshot(event); break;
+      case "agent_started": startAgent(event, false); timelineRow({ ...event, status: "running" }); break;
+      case "tokens": {
+        const parts = liveParts(event.agent);
+        if (parts && parts.panel.dataset.round === String(event.round)) {
+          parts.stream.append(document.createTextNode(event.text));
+          if (!parts.panel.hidden) parts.stream.scrollTop = parts.stream.scrollHeight;
+        }
+        break;
+      }
+      case "agent_finished": finishAgent(event); break;
+      case "design_status":
+        setStatus(event);
+        if (isTerminal(event.status) && socket) socket.close(1000, "design finished");
+        break;
+      default: break;
+    }
+  };
+
+  let retryDelay = 500;
+  let socket = null;
+  const connect = () => {
+    const scheme = location.protocol === "https:" ? "wss" : "ws";
+    socket = new WebSocket(`${scheme}://${location.host}${page.socket}`);
+    socket.addEventListener("open", () => {
+      retryDelay = 500;
+      connection.textContent = "● live";
+    });
+    socket.addEventListener("message", (message) => handle(JSON.parse(message.data)));
+    socket.addEventListener("close", (close) => {
+      if (close.code === 4403) {
+        connection.textContent = "Log in again to follow this design live.";
+        return;
+      }
+      if (close.code === 4404) {
+        connection.textContent = "This design is not available.";
+        return;
+      }
+      if (isTerminal(status)) {
+        connection.textContent = "";
+        return;
+      }
+      connection.textContent = "reconnecting…";
+      setTimeout(connect, retryDelay);
+      retryDelay = Math.min(retryDelay * 2, 10000);
+    });
+  };
+  if (!isTerminal(status)) connect();
+})();

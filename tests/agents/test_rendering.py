@@ -1,0 +1,138 @@
+"""Model output is untrusted: whatever it contains, the rendered HTML must not execute."""
+
+from __future__ import annotations
+
+from html.parser import HTMLParser
+
+import pytest
+
+from agents.rendering import render_markdown, sanitize_html, separate_labels
+
+
+class _Elements(HTMLParser):
+    """Collects (tag, attributes) of every element, as a browser's parser would see them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.elements: list[tuple[str, dict[str, str | None]]] = []
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.elements.append((tag, dict(attrs)))
+
+
+def elements(html: str) -> list[tuple[str, dict[str, str | None]]]:
+    parser = _Elements()
+    parser.feed(html)
+    return parser.elements
+
+
+def assert_inert(html: str) -> None:
+    """No script-capable element, no event handler, no javascript:/data: URL."""
+    for tag, attributes in elements(html):
+        assert tag not in {"script", "iframe", "object", "embed", "img", "svg", "style", "form"}
+        for name, value in attributes.items():
+            assert not name.startswith("on"), (tag, name)
+            assert name not in {"style", "srcdoc", "formaction"}, (tag, name)
+            if name in {"href", "src"}:
+                assert (value or "").split(":", 1)[0].lower() in {"http", "https", "mailto"}
+
+
+ATTACKS = [
+    "<script>alert(1)</script>",
+    '<img src="x" onerror="alert(1)">',
+    '<a href="javascript:alert(1)">click</a>',
+    "[click](javascript:alert(1))",
+    "[click](JaVaScRiPt:alert(1))",
+    "[click](&#106;avascript:alert(1))",
+    "[click](data:text/html;base64,PHNjcmlwdD5hbGVydCgxKTwvc2NyaXB0Pg==)",
+    "![pixel](https://tracker.example/p.gif)",
+    '<svg onload="alert(1)"></svg>',
+    '<iframe src="https://evil.example"></iframe>',
+    '<div style="background:url(javascript:alert(1))">x</div>',
+    "<details open ontoggle=alert(1)>x</details>",
+    '```js" onmouseover="alert(1)\nconsole.log(1)\n```',
+    "<!-- <script>alert(1)</script> -->",
+]
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_markdown_attacks_render_inert(attack: str) -> None:
+    html = render_markdown(f"# Design\n\nSome text.\n\n{attack}\n\nMore text.")
+    assert_inert(html)
+    assert "<h1>Design</h1>" in html  # the legitimate markdown still renders
+
+
+def test_raw_html_is_shown_as_text_not_markup() -> None:
+    html = render_markdown("Use <b>bold</b> and <script>alert('x')</script> here.")
+    assert "<script" not in html
+    assert "<b>" not in html
+    assert "&lt;script&gt;" in html  # the reader sees what the model wrote
+
+
+def test_javascript_link_loses_its_target() -> None:
+    html = render_markdown("[docs](javascript:alert(1)) and [real](https://learn.microsoft.com)")
+    hrefs = [attrs.get("href") for tag, attrs in elements(html) if tag == "a"]
+    assert hrefs == ["https://learn.microsoft.com"]
+    assert 'rel="noopener noreferrer nofollow"' in html
+
+
+def test_image_becomes_a_link_so_no_third_party_fetch() -> None:
+    html = render_markdown("![diagram](https://cdn.example/d.png)")
+    assert elements(html) == [
+        ("p", {}),
+        ("a", {"href": "https://cdn.example/d.png", "rel": "noopener noreferrer nofollow"}),
+    ]
+    assert "[image: diagram]" in html
+
+
+def test_mermaid_fence_survives_as_marked_block() -> None:
+    source = "flowchart TD\n  user[User] --> gw[Application Gateway]\n  gw --> app"
+    html = render_markdown(f"## Diagram\n\n```mermaid\n{source}\n```\n")
+    assert '<pre class="mermaid-source"><code>' in html
+    # Escaped for HTML; the browser's textContent gives mermaid the original source back.
+    assert "user[User] --&gt; gw[Application Gateway]" in html
+
+
+def test_mermaid_source_cannot_smuggle_markup() -> None:
+    html = render_markdown("```mermaid\nflowchart TD\n  A[<img src=x onerror=alert(1)>] --> B\n```")
+    assert_inert(html)
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+
+
+def test_code_fence_keeps_a_safe_language_class_only() -> None:
+    html = render_markdown('```hcl\nresource "azurerm_resource_group" "rg" {}\n```')
+    assert '<pre><code class="language-hcl">' in html
+    hostile = render_markdown("```hcl onclick=alert(1)\nx\n```")
+    assert "onclick" not in hostile
+
+
+def test_tables_and_lists_render() -> None:
+    html = render_markdown("| Service | SKU |\n|:--|--:|\n| App Service | P1v3 |\n\n- one\n- two\n")
+    tags = [tag for tag, _ in elements(html)]
+    assert {"table", "thead", "tbody", "th", "td", "ul", "li"} <= set(tags)
+    assert "style=" not in html  # alignment styles are dropped with every other style
+
+
+def test_sanitize_html_strips_handlers_from_allowed_tags() -> None:
+    cleaned = sanitize_html(
+        '<p onclick="x()">hi <a href="javascript:x()" onmouseover="y()">a</a></p>'
+    )
+    assert_inert(cleaned)
+    assert "hi" in cleaned
+
+
+def test_empty_text_renders_empty() -> None:
+    assert render_markdown("") == ""
+
+
+def test_labelled_lines_become_separate_paragraphs() -> None:
+    audit = (
+        "VERDICT: NEEDS REVISION\nSUMMARY: Close, but not yet.\nSTRENGTHS:\n- Managed services\n"
+        "REQUIRED CHANGES:\n- Add a WAF\n"
+    )
+    html = render_markdown(separate_labels(audit))
+    assert "<p><strong>Verdict:</strong> NEEDS REVISION</p>" in html
+    assert "<p><strong>Summary:</strong> Close, but not yet.</p>" in html
+    # The label after a list starts a new block instead of joining the list's last item.
+    assert "<li>Managed services</li>\n</ul>\n<p><strong>Required changes</strong></p>" in html
+    assert "<li>Add a WAF</li>" in html

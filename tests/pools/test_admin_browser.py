@@ -1,0 +1,176 @@
+"""A staff user logs in to the real admin in headless Chromium and sees the pool chart.
+
+`manage.py serve` runs in a child process with its own SQLite database and simulator port;
+the staff user and an hour of snapshots are created beforehand with `manage.py shell -c`
+under the same environment. Nothing is mocked, and no browser is downloaded: Debian's
+chromium is driven through playwright.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.pools.test_serve import free_port
+
+pytestmark = pytest.mark.browser
+
+CHROMIUM = Path("/usr/bin/chromium")
+ROOT = Path(__file__).resolve().parents[2]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+USERNAME = "pool-staff"
+PASSWORD = f"pw-{uuid.uuid4().hex}"
+SCREENSHOT = Path("/tmp/carlos-admin-pool-chart.png")
+
+# An hour of history for two pools, one row a minute: main fills up and overflows at the
+# end, mini stays idle. The staff user is created in the same shell.
+SETUP = f"""
+from datetime import timedelta
+from django.contrib.auth.models import User
+from django.utils import timezone
+from pools.models import PoolSnapshot
+
+User.objects.create_superuser({USERNAME!r}, "staff@example.com", {PASSWORD!r})
+start = timezone.now() - timedelta(hours=1)
+rows = []
+for minute in range(60):
+    in_use = min(14, minute // 4)
+    rows.append(PoolSnapshot(
+        taken_at=start + timedelta(minutes=minute), instance="browser:1", pool="main",
+        size=10, in_use=in_use, available=max(0, 10 - in_use),
+        overflow_in_use=max(0, in_use - 10), waiting=max(0, minute - 55), requests=minute,
+    ))
+    rows.append(PoolSnapshot(
+        taken_at=start + timedelta(minutes=minute), instance="browser:1", pool="mini",
+        size=10, in_use=1, available=9, overflow_in_use=0, waiting=0,
+    ))
+PoolSnapshot.objects.bulk_create(rows)
+"""
+
+
+def run_manage(env: dict[str, str], *args: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "manage.py"), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def served_admin(tmp_path):
+    port, simulator_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "carlos.settings",
+        "DJANGO_DEBUG": "1",
+        "DATABASE_URL": f"sqlite:////tmp/carlos-admin-browser-{uuid.uuid4().hex}.sqlite3",
+        "LLM_SIMULATOR_PORT": str(simulator_port),
+        "POOL_SNAPSHOT_INTERVAL": "0",  # only the rows made here, so the chart is known
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL"):
+        env.pop(name, None)
+    database = Path(env["DATABASE_URL"].removeprefix("sqlite:///"))
+    run_manage(env, "migrate", "--verbosity", "0")
+    run_manage(env, "shell", "-c", SETUP)
+    log = tmp_path / "serve.log"
+    with log.open("w") as out:
+        server = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--migrate", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"manage.py serve exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                if response.status == 200:
+                    break
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        if time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"/health never answered 200:\n{log.read_text()}")
+        time.sleep(0.2)
+    try:
+        yield base
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        database.unlink(missing_ok=True)
+
+
+@pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"
+)
+def test_staff_logs_in_and_sees_the_pool_chart(served_admin):
+    from playwright.sync_api import sync_playwright
+
+    base = served_admin
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1000})
+            page.goto(f"{base}/admin/pools/poolsnapshot/")
+            assert "/admin/login/" in page.url  # anonymous: sent to log in first
+            page.fill("#id_username", USERNAME)
+            page.fill("#id_password", PASSWORD)
+            page.click("input[type=submit]")
+            page.wait_for_url("**/admin/pools/poolsnapshot/")
+
+            chart = page.locator("#pool-history-chart svg.pool-chart")
+            chart.wait_for()
+            page.screenshot(path=str(SCREENSHOT), full_page=True)
+            assert page.locator("#pool-history-chart h2").inner_text() == "Pools over time"
+            panels = chart.locator("g.pool-panel")
+            assert panels.count() == 2
+            assert panels.nth(0).get_attribute("data-pool") == "main"
+            assert panels.nth(0).get_attribute("data-y-max") == "20"  # 14 in use at the peak
+            # The browser lays the lines out: each has a real drawn length.
+            for series in ("in_use", "available", "overflow", "waiting"):
+                line = panels.nth(0).locator(f'polyline[data-series="{series}"]')
+                assert len(line.get_attribute("points").split()) == 60
+                assert line.evaluate("element => element.getTotalLength()") > 100
+            # It scales to the column it is in, keeping its proportions (760 x 402).
+            box = chart.bounding_box()
+            assert box is not None and box["width"] >= 300
+            assert box["height"] == pytest.approx(box["width"] * 402 / 760, abs=2)
+            assert "120 pool snapshots" in page.inner_text("#changelist")
+
+            # The pool filter redraws the chart for that pool only.
+            page.click("#changelist-filter >> text=mini")
+            page.wait_for_url("**pool=mini**")
+            panels = page.locator("#pool-history-chart g.pool-panel")
+            assert panels.count() == 1
+            assert panels.nth(0).get_attribute("data-pool") == "mini"
+        finally:
+            browser.close()
