@@ -12,13 +12,18 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
 import re
 import statistics
+import subprocess
+import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
+import httpx
 from asgiref.sync import async_to_sync
+from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
@@ -28,6 +33,9 @@ from agents.options import ANALYST_AGENTS, DESIGN_AGENTS
 from agents.pipeline import create_design
 from agents.simulated import agent_of, carlos_responder, in_process_endpoint
 from agents.tasks import start_design
+from pools import runtime
+from pools.config import parse_config
+from pools.registry import PoolRegistry
 from pools.runtime import get_pool
 from pools.simulator import ChatRequest, SimulatorConfig, tokenize
 
@@ -78,13 +86,9 @@ class PacedResponder:
     scale: float
     tokens_per_second: float
     brief: bool = False
-    planned: dict[tuple[int, str, int], float] = field(default_factory=dict)
 
     def plan(self, number: int, agent: str) -> float:
-        low, high = STAGE_SECONDS[agent]
-        digest = hashlib.sha256(f"{number}:{agent}".encode()).digest()
-        fraction = int.from_bytes(digest[:4], "big") / 2**32
-        return self.scale * (low + (high - low) * fraction)
+        return planned_seconds(number, agent, self.scale)
 
     async def __call__(self, request: ChatRequest) -> str:
         text = carlos_responder(request)
@@ -97,21 +101,54 @@ class PacedResponder:
         number = int(match[1])
         streaming = len(tokenize(text)) / self.tokens_per_second if self.tokens_per_second else 0
         duration = max(self.plan(number, agent), streaming)
-        key = (number, agent, len(request.messages))
-        self.planned[key] = self.planned.get(key, 0.0) + duration
         await asyncio.sleep(duration - streaming)
         return text
 
-    def critical_path(self, number: int) -> float:
-        """The design's planned time if nothing waited: its sequential stages added up."""
 
-        def stage(agents: tuple[str, ...]) -> float:
-            return max(
-                sum(v for (n, a, _), v in self.planned.items() if n == number and a == agent)
-                for agent in agents
-            )
+def planned_seconds(number: int, agent: str, scale: float) -> float:
+    """The planned time of `agent` in design `number`: drawn from its stage's range, fixed."""
+    low, high = STAGE_SECONDS[agent]
+    digest = hashlib.sha256(f"{number}:{agent}".encode()).digest()
+    fraction = int.from_bytes(digest[:4], "big") / 2**32
+    return scale * (low + (high - low) * fraction)
 
-        return sum(stage(agents) for agents in STAGES.values())
+
+_from_env: PacedResponder | None = None
+
+
+async def paced_responder(request: ChatRequest) -> str:
+    """The responder of a simulator run as a child process (`--responder` of llm_simulator):
+    the benchmark passes its scale, pace and answer length through the environment."""
+    global _from_env
+    if _from_env is None:
+        _from_env = PacedResponder(
+            scale=float(os.environ["CARLOS_BENCHMARK_SCALE"]),
+            tokens_per_second=float(os.environ["CARLOS_BENCHMARK_TPS"]),
+            brief=os.environ.get("CARLOS_BENCHMARK_BRIEF") == "1",
+        )
+    return await _from_env(request)
+
+
+def critical_path_of_runs(
+    runs: list[AgentRun], number_of: dict[int, int], scale: float, tokens_per_second: float
+) -> dict[int, float]:
+    """Each design's planned time if nothing waited, from what its agents really streamed.
+
+    Per call the simulator takes max(planned stage time, tokens / pace); a stage's time is
+    its slowest member's (revision rounds add up), and the stages follow one another.
+    """
+    spent: dict[tuple[int, str], float] = {}
+    for run in runs:
+        number = number_of[run.design_id]
+        streaming = run.tokens_out / tokens_per_second if tokens_per_second else 0.0
+        key = (number, run.agent)
+        spent[key] = spent.get(key, 0.0) + max(planned_seconds(number, run.agent, scale), streaming)
+    return {
+        number: sum(
+            max(spent.get((number, agent), 0.0) for agent in agents) for agents in STAGES.values()
+        )
+        for number in set(number_of.values())
+    }
 
 
 def condense(agent: str, text: str) -> str:
@@ -152,8 +189,8 @@ def _percentile(values: list[float], share: float) -> float:
 
 class Command(BaseCommand):
     help = (
-        "Run N concurrent designs through the real pipeline and pools against an in-process "
-        "simulator paced like the original's stage latencies times --scale, and report the "
+        "Run N concurrent designs through the real pipeline and pools against the simulator "
+        "(a child process) paced like the original's stage latencies times --scale, and report the "
         "wall time against the critical path (target: within 1.15x). Designs are written to "
         "the configured database, owned by a 'benchmark' user."
     )
@@ -163,8 +200,15 @@ class Command(BaseCommand):
         parser.add_argument(
             "--scale",
             type=float,
-            default=0.02,
-            help="Multiplier of the original's stage latencies (0.02: a 25 s design takes 0.5 s).",
+            default=1.0,
+            help="Multiplier of the original's stage latencies (default 1: as documented; 0.1 "
+            "makes a 25 s design take 2.5 s, streaming the same tokens ten times as fast).",
+        )
+        parser.add_argument(
+            "--inline-simulator",
+            action="store_true",
+            help="Run the simulator inside this process instead of a child process (it then "
+            "competes with the pipeline for the same CPU, unlike a real endpoint).",
         )
         parser.add_argument(
             "--tokens-per-second",
@@ -194,7 +238,12 @@ class Command(BaseCommand):
         if tps is None:
             tps = REAL_TOKENS_PER_SECOND / options["scale"]
         report = async_to_sync(self._benchmark)(
-            owner, options["designs"], options["scale"], tps, options["brief"]
+            owner,
+            options["designs"],
+            options["scale"],
+            tps,
+            options["brief"],
+            options["inline_simulator"],
         )
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
@@ -202,35 +251,46 @@ class Command(BaseCommand):
             self.stdout.write(render_report(report))
 
     async def _benchmark(
-        self, owner: Any, count: int, scale: float, tokens_per_second: float, brief: bool
+        self,
+        owner: Any,
+        count: int,
+        scale: float,
+        tokens_per_second: float,
+        brief: bool,
+        inline: bool,
     ) -> dict[str, Any]:
-        responder = PacedResponder(scale, tokens_per_second, brief)
-        config = SimulatorConfig(tokens_per_second=tokens_per_second)
-        async with in_process_endpoint(config, responder=responder) as simulator:
-            pool = get_pool()
-            await pool.initialize()
+        if inline:
+            responder = PacedResponder(scale, tokens_per_second, brief)
+            config = SimulatorConfig(tokens_per_second=tokens_per_second)
+            async with in_process_endpoint(config, responder=responder) as simulator:
+                measured = await self._run(owner, count)
+                peak = simulator.stats.peak_in_flight
+        else:
+            process, base_url = await asyncio.to_thread(
+                start_simulator_process, scale, tokens_per_second, brief
+            )
+            raw = {**settings.CARLOS_POOLS, "ENDPOINT": {"SIMULATOR_URL": base_url}}
+            registry = PoolRegistry(parse_config(raw))
+            previous = runtime.install(registry)
             try:
-                designs = [
-                    await create_design(
-                        owner, f"Benchmark design {n}: {REQUESTS[n % len(REQUESTS)]}"
-                    )
-                    for n in range(1, count + 1)
-                ]
-                cpu_started = time.process_time()
-                started = time.perf_counter()
-                await asyncio.gather(*(start_design(design.pk) for design in designs))
-                wall = time.perf_counter() - started
-                cpu = time.process_time() - cpu_started
-                stats = pool.stats()
-                simulator_stats = simulator.stats.as_dict()
+                measured = await self._run(owner, count)
+                async with httpx.AsyncClient() as client:
+                    stats = await client.get(base_url.removesuffix("/v1") + "/_simulator/stats")
+                peak = stats.json()["peak_in_flight"]
             finally:
-                await pool.close()
+                runtime.install(previous)
+                if not registry.closed:
+                    await registry.close()
+                process.terminate()
+                await asyncio.to_thread(process.wait, 10)
+        designs, wall, cpu, stats = measured
         ids = [design.pk for design in designs]
+        number_of = {design.pk: number for number, design in enumerate(designs, start=1)}
         statuses = [
             s async for s in Design.objects.filter(pk__in=ids).values_list("status", flat=True)
         ]
         runs = [run async for run in AgentRun.objects.filter(design_id__in=ids)]
-        critical = [responder.critical_path(n) for n in range(1, count + 1)]
+        critical = list(critical_path_of_runs(runs, number_of, scale, tokens_per_second).values())
         longest = max(critical)
         chunks = sum(run.tokens_out for run in runs)
         return {
@@ -239,6 +299,7 @@ class Command(BaseCommand):
             "scale": scale,
             "tokens_per_second": tokens_per_second,
             "answers": "brief" if brief else "full",
+            "simulator": "in-process" if inline else "child process",
             "pools": {
                 name: {
                     "size": data["total"],
@@ -267,8 +328,58 @@ class Command(BaseCommand):
             "cpu_time_s": round(cpu, 3),
             "chunks_streamed": chunks,
             "cpu_us_per_chunk": round(cpu / chunks * 1e6, 1) if chunks else None,
-            "simulator_peak_in_flight": simulator_stats["peak_in_flight"],
+            "simulator_peak_in_flight": peak,
         }
+
+    async def _run(self, owner: Any, count: int) -> tuple[list[Design], float, float, dict]:
+        """Warm the pools, start every design at once, wait for all; close the pools."""
+        pool = get_pool()
+        await pool.initialize()
+        try:
+            designs = [
+                await create_design(owner, f"Benchmark design {n}: {REQUESTS[n % len(REQUESTS)]}")
+                for n in range(1, count + 1)
+            ]
+            cpu_started = time.process_time()
+            started = time.perf_counter()
+            await asyncio.gather(*(start_design(design.pk) for design in designs))
+            wall = time.perf_counter() - started
+            cpu = time.process_time() - cpu_started
+            return designs, wall, cpu, pool.stats()
+        finally:
+            await pool.close()
+
+
+def start_simulator_process(
+    scale: float, tokens_per_second: float, brief: bool
+) -> tuple[subprocess.Popen, str]:
+    """The paced simulator in its own process, as a real endpoint runs on other CPUs."""
+    env = {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "CARLOS_BENCHMARK_SCALE": str(scale),
+        "CARLOS_BENCHMARK_TPS": str(tokens_per_second),
+        "CARLOS_BENCHMARK_BRIEF": "1" if brief else "0",
+    }
+    command = [
+        sys.executable,
+        str(settings.BASE_DIR / "manage.py"),
+        "llm_simulator",
+        "--port",
+        "0",
+        "--tokens-per-second",
+        str(tokens_per_second),
+        "--responder",
+        f"{__name__}.paced_responder",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = re.search(r"(https?://\S+/v1)", line)
+    if not match:
+        process.kill()
+        raise CommandError(f"the simulator did not start: {line.strip()!r}")
+    return process, match.group(1)
 
 
 def stage_rows(runs: list[AgentRun], scale: float) -> list[dict[str, Any]]:
@@ -307,7 +418,7 @@ def render_report(report: dict[str, Any]) -> str:
         f"  designs            {report['designs']} concurrent, "
         f"{report['succeeded']}/{report['designs']} succeeded",
         f"  scale              {report['scale']:g} x the original's stage latencies",
-        f"  simulator          in-process, {report['answers']} answers, "
+        f"  simulator          {report['simulator']}, {report['answers']} answers, "
         f"{report['tokens_per_second']:g} tokens/s per stream, "
         f"peak {report['simulator_peak_in_flight']} requests in flight",
         f"  pools              {pools}",
