@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,7 +90,13 @@ def main(argv: list[str]) -> int:
         env.setdefault("DJANGO_DEBUG", "1")
         manage = [python, str(ROOT / "manage.py")]
         subprocess.run([*manage, "migrate", "--verbosity", "0"], check=True, cwd=ROOT, env=env)
-        return subprocess.run([*manage, "serve", *argv[1:]], cwd=ROOT, env=env).returncode
+        server = subprocess.Popen([*manage, "serve", *argv[1:]], cwd=ROOT, env=env)
+        # A SIGTERM to this script (a supervisor, `timeout`) stops the server cleanly too.
+        signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
+        try:
+            return server.wait()
+        except KeyboardInterrupt:  # Ctrl-C reached the server too; let it finish closing
+            return server.wait()
     lint = subprocess.run([python, "-m", "ruff", "check", "."], cwd=ROOT, env=env)
     if lint.returncode:
         return lint.returncode

@@ -139,3 +139,18 @@ async def test_pool_over_tls_reuses_its_connections(make_registry, simulator_fac
         assert simulator.stats.connections_accepted == 2
     finally:
         await registry.close()
+
+
+def test_a_killed_server_takes_its_simulator_with_it(served):
+    _, process, _, simulator_port = served
+    assert get_json(f"http://127.0.0.1:{simulator_port}/_simulator/stats")[0] == 200
+    process.send_signal(signal.SIGKILL)  # no shutdown hook runs
+    process.wait()
+    deadline = time.monotonic() + 20  # generous: only keeps a broken build from hanging
+    while time.monotonic() < deadline:
+        try:
+            get_json(f"http://127.0.0.1:{simulator_port}/_simulator/stats")
+        except OSError:
+            return  # the orphaned simulator was stopped by the kernel's parent-death signal
+        time.sleep(0.1)
+    pytest.fail("the simulator outlived its killed server")

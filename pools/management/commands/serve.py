@@ -8,8 +8,11 @@ also starts the offline simulator in a child process and stops it on exit.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import logging
 import os
+import signal
 import subprocess
 import sys
 from typing import Any
@@ -26,7 +29,17 @@ from pools.sampler import SnapshotSampler, start_sampler
 
 logger = logging.getLogger("pools")
 
-SIMULATOR_READY_TIMEOUT_S = 30.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when this server dies, even by
+    SIGKILL, so a killed server never leaves an orphaned simulator holding its port."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the server's own shutdown still stops the child
 
 
 class Command(BaseCommand):
@@ -155,7 +168,11 @@ class Command(BaseCommand):
         if parts.scheme == "https":
             command.append("--tls")
         process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+            command,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=die_with_parent,
         )
         assert process.stdout is not None
         line = process.stdout.readline()  # start-up only, before the event loop runs
