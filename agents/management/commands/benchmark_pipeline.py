@@ -15,8 +15,6 @@ import json
 import os
 import re
 import statistics
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +36,7 @@ from pools.config import parse_config
 from pools.registry import PoolRegistry
 from pools.runtime import get_pool
 from pools.simulator import ChatRequest, SimulatorConfig, tokenize
+from pools.simulator_process import start_simulator
 
 BENCHMARK_USERNAME = "benchmark"
 TARGET_RATIO = 1.15
@@ -266,23 +265,36 @@ class Command(BaseCommand):
                 measured = await self._run(owner, count)
                 peak = simulator.stats.peak_in_flight
         else:
-            process, base_url = await asyncio.to_thread(
-                start_simulator_process, scale, tokens_per_second, brief
+            simulator = await asyncio.to_thread(
+                start_simulator,
+                [
+                    "--port",
+                    "0",
+                    "--tokens-per-second",
+                    str(tokens_per_second),
+                    "--responder",
+                    f"{__name__}.paced_responder",
+                ],
+                {
+                    "CARLOS_BENCHMARK_SCALE": str(scale),
+                    "CARLOS_BENCHMARK_TPS": str(tokens_per_second),
+                    "CARLOS_BENCHMARK_BRIEF": "1" if brief else "0",
+                },
             )
+            base_url = simulator.base_url
             raw = {**settings.CARLOS_POOLS, "ENDPOINT": {"SIMULATOR_URL": base_url}}
             registry = PoolRegistry(parse_config(raw))
             previous = runtime.install(registry)
             try:
                 measured = await self._run(owner, count)
                 async with httpx.AsyncClient() as client:
-                    stats = await client.get(base_url.removesuffix("/v1") + "/_simulator/stats")
+                    stats = await client.get(simulator.root_url + "/_simulator/stats")
                 peak = stats.json()["peak_in_flight"]
             finally:
                 runtime.install(previous)
                 if not registry.closed:
                     await registry.close()
-                process.terminate()
-                await asyncio.to_thread(process.wait, 10)
+                await asyncio.to_thread(simulator.stop)
         designs, wall, cpu, stats = measured
         ids = [design.pk for design in designs]
         number_of = {design.pk: number for number, design in enumerate(designs, start=1)}
@@ -348,38 +360,6 @@ class Command(BaseCommand):
             return designs, wall, cpu, pool.stats()
         finally:
             await pool.close()
-
-
-def start_simulator_process(
-    scale: float, tokens_per_second: float, brief: bool
-) -> tuple[subprocess.Popen, str]:
-    """The paced simulator in its own process, as a real endpoint runs on other CPUs."""
-    env = {
-        **os.environ,
-        "PYTHONUNBUFFERED": "1",
-        "CARLOS_BENCHMARK_SCALE": str(scale),
-        "CARLOS_BENCHMARK_TPS": str(tokens_per_second),
-        "CARLOS_BENCHMARK_BRIEF": "1" if brief else "0",
-    }
-    command = [
-        sys.executable,
-        str(settings.BASE_DIR / "manage.py"),
-        "llm_simulator",
-        "--port",
-        "0",
-        "--tokens-per-second",
-        str(tokens_per_second),
-        "--responder",
-        f"{__name__}.paced_responder",
-    ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    match = re.search(r"(https?://\S+/v1)", line)
-    if not match:
-        process.kill()
-        raise CommandError(f"the simulator did not start: {line.strip()!r}")
-    return process, match.group(1)
 
 
 def stage_rows(runs: list[AgentRun], scale: float) -> list[dict[str, Any]]:

@@ -5,17 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from pools.benchmark import format_report, run_benchmark
+from pools.simulator_process import start_simulator
 
 
 class Command(BaseCommand):
@@ -53,7 +50,10 @@ class Command(BaseCommand):
             raise CommandError("--rounds must be at least 5")
         with tempfile.TemporaryDirectory() as tmp:
             ca_file = str(Path(tmp) / "simulator-ca.pem")
-            process, base_url = self._start_simulator(ca_file, options["rtt_ms"])
+            simulator = start_simulator(
+                ["--port", "0", "--tls", "--ca-file", ca_file, "--rtt-ms", str(options["rtt_ms"])]
+            )
+            base_url = simulator.base_url
             try:
                 report = asyncio.run(
                     run_benchmark(
@@ -65,8 +65,7 @@ class Command(BaseCommand):
                     )
                 )
             finally:
-                process.terminate()
-                process.wait(timeout=10)
+                simulator.stop()
         summary = report.summary()
         summary["setup"] = {"tls": True, "rtt_ms": options["rtt_ms"], "pool_size": options["size"]}
         if options["json"]:
@@ -77,27 +76,3 @@ class Command(BaseCommand):
                 f"pool size {options['size']}"
             )
             self.stdout.write(format_report(summary))
-
-    def _start_simulator(self, ca_file: str, rtt_ms: float) -> tuple[subprocess.Popen, str]:
-        command = [
-            sys.executable,
-            str(settings.BASE_DIR / "manage.py"),
-            "llm_simulator",
-            "--port",
-            "0",
-            "--tls",
-            "--ca-file",
-            ca_file,
-            "--rtt-ms",
-            str(rtt_ms),
-        ]
-        process = subprocess.Popen(
-            command, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r"(https://\S+/v1)", line)
-        if not match:
-            process.kill()
-            raise CommandError(f"the simulator did not start: {line.strip()!r}")
-        return process, match.group(1)

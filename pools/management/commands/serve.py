@@ -8,17 +8,10 @@ also starts the offline simulator in a child process and stops it on exit.
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import ctypes.util
 import logging
-import os
-import signal
-import subprocess
-import sys
 from typing import Any
 from urllib.parse import urlsplit
 
-from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
@@ -26,20 +19,9 @@ from pools.metrics import metrics_for
 from pools.registry import PoolRegistry
 from pools.runtime import get_pool
 from pools.sampler import SnapshotSampler, start_sampler
+from pools.simulator_process import SimulatorDidNotStart, SimulatorProcess, start_simulator
 
 logger = logging.getLogger("pools")
-
-PR_SET_PDEATHSIG = 1  # prctl(2)
-
-
-def die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGTERM it when this server dies, even by
-    SIGKILL, so a killed server never leaves an orphaned simulator holding its port."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):
-        pass  # not Linux: the server's own shutdown still stops the child
 
 
 class Command(BaseCommand):
@@ -122,11 +104,7 @@ class Command(BaseCommand):
             server.run()
         finally:
             if simulator is not None:
-                simulator.terminate()
-                try:
-                    simulator.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    simulator.kill()
+                simulator.stop()
 
     async def _warm_up(self, options: dict[str, Any]) -> None:
         registry = get_pool()
@@ -153,12 +131,9 @@ class Command(BaseCommand):
                 logger.exception("stopping the pool snapshot sampler failed")
         await registry.close()
 
-    def _start_simulator(self, base_url: str, options: dict[str, Any]) -> subprocess.Popen:
+    def _start_simulator(self, base_url: str, options: dict[str, Any]) -> SimulatorProcess:
         parts = urlsplit(base_url)
-        command = [
-            sys.executable,
-            str(settings.BASE_DIR / "manage.py"),
-            "llm_simulator",
+        arguments = [
             "--host",
             parts.hostname or "127.0.0.1",
             "--port",
@@ -166,21 +141,13 @@ class Command(BaseCommand):
             *options["simulator_args"].split(),
         ]
         if parts.scheme == "https":
-            command.append("--tls")
-        process = subprocess.Popen(
-            command,
-            stdout=subprocess.PIPE,
-            text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=die_with_parent,
-        )
-        assert process.stdout is not None
-        line = process.stdout.readline()  # start-up only, before the event loop runs
-        if "listening" not in line:
-            process.kill()
+            arguments.append("--tls")
+        try:
+            simulator = start_simulator(arguments)
+        except SimulatorDidNotStart as exc:
             raise CommandError(
-                f"the offline LLM simulator did not start (it said {line.strip()!r}); is port "
-                f"{parts.port} already in use? Run with --no-simulator if one already runs."
-            )
-        self.stdout.write(f"🤖 Offline LLM simulator: {line.strip()}")
-        return process
+                f"{exc}; is port {parts.port} already in use? Run with --no-simulator if one "
+                "already runs."
+            ) from None
+        self.stdout.write(f"🤖 Offline LLM simulator: {simulator.ready_line}")
+        return simulator

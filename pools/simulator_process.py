@@ -1,0 +1,81 @@
+"""Run the offline simulator as a child process, as `serve` and the benchmarks do.
+
+A child process is what a real endpoint is to Carlos: on other CPUs, reached over sockets.
+The child is asked to die with its parent (Linux `PR_SET_PDEATHSIG`), so a killed server
+never leaves an orphaned simulator holding its port.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from django.conf import settings
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
+_READY = re.compile(r"listening on (https?://\S+/v1)")
+
+
+class SimulatorDidNotStart(RuntimeError):
+    pass
+
+
+@dataclass
+class SimulatorProcess:
+    process: subprocess.Popen
+    base_url: str
+    ready_line: str
+
+    @property
+    def root_url(self) -> str:
+        return self.base_url.removesuffix("/v1")
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def die_with_parent() -> None:
+    """In the child, before exec: have Linux SIGTERM it when the parent dies, even by SIGKILL."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass  # not Linux: the parent's own shutdown still stops the child
+
+
+def start_simulator(
+    arguments: Sequence[str], env: Mapping[str, str] | None = None
+) -> SimulatorProcess:
+    """`manage.py llm_simulator ARGUMENTS` in a child; returns once it listens (blocking).
+
+    Call it at start-up or through `asyncio.to_thread`, never on a running event loop.
+    """
+    command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "llm_simulator", *arguments]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        preexec_fn=die_with_parent,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    match = _READY.search(line)
+    if not match:
+        process.kill()
+        process.wait()
+        raise SimulatorDidNotStart(f"the offline LLM simulator did not start: {line.strip()!r}")
+    return SimulatorProcess(process, match.group(1), line.strip())
