@@ -3,19 +3,29 @@
 A view or consumer starts a design and returns; the task is kept alive here (the event loop
 itself only holds weak references to tasks) until the pipeline reaches a terminal status.
 Designs a stopped server left behind are marked INTERRUPTED at the next start and can be
-retried.
+retried. With REDIS_URL set, several instances share one database: each running design is
+then claimed in Redis by the instance that runs it (a key renewed while it runs, expiring
+within the lease time if that process dies), and an instance starting up marks only the
+unfinished designs that no live instance claims.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import AsyncIterator, Iterable
 
+import redis
+import redis.asyncio as aioredis
 from django.db import transaction
 from django.utils import timezone
+from redis.exceptions import RedisError
 
 from agents.models import AgentRun, Design
 from agents.pipeline import DesignNotRunnable, EventPublisher, run_design
+from pools.config import ClusterConfig
+from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")
 
@@ -28,10 +38,89 @@ def start_design(design_id: int) -> asyncio.Task[None]:
     existing = _running.get(design_id)
     if existing is not None and not existing.done():
         return existing
-    task = asyncio.get_running_loop().create_task(run_design(design_id), name=f"design-{design_id}")
+    task = asyncio.get_running_loop().create_task(
+        _run_claimed(design_id), name=f"design-{design_id}"
+    )
     _running[design_id] = task
     task.add_done_callback(lambda done: _forget(design_id, done))
     return task
+
+
+async def _run_claimed(design_id: int) -> None:
+    async with claimed(design_id):
+        await run_design(design_id)
+
+
+def claim_key(cluster: ClusterConfig, design_id: int) -> str:
+    return f"{cluster.prefix}:design:{design_id}:owner"
+
+
+@contextlib.asynccontextmanager
+async def claimed(design_id: int) -> AsyncIterator[None]:
+    """While the block runs, Redis names this instance as the one running `design_id`.
+
+    Why: another instance starting on the same database must not mark this design
+    interrupted. The key lives for the lease time and is renewed every third of it, so a
+    killed process's claims vanish as its pool leases do. Without REDIS_URL this does
+    nothing; if Redis fails, the design runs anyway (unclaimed) and the failure is logged.
+    """
+    registry = get_pool()
+    cluster = registry.config.cluster
+    if cluster is None or registry.cluster is None:
+        yield
+        return
+    client = aioredis.from_url(
+        cluster.url,
+        socket_timeout=cluster.redis_timeout,
+        socket_connect_timeout=cluster.redis_timeout,
+    )
+    key, owner = claim_key(cluster, design_id), registry.cluster.instance
+    ttl_ms = max(1, int(cluster.lease_seconds * 1000))
+    failing = False
+
+    async def claim() -> None:
+        nonlocal failing
+        try:
+            await client.set(key, owner, px=ttl_ms)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if not failing:
+                logger.warning("design %s: cannot claim it in Redis (%s)", design_id, exc)
+            failing = True
+        else:
+            failing = False
+
+    async def renew() -> None:
+        while True:
+            await asyncio.sleep(cluster.lease_seconds / 3)
+            await claim()  # also claims it again once Redis is back
+
+    await claim()
+    renewer = asyncio.get_running_loop().create_task(renew())
+    try:
+        yield
+    finally:
+        renewer.cancel()
+        await asyncio.gather(renewer, return_exceptions=True)
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await client.delete(key)
+        await client.aclose()
+
+
+def claimed_elsewhere(cluster: ClusterConfig, design_ids: Iterable[int]) -> set[int]:
+    """The designs among `design_ids` that a live instance claims (raises RedisError)."""
+    ids = list(design_ids)
+    if not ids:
+        return set()
+    client = redis.Redis.from_url(
+        cluster.url,
+        socket_timeout=cluster.redis_timeout,
+        socket_connect_timeout=cluster.redis_timeout,
+    )
+    try:
+        owners = client.mget([claim_key(cluster, design_id) for design_id in ids])
+    finally:
+        client.close()
+    return {design_id for design_id, owner in zip(ids, owners, strict=True) if owner}
 
 
 def _forget(design_id: int, task: asyncio.Task[None]) -> None:
@@ -81,15 +170,36 @@ async def retry_design(design_id: int) -> asyncio.Task[None]:
 def mark_interrupted() -> int:
     """At server start: designs left QUEUED or RUNNING by a stopped server become INTERRUPTED.
 
-    Returns how many. Only call it where no other process runs designs on the same database.
+    Returns how many. With REDIS_URL set, designs a live instance claims (see `claimed`) are
+    left alone, and if Redis cannot be asked nothing is marked: a design wrongly left
+    unfinished can be marked at a later start, a live design wrongly interrupted is lost.
+    Without REDIS_URL, only call it where no other process runs designs on the same database.
     """
     now = timezone.now()
-    unfinished = (Design.Status.QUEUED, Design.Status.RUNNING)
+    unfinished = Design.objects.filter(status__in=(Design.Status.QUEUED, Design.Status.RUNNING))
+    cluster = get_pool().config.cluster
+    if cluster is not None:
+        candidates = list(unfinished.values_list("pk", flat=True))
+        try:
+            alive = claimed_elsewhere(cluster, candidates)
+        except (RedisError, OSError) as exc:
+            logger.warning(
+                "cannot ask Redis which unfinished designs live instances run (%s): "
+                "none marked interrupted",
+                exc,
+            )
+            return 0
+        if alive:
+            logger.info("%d unfinished design(s) left alone: live instances run them", len(alive))
+        unfinished = Design.objects.filter(
+            pk__in=[pk for pk in candidates if pk not in alive],
+            status__in=(Design.Status.QUEUED, Design.Status.RUNNING),
+        )
     with transaction.atomic():
-        AgentRun.objects.filter(
-            status=AgentRun.Status.RUNNING, design__status__in=unfinished
-        ).update(status=AgentRun.Status.FAILED, error=INTERRUPTED_ERROR, finished_at=now)
-        count = Design.objects.filter(status__in=unfinished).update(
+        AgentRun.objects.filter(status=AgentRun.Status.RUNNING, design__in=unfinished).update(
+            status=AgentRun.Status.FAILED, error=INTERRUPTED_ERROR, finished_at=now
+        )
+        count = unfinished.update(
             status=Design.Status.INTERRUPTED, error=INTERRUPTED_ERROR, finished_at=now
         )
     if count:

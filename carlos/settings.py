@@ -93,11 +93,13 @@ LOGOUT_REDIRECT_URL = "login"
 # state and live design streams are shared through Redis (a browser on instance B sees a
 # design running on instance A). Without it, each process stands alone.
 REDIS_URL = env.str("REDIS_URL", default="")
+# Every key Carlos writes starts with this: two clusters can share one Redis database.
+REDIS_PREFIX = env.str("REDIS_PREFIX", default="carlos")
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": "carlos:channels"},
+            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:channels"},
         }
     }
 else:
@@ -129,6 +131,10 @@ def _pool_env(name: str, model: str, temperature: float) -> dict:
         "MAX_OVERFLOW": env.str(f"{prefix}MAX_OVERFLOW", default=None),
         "TIMEOUT": env.str(f"{prefix}TIMEOUT", default="30"),
         "MAX_WAITING": env.str(f"{prefix}MAX_WAITING", default=None),
+        "FIRST_TOKEN_TIMEOUT": env.str(f"{prefix}FIRST_TOKEN_TIMEOUT", default="30"),
+        "IDLE_TIMEOUT": env.str(f"{prefix}IDLE_TIMEOUT", default="30"),
+        "CALL_TIMEOUT": env.str(f"{prefix}CALL_TIMEOUT", default="180"),
+        "MAX_RETRIES": env.str(f"{prefix}MAX_RETRIES", default="2"),
     }
 
 
@@ -157,7 +163,9 @@ CARLOS_POOLS = {
     },
     "CLUSTER": {
         "REDIS_URL": REDIS_URL,
+        "PREFIX": REDIS_PREFIX,
         "LEASE_SECONDS": env.str("POOL_LEASE_SECONDS", default="10"),
+        "REDIS_TIMEOUT": env.str("REDIS_TIMEOUT", default="0.25"),
     },
     # Requests/tokens per minute per deployment, e.g. "gpt-4o=600/150000,gpt-4o-mini=1000".
     "RATE_LIMITS": env.str("LLM_RATE_LIMITS", default=""),

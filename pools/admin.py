@@ -1,9 +1,11 @@
 """Read-only admin for pool history, with a chart of the pools over the filtered range.
 
-The chart is aggregated in the database (time buckets from epoch seconds, Avg per bucket,
-at most `MAX_POINTS` per pool) so 100,000 rows cost one grouped query, not a Python loop,
-and it is drawn as inline SVG on the server: no script, no CDN, nothing the page's
-Content-Security-Policy has to allow.
+The chart is aggregated in the database (time buckets from epoch seconds, at most
+`MAX_POINTS` per pool) so 100,000 rows cost one grouped query, not a Python loop, and it is
+drawn as inline SVG on the server: no script, no CDN, nothing the page's
+Content-Security-Policy has to allow. Each point is the cluster's total: every instance's
+average over the bucket, summed over the instances (filtered to one instance, it is that
+instance's average), so several servers show as one cluster rather than as their mean.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Any
 
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
-from django.db import NotSupportedError
+from django.db import NotSupportedError, connections
 from django.db.models import Avg, BigIntegerField, Count, Func, Max, Min, QuerySet, Value
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.template.loader import render_to_string
@@ -69,7 +71,8 @@ class EpochSeconds(Func):
 
 @dataclass(frozen=True)
 class Bucket:
-    """One point of a pool's line: the bucket's start and the averages over its rows."""
+    """One point of a pool's line: the bucket's start and the sums over the instances of
+    each instance's averages in it (`size`: the sum of the instances' configured sizes)."""
 
     at: datetime
     in_use: float
@@ -78,6 +81,7 @@ class Bucket:
     waiting: float
     size: int
     rows: int
+    instances: int = 1  # instances with rows in this bucket
 
 
 @dataclass(frozen=True)
@@ -86,21 +90,36 @@ class ChartData:
     end: datetime | None
     bucket_seconds: int
     pools: dict[str, list[Bucket]]
+    instances: tuple[str, ...] = ()  # every instance in the range, sorted
+
+
+# Per instance and bucket, then summed per bucket: (inner alias, outer aggregate).
+_BUCKET_COLUMNS = (
+    ("in_use", "SUM"),
+    ("available", "SUM"),
+    ("overflow", "SUM"),
+    ("waiting", "SUM"),
+    ("size", "SUM"),
+    ("rows", "SUM"),
+    ("instance", "COUNT"),
+)
 
 
 def chart_data(queryset: QuerySet[PoolSnapshot], max_points: int = MAX_POINTS) -> ChartData:
-    """Per pool, at most `max_points` time buckets of the queryset, averaged in the database."""
+    """Per pool, at most `max_points` time buckets of the queryset: each instance averaged
+    over the bucket, then summed over the instances, both in the database (one query)."""
     queryset = queryset.order_by()  # a default ordering would join the GROUP BY
     bounds = queryset.aggregate(start=Min("taken_at"), end=Max("taken_at"))
     if bounds["start"] is None:
         return ChartData(None, None, 0, {})
+    instances = tuple(queryset.values_list("instance", flat=True).distinct().order_by("instance"))
     start_epoch = math.floor(bounds["start"].timestamp())
     end_epoch = math.floor(bounds["end"].timestamp())
     width = max(1, math.ceil((end_epoch - start_epoch + 1) / max_points))
     bucket = (EpochSeconds("taken_at") - Value(start_epoch)) / Value(width)
-    rows = (
+    per_instance = (
         queryset.annotate(bucket=bucket)
-        .values("pool", "bucket")
+        .values("pool", "bucket", "instance")
         .annotate(
             in_use=Avg("in_use"),
             available=Avg("available"),
@@ -109,25 +128,45 @@ def chart_data(queryset: QuerySet[PoolSnapshot], max_points: int = MAX_POINTS) -
             size=Max("size"),
             rows=Count("id"),
         )
-        .order_by("pool", "bucket")
     )
+    # The ORM cannot select from a grouped subquery, so the outer GROUP BY wraps its SQL
+    # (with its parameters: nothing from the request is pasted into the text).
+    connection = connections[queryset.db]
+    inner_sql, params = per_instance.query.get_compiler(connection=connection).as_sql()
+    q = connection.ops.quote_name
+    sums = ", ".join(f"{aggregate}({q(name)})" for name, aggregate in _BUCKET_COLUMNS)
+    sql = (
+        f"SELECT {q('pool')}, {q('bucket')}, {sums} FROM ({inner_sql}) per_instance "
+        f"GROUP BY {q('pool')}, {q('bucket')} ORDER BY {q('pool')}, {q('bucket')}"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
     pools: dict[str, list[Bucket]] = {}
-    for row in rows:
-        at = datetime.fromtimestamp(start_epoch + int(row["bucket"]) * width, tz=UTC)
-        pools.setdefault(row["pool"], []).append(
+    for pool, bucket_index, in_use, available, overflow, waiting, size, count, seen in rows:
+        at = datetime.fromtimestamp(start_epoch + int(bucket_index) * width, tz=UTC)
+        pools.setdefault(pool, []).append(
             Bucket(
                 at=at,
-                in_use=float(row["in_use"]),
-                available=float(row["available"]),
-                overflow=float(row["overflow"]),
-                waiting=float(row["waiting"]),
-                size=int(row["size"]),
-                rows=int(row["rows"]),
+                in_use=float(in_use),
+                available=float(available),
+                overflow=float(overflow),
+                waiting=float(waiting),
+                size=int(size),
+                rows=int(count),
+                instances=int(seen),
             )
         )
     start = datetime.fromtimestamp(start_epoch, tz=UTC)
     end = datetime.fromtimestamp(end_epoch, tz=UTC)
-    return ChartData(start, end, width, pools)
+    return ChartData(start, end, width, pools, instances)
+
+
+def scope_label(instances: tuple[str, ...]) -> str:
+    """What the chart's numbers cover: one instance, or the sum over several."""
+    if len(instances) == 1:
+        return f"instance {instances[0]}"
+    return f"cluster total of {len(instances)} instances"
 
 
 @dataclass(frozen=True)
@@ -191,6 +230,7 @@ def chart_context(data: ChartData) -> dict[str, Any]:
             charts.append(PoolChart(pool, y_max, lines, buckets[-1]))
     local = timezone.localtime
     return {
+        "scope": scope_label(data.instances),
         "charts": [(index * HEIGHT, chart) for index, chart in enumerate(charts)],
         "start": local(data.start) if data.start else None,
         "end": local(data.end) if data.end else None,

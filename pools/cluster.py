@@ -93,7 +93,7 @@ class ClusterCircuitOpen(Exception):
 
 
 def instance_name() -> str:
-    """Host and process id, as snapshots tag them, plus a nonce for restarts with the same pid."""
+    """Host and process id, plus a nonce: two registries of one process stay apart."""
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 import time
 import weakref
@@ -145,11 +147,14 @@ class PoolRegistry:
             guard.breaker.check()  # fail fast while the upstream cools down: hold no slot
             slot = await pool.acquire(timeout)
             if self.cluster is not None:
+                leasing = time.perf_counter()
                 try:
                     lease = await self._cluster_lease(pool, timeout, slot.wait_ms)
                 except BaseException:
                     pool.release(slot)
                     raise
+                # Waiting for the cluster is waiting too: in wait_ms, counters, events.
+                pool.record_wait(slot, (time.perf_counter() - leasing) * 1000)
         except PoolError as exc:
             self.events.emit(PoolEvent(name, EventKind.REFUSED, error=type(exc).__name__))
             raise
@@ -367,6 +372,13 @@ class PoolRegistry:
     @property
     def usable(self) -> bool:
         return self._initialized and not self._closed
+
+    @property
+    def instance(self) -> str:
+        """How snapshots, the admin and the cluster view name this process."""
+        if self.cluster is not None:
+            return self.cluster.instance
+        return f"{socket.gethostname()}:{os.getpid()}"
 
     def breaker_for(self, pool_name: str) -> CircuitBreaker:
         return self._guards[pool_name].breaker

@@ -12,9 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import random
-import socket
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -48,11 +46,6 @@ COUNTER_KEYS = (
 )
 
 
-def instance_name() -> str:
-    """This server process, as rows name it: "host:pid"."""
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
 def gauges(pool_stats: dict[str, Any]) -> dict[str, int]:
     """The moment's fields of a row, from one pool's entry in `registry.stats()`/`/health`."""
     return {
@@ -84,7 +77,7 @@ class SnapshotSampler:
         self.registry = registry
         self.interval_s = interval_s
         self.jitter = min(max(jitter, 0.0), 0.9)
-        self.instance = instance or instance_name()
+        self.instance = instance or registry.instance
         self.recorder = IntervalRecorder(registry.pools)
         self.cycles = 0  # intervals whose rows were saved
         self.failures = 0  # intervals whose write failed

@@ -174,6 +174,12 @@ class SlotPool:
         with self._lock:
             self.counters["requests_errors"] += 1
 
+    def record_wait(self, slot: Slot, wait_ms: float) -> None:
+        """More waiting for `slot` after it was granted here (a cluster-wide lease)."""
+        slot.wait_ms += wait_ms
+        with self._lock:
+            self.counters["requests_wait_ms"] += wait_ms
+
     def record_retry(self) -> None:
         with self._lock:
             self.counters["requests_retries"] += 1

@@ -74,8 +74,9 @@ async def test_cluster_never_exceeds_its_capacity(instances):
     calls = [one_call(first if index % 2 else second) for index in range(100)]
     results = await asyncio.gather(*calls)
     assert all(results)
-    # Each instance alone may run 8 (4 slots + 4 overflow); together they still run 8.
-    assert simulator.stats.peak_in_flight == 8
+    # Each instance alone may run 8 (4 slots + 4 overflow), 16 together without Redis;
+    # coordinated, the cluster never runs more than 8.
+    assert 1 < simulator.stats.peak_in_flight <= 8
     for registry in (first, second):
         stats = registry.stats()
         assert stats["pools"]["main"]["in_use"] == 0

@@ -1,8 +1,13 @@
-"""`manage.py pool_status`: the pools of a running server, or their history, as a table."""
+"""`manage.py pool_status`: the pools of a running server, or their history, as a table.
+
+With `--cluster`, every instance of a Redis-coordinated cluster as it last reported itself
+(one server's `/health?scope=cluster` answers for all), and the cluster's totals per pool.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -29,6 +34,42 @@ LIVE_COLUMNS = (
     ("errors", "requests_errors"),
     ("avg wait ms", "avg_wait_ms"),
     ("conns open", "connections_open"),
+)
+CLUSTER_COLUMNS = (
+    ("pool", "pool"),
+    ("model", "model"),
+    ("instances", "instances"),
+    ("size", "total"),
+    ("in use", "in_use"),
+    ("free", "available"),
+    ("overflow", "overflow_in_use"),
+    ("waiting", "waiting"),
+    ("cluster waiting", "cluster_waiting"),
+    ("leases held", "leases_held"),
+    ("requests", "requests_num"),
+    ("overflowed", "requests_overflow"),
+    ("queued", "requests_queued"),
+    ("timeouts", "requests_timeouts"),
+    ("errors", "requests_errors"),
+    ("avg wait ms", "avg_wait_ms"),
+    ("conns open", "connections_open"),
+)
+# Summed over the instances for the cluster totals (the rest are per-instance settings).
+SUMMED_KEYS = (
+    "total",
+    "in_use",
+    "available",
+    "overflow_in_use",
+    "waiting",
+    "cluster_waiting",
+    "requests_num",
+    "requests_overflow",
+    "requests_queued",
+    "requests_timeouts",
+    "requests_errors",
+    "requests_wait_ms",
+    "connections_num",
+    "connections_closed",
 )
 HISTORY_COLUMNS = (
     ("pool", "pool"),
@@ -79,12 +120,47 @@ def table(rows: list[dict[str, Any]], columns: tuple[tuple[str, str], ...]) -> s
     return "\n".join([header, "-" * len(header), *(line(values) for values in cells)])
 
 
+def pool_rows(pools: dict[str, dict[str, Any]], only: list[str] | None) -> list[dict[str, Any]]:
+    """One table row per pool of a stats dict, with the averages and open connections."""
+    rows = []
+    for name, stats in pools.items():
+        if only and name not in only:
+            continue
+        requests = stats.get("requests_num", 0)
+        avg_wait = stats.get("requests_wait_ms", 0) / requests if requests else None
+        opened = stats.get("connections_num", 0) - stats.get("connections_closed", 0)
+        rows.append({"pool": name, **stats, "avg_wait_ms": avg_wait, "connections_open": opened})
+    return rows
+
+
+def cluster_totals(
+    instances: dict[str, dict[str, Any]], leases: dict[str, int], only: list[str] | None
+) -> dict[str, dict[str, Any]]:
+    """Per pool, the sums over every instance's last report, and the leases held now."""
+    totals: dict[str, dict[str, Any]] = {}
+    for report in instances.values():
+        for name, stats in report.get("pools", {}).items():
+            if only and name not in only:
+                continue
+            row = totals.setdefault(
+                name,
+                {"model": stats.get("model"), "instances": 0, **dict.fromkeys(SUMMED_KEYS, 0)},
+            )
+            row["instances"] += 1
+            for key in SUMMED_KEYS:
+                row[key] += stats.get(key) or 0
+    for name, row in totals.items():
+        row["leases_held"] = leases.get(name)
+    return dict(sorted(totals.items()))
+
+
 class Command(BaseCommand):
     help = (
         "Show the LLM pools as a table. By default the live numbers of a running server, read "
         "from its /health endpoint (slots in use, free, temporary connections, queued callers, "
         "counters since start). With --history 1h, what the saved snapshots say about that "
-        "window instead (needs no running server, only the database). Exit status: 0 healthy, "
+        "window instead (needs no running server, only the database). With --cluster, every "
+        "instance of a Redis-coordinated cluster and the cluster's totals. Exit status: 0 healthy, "
         "1 server unreachable, 2 pools degraded."
     )
 
@@ -99,6 +175,13 @@ class Command(BaseCommand):
             metavar="WINDOW",
             help="Summarise the saved snapshots of the last WINDOW instead, e.g. 15m, 1h, 7d.",
         )
+        parser.add_argument(
+            "--cluster",
+            action="store_true",
+            help="Every instance of the cluster (from /health?scope=cluster of --url, which "
+            "needs REDIS_URL on the server): a table per instance as it last reported "
+            "itself, then the cluster's totals per pool with the leases held now.",
+        )
         parser.add_argument("--pool", action="append", help="Only this pool (repeatable).")
         parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
         parser.add_argument(
@@ -106,14 +189,18 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["history"] and options["cluster"]:
+            raise CommandError("--history and --cluster cannot be combined")
         if options["history"]:
             self._history(options)
+        elif options["cluster"]:
+            self._cluster(options)
         else:
             self._live(options)
 
     # -- live, from /health ---------------------------------------------------------------------
-    def _live(self, options: dict[str, Any]) -> None:
-        url = options["url"].rstrip("/") + "/health"
+    def _fetch(self, options: dict[str, Any], query: str = "") -> dict[str, Any]:
+        url = options["url"].rstrip("/") + "/health" + query
         try:
             response = httpx.get(url, timeout=options["timeout"])
             body = response.json()
@@ -127,17 +214,11 @@ class Command(BaseCommand):
                 f"{url} answered HTTP {response.status_code} without the health JSON; "
                 "is --url a Carlos server?"
             ) from None
-        pools = body.get("pools", {})
-        rows = []
-        for name, stats in pools.items():
-            if options["pool"] and name not in options["pool"]:
-                continue
-            requests = stats.get("requests_num", 0)
-            avg_wait = stats.get("requests_wait_ms", 0) / requests if requests else None
-            opened = stats.get("connections_num", 0) - stats.get("connections_closed", 0)
-            rows.append(
-                {"pool": name, **stats, "avg_wait_ms": avg_wait, "connections_open": opened}
-            )
+        return body
+
+    def _live(self, options: dict[str, Any]) -> None:
+        body = self._fetch(options)
+        rows = pool_rows(body.get("pools", {}), options["pool"])
         status = body.get("status", "unknown")
         if options["json"]:
             self.stdout.write(json.dumps({"url": options["url"], **body}, indent=2))
@@ -151,6 +232,62 @@ class Command(BaseCommand):
             if body.get("warmup_error"):
                 self.stdout.write(f"Warm-up error: {body['warmup_error']}")
             self.stdout.write(table(rows, LIVE_COLUMNS) if rows else "No pools.")
+        if status != "healthy":
+            raise CommandError(
+                f"the pools are {status}: {body.get('reason', 'see /health')}", returncode=2
+            )
+
+    # -- the whole cluster, from one server's /health?scope=cluster ------------------------------
+    def _cluster(self, options: dict[str, Any]) -> None:
+        body = self._fetch(options, "?scope=cluster")
+        if "cluster_view" not in body:
+            raise CommandError(
+                f"{options['url']} shows no cluster: {body.get('error', 'no cluster_view')}"
+            )
+        view = body["cluster_view"]
+        if "error" in view:
+            raise CommandError(f"the cluster view is unavailable: {view['error']}", returncode=2)
+        instances: dict[str, dict[str, Any]] = view.get("instances", {})
+        totals = cluster_totals(instances, view.get("leases_held", {}), options["pool"])
+        status = body.get("status", "unknown")
+        answering = (body.get("cluster") or {}).get("instance", "?")
+        if options["json"]:
+            payload = {
+                "url": options["url"],
+                "status": status,
+                "answered_by": answering,
+                "instances": {
+                    name: {
+                        "at": report.get("at"),
+                        "pools": {
+                            pool: stats
+                            for pool, stats in report.get("pools", {}).items()
+                            if not options["pool"] or pool in options["pool"]
+                        },
+                    }
+                    for name, report in instances.items()
+                },
+                "totals": totals,
+                "leases_held": view.get("leases_held", {}),
+            }
+            self.stdout.write(json.dumps(payload, indent=2))
+        else:
+            self.stdout.write(
+                f"Carlos cluster via {options['url']} ({answering}: {status}): "
+                f"{len(instances)} live instance(s)"
+            )
+            now = time.time()
+            for name, report in sorted(instances.items()):
+                age = f", reported {now - report['at']:.1f} s ago" if report.get("at") else ""
+                mark = " (answered this request)" if name == answering else ""
+                self.stdout.write(f"\nInstance {name}{mark}{age}")
+                rows = pool_rows(report.get("pools", {}), options["pool"])
+                self.stdout.write(table(rows, LIVE_COLUMNS) if rows else "No pools.")
+            self.stdout.write(
+                "\nCluster totals (sums over the instances; leases held: cluster-wide, now)"
+            )
+            rows = pool_rows(totals, None)
+            self.stdout.write(table(rows, CLUSTER_COLUMNS) if rows else "No pools.")
         if status != "healthy":
             raise CommandError(
                 f"the pools are {status}: {body.get('reason', 'see /health')}", returncode=2
