@@ -28,7 +28,14 @@ from agents import prompts
 from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, ANALYST_AGENTS, DESIGN_AGENTS, validate_options
 from agents.schemas import ReportInvalid, validate_report
-from pools.exceptions import PoolError
+from pools.exceptions import (
+    CircuitOpen,
+    PoolClosed,
+    PoolError,
+    PoolExhausted,
+    PoolTimeout,
+    RateBudgetExceeded,
+)
 from pools.registry import PoolRegistry
 from pools.runtime import get_pool
 
@@ -48,6 +55,10 @@ EXPECTED_AGENT_ERRORS = (
     TimeoutError,  # the pool engine's DeadlineExceeded (first token, idle, total)
     prompts.OutputFormatError,
 )
+
+# The pools refusing to take a call (full, circuit open, over the rate budget, shutting
+# down) rather than the model failing it: a caller in a request answers "try again later".
+POOL_REFUSALS = (PoolExhausted, PoolTimeout, CircuitOpen, RateBudgetExceeded, PoolClosed)
 
 
 def max_revisions() -> int:
@@ -547,6 +558,8 @@ async def ask_clarifying_questions(design_id: int) -> list[str]:
 
     The design becomes AWAITING_ANSWERS. Questions are optional: if the endpoint fails, the
     failure is logged, nothing is stored and [] is returned so the design can run as asked.
+    A refusal by the pools (POOL_REFUSALS) is raised instead: the design's own agents would
+    be refused too, so running it "as asked" would only make it fail.
     """
     design = await Design.objects.aget(pk=design_id)
     if design.status not in RUNNABLE_STATUSES:
@@ -557,6 +570,8 @@ async def ask_clarifying_questions(design_id: int) -> list[str]:
         stats = await _stream_call(
             registry, AGENT_POOLS["requirements"], prompts.questions_messages(brief), None
         )
+    except POOL_REFUSALS:
+        raise
     except (openai.OpenAIError, PoolError, httpx.HTTPError, TimeoutError) as exc:
         logger.warning("design %s: no clarifying questions: %s", design_id, describe_error(exc))
         return []

@@ -11,11 +11,14 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import logging
+import math
 import weakref
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
+from urllib.parse import parse_qsl
 
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
@@ -32,10 +35,14 @@ from agents import tasks
 from agents.consumers import run_state
 from agents.forms import ClarificationForm, DesignRequestForm
 from agents.models import AgentRun, Design
-from agents.options import AGENTS, OPTION_FIELDS, Agent, option_label
-from agents.pipeline import DesignNotRunnable, ask_clarifying_questions
+from agents.options import AGENT_POOLS, AGENTS, OPTION_FIELDS, Agent, option_label
+from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
 from agents.rendering import present_run
 from agents.terraform import split_terraform
+from pools.exceptions import CircuitOpen, PoolError
+from pools.runtime import get_pool
+
+logger = logging.getLogger("agents")
 
 DEFAULT_DESIGNS_PER_HOUR = 10
 RATE_WINDOW = timedelta(hours=1)
@@ -55,6 +62,11 @@ TAB_LABELS: dict[str, str] = {
     "terraform": "Terraform",
 }
 RETRYABLE = frozenset({Design.Status.FAILED, Design.Status.INTERRUPTED})
+# What the design forms are posted as; anything else Django would read as an empty form.
+FORM_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
+# Retry-After when the pools give no hint of their own (shutting down, a queue that timed
+# out): about one agent call.
+BUSY_RETRY_AFTER_S = 30
 
 
 async def _current_user(request: HttpRequest) -> AbstractBaseUser | AnonymousUser:
@@ -71,6 +83,105 @@ async def _visible_design(request: HttpRequest, design_id: int) -> Design:
     if not user.is_staff:
         designs = designs.filter(owner_id=user.pk)
     return await aget_object_or_404(designs, pk=design_id)
+
+
+def _unreadable_form(request: HttpRequest) -> tuple[int, str] | None:
+    """Why a POST cannot be read as a form, as (status, message), or None if it can.
+
+    Django reads another content type as an empty form, and bytes that are not valid in the
+    form's charset as Latin-1 or U+FFFD, without a word: the user would be told the request
+    is empty, or get a design of garbled text. Say what is wrong instead.
+    """
+    if request.content_type not in FORM_CONTENT_TYPES:
+        return 415, "Send the form as application/x-www-form-urlencoded or multipart/form-data."
+    if request.content_type == "application/x-www-form-urlencoded":
+        encoding = request.encoding or settings.DEFAULT_CHARSET
+        try:
+            parse_qsl(
+                request.body.decode(encoding),
+                keep_blank_values=True,
+                encoding=encoding,
+                errors="strict",
+            )
+        except (UnicodeDecodeError, LookupError):
+            return 400, (
+                f"The form data is not valid {encoding} text, so it cannot be read safely. "
+                "Please type or paste your text again."
+            )
+    return None
+
+
+# --- capacity -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Busy:
+    """The pools cannot take a design now: why (for the log) and when to come back."""
+
+    reason: str
+    retry_after: int  # whole seconds, at least 1: the Retry-After header and the page say it
+
+
+def _whole_seconds(seconds: float | None) -> int:
+    return max(1, math.ceil(BUSY_RETRY_AFTER_S if seconds is None else seconds))
+
+
+def busy_from(refusal: PoolError) -> Busy:
+    """A refusal raised by a call (POOL_REFUSALS), with its own retry hint when it has one."""
+    hint = getattr(refusal, "retry_after", None)  # CircuitOpen and RateBudgetExceeded say
+    return Busy(f"{type(refusal).__name__}: {refusal}", _whole_seconds(hint))
+
+
+def _budget_wait(budget: dict[str, Any] | None, tokens: int) -> float:
+    """Seconds until a rate budget snapshot has room for one more call of `tokens`."""
+    if not budget:
+        return 0.0
+    waits = [0.0]
+    if budget["rpm"] and budget["requests_available"] is not None:
+        waits.append((1 - budget["requests_available"]) * 60 / budget["rpm"])
+    if budget["tpm"] and budget["tokens_available"] is not None:
+        needed = min(tokens, budget["tpm"]) - budget["tokens_available"]
+        waits.append(needed * 60 / budget["tpm"])
+    return max(waits)
+
+
+def pools_busy() -> Busy | None:
+    """Why the pools would refuse a design started now, or None if they can take it.
+
+    The pipeline runs in the background, where a refusal can only fail the design after the
+    user has left the form; so the views ask first, for every pool an agent uses: its
+    circuit breaker, a capped pool whose queue is full (MAX_WAITING), its rate budget.
+    """
+    registry = get_pool()
+    if registry.closed:
+        return Busy("the pools are shut down", BUSY_RETRY_AFTER_S)
+    pools = registry.stats()["pools"]
+    resilience = registry.config.resilience
+    for name in dict.fromkeys(AGENT_POOLS.values()):
+        if name not in pools:
+            continue  # a configuration error, which the design reports when it fails
+        try:
+            registry.breaker_for(name).check()
+        except CircuitOpen as exc:
+            return busy_from(exc)
+        pool = pools[name]
+        full = pool["in_use"] >= pool["total"] + pool["overflow_limit"]
+        if full and pool["max_waiting"] is not None and pool["waiting"] >= pool["max_waiting"]:
+            return Busy(
+                f"pool {name!r} is full and {pool['waiting']} caller(s) already wait",
+                _whole_seconds(pool["timeout_s"]),
+            )
+        wait = _budget_wait(pool["rate_budget"], resilience.default_output_tokens)
+        if wait > resilience.rate_limit_max_wait:
+            return Busy(f"the rate budget of {pool['model']!r} is used up", _whole_seconds(wait))
+    return None
+
+
+def _busy_response(response: HttpResponse, busy: Busy | None) -> HttpResponse:
+    if busy is not None:
+        logger.warning("design refused with 503, pools busy: %s", busy.reason)
+        response["Retry-After"] = str(busy.retry_after)
+    return response
 
 
 # --- rate limit -----------------------------------------------------------------------------
@@ -112,6 +223,8 @@ def _form_page(
     *,
     retry_at: datetime | None,
     status: int = 200,
+    busy: Busy | None = None,
+    problem: str = "",
 ) -> HttpResponse:
     context = {
         "form": form,
@@ -119,12 +232,14 @@ def _form_page(
         "retry_at": retry_at,
         "retry_in": _wait_text(retry_at) if retry_at else "",
         "designs_per_hour": designs_per_hour(),
+        "busy": busy,
+        "problem": problem,
     }
     response = render(request, "agents/new_design.html", context, status=status)
     if retry_at is not None and status == 429:
         seconds = max(1, int((retry_at - timezone.now()).total_seconds()) + 1)
         response["Retry-After"] = str(seconds)
-    return response
+    return _busy_response(response, busy)
 
 
 @login_required
@@ -136,6 +251,10 @@ async def new_design(request: HttpRequest) -> HttpResponse:
         return _form_page(
             request, DesignRequestForm(), retry_at=await next_submission_time(user.pk)
         )
+    if problem := _unreadable_form(request):
+        status, message = problem
+        form = DesignRequestForm(request.POST or None)
+        return _form_page(request, form, retry_at=None, status=status, problem=message)
     form = DesignRequestForm(request.POST)
     if not form.is_valid():
         return _form_page(request, form, retry_at=None, status=400)
@@ -144,14 +263,24 @@ async def new_design(request: HttpRequest) -> HttpResponse:
         retry_at = await next_submission_time(user.pk)
         if retry_at is not None:
             return _form_page(request, form, retry_at=retry_at, status=429)
+        if busy := pools_busy():
+            return _form_page(request, form, retry_at=None, status=503, busy=busy)
         design = await Design.objects.acreate(
             owner_id=user.pk,
             request_text=form.cleaned_data["request_text"],
             options=form.options(),
         )
-    # Questions are optional: when the analyst has none (or cannot be reached), run as asked.
-    if not form.cleaned_data["ask_questions"] or not await ask_clarifying_questions(design.pk):
-        tasks.start_design(design.pk)
+    if form.cleaned_data["ask_questions"]:
+        try:
+            questions = await ask_clarifying_questions(design.pk)
+        except POOL_REFUSALS as exc:
+            # Nothing ran yet: withdraw the design; the user keeps the form to send again.
+            await Design.objects.filter(pk=design.pk).adelete()
+            return _form_page(request, form, retry_at=None, status=503, busy=busy_from(exc))
+        if questions:
+            return redirect("design-detail", design_id=design.pk)
+    # No questions wanted, or none came (the analyst had none or failed): run as asked.
+    tasks.start_design(design.pk)
     return redirect("design-detail", design_id=design.pk)
 
 
@@ -223,6 +352,8 @@ def _design_page(
     *,
     answers_form: ClarificationForm | None = None,
     status: int = 200,
+    busy: Busy | None = None,
+    problem: str = "",
 ) -> HttpResponse:
     questions = [item["question"] for item in design.clarifications]
     if answers_form is None and design.status == Design.Status.AWAITING_ANSWERS:
@@ -245,8 +376,11 @@ def _design_page(
         "retryable": design.status in RETRYABLE,
         "page_data": page_data,
         "show_owner": request.user.is_staff and design.owner_id != request.user.pk,
+        "busy": busy,
+        "problem": problem,
     }
-    return render(request, "agents/design_detail.html", context, status=status)
+    response = render(request, "agents/design_detail.html", context, status=status)
+    return _busy_response(response, busy)
 
 
 @login_required
@@ -277,12 +411,19 @@ async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse
     design = await _visible_design(request, design_id)
     if design.status != Design.Status.AWAITING_ANSWERS:
         return _conflict(request, design, "This design is not waiting for answers any more.")
+    if problem := _unreadable_form(request):
+        status, message = problem
+        runs = await _current_runs(design)
+        return _design_page(request, design, runs, status=status, problem=message)
     form = ClarificationForm([item["question"] for item in design.clarifications], request.POST)
     skip = "skip" in request.POST
     if not skip and not form.is_valid():
         return _design_page(
             request, design, await _current_runs(design), answers_form=form, status=400
         )
+    if busy := pools_busy():  # the answers stay in the form, the design keeps waiting
+        runs = await _current_runs(design)
+        return _design_page(request, design, runs, answers_form=form, status=503, busy=busy)
     answers = (
         [{"question": item["question"], "answer": None} for item in design.clarifications]
         if skip
@@ -305,6 +446,9 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
     design = await _visible_design(request, design_id)
     if design.status not in RETRYABLE:
         return _conflict(request, design, "Only a failed or interrupted design can be retried.")
+    if busy := pools_busy():
+        runs = await _current_runs(design)
+        return _design_page(request, design, runs, status=503, busy=busy)
     try:
         await tasks.retry_design(design.pk)
     except DesignNotRunnable:  # another request retried it first

@@ -350,7 +350,11 @@ class LLMHandle:
             # The budget refills with time, not on an event: sleeping until then is the wait.
             while wait := budget.reserve(estimate, max_wait=call_deadline - loop.time()):  # noqa: ASYNC110
                 await asyncio.sleep(wait)
-        self._guard.breaker.before_attempt()
+        # A half-open circuit's probe decides for everyone: wait for it, within the deadline.
+        while (pause := self._guard.breaker.before_attempt()) is not None:
+            if asyncio.get_running_loop().time() + pause >= call_deadline:
+                raise self._guard.breaker.refusal()
+            await asyncio.sleep(pause)
 
     def _attempt_succeeded(self, estimate: int, usage: TokenUsage | None) -> None:
         self._guard.breaker.record_success()

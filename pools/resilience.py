@@ -24,6 +24,8 @@ import openai
 from pools.exceptions import CircuitOpen, DeadlineExceeded
 
 RETRYABLE_STATUS = {408, 409, 429}
+# While a half-open probe runs, the calls beside it look again this often.
+PROBE_POLL_SECONDS = 0.05
 
 
 @dataclass(frozen=True)
@@ -148,24 +150,37 @@ class CircuitBreaker:
             return self._state
 
     def check(self) -> None:
-        """Raise `CircuitOpen` if a call would be refused now (takes no probe)."""
+        """Raise `CircuitOpen` while the circuit is open (takes no probe).
+
+        Half-open is no refusal here: the caller will wait for the probe's outcome.
+        """
         with self._lock:
             self._refresh_locked()
-            if self._state is BreakerState.OPEN or (
-                self._state is BreakerState.HALF_OPEN and self._probe_in_flight
-            ):
+            if self._state is BreakerState.OPEN:
                 raise self._refusal_locked()
 
-    def before_attempt(self) -> None:
-        """Admit one attempt; in half-open state only a single probe goes through."""
+    def before_attempt(self) -> float | None:
+        """Admit one attempt (None), or say how long to wait before asking again.
+
+        Raises `CircuitOpen` while open. Half-open lets a single probe through; the calls
+        beside it wait for its outcome instead of failing: a design's parallel agents on
+        one deployment would otherwise fail the design, cancel the probe, and keep the
+        circuit half-open for good.
+        """
         with self._lock:
             self._refresh_locked()
             if self._state is BreakerState.OPEN:
                 raise self._refusal_locked()
             if self._state is BreakerState.HALF_OPEN:
                 if self._probe_in_flight:
-                    raise self._refusal_locked()
+                    return PROBE_POLL_SECONDS
                 self._probe_in_flight = True
+            return None
+
+    def refusal(self) -> CircuitOpen:
+        """The error for a caller that can wait no longer for the probe."""
+        with self._lock:
+            return self._refusal_locked()
 
     def record_success(self) -> None:
         with self._lock:

@@ -213,9 +213,9 @@ def test_breaker_opens_at_once_on_429_for_retry_after():
     assert caught.value.retry_after == pytest.approx(2.0)
     now[0] += 2.01
     assert breaker.state == "half_open"
-    breaker.before_attempt()  # the probe
-    with pytest.raises(CircuitOpen):
-        breaker.before_attempt()  # only one probe at a time
+    assert breaker.before_attempt() is None  # the probe
+    assert breaker.before_attempt() > 0  # only one probe at a time: the others wait for it
+    breaker.check()  # half-open refuses nobody at acquire time
     breaker.record_success()
     assert breaker.state == "closed"
 

@@ -20,8 +20,9 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+from agents.forms import DesignRequestForm
 from agents.models import AgentRun, Design
-from agents.options import AGENTS, OPTION_FIELDS, Agent
+from agents.options import AGENTS, DEFAULT_OPTIONS, OPTION_FIELDS, Agent
 from agents.pipeline import create_design, run_design
 from agents.simulated import in_process_endpoint
 from agents.terraform import deployment_steps, split_terraform
@@ -31,6 +32,26 @@ from pools.simulator import SimulatorConfig
 CLI_USERNAME = "cli"
 # The pacing `manage.py serve` gives its simulator: output arrives like a real model's.
 SIMULATOR_PACING = {"ttft_ms": 120.0, "tokens_per_second": 400.0}
+
+
+def validated_request(text: str) -> str:
+    """The request under the web form's rules: not blank, no NUL, at most DESIGN_MAX_CHARS.
+
+    A script must not store what the page would refuse, nor run nine agents on a megabyte of
+    text. Bytes the shell could not decode arrive as lone surrogates and are refused too,
+    before anything (even the default owner) is created.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CommandError(
+            "The request is not valid UTF-8 text; check the encoding of the terminal or file."
+        ) from None
+    form = DesignRequestForm({"request_text": text, **DEFAULT_OPTIONS})
+    if not form.is_valid():
+        errors = form.errors.get("request_text") or form.errors.as_text().splitlines()
+        raise CommandError(" ".join(errors))
+    return form.cleaned_data["request_text"]
 
 
 class Command(BaseCommand):
@@ -74,12 +95,13 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if Design._meta.db_table not in connection.introspection.table_names():
             raise CommandError("The database has no design tables: run `manage.py migrate` first.")
+        request_text = validated_request(options["request"])
         owner = self._owner(options["user"])
         chosen = {key: options[key] for key in OPTION_FIELDS if options[key]}
         progress = self.stderr if options["json"] else self.stdout
         progress.style_func = None  # progress lines are information, not errors
         try:
-            design = async_to_sync(self._run)(owner, options["request"], chosen, options, progress)
+            design = async_to_sync(self._run)(owner, request_text, chosen, options, progress)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
         runs = list(AgentRun.objects.filter(design=design).order_by("id"))

@@ -1,0 +1,1446 @@
+"""The load test behind `manage.py loadtest`: many users designing at once against faults.
+
+Why a separate world: the figures must describe the product as it is deployed (Daphne
+through `manage.py serve`, the real pools, the pipeline, the channel layer, SQLite), not a
+test harness. So the run starts its own server and offline simulator as child processes on
+loopback, with a throwaway database, and drives them only from outside: HTTP pages with
+CSRF and session cookies, the design WebSocket with the right Origin, `/health`, and the
+simulator's control endpoints. A separate probe process times `/health` so the load
+generator's own CPU does not flatter or spoil that figure.
+
+The run has phases, reported separately: setup; logins (a few users at a time: each login
+is a PBKDF2 hash, about a second of the server's CPU); designs (every user submits at once,
+then watches on the socket until a terminal status); checks (pools idle, connections closed,
+no design left unfinished). It is bounded by `--timeout`: what has not finished by then is
+reported as "not terminal".
+
+Nothing here imports Django at module level, so `python -m agents.loadtest probe ...` (the
+probe process) starts fast and stays independent of the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import math
+import os
+import re
+import resource
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "interrupted"})
+UNFINISHED_STATUSES = ("queued", "running", "awaiting_answers")
+MAX_DESIGNS = 2000
+MAX_TIMEOUT_S = 3600.0
+HEALTH_P99_TARGET_MS = 100.0
+PAGES = ("login_page", "login", "form", "submit", "design_page", "socket_snapshot")
+USERNAME_PREFIX = "loadtest-"
+SERVER_READY_TIMEOUT_S = 90.0
+SIMULATOR_READY_TIMEOUT_S = 30.0
+SETUP_TIMEOUT_S = 180.0
+CHILD_STOP_GRACE_S = 20.0
+# After the last design, how long the pools and connections may take to come to rest.
+SETTLE_TIMEOUT_S = 15.0
+# The page script's reconnection schedule (static/carlos/carlos.js).
+SOCKET_RETRY_FIRST_S = 0.5
+SOCKET_RETRY_MAX_S = 10.0
+PROGRESS_EVERY_S = 10.0
+REQUESTS = (
+    "An online bookshop for 50,000 daily users in Europe with payments and search",
+    "Ingest telemetry from 5,000 IoT devices and build operations dashboards",
+    "Order processing microservices with payments, inventory and notifications",
+    "A patient portal for a clinic network with appointment booking",
+    "A multiplayer game backend with leaderboards and matchmaking",
+    "A data warehouse for retail sales with nightly reporting and forecasts",
+)
+_CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
+_DESIGN_URL = re.compile(r"/designs/(\d+)/$")
+_SIMULATOR_URL = re.compile(r"listening on (https?://\S+/v1)")
+
+# Cause of a failed design, from its error text (agents.pipeline.describe_error), first match.
+CAUSES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    ("circuit open", re.compile(r"CircuitOpen")),
+    ("pool refused", re.compile(r"PoolTimeout|PoolExhausted|PoolClosed")),
+    ("deadline", re.compile(r"DeadlineExceeded|APITimeoutError|timed out", re.IGNORECASE)),
+    ("upstream 5xx after retries", re.compile(r"\(HTTP 5\d\d\)|InternalServerError")),
+    ("rate limited", re.compile(r"\(HTTP 429\)|RateLimitError|RateBudgetExceeded")),
+    (
+        "connection reset",
+        re.compile(
+            r"APIConnectionError|RemoteProtocolError|ReadError|Connection reset|"
+            r"peer closed|incomplete chunked",
+            re.IGNORECASE,
+        ),
+    ),
+    ("bad model output", re.compile(r"OutputFormatError|ValidationError|JSON")),
+    ("interrupted", re.compile(r"^interrupted", re.IGNORECASE)),
+)
+
+
+class LoadTestError(Exception):
+    """The run could not be set up or went wrong outside the server; the text says what."""
+
+
+# --- options --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LoadTestOptions:
+    """What to run; `validated()` turns the command-line values into a consistent set."""
+
+    designs: int = 200
+    users: int | None = None  # None: one user per design
+    timeout: float = 600.0
+    host: str = "127.0.0.1"
+    fault_rate: float | None = None  # None: 0.05, or the sum of the explicit rates
+    error_rate: float | None = None
+    reset_rate: float | None = None
+    stall_rate: float | None = None
+    stall_seconds: float = 35.0  # past the pools' 30 s idle deadline: a stall becomes one
+    ttft_ms: float = 300.0
+    tokens_per_second: float = 150.0
+    seed: int = 0
+    probe_interval: float = 0.1
+    # Users logging in at the same moment; 0 = all at once. Each login costs the server a
+    # PBKDF2 hash (~1 s of CPU), so an unbounded storm measures the hasher, not the designs.
+    login_concurrency: int = 10
+    keep: bool = False  # keep the run's folder (database, server and simulator logs)
+
+    @property
+    def user_count(self) -> int:
+        return self.users if self.users is not None else self.designs
+
+    @property
+    def rates(self) -> dict[str, float]:
+        """Error, reset and stall rates; they add up to the fault rate."""
+        explicit = {
+            "error_rate": self.error_rate,
+            "reset_rate": self.reset_rate,
+            "stall_rate": self.stall_rate,
+        }
+        if all(value is None for value in explicit.values()):
+            total = 0.05 if self.fault_rate is None else self.fault_rate
+            return dict.fromkeys(explicit, total / 3)
+        return {key: value or 0.0 for key, value in explicit.items()}
+
+    def validated(self) -> LoadTestOptions:
+        """Self, if every value makes sense; LoadTestError naming each one that does not."""
+        problems = []
+        if not 1 <= self.designs <= MAX_DESIGNS:
+            problems.append(f"--designs must be between 1 and {MAX_DESIGNS}, got {self.designs}")
+        if self.users is not None and not 1 <= self.users <= max(1, self.designs):
+            problems.append(
+                f"--users must be between 1 and --designs ({self.designs}), got {self.users}"
+            )
+        if not (math.isfinite(self.timeout) and 1 <= self.timeout <= MAX_TIMEOUT_S):
+            problems.append(
+                f"--timeout must be between 1 and {MAX_TIMEOUT_S:g} seconds, got {self.timeout}"
+            )
+        try:
+            loopback_host(self.host)
+        except LoadTestError as exc:
+            problems.append(str(exc))
+        for name in ("fault_rate", "error_rate", "reset_rate", "stall_rate"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and 0 <= value <= 1):
+                flag = "--" + name.replace("_", "-")
+                problems.append(f"{flag} is a fraction between 0 and 1, got {value}")
+        if not problems and self.fault_rate is not None:
+            total = sum(self.rates.values())
+            if not math.isclose(total, self.fault_rate, abs_tol=1e-9):
+                problems.append(
+                    f"--fault-rate {self.fault_rate:g} differs from --error-rate + "
+                    f"--reset-rate + --stall-rate = {total:g}; give one or the other"
+                )
+        for name in ("stall_seconds", "ttft_ms", "tokens_per_second"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                flag = "--" + name.replace("_", "-")
+                problems.append(f"{flag} must be a number >= 0, got {value}")
+        if self.login_concurrency < 0:
+            problems.append(
+                f"--login-concurrency must be 0 (all at once) or more, got {self.login_concurrency}"
+            )
+        if not (math.isfinite(self.probe_interval) and 0.01 <= self.probe_interval <= 10):
+            problems.append(
+                f"--probe-interval must be between 0.01 and 10 seconds, got {self.probe_interval}"
+            )
+        if problems:
+            raise LoadTestError("; ".join(problems))
+        return self
+
+
+def loopback_host(host: str) -> str:
+    """The IPv4 loopback address to use for `host`; LoadTestError for anything else.
+
+    The load test opens hundreds of connections and injects faults: aimed anywhere but this
+    machine it would be an attack, so only 127.0.0.0/8 and localhost are accepted. (IPv6
+    ::1 is loopback too, but `manage.py serve` cannot bind it: its Twisted endpoint string
+    would need the colons escaped.)
+    """
+    if host == "localhost":
+        return "127.0.0.1"
+    try:
+        address = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        raise LoadTestError(
+            f"--host must be a loopback address (127.0.0.1 or localhost), got {host!r}"
+        ) from None
+    if not address.is_loopback:
+        raise LoadTestError(
+            f"--host {host} is not a loopback address: the load test only runs on this "
+            "machine (127.0.0.0/8 or localhost)"
+        )
+    if address.version != 4:
+        raise LoadTestError(f"--host {host}: use an IPv4 loopback address such as 127.0.0.1")
+    return str(address)
+
+
+# --- statistics -----------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], share: float) -> float | None:
+    """Nearest-rank percentile (p99 of 200 samples is the 198th), None without samples."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(share * len(ordered)))
+    return ordered[rank - 1]
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any]:
+    """Count, p50, p99 and max of latencies in milliseconds, rounded for reading."""
+
+    def rounded(value: float | None) -> float | None:
+        return None if value is None else round(value, 1)
+
+    return {
+        "count": len(values),
+        "p50_ms": rounded(percentile(values, 0.50)),
+        "p99_ms": rounded(percentile(values, 0.99)),
+        "max_ms": rounded(max(values) if values else None),
+    }
+
+
+def failure_cause(error: str) -> str:
+    """A design's error text grouped into one of a few causes an operator can act on."""
+    for cause, pattern in CAUSES:
+        if pattern.search(error):
+            return cause
+    first_line = error.strip().splitlines()[0] if error.strip() else "no error text"
+    return f"other: {first_line[:60]}"
+
+
+# --- child processes ------------------------------------------------------------------------
+
+
+class Children:
+    """Every child process of a run, stopped in reverse start order whatever happens.
+
+    Each child gets its own session, so a Ctrl-C in the terminal reaches only the load test,
+    which then stops the server before the simulator it depends on.
+    """
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, asyncio.subprocess.Process]] = []
+
+    async def start(
+        self, name: str, args: Sequence[str], env: dict[str, str], **kw: Any
+    ) -> asyncio.subprocess.Process:
+        process = await asyncio.create_subprocess_exec(
+            *args, cwd=BASE_DIR, env=env, start_new_session=True, **kw
+        )
+        self.started.append((name, process))
+        return process
+
+    async def stop_all(self) -> dict[str, int | None]:
+        """SIGTERM, then SIGKILL after a grace period; returns each child's exit status."""
+        codes: dict[str, int | None] = {}
+        for name, process in reversed(self.started):
+            codes[name] = await stop_process(process)
+        return codes
+
+
+async def stop_process(process: asyncio.subprocess.Process) -> int | None:
+    """SIGTERM (the server then closes its pools cleanly), SIGKILL if it does not exit."""
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), CHILD_STOP_GRACE_S)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+        except asyncio.CancelledError:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
+    return process.returncode
+
+
+def child_env(options: LoadTestOptions, database: Path) -> dict[str, str]:
+    """The environment of every child: production settings, this run's database, no upstream.
+
+    Variables are set explicitly (empty when unused) so a developer's `.env` can never point
+    the run at a real endpoint or a shared Redis: `.env` does not override the environment.
+    """
+    per_user = math.ceil(options.designs / options.user_count)
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "carlos.settings",
+        "DATABASE_URL": f"sqlite:///{database}",
+        "DJANGO_DEBUG": "0",
+        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
+        "DJANGO_ALLOWED_HOSTS": loopback_host(options.host),
+        "AZURE_OPENAI_ENDPOINT": "",
+        "LLM_BASE_URL": "",
+        "REDIS_URL": "",
+        # The per-user limit (10 an hour by default) must not refuse the virtual users.
+        "DESIGNS_PER_HOUR": str(per_user + 10),
+        "POOL_SNAPSHOT_INTERVAL": "0",
+        "PYTHONUNBUFFERED": "1",
+    }
+    env.pop("LLM_SIMULATOR_URL", None)
+    return env
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def manage_py(*args: str) -> list[str]:
+    return [sys.executable, str(BASE_DIR / "manage.py"), *args]
+
+
+# The users share one password hash (and salt): hashing it once instead of once per user
+# keeps the setup of 200 throwaway accounts at one PBKDF2 instead of two hundred.
+_SETUP_CODE = """
+import os
+from django.contrib.auth import get_user_model
+from django.contrib.auth.hashers import make_password
+from django.core.management import call_command
+call_command("migrate", interactive=False, verbosity=0)
+User = get_user_model()
+encoded = make_password(os.environ["LOADTEST_PASSWORD"])
+prefix = os.environ["LOADTEST_PREFIX"]
+User.objects.bulk_create(
+    User(username=f"{prefix}{i:04d}", password=encoded)
+    for i in range(int(os.environ["LOADTEST_USERS"]))
+)
+"""
+
+_CHECK_CODE = """
+import json
+from django.db.models import Sum
+from agents.models import AgentRun, Design
+print(json.dumps({
+    "designs": list(Design.objects.values_list("id", "status", "error")),
+    "runs_running": AgentRun.objects.filter(status="running").count(),
+    "tokens_out": AgentRun.objects.aggregate(total=Sum("tokens_out"))["total"] or 0,
+}))
+"""
+
+
+async def run_manage(args: Sequence[str], env: dict[str, str], timeout: float) -> str:
+    """A short `manage.py` child to completion; its stdout, or LoadTestError with its output."""
+    process = await asyncio.create_subprocess_exec(
+        *manage_py(*args),
+        cwd=BASE_DIR,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        out, err = await asyncio.wait_for(process.communicate(), timeout)
+    except (TimeoutError, asyncio.CancelledError):
+        await stop_process(process)
+        raise
+    if process.returncode != 0:
+        raise LoadTestError(
+            f"manage.py {args[0]} failed (exit {process.returncode}):\n"
+            + (err or out).decode(errors="replace")[-3000:]
+        )
+    return out.decode(errors="replace")
+
+
+# --- the world ------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """The running server and simulator of one load test."""
+
+    base_url: str
+    simulator_url: str  # scheme://host:port, without /v1
+    server: asyncio.subprocess.Process
+    simulator: asyncio.subprocess.Process
+    server_log: Path
+    env: dict[str, str]
+    password: str
+
+
+async def start_world(options: LoadTestOptions, tmp: Path, children: Children) -> World:
+    """Database and users, simulator, server; returns once `/health` answers 200."""
+    env = child_env(options, tmp / "db.sqlite3")
+    password = secrets.token_urlsafe(16)
+    setup_env = {
+        **env,
+        "LOADTEST_PASSWORD": password,
+        "LOADTEST_PREFIX": USERNAME_PREFIX,
+        "LOADTEST_USERS": str(options.user_count),
+    }
+    setup = asyncio.create_task(
+        run_manage(["shell", "-c", _SETUP_CODE], setup_env, SETUP_TIMEOUT_S)
+    )
+    try:
+        simulator, simulator_url = await start_simulator(options, env, tmp, children)
+        await setup
+    finally:
+        if not setup.done():
+            setup.cancel()
+            with contextlib.suppress(BaseException):
+                await setup
+
+    host = loopback_host(options.host)
+    port = free_port(host)
+    server_log = tmp / "serve.log"
+    server_env = {**env, "LLM_SIMULATOR_URL": f"{simulator_url}/v1"}
+    with server_log.open("wb") as log:
+        server = await children.start(
+            "server",
+            manage_py("serve", "--host", host, "--port", str(port), "--no-simulator"),
+            server_env,
+            stdout=log,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    base_url = f"http://{host}:{port}"
+    await wait_healthy(base_url, server, server_log)
+    return World(base_url, simulator_url, server, simulator, server_log, server_env, password)
+
+
+async def start_simulator(
+    options: LoadTestOptions, env: dict[str, str], tmp: Path, children: Children
+) -> tuple[asyncio.subprocess.Process, str]:
+    rates = options.rates
+    args = manage_py(
+        "llm_simulator",
+        "--host",
+        loopback_host(options.host),
+        "--port",
+        "0",
+        "--ttft-ms",
+        f"{options.ttft_ms:g}",
+        "--tokens-per-second",
+        f"{options.tokens_per_second:g}",
+        "--error-rate",
+        f"{rates['error_rate']:.6f}",
+        "--reset-rate",
+        f"{rates['reset_rate']:.6f}",
+        "--stall-rate",
+        f"{rates['stall_rate']:.6f}",
+        "--stall-seconds",
+        f"{options.stall_seconds:g}",
+        "--seed",
+        str(options.seed),
+        "--responder",
+        "agents.simulated.carlos_responder",
+        # Idle connections stay open on the simulator's side, so every close is the server's
+        # own doing and the two connection counts must agree at the end.
+        "--keepalive-timeout",
+        "0",
+    )
+    log_path = tmp / "simulator.log"
+    with log_path.open("wb") as log:
+        process = await children.start(
+            "simulator", args, env, stdout=asyncio.subprocess.PIPE, stderr=log
+        )
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), SIMULATOR_READY_TIMEOUT_S)
+    except TimeoutError:
+        line = b""
+    match = _SIMULATOR_URL.search(line.decode(errors="replace"))
+    if match is None:
+        raise LoadTestError(
+            f"the simulator did not start (it said {line.decode(errors='replace').strip()!r}):"
+            f"\n{tail(log_path)}"
+        )
+    return process, match[1].removesuffix("/v1")
+
+
+async def wait_healthy(base_url: str, server: asyncio.subprocess.Process, log: Path) -> None:
+    """Readiness: `/health` 200 after the pools are warm, or the server's log on failure."""
+    deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+    async with httpx.AsyncClient(timeout=5) as client:
+        while time.monotonic() < deadline:
+            if server.returncode is not None:
+                raise LoadTestError(
+                    f"manage.py serve exited with {server.returncode}:\n{tail(log)}"
+                )
+            with contextlib.suppress(httpx.HTTPError):
+                if (await client.get(f"{base_url}/health")).status_code == 200:
+                    return
+            await asyncio.sleep(0.2)
+    raise LoadTestError(
+        f"/health never answered 200 within {SERVER_READY_TIMEOUT_S:g} s:\n{tail(log)}"
+    )
+
+
+# --- /proc readings -------------------------------------------------------------------------
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def open_sockets(pid: int) -> int | None:
+    """Sockets among the process's file descriptors (TCP, Unix, listening), None if gone."""
+    count = 0
+    try:
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(entry.path).startswith("socket:"):
+                    count += 1
+    except OSError:
+        return None
+    return count
+
+
+def memory_kb(pid: int) -> dict[str, int]:
+    """VmRSS (now) and VmHWM (the peak so far) from /proc/<pid>/status, in kB."""
+    values: dict[str, int] = {}
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/status") as status:
+        for line in status:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0])
+    return values
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+
+
+def machine_cpu() -> tuple[float, float] | None:
+    """(busy, total) jiffies of the whole machine: other users' load shows up here."""
+    try:
+        with open("/proc/stat") as stat:
+            values = [int(v) for v in stat.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = values[3] + (values[4] if len(values) > 4 else 0)
+    return float(sum(values) - idle), float(sum(values))
+
+
+@dataclass
+class Mark:
+    """Clock and CPU readings at a phase boundary."""
+
+    at: float
+    server_cpu: float | None
+    simulator_cpu: float | None
+    own_cpu: float
+    machine: tuple[float, float] | None
+
+
+def mark(world: World | None) -> Mark:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return Mark(
+        at=time.monotonic(),
+        server_cpu=cpu_seconds(world.server.pid) if world else None,
+        simulator_cpu=cpu_seconds(world.simulator.pid) if world else None,
+        own_cpu=usage.ru_utime + usage.ru_stime,
+        machine=machine_cpu(),
+    )
+
+
+def cpu_between(start: Mark, end: Mark) -> dict[str, float | None]:
+    """Average cores used in a phase by the server, the simulator, this process, the machine."""
+    span = max(end.at - start.at, 1e-9)
+
+    def per_second(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else round((b - a) / span, 2)
+
+    machine = None
+    if start.machine and end.machine and end.machine[1] > start.machine[1]:
+        busy = (end.machine[0] - start.machine[0]) / (end.machine[1] - start.machine[1])
+        machine = round(busy * (os.cpu_count() or 1), 2)
+    return {
+        "server": per_second(start.server_cpu, end.server_cpu),
+        "simulator": per_second(start.simulator_cpu, end.simulator_cpu),
+        "load_generator": per_second(start.own_cpu, end.own_cpu),
+        "machine": machine,
+    }
+
+
+# --- the probe process ----------------------------------------------------------------------
+
+
+PROBE_TIMEOUT_S = 30.0
+
+
+def probe_main(argv: Sequence[str]) -> None:
+    """`python -m agents.loadtest probe`: time /health and sample the server's sockets and RSS.
+
+    A process of its own, so its latencies are the server's, not the load generator's
+    event loop's. Probes leave on a fixed schedule whether or not the previous one has
+    answered (a slow server must not get fewer samples: no coordinated omission); one that
+    times out counts as PROBE_TIMEOUT_S with status 0. One line per reading goes to --out
+    (`H <sent> <ms> <status>`, `S <at> <sockets> <rss kB> <probes in flight>`) until SIGTERM.
+    """
+    parser = argparse.ArgumentParser(prog="python -m agents.loadtest probe")
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--interval", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    asyncio.run(_probe(args.url, args.pid, Path(args.out), args.interval))
+
+
+async def _probe(url: str, pid: int, out_path: Path, interval: float) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # Enough connections that every scheduled probe leaves even if each takes the timeout.
+    most = math.ceil(PROBE_TIMEOUT_S / interval) + 1
+    limits = httpx.Limits(max_connections=most, max_keepalive_connections=1)
+    outstanding: set[asyncio.Task[None]] = set()
+    with out_path.open("w", buffering=1) as out:
+
+        async def probe(client: httpx.AsyncClient) -> None:
+            sent = time.monotonic()
+            try:
+                status = (await client.get(url)).status_code
+            except httpx.HTTPError:
+                status = 0
+            out.write(f"H {sent:.6f} {(time.monotonic() - sent) * 1000:.3f} {status}\n")
+
+        async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, limits=limits) as client:
+            next_probe = next_sample = time.monotonic()
+            while not stop.is_set():
+                now = time.monotonic()
+                if now >= next_probe:
+                    task = asyncio.create_task(probe(client))
+                    outstanding.add(task)
+                    task.add_done_callback(outstanding.discard)
+                    next_probe += interval
+                if now >= next_sample:
+                    sockets, rss = open_sockets(pid), memory_kb(pid).get("VmRSS")
+                    if sockets is not None and rss is not None:
+                        # Our own probes in flight hold server sockets too: report them.
+                        out.write(f"S {now:.6f} {sockets} {rss} {len(outstanding)}\n")
+                    next_sample = now + max(interval, 0.2)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), min(next_probe, next_sample) - now)
+            for task in list(outstanding):
+                task.cancel()
+            if outstanding:
+                await asyncio.wait(outstanding)
+
+
+@dataclass
+class ProbeReadings:
+    """What the probe wrote, read back after it stopped."""
+
+    health: list[tuple[float, float, int]] = field(default_factory=list)  # start, ms, status
+    # at, server sockets (less the probe's own in-flight connections), RSS in kB
+    samples: list[tuple[float, int, int]] = field(default_factory=list)
+
+    @classmethod
+    def read(cls, path: Path) -> ProbeReadings:
+        readings = cls()
+        with contextlib.suppress(OSError), path.open() as lines:
+            for line in lines:
+                parts = line.split()
+                with contextlib.suppress(ValueError, IndexError):
+                    if parts[0] == "H":
+                        readings.health.append((float(parts[1]), float(parts[2]), int(parts[3])))
+                    elif parts[0] == "S":
+                        own = int(parts[4]) if len(parts) > 4 else 0
+                        readings.samples.append(
+                            (float(parts[1]), int(parts[2]) - max(own - 1, 0), int(parts[3]))
+                        )
+        return readings
+
+    def health_between(self, start: float, end: float) -> dict[str, Any]:
+        window = [(ms, status) for at, ms, status in self.health if start <= at < end]
+        return {
+            **summarize([ms for ms, _ in window]),
+            "non_200": sum(1 for _, status in window if status != 200),
+        }
+
+
+# --- virtual users --------------------------------------------------------------------------
+
+
+@dataclass
+class DesignRun:
+    """One design as its user saw it: how far it got and how it ended."""
+
+    number: int
+    user: int
+    stage: str = "waiting for login"
+    design_id: int | None = None
+    status: str | None = None
+    error: str = ""
+    client_failure: str | None = None  # what a browser user would have seen go wrong
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    events: int = 0
+    reconnects: int = 0
+    socket_error: str = ""  # the last failed handshake, if any
+
+
+@dataclass
+class Recorder:
+    """Everything the users measure, shared by all of them (one event loop, no locks)."""
+
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {p: [] for p in PAGES})
+    designs: list[DesignRun] = field(default_factory=list)
+    logins_ok: int = 0
+    logins_failed: int = 0
+    socket_events: int = 0
+
+
+class PageError(Exception):
+    """A page answered something a browser user would see as an error."""
+
+
+async def timed(
+    recorder: Recorder, page: str, request: Callable[[], Awaitable[httpx.Response]]
+) -> httpx.Response:
+    started = time.perf_counter()
+    response = await request()
+    recorder.latencies[page].append((time.perf_counter() - started) * 1000)
+    return response
+
+
+def csrf_token(response: httpx.Response, page: str) -> str:
+    match = _CSRF.search(response.text)
+    if match is None:
+        raise PageError(f"{page}: no CSRF token in the page (HTTP {response.status_code})")
+    return match[1]
+
+
+def form_fields() -> dict[str, str]:
+    """The design form's option fields at their defaults, as the browser would post them."""
+    from agents.options import DEFAULT_OPTIONS
+
+    return dict(DEFAULT_OPTIONS)
+
+
+class VirtualUsers:
+    """N users: log in (a few at a time), then all submit at once and watch each design to
+    its end, each with its own cookie jar and connections, as separate browsers would."""
+
+    def __init__(
+        self,
+        world: World,
+        options: LoadTestOptions,
+        recorder: Recorder,
+        on_logged_in: Callable[[], None],
+    ) -> None:
+        self.world = world
+        self.options = options
+        self.recorder = recorder
+        self.on_logged_in = on_logged_in  # called once, when the last login has finished
+        self.fields = form_fields()
+        self.logged_in = asyncio.Event()
+        self.pending_logins = options.user_count
+        self.login_slots = asyncio.Semaphore(options.login_concurrency or options.user_count)
+        for number in range(options.designs):
+            recorder.designs.append(DesignRun(number=number, user=number % options.user_count))
+
+    def designs_of(self, user: int) -> list[DesignRun]:
+        return [run for run in self.recorder.designs if run.user == user]
+
+    async def user(self, index: int) -> None:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        timeout = httpx.Timeout(self.options.timeout)
+        async with httpx.AsyncClient(
+            base_url=self.world.base_url, timeout=timeout, limits=limits
+        ) as client:
+            try:
+                async with self.login_slots:
+                    await self.log_in(client, index)
+                self.recorder.logins_ok += 1
+            except (PageError, httpx.HTTPError) as exc:
+                self.recorder.logins_failed += 1
+                for run in self.designs_of(index):
+                    run.client_failure = describe(exc)
+                return
+            finally:
+                self.pending_logins -= 1
+                if self.pending_logins == 0:
+                    self.on_logged_in()
+                    self.logged_in.set()
+            await self.logged_in.wait()  # every user submits at the same moment
+            await asyncio.gather(*(self.design(client, run) for run in self.designs_of(index)))
+
+    async def log_in(self, client: httpx.AsyncClient, index: int) -> None:
+        for run in self.designs_of(index):
+            run.stage = "logging in"
+        page = await timed(self.recorder, "login_page", lambda: client.get("/accounts/login/"))
+        if page.status_code != 200:
+            raise PageError(f"login page answered HTTP {page.status_code}")
+        data = {
+            "csrfmiddlewaretoken": csrf_token(page, "login page"),
+            "username": f"{USERNAME_PREFIX}{index:04d}",
+            "password": self.world.password,
+            "next": "/",
+        }
+        answer = await timed(
+            self.recorder, "login", lambda: client.post("/accounts/login/", data=data)
+        )
+        if answer.status_code != 302:
+            raise PageError(f"login answered HTTP {answer.status_code}, not a redirect")
+
+    async def design(self, client: httpx.AsyncClient, run: DesignRun) -> None:
+        try:
+            run.stage = "opening the form"
+            form = await timed(self.recorder, "form", lambda: client.get("/"))
+            if form.status_code != 200:
+                raise PageError(f"form page answered HTTP {form.status_code}")
+            data = {
+                "csrfmiddlewaretoken": csrf_token(form, "form page"),
+                "request_text": f"{REQUESTS[run.number % len(REQUESTS)]} (load test #{run.number})",
+                **self.fields,
+            }
+            run.stage = "submitting"
+            run.submitted_at = time.monotonic()
+            answer = await timed(self.recorder, "submit", lambda: client.post("/", data=data))
+            match = _DESIGN_URL.search(answer.headers.get("location", ""))
+            if answer.status_code != 302 or match is None:
+                raise PageError(f"submit answered HTTP {answer.status_code}")
+            run.design_id = int(match[1])
+            run.stage = "loading the design page"
+            page = await timed(self.recorder, "design_page", lambda: client.get(match[0]))
+            if page.status_code != 200:
+                raise PageError(f"design page answered HTTP {page.status_code}")
+            run.stage = "watching"
+            await self.watch(client, run)
+        except (PageError, httpx.HTTPError, OSError) as exc:
+            run.client_failure = describe(exc)
+        except Exception as exc:  # a bug on our side must not pass for a stuck design
+            run.client_failure = f"load generator error: {describe(exc)}"
+
+    async def watch(self, client: httpx.AsyncClient, run: DesignRun) -> None:
+        """Follow the socket to a terminal status, reconnecting as the page script does:
+        forever, 0.5 s doubling to 10 s between tries, back to 0.5 s once a socket opens;
+        only the run's deadline ends it (the design is then reported not terminal)."""
+        from websockets.exceptions import InvalidHandshake
+
+        cookie = "; ".join(f"{c.name}={c.value}" for c in client.cookies.jar)
+        url = f"{self.world.base_url.replace('http', 'ws', 1)}/ws/designs/{run.design_id}/"
+        delay = SOCKET_RETRY_FIRST_S
+        while True:
+            try:
+                code, opened = await watch_socket(
+                    url, self.world.base_url, cookie, run, self.recorder
+                )
+            except (InvalidHandshake, OSError) as exc:
+                code, opened = None, False
+                run.socket_error = describe(exc)
+            if run.status in TERMINAL_STATUSES:
+                run.finished_at = time.monotonic()
+                return
+            if code in (4403, 4404):
+                raise PageError(f"the socket was refused with close code {code}")
+            if opened:
+                delay = SOCKET_RETRY_FIRST_S
+            run.reconnects += 1
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, SOCKET_RETRY_MAX_S)
+
+
+def describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+async def watch_socket(
+    url: str, origin: str, cookie: str, run: DesignRun, recorder: Recorder
+) -> tuple[int | None, bool]:
+    """One socket connection: snapshot, then events until terminal.
+
+    Returns the close code and whether the socket had opened.
+
+    The handshake carries the session cookie and this site's Origin, as the page's does
+    (the consumer sits behind AllowedHostsOriginValidator). Opening is bounded by the run's
+    deadline, not by a timeout of its own: a slow handshake under load is a figure.
+    """
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    started = time.perf_counter()
+    opened = False
+    try:
+        async with connect(
+            url,
+            origin=origin,
+            additional_headers={"Cookie": cookie},
+            open_timeout=None,
+            ping_interval=None,  # browsers do not ping; Daphne pings them
+        ) as socket:
+            opened = True
+            async for message in socket:
+                event = json.loads(message)
+                run.events += 1
+                recorder.socket_events += 1
+                if event.get("kind") == "snapshot":
+                    recorder.latencies["socket_snapshot"].append(
+                        (time.perf_counter() - started) * 1000
+                    )
+                    state = event.get("design") or {}
+                    run.status, run.error = state.get("status"), state.get("error") or ""
+                elif event.get("kind") == "design_status":
+                    run.status, run.error = event.get("status"), event.get("error") or ""
+                if run.status in TERMINAL_STATUSES:
+                    return 1000, opened  # leaving the block closes the socket with 1000
+            return socket.close_code, opened
+    except ConnectionClosed as exc:
+        return (exc.rcvd.code if exc.rcvd is not None else None), opened
+
+
+# --- checks ---------------------------------------------------------------------------------
+
+
+async def fetch_json(client: httpx.AsyncClient, url: str) -> tuple[int, dict[str, Any]]:
+    response = await client.get(url)
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {}
+
+
+def pool_leaks(health: dict[str, Any], simulator: dict[str, Any]) -> list[str]:
+    """What is not at rest after the last design: busy slots, waiters, stray connections."""
+    problems = []
+    pools = health.get("pools", {})
+    for name, pool in pools.items():
+        for key in ("in_use", "waiting", "overflow_in_use"):
+            if pool.get(key, 0) != 0:
+                problems.append(f"pool {name}: {key} = {pool.get(key)}")
+    sizes = sum(pool.get("total", 0) for pool in pools.values())
+    open_now = health.get("http", {}).get("connections_open")
+    if open_now is None:
+        problems.append("/health shows no http.connections_open")
+    elif open_now > sizes:
+        problems.append(
+            f"{open_now} upstream connections open, more than the pools' {sizes} slots "
+            "(temporary connections not closed)"
+        )
+    simulator_open = simulator.get("connections_open")
+    if open_now is not None and simulator_open != open_now:
+        problems.append(
+            f"the server counts {open_now} upstream connections open, "
+            f"the simulator {simulator_open}"
+        )
+    return problems
+
+
+async def settle(world: World) -> dict[str, Any]:
+    """Poll until the pools and connections are at rest (or the settle time is up)."""
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            status, health = await fetch_json(client, f"{world.base_url}/health")
+            _, simulator = await fetch_json(client, f"{world.simulator_url}/_simulator/stats")
+            problems = pool_leaks(health, simulator)
+            if not problems or time.monotonic() > deadline:
+                return {
+                    "problems": problems,
+                    "health_status": status,
+                    "health": health,
+                    "simulator": simulator,
+                }
+            await asyncio.sleep(0.25)
+
+
+async def wait_for_probe(path: Path, probe: asyncio.subprocess.Process) -> None:
+    """Until the probe has answered once, so its connection is in the baseline."""
+    deadline = time.monotonic() + SIMULATOR_READY_TIMEOUT_S
+    while time.monotonic() < deadline and probe.returncode is None:
+        with contextlib.suppress(OSError):
+            text = await asyncio.to_thread(path.read_text)
+            if text.startswith("H ") or "\nH " in text:
+                return
+        await asyncio.sleep(0.05)
+    raise LoadTestError("the /health probe process did not start")
+
+
+async def socket_counts(
+    world: World, until_at_most: int | None = None
+) -> tuple[int | None, int | None]:
+    """The server's sockets, and those that are not upstream connections (listener, clients,
+    internal pipes), counted without connecting to the server: the upstream figure comes
+    from the simulator. With `until_at_most`, wait (a few seconds at most) for the second
+    to come down to it, as closing sockets may still be on their way out.
+    """
+    deadline = time.monotonic() + 5
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            _, stats = await fetch_json(client, f"{world.simulator_url}/_simulator/stats")
+            sockets = open_sockets(world.server.pid)
+            upstream = stats.get("connections_open")
+            other = None if sockets is None or upstream is None else sockets - upstream
+            if until_at_most is None or other is None or other <= until_at_most:
+                return sockets, other
+            if time.monotonic() > deadline:
+                return sockets, other
+            await asyncio.sleep(0.2)
+
+
+async def database_state(world: World) -> dict[str, Any]:
+    """Designs and runs as the database has them; the error instead if it cannot be read
+    (SQLite may still be locked by the server), so the report is never lost to the check."""
+    problem = ""
+    for _ in range(3):
+        try:
+            out = await run_manage(["shell", "-c", _CHECK_CODE], world.env, SETUP_TIMEOUT_S)
+            return json.loads(out.strip().splitlines()[-1])
+        except (LoadTestError, ValueError, IndexError) as exc:
+            problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            await asyncio.sleep(1)
+    return {"designs": [], "runs_running": 0, "tokens_out": 0, "error": problem}
+
+
+# --- the run --------------------------------------------------------------------------------
+
+
+async def run_load_test(
+    options: LoadTestOptions, progress: Callable[[str], None] = lambda line: None
+) -> dict[str, Any]:
+    """Start the world, run the users, check for leaks, stop everything; the report."""
+    options = options.validated()
+    try:
+        import websockets  # noqa: F401
+    except ImportError:
+        raise LoadTestError(
+            "the load test's WebSocket client needs the `websockets` package "
+            "(pip install websockets)"
+        ) from None
+    started = mark(None)
+    deadline = started.at + options.timeout
+    children = Children()
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    handled = []
+    if main is not None:
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(signum, main.cancel)
+                handled.append(signum)
+    try:
+        with tempfile.TemporaryDirectory(
+            prefix="carlos-loadtest-", delete=not options.keep
+        ) as name:
+            tmp = Path(name)
+            try:
+                report = await _run(options, tmp, children, started, deadline, progress)
+            finally:
+                exits = await children.stop_all()
+                progress(f"stopped: {', '.join(f'{k} exit {v}' for k, v in exits.items())}")
+                if options.keep:
+                    progress(f"kept the database and logs in {tmp}")
+            report["setup"]["children_exit"] = exits
+            return report
+    finally:
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+
+
+async def _run(
+    options: LoadTestOptions,
+    tmp: Path,
+    children: Children,
+    started: Mark,
+    deadline: float,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    progress(f"starting the simulator, the server and {options.user_count} users' database ...")
+    world = await start_world(options, tmp, children)
+    async with httpx.AsyncClient(timeout=10) as client:
+        _, health_at_start = await fetch_json(client, f"{world.base_url}/health")
+    probe_out = tmp / "probe.log"
+    probe = await children.start(
+        "probe",
+        [
+            sys.executable,
+            "-m",
+            "agents.loadtest",
+            "probe",
+            "--url",
+            f"{world.base_url}/health",
+            "--pid",
+            str(world.server.pid),
+            "--out",
+            str(probe_out),
+            "--interval",
+            str(options.probe_interval),
+        ],
+        world.env,
+    )
+    await wait_for_probe(probe_out, probe)
+    sockets_before = await socket_counts(world)
+    ready = mark(world)
+    progress(f"server ready at {world.base_url} in {ready.at - started.at:.1f} s; logging in")
+
+    recorder = Recorder()
+    marks: dict[str, Mark] = {"start": started, "ready": ready}
+
+    def logged_in() -> None:
+        marks["logins"] = mark(world)
+        progress(
+            f"{recorder.logins_ok} logged in ({recorder.logins_failed} failed) in "
+            f"{marks['logins'].at - ready.at:.1f} s; submitting {options.designs} designs"
+        )
+
+    users = VirtualUsers(world, options, recorder, logged_in)
+    pending = {asyncio.create_task(users.user(i)) for i in range(options.user_count)}
+    timed_out = False
+    last_progress = time.monotonic()
+    try:
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                timed_out = True
+                break
+            _, pending = await asyncio.wait(pending, timeout=min(remaining, 1.0))
+            if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
+                last_progress = time.monotonic()
+                if "logins" not in marks:
+                    progress(f"{recorder.logins_ok}/{options.user_count} users logged in")
+                else:
+                    done = sum(1 for run in recorder.designs if run.status in TERMINAL_STATUSES)
+                    progress(f"{done}/{options.designs} designs terminal")
+    finally:
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    marks["designs"] = mark(world)
+    marks.setdefault("logins", marks["designs"])
+    progress("checking for leaks ...")
+    database_task = asyncio.create_task(database_state(world))  # a slow child: start it now
+    try:
+        at_rest = await settle(world)
+        sockets_after = await socket_counts(world, until_at_most=sockets_before[1])
+        memory = memory_kb(world.server.pid)
+        database = await database_task
+    finally:
+        if not database_task.done():
+            database_task.cancel()
+            with contextlib.suppress(BaseException):
+                await database_task
+    marks["checks"] = mark(world)
+    await stop_process(probe)
+    readings = ProbeReadings.read(probe_out)
+    return build_report(
+        options=options,
+        recorder=recorder,
+        readings=readings,
+        marks=marks,
+        health_at_start=health_at_start,
+        at_rest=at_rest,
+        database=database,
+        sockets={"before": sockets_before, "after": sockets_after},
+        memory=memory,
+        timed_out=timed_out,
+    )
+
+
+# --- the report -----------------------------------------------------------------------------
+
+
+def build_report(
+    *,
+    options: LoadTestOptions,
+    recorder: Recorder,
+    readings: ProbeReadings,
+    marks: dict[str, Mark],
+    health_at_start: dict[str, Any],
+    at_rest: dict[str, Any],
+    database: dict[str, Any],
+    sockets: dict[str, tuple[int | None, int | None]],
+    memory: dict[str, int],
+    timed_out: bool,
+) -> dict[str, Any]:
+    """The figures as one JSON-ready document (the table is drawn from it)."""
+    runs = recorder.designs
+    causes: Counter[str] = Counter()
+    not_terminal: Counter[str] = Counter()  # where the unfinished ones were stuck
+    client_errors: list[str] = []
+    succeeded = terminal = 0
+    for run in runs:
+        if run.status in TERMINAL_STATUSES:
+            terminal += 1
+            if run.status == "succeeded":
+                succeeded += 1
+            else:
+                causes[failure_cause(run.error)] += 1
+        elif run.client_failure is not None:
+            causes[f"client error while {run.stage}"] += 1
+            client_errors.append(f"design {run.number}, {run.stage}: {run.client_failure}")
+        else:
+            causes["not terminal"] += 1
+            not_terminal[run.stage] += 1
+            if run.socket_error:
+                client_errors.append(f"design {run.number}, last socket error: {run.socket_error}")
+    submitted = sum(1 for run in runs if run.design_id is not None)
+    by_status = Counter(status for _, status, _ in database["designs"])
+    unfinished = {s: by_status[s] for s in UNFINISHED_STATUSES if by_status.get(s)}
+
+    health = at_rest["health"]
+    simulator = at_rest["simulator"]
+    leak_details = list(at_rest["problems"])
+    if unfinished:
+        leak_details.append(f"designs left unfinished in the database: {unfinished}")
+    if database.get("error"):
+        leak_details.append(f"could not read the database to check it: {database['error']}")
+    if database["runs_running"]:
+        leak_details.append(f"{database['runs_running']} agent runs still marked running")
+    upstream_open = health.get("http", {}).get("connections_open") or 0
+    clients_before, clients_after = sockets["before"][1], sockets["after"][1]
+    if clients_before is not None and clients_after is not None and clients_after > clients_before:
+        leak_details.append(
+            f"{clients_after - clients_before} more non-upstream sockets open in the server "
+            "than before the run (unclosed client or WebSocket connections)"
+        )
+
+    phases = {
+        "setup_s": marks["ready"].at - marks["start"].at,
+        "logins_s": marks["logins"].at - marks["ready"].at,
+        "designs_s": marks["designs"].at - marks["logins"].at,
+        "checks_s": marks["checks"].at - marks["designs"].at,
+    }
+    health_designs = readings.health_between(marks["logins"].at, marks["designs"].at)
+    durations = [
+        (run.finished_at - run.submitted_at) * 1000
+        for run in runs
+        if run.finished_at is not None and run.submitted_at is not None
+    ]
+    peak_sockets = max((s for _, s, _ in readings.samples), default=None)
+    peak_rss_kb = max([rss for _, _, rss in readings.samples] + [memory.get("VmHWM", 0)], default=0)
+    counters = {
+        name: {key: value for key, value in pool.items() if key.startswith("requests_")}
+        for name, pool in health.get("pools", {}).items()
+    }
+    designs_s = max(marks["designs"].at - marks["logins"].at, 1e-9)
+    health_p99 = health_designs["p99_ms"]
+    all_terminal = submitted == options.designs and terminal == options.designs
+    targets = {
+        "every_design_terminal": {
+            "measured": f"{terminal}/{options.designs}",
+            "met": all_terminal and not timed_out,
+        },
+        "zero_leaks": {
+            "measured": "none" if not leak_details else f"{len(leak_details)} found",
+            "met": not leak_details,
+        },
+        "health_p99_under_100ms": {
+            "measured": health_p99,
+            "met": health_p99 is not None
+            and health_p99 < HEALTH_P99_TARGET_MS
+            and health_designs["non_200"] == 0,
+        },
+    }
+    return {
+        "setup": {
+            "host": options.host,
+            "designs": options.designs,
+            "users": options.user_count,
+            "timeout_s": options.timeout,
+            "fault_rate": round(sum(options.rates.values()), 6),
+            **{key: round(value, 6) for key, value in options.rates.items()},
+            "stall_seconds": options.stall_seconds,
+            "ttft_ms": options.ttft_ms,
+            "tokens_per_second": options.tokens_per_second,
+            "seed": options.seed,
+            "login_concurrency": options.login_concurrency,
+            "cpus": os.cpu_count(),
+            "pools": {
+                name: pool.get("total") for name, pool in health_at_start.get("pools", {}).items()
+            },
+            "http_max_connections": health_at_start.get("http", {}).get("max_connections"),
+        },
+        "designs": {
+            "submitted": submitted,
+            "terminal": terminal,
+            "succeeded": succeeded,
+            "failed": options.designs - succeeded,
+            "failures_by_cause": dict(causes.most_common()),
+            "not_terminal_stages": dict(not_terminal),
+            "client_errors": client_errors[:20],
+            "timed_out": timed_out,
+            "socket_events": recorder.socket_events,
+            "socket_reconnects": sum(run.reconnects for run in runs),
+            "duration": summarize(durations),
+            "logins_failed": recorder.logins_failed,
+            "database_statuses": dict(by_status),
+        },
+        "latency": {page: summarize(values) for page, values in recorder.latencies.items()},
+        "health": {
+            "interval_s": options.probe_interval,
+            "whole_run": readings.health_between(marks["ready"].at, marks["checks"].at),
+            "during_logins": readings.health_between(marks["ready"].at, marks["logins"].at),
+            "during_designs": health_designs,
+        },
+        "server": {
+            "peak_sockets": peak_sockets,
+            "sockets_before": sockets["before"][0],
+            "sockets_after": sockets["after"][0],
+            "peak_rss_mb": round(peak_rss_kb / 1024, 1),
+            "rss_after_mb": round(memory.get("VmRSS", 0) / 1024, 1),
+            "cpu_cores_during_logins": cpu_between(marks["ready"], marks["logins"]),
+            "cpu_cores_during_designs": cpu_between(marks["logins"], marks["designs"]),
+        },
+        "upstream": {
+            "pool_counters": counters,
+            "tokens_out": database["tokens_out"],
+            "tokens_per_second_during_designs": round(database["tokens_out"] / designs_s),
+            "connections_open_after": upstream_open,
+            "connections_opened": health.get("http", {}).get("connections_num"),
+            "simulator": {
+                key: simulator.get(key)
+                for key in (
+                    "chat_requests",
+                    "status_counts",
+                    "resets",
+                    "stalls",
+                    "peak_in_flight",
+                    "connections_accepted",
+                    "connections_open",
+                )
+            },
+        },
+        "leaks": {"found": bool(leak_details), "details": leak_details},
+        "wall_time_s": round(marks["checks"].at - marks["start"].at, 1),
+        "phases": {key: round(value, 1) for key, value in phases.items()},
+        "targets": targets,
+        "met": all(target["met"] for target in targets.values()),
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The report as the table an operator reads."""
+    setup, designs, server = report["setup"], report["designs"], report["server"]
+    lines = [
+        f"Carlos load test on {setup['host']}: {setup['designs']} designs by {setup['users']} "
+        f"users, {setup['cpus']} CPUs",
+        f"faults {setup['fault_rate']:.1%} (HTTP 500 {setup['error_rate']:.2%}, reset "
+        f"{setup['reset_rate']:.2%}, stall {setup['stall_rate']:.2%} for "
+        f"{setup['stall_seconds']:g} s); simulator TTFT {setup['ttft_ms']:g} ms, "
+        f"{setup['tokens_per_second']:g} tokens/s; pools "
+        + ", ".join(f"{k} {v}" for k, v in setup["pools"].items()),
+        "",
+        f"designs    submitted {designs['submitted']}, terminal {designs['terminal']}, "
+        f"succeeded {designs['succeeded']}, failed {designs['failed']}"
+        + (" (timed out)" if designs["timed_out"] else ""),
+    ]
+    for cause, count in designs["failures_by_cause"].items():
+        lines.append(f"  {cause:<32} {count:>5}")
+    duration = designs["duration"]
+    lines.append(
+        f"  submit to terminal: p50 {_ms(duration['p50_ms'])} ms, "
+        f"p99 {_ms(duration['p99_ms'])} ms; {designs['socket_events']:,} socket events, "
+        f"{designs['socket_reconnects']} reconnects"
+    )
+    lines += ["", f"{'latency':<28} {'count':>6} {'p50 ms':>10} {'p99 ms':>10} {'max ms':>10}"]
+    rows = [(page.replace("_", " "), stats) for page, stats in report["latency"].items()]
+    health = report["health"]
+    rows += [
+        ("/health during logins", health["during_logins"]),
+        ("/health during designs", health["during_designs"]),
+        ("/health whole run", health["whole_run"]),
+    ]
+    for label, stats in rows:
+        lines.append(
+            f"  {label:<26} {stats['count']:>6} {_ms(stats['p50_ms']):>10} "
+            f"{_ms(stats['p99_ms']):>10} {_ms(stats['max_ms']):>10}"
+        )
+    lines.append(f"  /health non-200 answers: {health['whole_run']['non_200']}")
+    cores = server["cpu_cores_during_designs"]
+    lines += [
+        "",
+        f"server     peak sockets {server['peak_sockets']} (before {server['sockets_before']}, "
+        f"after {server['sockets_after']}), peak RSS {server['peak_rss_mb']} MB",
+        "cpu cores during designs: "
+        + ", ".join(
+            f"{k.replace('_', ' ')} {v if v is not None else '-'}" for k, v in cores.items()
+        ),
+    ]
+    upstream = report["upstream"]
+    simulator = upstream["simulator"]
+    lines.append(
+        f"upstream   {simulator['chat_requests']} chat requests, statuses "
+        f"{simulator['status_counts']}, {simulator['resets']} resets, {simulator['stalls']} "
+        f"stalls, peak in flight {simulator['peak_in_flight']}, "
+        f"{upstream['connections_opened']} connections opened; {upstream['tokens_out']:,} "
+        f"tokens streamed, {upstream['tokens_per_second_during_designs']:,}/s during designs"
+    )
+    leaks = report["leaks"]
+    lines += ["", "leaks      " + ("none" if not leaks["found"] else "; ".join(leaks["details"]))]
+    phases = report["phases"]
+    lines.append(
+        f"wall time  {report['wall_time_s']} s (setup {phases['setup_s']}, logins "
+        f"{phases['logins_s']}, designs {phases['designs_s']}, checks {phases['checks_s']})"
+    )
+    lines += ["", "targets"]
+    labels = {
+        "every_design_terminal": "every design terminal",
+        "zero_leaks": "zero leaks",
+        "health_p99_under_100ms": "/health p99 < 100 ms (designs)",
+    }
+    for key, target in report["targets"].items():
+        measured = target["measured"]
+        shown = f"{measured} ms" if isinstance(measured, float) else str(measured)
+        lines.append(f"  {labels[key]:<32} {shown:>14}   {'met' if target['met'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
+def main(argv: Iterable[str]) -> None:
+    arguments = list(argv)
+    if arguments[:1] != ["probe"]:
+        sys.exit("usage: python -m agents.loadtest probe --url URL --pid PID --out FILE")
+    probe_main(arguments[1:])
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,469 @@
+"""A catalogue of bad input at every door: the form, the JSON endpoints, the socket, the CLI.
+
+Each case must get a clear 4xx (a clean close for the WebSocket, a CommandError for the
+command) and change nothing it should not: no design or run is created, started or
+altered, and nothing the user sent is ever echoed back unescaped.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+from asgiref.sync import sync_to_async
+from channels.testing import WebsocketCommunicator
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.core.management import CommandError, call_command
+from django.test import Client
+
+from agents import tasks
+from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
+from agents.models import AgentRun, Design
+from agents.options import DEFAULT_OPTIONS
+from carlos.asgi import application
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+User = get_user_model()
+MEGABYTE = 1024 * 1024
+SCRIPT = '<script>alert("pwned")</script><img src=x onerror=alert(1)>'
+# A request whose every field is valid, so each case below breaks exactly one thing.
+VALID = {"request_text": "A helpdesk for 300 staff", **DEFAULT_OPTIONS}
+
+
+def urlencoded(fields: dict[str, str]) -> bytes:
+    return urlencode(fields).encode()
+
+
+def counts() -> tuple[int, int]:
+    return Design.objects.count(), AgentRun.objects.count()
+
+
+def make_user(username: str, **fields: Any) -> Any:
+    return User.objects.create_user(username, password="a-long-test-password", **fields)
+
+
+def make_design(owner: Any, **fields: Any) -> Design:
+    fields.setdefault("options", dict(DEFAULT_OPTIONS))
+    return Design.objects.create(owner=owner, request_text="A data lake", **fields)
+
+
+def add_run(design: Design, agent: str = "requirements", **fields: Any) -> AgentRun:
+    fields.setdefault("status", AgentRun.Status.SUCCEEDED)
+    return AgentRun.objects.create(
+        design=design, agent=agent, attempt=1, pool="mini", model="gpt-4o-mini", **fields
+    )
+
+
+@pytest.fixture
+def alice(client: Client) -> Any:
+    user = make_user("alice")
+    client.force_login(user)
+    return user
+
+
+# --- the request form --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "status", "message"),
+    [
+        pytest.param(
+            urlencoded(VALID | {"request_text": ""}),
+            "application/x-www-form-urlencoded",
+            400,
+            "the request cannot be empty",
+            id="empty",
+        ),
+        pytest.param(
+            urlencoded(VALID | {"request_text": " \n\t\r\n "}),
+            "application/x-www-form-urlencoded",
+            400,
+            "the request cannot be empty",
+            id="whitespace",
+        ),
+        pytest.param(
+            urlencoded(VALID | {"request_text": "x" * MEGABYTE}),
+            "application/x-www-form-urlencoded",
+            400,
+            "Your request is 1,048,576 characters long; the limit is 4,000.",
+            id="one-megabyte",
+        ),
+        pytest.param(
+            b"request_text=caf\xc3\x28+\xff\xfe&" + urlencoded(DEFAULT_OPTIONS),
+            "application/x-www-form-urlencoded",
+            400,
+            "The form data is not valid utf-8 text",
+            id="invalid-utf8-raw-bytes",
+        ),
+        pytest.param(
+            b"request_text=caf%C3%28+%FF&" + urlencoded(DEFAULT_OPTIONS),
+            "application/x-www-form-urlencoded",
+            400,
+            "The form data is not valid utf-8 text",
+            id="invalid-utf8-percent-escaped",
+        ),
+        pytest.param(
+            urlencoded(VALID | {"request_text": "two\x00parts"}),
+            "application/x-www-form-urlencoded",
+            400,
+            "Null characters are not allowed.",
+            id="nul-character",
+        ),
+        pytest.param(
+            urlencoded(VALID | {"cloud": "oracle"}),
+            "application/x-www-form-urlencoded",
+            400,
+            "Select a valid choice. oracle is not one of the available choices.",
+            id="unknown-option-value",
+        ),
+        pytest.param(
+            urlencoded({"request_text": "A helpdesk"}),
+            "application/x-www-form-urlencoded",
+            400,
+            "This field is required.",
+            id="missing-options",
+        ),
+        pytest.param(
+            b'{"request_text": "A helpdesk for 300 staff", "cloud": "aws"}',
+            "application/json",
+            415,
+            "Send the form as application/x-www-form-urlencoded or multipart/form-data.",
+            id="json-instead-of-a-form",
+        ),
+        pytest.param(
+            b"request_text=A helpdesk",
+            "text/plain",
+            415,
+            "Send the form as application/x-www-form-urlencoded",
+            id="text-plain",
+        ),
+    ],
+)
+def test_bad_form_posts_get_a_clear_4xx_and_create_nothing(
+    client: Client, alice: Any, body: bytes, content_type: str, status: int, message: str
+) -> None:
+    before = counts()
+    response = client.post("/", body, content_type=content_type)
+    assert response.status_code == status
+    assert message in response.content.decode()
+    assert counts() == before
+    assert "Retry-After" not in response
+
+
+def test_the_rejected_form_echoes_html_escaped(client: Client, alice: Any) -> None:
+    response = client.post("/", VALID | {"request_text": SCRIPT, "cloud": "oracle"})
+    assert response.status_code == 400
+    html = response.content.decode()
+    assert "<script>alert" not in html and "<img src=x" not in html
+    assert "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;" in html
+    assert not Design.objects.exists()
+
+
+def test_unknown_form_fields_are_ignored_not_stored(client: Client, alice: Any, settings) -> None:
+    """Extra fields (browser extensions, old pages) are not options: they never reach a design.
+
+    The hourly limit is reached first, so a valid form stops at 429 with nothing started.
+    """
+    settings.DESIGNS_PER_HOUR = 1
+    existing = make_design(alice)
+    response = client.post("/", VALID | {"region": "mars", "owner_id": "999", "status": "x"})
+    assert response.status_code == 429
+    assert list(Design.objects.values_list("pk", flat=True)) == [existing.pk]
+
+
+def test_posts_without_a_csrf_token_are_forbidden_and_change_nothing(alice: Any) -> None:
+    waiting = make_design(
+        alice,
+        status=Design.Status.AWAITING_ANSWERS,
+        clarifications=[{"question": "Budget?", "answer": None}],
+    )
+    broken = make_design(alice, status=Design.Status.FAILED, attempts=1, error="boom")
+    browser = Client(enforce_csrf_checks=True)
+    browser.force_login(alice)
+    before = counts()
+    for url, data in (
+        ("/", VALID),
+        (f"/designs/{waiting.pk}/answers/", {"answer_0": "about 1k euros"}),
+        (f"/designs/{broken.pk}/retry/", {}),
+    ):
+        assert browser.post(url, data).status_code == 403, url
+    assert counts() == before
+    waiting.refresh_from_db()
+    broken.refresh_from_db()
+    assert (waiting.status, waiting.clarifications[0]["answer"]) == ("awaiting_answers", None)
+    assert (broken.status, broken.attempts) == ("failed", 1)
+
+
+def test_bad_answers_posts_get_a_clear_4xx_and_leave_the_design_waiting(
+    client: Client, alice: Any
+) -> None:
+    design = make_design(
+        alice,
+        status=Design.Status.AWAITING_ANSWERS,
+        clarifications=[{"question": "Budget?", "answer": None}],
+    )
+    url = f"/designs/{design.pk}/answers/"
+    json_post = client.post(url, b'{"skip": "1"}', content_type="application/json")
+    assert json_post.status_code == 415
+    raw = client.post(url, b"answer_0=\xff\xfe", content_type="application/x-www-form-urlencoded")
+    assert raw.status_code == 400
+    assert "The form data is not valid utf-8 text" in raw.content.decode()
+    too_long = client.post(url, {"answer_0": "x" * MEGABYTE})
+    assert too_long.status_code == 400
+    design.refresh_from_db()
+    assert design.status == Design.Status.AWAITING_ANSWERS
+    assert design.clarifications == [{"question": "Budget?", "answer": None}]
+    assert tasks.running_task(design.pk) is None
+
+
+def test_another_users_design_is_404_everywhere_and_stays_untouched(
+    client: Client, alice: Any
+) -> None:
+    mallory = make_user("mallory")
+    theirs = make_design(
+        mallory,
+        status=Design.Status.AWAITING_ANSWERS,
+        clarifications=[{"question": "Budget?", "answer": None}],
+    )
+    run = add_run(theirs, output_text="## Their requirements")
+    failed = make_design(mallory, status=Design.Status.FAILED, attempts=1, error="boom")
+    before = counts()
+    for method, url in (
+        ("get", f"/designs/{theirs.pk}/"),
+        ("get", f"/designs/{theirs.pk}/runs/{run.pk}/"),
+        ("get", f"/designs/{theirs.pk}/download/"),
+        ("get", f"/designs/{theirs.pk}/terraform.zip"),
+        ("post", f"/designs/{theirs.pk}/answers/"),
+        ("post", f"/designs/{failed.pk}/retry/"),
+    ):
+        response = getattr(client, method)(url, {"skip": "1"} if method == "post" else None)
+        assert response.status_code == 404, url
+        assert b"Their requirements" not in response.content
+    assert counts() == before
+    theirs.refresh_from_db()
+    failed.refresh_from_db()
+    assert (theirs.status, failed.status) == ("awaiting_answers", "failed")
+
+
+# --- the JSON endpoints --------------------------------------------------------------------
+
+
+def test_the_run_output_endpoint_refuses_every_bad_id(client: Client, alice: Any) -> None:
+    design = make_design(alice)
+    run = add_run(design, output_text="## Requirements")
+    other = make_design(alice)
+    huge = "9" * 30  # routes as an int, far past any database integer
+    for url in (
+        f"/designs/{other.pk}/runs/{run.pk}/",  # a run of another design
+        f"/designs/{design.pk}/runs/{run.pk + 1000}/",
+        f"/designs/{design.pk}/runs/{huge}/",
+        f"/designs/{huge}/runs/{run.pk}/",
+    ):
+        assert client.get(url).status_code == 404, url
+    for url in (f"/designs/{design.pk}/runs/abc/", f"/designs/{design.pk}/runs/-1/"):
+        assert client.get(url).status_code == 404, url  # does not route at all
+    assert client.post(f"/designs/{design.pk}/runs/{run.pk}/").status_code == 405
+    assert Client().get(f"/designs/{design.pk}/runs/{run.pk}/").status_code == 302  # login
+    good = client.get(f"/designs/{design.pk}/runs/{run.pk}/")
+    assert good.status_code == 200 and good.json()["agent"] == "requirements"
+
+
+@pytest.mark.parametrize(
+    ("query", "error"),
+    [
+        ("scope=bogus", "scope must be 'instance' or 'cluster'"),
+        ("scope=", "scope must be 'instance' or 'cluster'"),
+        ("scope=INSTANCE", "scope must be 'instance' or 'cluster'"),
+        ("scope=instance&scope=%FF", "scope must be 'instance' or 'cluster'"),
+        ("scope=cluster", "scope=cluster needs REDIS_URL"),
+    ],
+)
+def test_health_refuses_a_bad_scope_with_a_json_400(client: Client, query: str, error: str):
+    response = client.get(f"/health?{query}")
+    assert response.status_code == 400
+    assert response["Content-Type"] == "application/json"
+    assert error in response.json()["error"]
+
+
+def test_health_only_answers_get(client: Client) -> None:
+    assert client.post("/health").status_code == 405
+    assert client.post("/health/live").status_code == 405
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [None, "", "Bearer", "Bearer wrong-token", "Basic c2VjcmV0LXRva2Vu", "bearer  nope "],
+)
+def test_metrics_refuses_a_missing_or_wrong_token(
+    client: Client, settings, authorization: str | None
+) -> None:
+    settings.METRICS_TOKEN = "secret-token"
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = client.get("/metrics", headers=headers)
+    assert response.status_code == 403
+    assert b"secret-token" not in response.content
+    assert b"carlos_pool" not in response.content
+
+
+def test_metrics_answers_the_right_token(client: Client, settings) -> None:
+    settings.METRICS_TOKEN = "secret-token"
+    response = client.get("/metrics", headers={"Authorization": "Bearer secret-token"})
+    assert response.status_code == 200
+    assert b"carlos_pool_size" in response.content
+
+
+# --- script in the request text, through the whole product ---------------------------------
+
+
+async def test_html_and_script_in_the_request_are_shown_escaped_never_executed(
+    async_client: Any, carlos_registry: Any
+) -> None:
+    user = await User.objects.acreate_user("alice", password="a-long-test-password")
+    await async_client.aforce_login(user)
+    text = f"A shop {SCRIPT} for 5k users"
+    response = await async_client.post("/", VALID | {"request_text": text})
+    assert response.status_code == 302
+    design = await Design.objects.aget()
+    assert design.request_text == text  # stored as typed: escaping is the output's job
+    task = tasks.running_task(design.pk)
+    assert task is not None
+    await task
+    design = await Design.objects.aget()
+    assert design.status == Design.Status.SUCCEEDED, design.error
+
+    page = (await async_client.get(f"/designs/{design.pk}/")).content.decode()
+    history = (await async_client.get("/designs/")).content.decode()
+    fragments = [
+        (await async_client.get(f"/designs/{design.pk}/runs/{run.pk}/")).json()["html"]
+        async for run in AgentRun.objects.filter(design=design)
+    ]
+    escaped = "&lt;script&gt;alert(&quot;pwned&quot;)&lt;/script&gt;"
+    for html in (page, history, *fragments):
+        assert "<script>alert" not in html
+        assert "<img src=x" not in html
+    assert escaped in page and escaped in history
+
+
+# --- the WebSocket -------------------------------------------------------------------------
+
+
+@sync_to_async
+def session_cookie(user: Any) -> str:
+    client = Client()
+    client.force_login(user)
+    return client.cookies[settings.SESSION_COOKIE_NAME].value
+
+
+async def open_socket(design_id: int | str, user: Any) -> WebsocketCommunicator:
+    cookie = await session_cookie(user)
+    headers = [
+        (b"origin", b"http://localhost"),
+        (b"host", b"localhost"),
+        (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),
+    ]
+    return WebsocketCommunicator(application, f"/ws/designs/{design_id}/", headers=headers)
+
+
+async def fields(design: Design) -> tuple[Any, ...]:
+    fresh = await Design.objects.aget(pk=design.pk)
+    return fresh.status, fresh.attempts, fresh.error, fresh.clarifications
+
+
+async def test_bad_socket_messages_get_an_error_reply_and_the_socket_stays_usable() -> None:
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    design = await Design.objects.acreate(owner=owner, request_text="A data lake")
+    before = await fields(design)
+    socket = await open_socket(design.pk, owner)
+    connected, _ = await socket.connect()
+    assert connected
+    assert (await socket.receive_json_from(timeout=5))["kind"] == "snapshot"
+    for frame in (
+        {"bytes_data": b"\xff\xfe\xc3\x28 not utf-8"},
+        {"bytes_data": b'{"kind": "ping"}'},  # JSON, but in a binary frame
+        {"text_data": "{not json"},
+        {"text_data": " "},
+        {"text_data": "[1, 2, 3]"},
+        {"text_data": '"ping"'},
+        {"text_data": "null"},
+        {"text_data": '{"kind": ["ping"]}'},
+        {"text_data": '{"kind": "start", "design": 1}'},
+        {"text_data": "[" * 400 + "]" * 400},
+    ):
+        await socket.send_to(**frame)
+        reply = await socket.receive_json_from(timeout=5)
+        assert reply["kind"] == "error", frame
+        assert reply["error"]
+    await socket.send_json_to({"kind": "ping"})
+    assert await socket.receive_json_from(timeout=5) == {"kind": "pong"}
+    await socket.disconnect()
+    assert await fields(design) == before
+    assert await AgentRun.objects.acount() == 0
+
+
+@pytest.mark.parametrize("frame", ["text", "bytes"])
+async def test_an_oversized_socket_frame_closes_the_socket_1009(frame: str) -> None:
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    design = await Design.objects.acreate(owner=owner, request_text="A data lake")
+    socket = await open_socket(design.pk, owner)
+    await socket.connect()
+    await socket.receive_json_from(timeout=5)
+    payload = '{"kind": "ping", "pad": "' + "é" * MEGABYTE + '"}'
+    await socket.send_to(
+        **({"text_data": payload} if frame == "text" else {"bytes_data": payload.encode()})
+    )
+    closed = await socket.receive_output(timeout=5)
+    assert (closed["type"], closed.get("code")) == ("websocket.close", 1009)
+    await socket.disconnect()
+    assert len('{"kind": "ping"}') < MAX_CLIENT_MESSAGE_BYTES  # a real ping still fits
+
+
+async def test_a_socket_for_another_users_or_a_nonexistent_design_is_closed_4404() -> None:
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    stranger = await User.objects.acreate_user("mallory", password="a-long-test-password")
+    design = await Design.objects.acreate(owner=owner, request_text="A data lake")
+    for design_id in (design.pk, 987654, "9" * 30):
+        socket = await open_socket(design_id, stranger)
+        connected, _ = await socket.connect()
+        assert connected
+        closed = await socket.receive_output(timeout=5)
+        assert (closed["type"], closed.get("code")) == ("websocket.close", 4404), design_id
+        await socket.disconnect()
+
+
+# --- the design command --------------------------------------------------------------------
+
+
+def run_design_command(request: str, *args: str) -> None:
+    call_command("design", request, *args, "--fast", stdout=io.StringIO(), stderr=io.StringIO())
+
+
+@pytest.mark.parametrize(
+    ("request_text", "args", "message"),
+    [
+        pytest.param("", (), "the request cannot be empty", id="empty"),
+        pytest.param(" \n\t ", (), "the request cannot be empty", id="whitespace"),
+        pytest.param(
+            "x" * MEGABYTE, (), "1,048,576 characters long; the limit is 4,000", id="one-megabyte"
+        ),
+        # What Python makes of argv bytes that are not UTF-8 (PEP 383 surrogate escapes).
+        pytest.param(
+            os.fsdecode(b"caf\xc3\x28 \xff"), (), "not valid UTF-8 text", id="invalid-utf8"
+        ),
+        pytest.param("two\x00parts", (), "Null characters are not allowed", id="nul"),
+        pytest.param("A shop", ("--cloud", "mars"), "invalid choice: 'mars'", id="bad-option"),
+        pytest.param("A shop", ("--colour", "red"), "unrecognized arguments", id="unknown-option"),
+        pytest.param("A shop", ("--user", "nobody"), "No user named 'nobody'", id="unknown-user"),
+    ],
+)
+def test_the_design_command_refuses_bad_input_before_creating_anything(
+    request_text: str, args: tuple[str, ...], message: str
+) -> None:
+    with pytest.raises(CommandError, match=message):
+        run_design_command(request_text, *args)
+    assert counts() == (0, 0)
+    assert not User.objects.exists()  # not even the default 'cli' owner

@@ -1,0 +1,205 @@
+"""`manage.py loadtest`: a small real run, its report, its refusals and its clean stop.
+
+The runs go through the real command in a child process, which starts its own server,
+simulator and database as it does for an operator; only the simulator is made fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from agents.loadtest import PAGES, failure_cause, percentile, pool_leaks
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST = ["--ttft-ms", "5", "--tokens-per-second", "3000", "--stall-seconds", "1"]
+
+
+def loadtest_process(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """The command as an operator runs it; TMPDIR shows whether its folder was removed."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env.pop("DJANGO_SETTINGS_MODULE", None)  # manage.py's own default, as for an operator
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "manage.py"), "loadtest", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("carlos-loadtest-"))
+
+
+def port_refuses(url: str) -> bool:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_small_run_reports_every_design_terminal_and_no_leak(tmp_path):
+    process = loadtest_process(
+        tmp_path, "--designs", "4", "--fault-rate", "0.05", "--timeout", "120", "--json", *FAST
+    )
+    out, err = process.communicate(timeout=180)
+    assert process.returncode == 0, err
+
+    report = json.loads(out)
+    designs = report["designs"]
+    assert designs["submitted"] == 4 and designs["terminal"] == 4, designs
+    assert designs["succeeded"] + sum(designs["failures_by_cause"].values()) == 4
+    assert "not terminal" not in designs["failures_by_cause"]
+    assert designs["client_errors"] == [] and designs["logins_failed"] == 0
+    assert set(designs["database_statuses"]) <= {"failed", "interrupted", "succeeded"}
+    assert designs["socket_events"] >= 4  # at least each design's snapshot
+    assert report["leaks"] == {"found": False, "details": []}
+
+    for page in PAGES:
+        assert report["latency"][page]["count"] >= 4, page
+        assert report["latency"][page]["p50_ms"] > 0, page
+    health = report["health"]["whole_run"]
+    assert health["count"] > 0 and health["non_200"] == 0
+    assert health["p50_ms"] <= health["p99_ms"] <= health["max_ms"]
+
+    server = report["server"]
+    assert server["peak_sockets"] >= server["sockets_before"] > 0
+    assert server["peak_rss_mb"] > 0
+    assert report["setup"]["pools"] == {"main": 10, "ronei": 5, "mini": 10}
+    assert report["setup"]["fault_rate"] == pytest.approx(0.05)
+    assert report["setup"]["children_exit"] == {"probe": 0, "server": 0, "simulator": 0}
+    assert report["upstream"]["simulator"]["chat_requests"] > 0
+    assert report["upstream"]["connections_open_after"] <= 25
+
+    targets = report["targets"]
+    assert set(targets) == {"every_design_terminal", "zero_leaks", "health_p99_under_100ms"}
+    assert targets["every_design_terminal"] == {"measured": "4/4", "met": True}
+    assert targets["zero_leaks"] == {"measured": "none", "met": True}
+    assert isinstance(targets["health_p99_under_100ms"]["met"], bool)
+    assert report["met"] == all(t["met"] for t in targets.values())
+
+    assert "loadtest: server ready at http://127.0.0.1:" in err
+    assert leftovers(tmp_path) == []  # the database and logs went with the run
+
+
+def test_interrupted_run_stops_its_children_and_removes_its_folder(tmp_path):
+    process = loadtest_process(tmp_path, "--designs", "2", "--timeout", "120", *FAST)
+    assert process.stderr is not None
+    url = None
+    deadline = time.monotonic() + 90
+    while url is None and time.monotonic() < deadline:
+        line = process.stderr.readline()
+        if not line:
+            break
+        if "server ready at " in line:
+            url = line.split("server ready at ", 1)[1].split()[0]
+    assert url is not None, "the load test never reported its server ready"
+    assert leftovers(tmp_path) != []
+
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "interrupted; every child process was stopped" in err
+    assert port_refuses(url)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--host", "10.0.0.5"], "--host 10.0.0.5 is not a loopback address"),
+        (["--host", "example.com"], "--host must be a loopback address"),
+        (["--host", "::1"], "use an IPv4 loopback address"),
+        (["--host", "0.0.0.0"], "is not a loopback address"),
+        (["--designs", "0"], "--designs must be between 1 and 2000, got 0"),
+        (["--designs", "5", "--users", "6"], "--users must be between 1 and --designs (5)"),
+        (["--timeout", "0"], "--timeout must be between 1 and 3600 seconds"),
+        (["--timeout", "nan"], "--timeout must be between 1 and 3600 seconds"),
+        (["--fault-rate", "1.5"], "--fault-rate is a fraction between 0 and 1, got 1.5"),
+        (["--reset-rate", "-0.1"], "--reset-rate is a fraction between 0 and 1"),
+        (
+            ["--fault-rate", "0.05", "--error-rate", "0.01"],
+            "--fault-rate 0.05 differs from --error-rate + --reset-rate + --stall-rate = 0.01",
+        ),
+        (["--tokens-per-second", "-1"], "--tokens-per-second must be a number >= 0"),
+        (["--login-concurrency", "-1"], "--login-concurrency must be 0 (all at once) or more"),
+        (["--designs", "many"], "argument --designs: invalid int value: 'many'"),
+    ],
+)
+def test_bad_arguments_are_refused_before_anything_starts(args, message):
+    with pytest.raises(CommandError) as refused:
+        call_command("loadtest", *args)
+    assert message in str(refused.value)
+
+
+def test_several_problems_are_named_at_once():
+    with pytest.raises(CommandError) as refused:
+        call_command("loadtest", "--designs", "0", "--host", "192.168.1.1", "--timeout", "-5")
+    text = str(refused.value)
+    assert "--designs" in text and "--host" in text and "--timeout" in text
+
+
+@pytest.mark.parametrize(
+    ("error", "cause"),
+    [
+        ("APIConnectionError: Connection error.", "connection reset"),
+        ("DeadlineExceeded: no new chunk within 30s", "deadline"),
+        (
+            "InternalServerError (HTTP 500): The server had an error while processing your "
+            "request. Sorry about that!",
+            "upstream 5xx after retries",
+        ),
+        (
+            "CircuitOpen: the circuit for deployment 'gpt-4o' is open after upstream failures "
+            "(InternalServerError (HTTP 500)); retry in 12.0s",
+            "circuit open",
+        ),
+        ("PoolTimeout: no slot in pool 'main' within 30s", "pool refused"),
+        ("RateLimitError (HTTP 429): Rate limit reached", "rate limited"),
+        ("OutputFormatError: empty answer (finish reason stop)", "bad model output"),
+        ("interrupted: the pipeline task was cancelled", "interrupted"),
+        ("KeyError: 'surprise'", "other: KeyError: 'surprise'"),
+    ],
+)
+def test_failures_are_grouped_by_cause(error, cause):
+    assert failure_cause(error) == cause
+
+
+def test_leak_check_names_what_is_not_at_rest():
+    pools = {
+        "main": {"total": 10, "in_use": 0, "waiting": 0, "overflow_in_use": 0},
+        "mini": {"total": 10, "in_use": 2, "waiting": 1, "overflow_in_use": 1},
+    }
+    at_rest = {"pools": {"main": pools["main"]}, "http": {"connections_open": 10}}
+    assert pool_leaks(at_rest, {"connections_open": 10}) == []
+
+    busy = {"pools": pools, "http": {"connections_open": 23}}
+    assert pool_leaks(busy, {"connections_open": 21}) == [
+        "pool mini: in_use = 2",
+        "pool mini: waiting = 1",
+        "pool mini: overflow_in_use = 1",
+        "23 upstream connections open, more than the pools' 20 slots (temporary connections "
+        "not closed)",
+        "the server counts 23 upstream connections open, the simulator 21",
+    ]
+
+
+def test_percentile_is_nearest_rank():
+    values = [float(v) for v in range(1, 201)]
+    assert percentile(values, 0.50) == 100.0
+    assert percentile(values, 0.99) == 198.0
+    assert percentile([7.0], 0.99) == 7.0
+    assert percentile([], 0.5) is None
