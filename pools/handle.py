@@ -100,7 +100,7 @@ class LLMStream:
             self._iterator = self._chunks()
         return self._iterator
 
-    async def _open(self, deadline: float) -> AsyncIterator[str]:
+    async def _open(self, deadline: float, which: str, seconds: float) -> AsyncIterator[bytes]:
         """Start the request; the response's lines, once its headers have arrived."""
         handle = self._handle
         kwargs = {"stream_options": {"include_usage": True}, **self._kwargs}
@@ -111,8 +111,7 @@ class LLMStream:
             stream=True,
             **kwargs,
         )
-        timeout = handle._pool.config.first_token_timeout
-        response = await _within(manager.__aenter__(), deadline, "first_token", timeout)
+        response = await _within(manager.__aenter__(), deadline, which, seconds)
         self._response = manager
         self._request = response.http_request
         return response.iter_bytes()
@@ -180,9 +179,14 @@ class LLMStream:
             while True:
                 await handle._admit(estimate, call_deadline)
                 try:
-                    first = min(call_deadline, loop.time() + config.first_token_timeout)
-                    reads = await self._open(first)
-                    deadline, which, seconds = first, "first_token", config.first_token_timeout
+                    deadline, which, seconds = (
+                        loop.time() + config.first_token_timeout,
+                        "first_token",
+                        config.first_token_timeout,
+                    )
+                    if deadline >= call_deadline:  # name the deadline that really binds
+                        deadline, which, seconds = call_deadline, "total", config.call_timeout
+                    reads = await self._open(deadline, which, seconds)
                     buffer = bytearray()
                     while True:
                         if deadline >= call_deadline:
