@@ -542,10 +542,11 @@ def memory_kb(pid: int) -> dict[str, int]:
     return values
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time of a process so far."""
+def cpu_seconds(pid: int, thread: int | None = None) -> float | None:
+    """User + system CPU time so far of a process, or of one of its threads."""
+    path = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
     try:
-        with open(f"/proc/{pid}/stat") as stat:
+        with open(path) as stat:
             fields = stat.read().rpartition(")")[2].split()
     except OSError:
         return None
@@ -569,6 +570,7 @@ class Mark:
 
     at: float
     server_cpu: float | None
+    loop_cpu: float | None  # the server's main thread, which runs the event loop
     simulator_cpu: float | None
     own_cpu: float
     machine: tuple[float, float] | None
@@ -579,6 +581,7 @@ def mark(world: World | None) -> Mark:
     return Mark(
         at=time.monotonic(),
         server_cpu=cpu_seconds(world.server.pid) if world else None,
+        loop_cpu=cpu_seconds(world.server.pid, world.server.pid) if world else None,
         simulator_cpu=cpu_seconds(world.simulator.pid) if world else None,
         own_cpu=usage.ru_utime + usage.ru_stime,
         machine=machine_cpu(),
@@ -598,6 +601,7 @@ def cpu_between(start: Mark, end: Mark) -> dict[str, float | None]:
         machine = round(busy * (os.cpu_count() or 1), 2)
     return {
         "server": per_second(start.server_cpu, end.server_cpu),
+        "server_event_loop": per_second(start.loop_cpu, end.loop_cpu),
         "simulator": per_second(start.simulator_cpu, end.simulator_cpu),
         "load_generator": per_second(start.own_cpu, end.own_cpu),
         "machine": machine,

@@ -200,9 +200,10 @@ async def test_a_429_storm_ends_every_design_and_names_the_rate_limit(
     assert sim.stats.status_counts.get(429, 0) > 0
     retries = sum(pool.stats()["requests_retries"] for pool in registry.pools.values())
     assert retries > 0
-    # A design that fails was refused after its retries, or at once while the 429 held the
-    # deployment's breaker open for the Retry-After: either way the cause names the 429.
-    # (Whether any fails varies from run to run; see the xfail test below for why they do.)
+    # With a Retry-After (50 ms) shorter than the calls holding the capacity (200 ms+), a
+    # design fails after its retries (RateLimitError), or at once when an agent starts while
+    # a 429 holds the deployment's breaker open (CircuitOpen ... (RateLimitError)): either way
+    # its cause names the 429. How many fail varies from run to run.
     for design in failed(designs):
         assert "RateLimitError" in design.error, design.error
 
