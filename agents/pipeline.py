@@ -11,16 +11,19 @@ INTERRUPTED when the task is cancelled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import httpx
 import openai
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.db import DatabaseError
 from django.db.models import F
 from django.utils import timezone
 
@@ -480,10 +483,9 @@ async def create_design(
     )
 
 
-async def run_design(design_id: int) -> None:
-    """The whole pipeline for one QUEUED (or AWAITING_ANSWERS) design, to a terminal status."""
-    now = timezone.now()
-    claimed = await Design.objects.filter(pk=design_id, status__in=RUNNABLE_STATUSES).aupdate(
+async def _claim(design_id: int, now: datetime) -> int:
+    """Move a runnable design to RUNNING for a new attempt; how many rows changed (0 or 1)."""
+    return await Design.objects.filter(pk=design_id, status__in=RUNNABLE_STATUSES).aupdate(
         status=Status.RUNNING,
         started_at=now,
         finished_at=None,
@@ -494,6 +496,24 @@ async def run_design(design_id: int) -> None:
         error="",
         failed_agent="",
     )
+
+
+async def run_design(design_id: int) -> None:
+    """The whole pipeline for one QUEUED (or AWAITING_ANSWERS) design, to a terminal status."""
+    now = timezone.now()
+    try:
+        claimed = await _claim(design_id, now)
+    except DatabaseError as exc:
+        # Never leave a design queued forever: record why it could not start (best effort;
+        # if even that fails, the next server start marks it interrupted).
+        logger.exception("design %s: could not be started", design_id)
+        with contextlib.suppress(DatabaseError):
+            await Design.objects.filter(pk=design_id, status__in=RUNNABLE_STATUSES).aupdate(
+                status=Status.FAILED,
+                finished_at=timezone.now(),
+                error=f"internal error: could not start: {describe_error(exc)}",
+            )
+        raise
     if not claimed:
         current = (
             await Design.objects.filter(pk=design_id).values_list("status", flat=True).afirst()
