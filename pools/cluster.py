@@ -6,8 +6,10 @@ limit: a call holds a lease, a member of a Redis sorted set scored by its expiry
 while the call runs; the leases of a process that dies (even `kill -9`) expire within the
 lease time and the capacity comes back. The local slot pool stays in front as a fast bound,
 and one Lua script per acquire (one round trip) also reports whether another process has
-opened the deployment's circuit. If Redis cannot be reached, the process falls back to its
-local limits after a short timeout, says so, and resumes coordination when Redis returns.
+opened the deployment's circuit. Rate budgets (requests and tokens per minute) live in Redis
+too, as token buckets refilled and spent atomically by a Lua script. If Redis cannot be
+reached, the process falls back to its local limits after a short timeout, says so, and
+resumes coordination when Redis returns.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from pools.budget import BucketLevels, BucketOperation
 from pools.config import ClusterConfig as ClusterSettings
 
 logger = logging.getLogger("pools")
@@ -64,6 +67,43 @@ return #KEYS
 """
 
 
+# KEYS[1] the deployment's budget hash. ARGV: rpm, tpm, operation, requests, tokens.
+# Refills both buckets from the time elapsed (Redis's clock, so every process agrees), applies
+# the operation (see `pools.budget.SharedBuckets`), and returns {wait_ms, requests, tokens}.
+# A bucket idle for a minute is full again, so the hash may expire after that.
+_BUDGET = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local rpm, tpm = tonumber(ARGV[1]), tonumber(ARGV[2])
+local op, want_requests, want_tokens = ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local saved = redis.call('HMGET', KEYS[1], 'requests', 'tokens', 'at')
+local requests = tonumber(saved[1]) or rpm
+local tokens = tonumber(saved[2]) or tpm
+local minutes = math.max(0, now - (tonumber(saved[3]) or now)) / 60000
+requests = math.min(rpm, requests + minutes * rpm)
+tokens = math.min(tpm, tokens + minutes * tpm)
+local wait = 0
+if op == 'reserve' then
+  if rpm > 0 and requests < 1 then wait = (1 - requests) / rpm * 60000 end
+  local need = math.min(want_tokens, tpm)
+  if tpm > 0 and tokens < need then wait = math.max(wait, (need - tokens) / tpm * 60000) end
+  if wait == 0 then
+    if rpm > 0 then requests = requests - 1 end
+    if tpm > 0 then tokens = tokens - need end
+  end
+elseif op == 'settle' then
+  tokens = math.min(tpm, tokens + want_tokens)
+elseif op == 'observe' then
+  if want_requests >= 0 then requests = math.min(requests, want_requests) end
+  if want_tokens >= 0 then tokens = math.min(tokens, want_tokens) end
+end
+redis.call('HSET', KEYS[1], 'requests', tostring(requests), 'tokens', tostring(tokens),
+  'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], 120000)
+return {tostring(wait), tostring(requests), tostring(tokens)}
+"""
+
+
 @dataclass(eq=False)
 class Lease:
     pool: str
@@ -77,6 +117,7 @@ class _LoopState:
     client: aioredis.Redis
     acquire_script: Any  # EVALSHA with fallback: the script text is not resent every call
     renew_script: Any
+    budget_script: Any
     held: dict[str, Lease] = field(default_factory=dict)
     renewer: asyncio.Task | None = None
 
@@ -119,6 +160,9 @@ class ClusterCoordinator:
     # -- keys ---------------------------------------------------------------------------------
     def lease_key(self, pool: str) -> str:
         return f"{self.settings.prefix}:pool:{pool}:leases"
+
+    def budget_key(self, deployment: str) -> str:
+        return f"{self.settings.prefix}:budget:{deployment}"
 
     def breaker_key(self, deployment: str) -> str:
         return f"{self.settings.prefix}:breaker:{deployment}"
@@ -168,7 +212,10 @@ class ClusterCoordinator:
                 decode_responses=True,
             )
             state = _LoopState(
-                client, client.register_script(_ACQUIRE), client.register_script(_RENEW)
+                client,
+                client.register_script(_ACQUIRE),
+                client.register_script(_RENEW),
+                client.register_script(_BUDGET),
             )
             self._loops[loop] = state
         return state
@@ -285,6 +332,30 @@ class ClusterCoordinator:
             await self._state().client.delete(self.breaker_key(deployment))
         except (RedisError, OSError, TimeoutError) as exc:
             self._redis_failed(exc)
+
+    # -- shared rate budgets ------------------------------------------------------------------
+    async def update(
+        self,
+        deployment: str,
+        rpm: int,
+        tpm: int,
+        operation: BucketOperation,
+        requests: float = 0,
+        tokens: float = 0,
+    ) -> BucketLevels | None:
+        """`pools.budget.SharedBuckets` on Redis: one round trip, None while Redis is away."""
+        if not self.redis_available:
+            return None
+        try:
+            wait_ms, left_requests, left_tokens = await self._state().budget_script(
+                keys=[self.budget_key(deployment)],
+                args=[rpm, tpm, operation, requests, tokens],
+            )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+            return None
+        self._redis_succeeded()
+        return BucketLevels(float(wait_ms) / 1000, float(left_requests), float(left_tokens))
 
     # -- the cluster's view ---------------------------------------------------------------------
     async def publish_stats(self, stats: dict[str, Any]) -> None:

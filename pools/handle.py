@@ -216,7 +216,7 @@ class LLMStream:
                     attempt += 1
                     self.retries = attempt
                     continue
-                handle._attempt_succeeded(estimate, self.usage)
+                await handle._attempt_succeeded(estimate, self.usage)
                 break
         except asyncio.CancelledError:
             raise
@@ -309,7 +309,7 @@ class LLMHandle:
                     attempt += 1
                     continue
                 usage = completion.usage
-                self._attempt_succeeded(
+                await self._attempt_succeeded(
                     estimate,
                     TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
                 )
@@ -352,7 +352,7 @@ class LLMHandle:
         if budget is not None and budget.limited:
             loop = asyncio.get_running_loop()
             # The budget refills with time, not on an event: sleeping until then is the wait.
-            while wait := budget.reserve(estimate, max_wait=call_deadline - loop.time()):  # noqa: ASYNC110
+            while wait := await budget.reserve(estimate, max_wait=call_deadline - loop.time()):  # noqa: ASYNC110
                 await asyncio.sleep(wait)
         # A half-open circuit's probe decides for everyone: wait for it, within the deadline.
         while (pause := self._guard.breaker.before_attempt()) is not None:
@@ -360,10 +360,10 @@ class LLMHandle:
                 raise self._guard.breaker.refusal()
             await asyncio.sleep(pause)
 
-    def _attempt_succeeded(self, estimate: int, usage: TokenUsage | None) -> None:
+    async def _attempt_succeeded(self, estimate: int, usage: TokenUsage | None) -> None:
         self._guard.breaker.record_success()
         if self._guard.budget is not None and usage is not None:
-            self._guard.budget.settle(estimate, usage.total_tokens)
+            await self._guard.budget.settle(estimate, usage.total_tokens)
 
     def _abandon_attempt(self) -> None:
         self._guard.breaker.release_probe()

@@ -78,10 +78,6 @@ class PoolRegistry:
                     window=resilience.breaker_window,
                     cooldown=resilience.breaker_cooldown,
                 )
-        self.budgets: dict[str, RateBudget] = {
-            model: RateBudget(model, limit.rpm, limit.tpm, max_wait=resilience.rate_limit_max_wait)
-            for model, limit in config.rate_limits.items()
-        }
         self.cluster = None
         if config.cluster is not None:
             from pools.cluster import ClusterCoordinator  # needs redis only when configured
@@ -90,6 +86,17 @@ class PoolRegistry:
             self.cluster.stats_provider = self._instance_stats
             for model, breaker in self.breakers.items():
                 breaker.on_change = self._breaker_listener(model)
+        # With a cluster, every instance spends from the same buckets in Redis.
+        self.budgets: dict[str, RateBudget] = {
+            model: RateBudget(
+                model,
+                limit.rpm,
+                limit.tpm,
+                max_wait=resilience.rate_limit_max_wait,
+                shared=self.cluster,
+            )
+            for model, limit in config.rate_limits.items()
+        }
         self._background: set[asyncio.Task] = set()
         self.events.subscribe(self._clear_warmup_error)
         self._guards = {
@@ -433,7 +440,7 @@ class PoolRegistry:
         """Let the endpoint's x-ratelimit-remaining-* headers tighten the caller's budget."""
         guard = self._guards.get(current_pool.get())
         if guard is not None and guard.budget is not None:
-            guard.budget.observe(response.headers)
+            await guard.budget.observe(response.headers)
 
     def _build_sdk(self, http: httpx.AsyncClient) -> AsyncOpenAI:
         endpoint = self._config.endpoint

@@ -62,15 +62,15 @@ async def test_endpoint_headers_tighten_the_budget_and_calls_wait(simulator_fact
         await registry.close()
 
 
-def test_token_budget_waits_for_refill_and_settles_real_usage():
+async def test_token_budget_waits_for_refill_and_settles_real_usage():
     now = [0.0]
     budget = RateBudget("m", rpm=0, tpm=600, max_wait=15, clock=lambda: now[0])
-    assert budget.reserve(500) == 0
-    assert budget.reserve(200) == pytest.approx(10.0)  # 100 missing, refilled at 10 tokens/s
+    assert await budget.reserve(500) == 0
+    assert await budget.reserve(200) == pytest.approx(10.0)  # 100 missing, 10 tokens/s
     with pytest.raises(RateBudgetExceeded):
-        budget.reserve(200, max_wait=1)  # the caller's deadline is shorter than the wait
-    budget.settle(estimated=500, actual=100)  # the call used less: give 400 back
-    assert budget.reserve(200) == 0
+        await budget.reserve(200, max_wait=1)  # the caller's deadline is shorter than the wait
+    await budget.settle(estimated=500, actual=100)  # the call used less: give 400 back
+    assert await budget.reserve(200) == 0
     now[0] += 6
     assert budget.snapshot()["tokens_available"] == pytest.approx(360, abs=1)
 

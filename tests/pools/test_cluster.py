@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from pools.config import parse_config
-from pools.exceptions import CircuitOpen, PoolTimeout
+from pools.exceptions import CircuitOpen, PoolTimeout, RateBudgetExceeded
 from pools.registry import PoolRegistry
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -52,8 +52,13 @@ async def instances(simulator_factory):
 
     async def build(count: int = 2, **options):
         sim = await simulator_factory(**options.pop("simulator", {}))
+        rate_limits = options.pop("rate_limits", {})
         for _ in range(count):
-            made.append(PoolRegistry(parse_config(cluster_raw(sim.base_url, prefix, **options))))
+            raw = cluster_raw(sim.base_url, prefix, **options)
+            if rate_limits:
+                raw["RATE_LIMITS"] = rate_limits
+                raw["RESILIENCE"]["RATE_LIMIT_MAX_WAIT"] = 0.5
+            made.append(PoolRegistry(parse_config(raw)))
         return sim, made[-count:]
 
     yield build
@@ -94,6 +99,49 @@ async def test_an_open_breaker_is_shared(instances):
     with pytest.raises(CircuitOpen, match="seen by"):
         await one_call(second)  # second never failed itself
     assert simulator.stats.chat_requests == before
+
+
+async def test_rate_budget_is_shared_across_instances(instances):
+    # 4 requests a minute for the whole cluster: alone, each instance would allow 4.
+    simulator, (first, second) = await instances(rate_limits="gpt-4o=4")
+    for registry in (first, second, first, second):
+        assert await one_call(registry)
+    for registry in (first, second):
+        with pytest.raises(RateBudgetExceeded, match="rate budget of deployment 'gpt-4o'"):
+            await one_call(registry)
+    assert simulator.stats.chat_requests == 4
+    budget = second.stats()["pools"]["main"]["rate_budget"]
+    assert budget["shared"] is True and budget["refused"] == 1
+    assert budget["requests_available"] < 1
+
+
+async def test_headers_seen_by_one_instance_throttle_the_other(instances):
+    # The simulator reports 0 requests left after each call; the first instance's response
+    # caps the shared bucket, so the second instance, which has not called yet, waits.
+    simulator, (first, second) = await instances(
+        rate_limits={"gpt-4o": {"RPM": 600}}, simulator={"capacity": 1}
+    )
+    assert await one_call(first)
+    assert await one_call(second)
+    assert second.stats()["pools"]["main"]["rate_budget"]["throttled"] >= 1
+    assert simulator.stats.status_counts.get(429, 0) == 0
+
+
+async def test_rate_budget_falls_back_to_local_buckets_without_redis(simulator):
+    raw = cluster_raw(simulator.base_url, f"test-{uuid.uuid4().hex[:8]}")
+    raw["CLUSTER"].update(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT=0.1)
+    raw["RATE_LIMITS"] = "gpt-4o=2"
+    raw["RESILIENCE"]["RATE_LIMIT_MAX_WAIT"] = 0.1
+    registry = PoolRegistry(parse_config(raw))
+    try:
+        assert await one_call(registry) and await one_call(registry)
+        with pytest.raises(RateBudgetExceeded):
+            await one_call(registry)  # this process's own budget still holds
+        budget = registry.stats()["pools"]["main"]["rate_budget"]
+        assert budget["shared"] is False and budget["refused"] == 1
+        assert registry.stats()["cluster"]["mode"].startswith("local")
+    finally:
+        await registry.close()
 
 
 async def test_cluster_view_lists_every_instance(instances):
