@@ -96,7 +96,9 @@ def test_small_run_reports_every_design_terminal_and_no_leak(tmp_path):
 
 
 def test_interrupted_run_stops_its_children_and_removes_its_folder(tmp_path):
-    process = loadtest_process(tmp_path, "--designs", "2", "--timeout", "120", *FAST)
+    # Slow tokens: the designs must still be running when the signal arrives.
+    slow = ["--ttft-ms", "5", "--tokens-per-second", "20", "--stall-seconds", "1"]
+    process = loadtest_process(tmp_path, "--designs", "2", "--timeout", "120", *slow)
     assert process.stderr is not None
     url = None
     deadline = time.monotonic() + 90
