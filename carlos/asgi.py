@@ -1,4 +1,4 @@
-"""ASGI entry point: HTTP through Django, WebSockets through Channels, pools warmed at start.
+"""ASGI entry point: probes, then HTTP through Django, WebSockets through Channels.
 
 Serve it with `python manage.py serve` (Daphne, with start-up and shutdown hooks), or with
 any lifespan-aware server such as `uvicorn carlos.asgi:application`.
@@ -19,6 +19,7 @@ from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
 from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
+from pools.endpoints import HealthEndpoints  # noqa: E402
 from pools.lifespan import PoolLifespan  # noqa: E402
 
 
@@ -35,9 +36,10 @@ class StaticFiles(ASGIStaticFilesHandler):
 application = PoolLifespan(
     ProtocolTypeRouter(
         {
+            # Health probes are answered first, on the event loop, without Django's middleware.
             # Daphne serves no static files itself: the CSS, the page script and the vendored
             # mermaid are served from STATIC_URL here (off the event loop, in a thread).
-            "http": StaticFiles(django_asgi_app),
+            "http": HealthEndpoints(StaticFiles(django_asgi_app)),
             # Sessions authenticate the socket; the Origin check stops other sites from
             # opening it with the user's cookies (cross-site WebSocket hijacking).
             "websocket": AllowedHostsOriginValidator(

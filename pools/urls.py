@@ -1,11 +1,9 @@
-"""Operator endpoints of the pools app."""
+"""Operator endpoints of the pools app (`/health` is answered before Django: pools.endpoints)."""
 
 from django.urls import path
 
 from pools import views
 
 urlpatterns = [
-    path("health", views.health, name="health"),
-    path("health/live", views.liveness, name="liveness"),
     path("metrics", views.metrics, name="metrics"),
 ]

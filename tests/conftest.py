@@ -7,6 +7,7 @@ import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
+import httpx
 import pytest
 
 from pools import runtime
@@ -50,6 +51,16 @@ async def simulator_factory() -> AsyncIterator[SimulatorFactory]:
     finally:
         for sim in started:
             await sim.stop()
+
+
+async def probe(path: str, method: str = "GET") -> httpx.Response:
+    """A request through the real ASGI application, as Daphne passes it (health probes are
+    answered in front of Django, so Django's test client does not reach them)."""
+    from carlos.asgi import application
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://testserver") as client:
+        return await client.request(method, path)
 
 
 def registry_config(base_url: str, pools: dict[str, dict[str, Any]] | None = None, **http: Any):

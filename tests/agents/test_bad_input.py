@@ -25,6 +25,7 @@ from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
 from agents.models import AgentRun, Design
 from agents.options import DEFAULT_OPTIONS
 from carlos.asgi import application
+from tests.conftest import probe
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -283,16 +284,16 @@ def test_the_run_output_endpoint_refuses_every_bad_id(client: Client, alice: Any
         ("scope=cluster", "scope=cluster needs REDIS_URL"),
     ],
 )
-def test_health_refuses_a_bad_scope_with_a_json_400(client: Client, query: str, error: str):
-    response = client.get(f"/health?{query}")
+async def test_health_refuses_a_bad_scope_with_a_json_400(query: str, error: str):
+    response = await probe(f"/health?{query}")
     assert response.status_code == 400
-    assert response["Content-Type"] == "application/json"
+    assert response.headers["Content-Type"] == "application/json"
     assert error in response.json()["error"]
 
 
-def test_health_only_answers_get(client: Client) -> None:
-    assert client.post("/health").status_code == 405
-    assert client.post("/health/live").status_code == 405
+async def test_health_only_answers_get() -> None:
+    assert (await probe("/health", "POST")).status_code == 405
+    assert (await probe("/health/live", "PUT")).status_code == 405
 
 
 @pytest.mark.parametrize(

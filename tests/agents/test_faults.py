@@ -30,6 +30,7 @@ from pools.registry import PoolRegistry
 from pools.resilience import BreakerState
 from pools.simulator import ChatRequest, LLMSimulator
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder
+from tests.conftest import probe
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -347,18 +348,18 @@ async def test_a_total_outage_opens_the_breaker_health_says_so_and_recovery_clos
         resilience={"BREAKER_FAILURES": 3},
     )
     await registry.initialize()
-    assert (await async_client.get("/health")).status_code == 200
+    assert (await probe("/health")).status_code == 200
 
     sim.config.error_rate = 1.0
     [first] = await assert_settled(registry, sim, await run_designs(owner, 1))
     assert (first.status, first.failed_agent) == (Design.Status.FAILED, "requirements")
     assert first.error.startswith("InternalServerError (HTTP 500)")
     assert breaker_states(registry)["main"] is BreakerState.OPEN
-    health = await async_client.get("/health")
+    health = await probe("/health")
     assert health.status_code == 503
     assert health.json()["pools"]["main"]["breaker"]["state"] == "open"
     assert "circuit open" in health.json()["reason"]
-    assert (await async_client.get("/health/live")).status_code == 200
+    assert (await probe("/health/live")).status_code == 200
 
     # While open, a design fails at once without a request reaching the upstream.
     calls = sim.stats.chat_requests
@@ -372,7 +373,7 @@ async def test_a_total_outage_opens_the_breaker_health_says_so_and_recovery_clos
     [after] = await assert_settled(registry, sim, await run_designs(owner, 1))
     assert after.status == Design.Status.SUCCEEDED, after.error
     assert breaker_states(registry)["main"] is BreakerState.CLOSED
-    assert (await async_client.get("/health")).status_code == 200
+    assert (await probe("/health")).status_code == 200
 
 
 def _unavailable(request: ChatRequest, index: int) -> str:

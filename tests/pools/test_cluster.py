@@ -17,6 +17,7 @@ import redis
 from pools.config import parse_config
 from pools.exceptions import CircuitOpen, PoolTimeout, RateBudgetExceeded
 from pools.registry import PoolRegistry
+from tests.conftest import probe
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ROOT = Path(__file__).resolve().parents[2]
@@ -236,8 +237,6 @@ async def test_leases_of_a_killed_instance_expire(instances):
 
 
 async def test_health_cluster_scope(instances):
-    from django.test import AsyncClient
-
     from pools import runtime
 
     _, (first, second) = await instances()
@@ -245,16 +244,14 @@ async def test_health_cluster_scope(instances):
     await second.initialize()
     previous = runtime.install(first)
     try:
-        body = (await AsyncClient().get("/health?scope=cluster")).json()
+        body = (await probe("/health?scope=cluster")).json()
         assert len(body["cluster_view"]["instances"]) == 2
         assert body["cluster"]["mode"] == "cluster"
-        assert (await AsyncClient().get("/health?scope=galaxy")).status_code == 400
+        assert (await probe("/health?scope=galaxy")).status_code == 400
     finally:
         runtime.install(previous)
 
 
 async def test_health_cluster_scope_without_redis(installed_registry):
-    from django.test import AsyncClient
-
-    response = await AsyncClient().get("/health?scope=cluster")
+    response = await probe("/health?scope=cluster")
     assert response.status_code == 400 and "REDIS_URL" in response.json()["error"]

@@ -4,30 +4,30 @@ from __future__ import annotations
 
 import asyncio
 
-from django.test import AsyncClient
+import httpx
 
 from pools import runtime
 from pools.registry import PoolRegistry
-from tests.conftest import registry_config
+from tests.conftest import probe, registry_config
 
 HELLO = [{"role": "user", "content": "hello"}]
 
 
 async def test_health_is_degraded_until_the_pools_are_warm(installed_registry):
-    response = await AsyncClient().get("/health")
+    response = await probe("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "degraded"
     assert response.json()["reason"] == "pools not initialized"
-    assert "no-store" in response["Cache-Control"]
+    assert "no-store" in response.headers["Cache-Control"]
 
 
 async def test_health_shape_after_warm_up(installed_registry):
     await installed_registry.initialize()
-    response = await AsyncClient().get("/health")
+    response = await probe("/health")
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "healthy"
-    assert "no-store" in response["Cache-Control"]
+    assert "no-store" in response.headers["Cache-Control"]
     assert set(body["pools"]) == {"main", "ronei", "mini"}
     for name, size in {"main": 10, "ronei": 5, "mini": 10}.items():
         pool = body["pools"][name]
@@ -60,11 +60,11 @@ async def test_health_reflects_a_call_in_flight(installed_registry, simulator):
 
     task = asyncio.create_task(slow_call())
     await started.wait()
-    body = (await AsyncClient().get("/health")).json()
+    body = (await probe("/health")).json()
     assert body["pools"]["main"]["in_use"] == 1
     assert body["pools"]["main"]["available"] == 9
     await task
-    body = (await AsyncClient().get("/health")).json()
+    body = (await probe("/health")).json()
     assert body["pools"]["main"]["in_use"] == 0
     assert body["pools"]["main"]["requests_num"] == 1
 
@@ -72,7 +72,7 @@ async def test_health_reflects_a_call_in_flight(installed_registry, simulator):
 async def test_health_is_degraded_after_close(installed_registry):
     await installed_registry.initialize()
     await installed_registry.close()
-    response = await AsyncClient().get("/health")
+    response = await probe("/health")
     assert response.status_code == 503
     assert response.json()["reason"] == "pools closed"
 
@@ -91,7 +91,7 @@ async def test_health_never_shows_secrets(simulator):
     registry = PoolRegistry(replace(config, endpoint=endpoint))
     previous = runtime.install(registry)
     try:
-        response = await AsyncClient().get("/health")
+        response = await probe("/health")
         assert secret not in response.content.decode()
         assert "user" not in response.json()["endpoint"]["url"]
     finally:
@@ -100,25 +100,40 @@ async def test_health_never_shows_secrets(simulator):
 
 
 async def test_health_only_answers_get(installed_registry):
-    response = await AsyncClient().post("/health")
+    response = await probe("/health", "POST")
     assert response.status_code == 405
 
 
 async def test_health_is_degraded_while_the_endpoint_was_unreachable():
     import socket
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dead_port = probe.getsockname()[1]
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        dead_port = unused.getsockname()[1]
     registry = PoolRegistry(
         registry_config(f"http://127.0.0.1:{dead_port}/v1", {"main": {"size": 1}})
     )
     previous = runtime.install(registry)
     try:
         await registry.initialize()
-        response = await AsyncClient().get("/health")
+        response = await probe("/health")
         assert response.status_code == 503
         assert "could not be reached at warm-up" in response.json()["reason"]
     finally:
         runtime.install(previous)
         await registry.close()
+
+
+async def test_probes_are_answered_in_front_of_django(installed_registry):
+    # No middleware: a Host outside ALLOWED_HOSTS is no reason to fail a probe by address,
+    # HEAD gets the status without the body, and every other path still reaches Django.
+    from carlos.asgi import application
+
+    transport = httpx.ASGITransport(app=application)
+    async with httpx.AsyncClient(transport=transport, base_url="http://10.1.2.3:8000") as client:
+        live = await client.get("/health/live")
+        assert live.status_code == 200 and live.json() == {"status": "alive"}
+        head = await client.head("/health")
+        assert head.status_code == 503 and head.content == b""
+        assert (await client.get("/health?scope=galaxy")).status_code == 400
+        assert (await client.get("/metrics")).status_code == 400  # Django: disallowed host

@@ -7,7 +7,6 @@ import time
 
 import openai
 import pytest
-from django.test import AsyncClient
 
 from pools import runtime
 from pools.config import parse_config
@@ -20,6 +19,7 @@ from pools.resilience import (
     classify,
     parse_retry_after,
 )
+from tests.conftest import probe
 
 HELLO = [{"role": "user", "content": "Design a queue"}]
 FAST_BACKOFF = {"BACKOFF_BASE": 0.01, "BACKOFF_MAX": 0.02}
@@ -173,17 +173,17 @@ async def test_breaker_opens_fails_fast_then_probes_and_closes(build):
             await invoke(registry)
         assert sim.stats.chat_requests == before  # refused without touching the upstream
         assert time.monotonic() - started < 1  # at once, not after a timeout
-        health = await AsyncClient().get("/health")
+        health = await probe("/health")
         assert health.status_code == 503
         assert health.json()["pools"]["main"]["breaker"]["state"] == "open"
         assert "circuit open" in health.json()["reason"]
-        assert (await AsyncClient().get("/health/live")).status_code == 200
+        assert (await probe("/health/live")).status_code == 200
 
         await asyncio.sleep(2.05)  # cooldown over: half-open, one probe goes through
         sim.config.error_rate = 0.0
         assert (await invoke(registry)).text
         assert registry.breaker_for("main").state == "closed"
-        assert (await AsyncClient().get("/health")).status_code == 200
+        assert (await probe("/health")).status_code == 200
     finally:
         runtime.install(previous)
 
