@@ -114,7 +114,7 @@ if REDIS_URL:
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+    CHANNEL_LAYERS = {"default": {"BACKEND": "carlos.channel_layers.LocalChannelLayer"}}
 
 LOGGING = {
     "version": 1,
