@@ -12,6 +12,7 @@ while a response is still arriving on it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable
@@ -74,6 +75,81 @@ async def _within[T](awaitable: Awaitable[T], deadline: float, which: str, secon
         raise DeadlineExceeded(which, seconds) from None
 
 
+class _SilenceWatch:
+    """The first-token and idle deadlines of one streamed attempt, for reads only.
+
+    A deadline is meant for an upstream that went silent, not for an event loop too busy to
+    read what already arrived: when it passes while bytes wait unread on the connection, it
+    is extended (counted in `extensions`) instead of failing the call and counting a failure
+    against the deployment's breaker. The whole-call deadline is never extended. One timer
+    per deadline period, re-armed lazily, rather than one per read: reads are per token.
+    """
+
+    def __init__(self, call_deadline: float, call_timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._call_deadline = call_deadline
+        self._call_timeout = call_timeout
+        self._timer: asyncio.TimerHandle | None = None
+        self._reader: asyncio.Task | None = None
+        self._expires_at = 0.0
+        self.which, self.seconds = "total", call_timeout
+        self.expired = False
+        self.extensions = 0
+        self.data_waiting: Any = lambda: False  # set once the response's connection is known
+
+    def expect(self, which: str, seconds: float) -> None:
+        """The upstream must send something within `seconds` from now."""
+        expires_at = self._loop.time() + seconds
+        if expires_at >= self._call_deadline:  # name the deadline that really binds
+            expires_at, which, seconds = self._call_deadline, "total", self._call_timeout
+        self._expires_at, self.which, self.seconds = expires_at, which, seconds
+
+    async def read[T](self, awaitable: Awaitable[T]) -> T:
+        """Await `awaitable`, raising `DeadlineExceeded` if the upstream stays silent."""
+        task = asyncio.current_task()
+        self._reader = task
+        if self._timer is None or self._timer.when() > self._expires_at:
+            if self._timer is not None:  # the deadline moved earlier (first token -> idle)
+                self._timer.cancel()
+            self._timer = self._loop.call_at(self._expires_at, self._check)
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if self.expired and task is not None and task.uncancel() == 0:
+                raise DeadlineExceeded(self.which, self.seconds) from None
+            raise
+        finally:
+            self._reader = None
+
+    def _check(self) -> None:
+        self._timer = None
+        if self._reader is None:
+            return  # between reads: the next read re-arms
+        now = self._loop.time()
+        if now < self._expires_at:
+            self._timer = self._loop.call_at(self._expires_at, self._check)
+            return
+        if now < self._call_deadline and self.data_waiting():
+            self.extensions += 1  # the loop was late, not the upstream
+            self._timer = self._loop.call_at(now + 0.05, self._check)
+            return
+        self.expired = True
+        self._reader.cancel()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+
+def _data_waiting(network_stream: Any) -> bool:
+    """True when the connection has bytes nobody has read yet (or the peer closed it)."""
+    try:
+        return bool(network_stream.get_extra_info("is_readable"))
+    except Exception:  # a stream that cannot tell is treated as silent
+        return False
+
+
 class LLMStream:
     """Text chunks of one streamed completion; `usage` is known once it is fully read.
 
@@ -92,6 +168,8 @@ class LLMStream:
         self.usage: TokenUsage | None = None
         self.finish_reason: str | None = None
         self.first_token_ms: float | None = None
+        self._network_stream: Any = None
+        self.deadline_extensions = 0  # deadlines that passed while data waited unread
         self.retries = 0
         self.closed = False
 
@@ -100,7 +178,7 @@ class LLMStream:
             self._iterator = self._chunks()
         return self._iterator
 
-    async def _open(self, deadline: float, which: str, seconds: float) -> AsyncIterator[bytes]:
+    async def _open(self) -> AsyncIterator[bytes]:
         """Start the request; the response's lines, once its headers have arrived."""
         handle = self._handle
         kwargs = {"stream_options": {"include_usage": True}, **self._kwargs}
@@ -111,9 +189,10 @@ class LLMStream:
             stream=True,
             **kwargs,
         )
-        response = await _within(manager.__aenter__(), deadline, which, seconds)
+        response = await manager.__aenter__()
         self._response = manager
         self._request = response.http_request
+        self._network_stream = response.http_response.extensions.get("network_stream")
         return response.iter_bytes()
 
     async def _next_bytes(self, reads: AsyncIterator[bytes]) -> bytes:
@@ -178,21 +257,15 @@ class LLMStream:
         try:
             while True:
                 await handle._admit(estimate, call_deadline)
+                watch = _SilenceWatch(call_deadline, config.call_timeout)
                 try:
-                    deadline, which, seconds = (
-                        loop.time() + config.first_token_timeout,
-                        "first_token",
-                        config.first_token_timeout,
-                    )
-                    if deadline >= call_deadline:  # name the deadline that really binds
-                        deadline, which, seconds = call_deadline, "total", config.call_timeout
-                    reads = await self._open(deadline, which, seconds)
+                    watch.expect("first_token", config.first_token_timeout)
+                    reads = await watch.read(self._open())
+                    watch.data_waiting = functools.partial(_data_waiting, self._network_stream)
                     buffer = bytearray()
                     while True:
-                        if deadline >= call_deadline:
-                            deadline, which, seconds = call_deadline, "total", config.call_timeout
                         try:
-                            data = await _within(self._next_bytes(reads), deadline, which, seconds)
+                            data = await watch.read(self._next_bytes(reads))
                         except StopAsyncIteration:
                             break  # read to the end, past [DONE]: the connection is reusable
                         buffer += data.replace(b"\r\n", b"\n")
@@ -202,8 +275,7 @@ class LLMStream:
                             delivered = True
                             yield text
                         if delivered:  # before the first text, the first-token deadline holds
-                            deadline = loop.time() + config.idle_timeout
-                            which, seconds = "idle", config.idle_timeout
+                            watch.expect("idle", config.idle_timeout)
                 except asyncio.CancelledError:
                     handle._abandon_attempt()
                     raise
@@ -216,6 +288,9 @@ class LLMStream:
                     attempt += 1
                     self.retries = attempt
                     continue
+                finally:
+                    watch.close()
+                    self.deadline_extensions += watch.extensions
                 await handle._attempt_succeeded(estimate, self.usage)
                 break
         except asyncio.CancelledError:

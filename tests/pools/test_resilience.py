@@ -253,3 +253,26 @@ def test_classification():
     assert classify(DeadlineExceeded("first_token", 1)).retryable
     assert not classify(DeadlineExceeded("idle", 1)).retryable
     assert not classify(ValueError()).retryable
+
+
+async def test_a_busy_event_loop_is_not_mistaken_for_a_silent_upstream(
+    make_registry, simulator_thread
+):
+    # The simulator streams from its own thread while this loop is blocked (CPU-bound work,
+    # no await) for three idle deadlines: the tokens wait unread, so the deadline is extended
+    # and the call completes, with no failure counted against the breaker.
+    simulator_thread.config.tokens_per_second = 200
+    registry = make_registry(
+        simulator_thread, {"main": {"size": 1, "idle_timeout": 0.2, "max_retries": 0}}
+    )
+    loop = asyncio.get_running_loop()
+    chunks: list[str] = []
+    async with registry.get_main_llm() as llm:
+        stream = llm.astream(HELLO, max_tokens=60)
+        async for chunk in stream:
+            chunks.append(chunk)
+            if len(chunks) == 3:  # blocks while the next read waits
+                loop.call_soon(time.sleep, 0.6)
+    assert len(chunks) > 3 and stream.usage is not None
+    assert stream.deadline_extensions >= 1
+    assert registry.breaker_for("main").snapshot()["recent_failure_rate"] == 0
