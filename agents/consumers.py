@@ -143,15 +143,6 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
             )
 
     async def design_event(self, message: dict[str, Any]) -> None:
-        """Relay one pipeline event; finished runs gain their id so the page can fetch them."""
-        event = dict(message["event"])
-        if event.get("kind") in {"agent_started", "agent_finished"} and "run_id" not in event:
-            event["run_id"] = await (
-                AgentRun.objects.filter(
-                    design_id=self.design_id, agent=event.get("agent"), round=event.get("round")
-                )
-                .order_by("-id")
-                .values_list("id", flat=True)
-                .afirst()
-            )
-        await self.send_json(event)
+        """Relay one pipeline event as it is: no database work per event, or a busy database
+        would slow this socket's queue until the channel layer drops messages."""
+        await self.send_json(message["event"])

@@ -356,6 +356,7 @@ class DesignPipeline:
         await self.events.send(
             {
                 "kind": "agent_started",
+                "run_id": run.pk,
                 "agent": agent,
                 "round": round_number,
                 "pool": pool_name,
@@ -438,6 +439,7 @@ class DesignPipeline:
         await self.events.send(
             {
                 "kind": "agent_finished",
+                "run_id": run.pk,
                 "agent": run.agent,
                 "round": run.round,
                 "status": run.status,

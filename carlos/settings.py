@@ -106,15 +106,27 @@ LOGOUT_REDIRECT_URL = "login"
 REDIS_URL = env.str("REDIS_URL", default="")
 # Every key Carlos writes starts with this: two clusters can share one Redis database.
 REDIS_PREFIX = env.str("REDIS_PREFIX", default="carlos")
+# A page's socket queue holds this many events before the layer drops new ones (the default
+# 100 is two seconds of one design's live tokens when the server is busy).
+CHANNEL_CAPACITY = 1000
 if REDIS_URL:
     CHANNEL_LAYERS = {
         "default": {
             "BACKEND": "channels_redis.core.RedisChannelLayer",
-            "CONFIG": {"hosts": [REDIS_URL], "prefix": f"{REDIS_PREFIX}:channels"},
+            "CONFIG": {
+                "hosts": [REDIS_URL],
+                "prefix": f"{REDIS_PREFIX}:channels",
+                "capacity": CHANNEL_CAPACITY,
+            },
         }
     }
 else:
-    CHANNEL_LAYERS = {"default": {"BACKEND": "carlos.channel_layers.LocalChannelLayer"}}
+    CHANNEL_LAYERS = {
+        "default": {
+            "BACKEND": "carlos.channel_layers.LocalChannelLayer",
+            "CONFIG": {"capacity": CHANNEL_CAPACITY},
+        }
+    }
 
 LOGGING = {
     "version": 1,

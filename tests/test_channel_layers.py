@@ -13,7 +13,7 @@ from carlos.channel_layers import LocalChannelLayer
 
 async def test_settings_use_it_and_groups_deliver_to_every_member():
     layer = get_channel_layer()
-    assert isinstance(layer, LocalChannelLayer)
+    assert isinstance(layer, LocalChannelLayer) and layer.capacity == 1000
     first, second = await layer.new_channel(), await layer.new_channel()
     await layer.group_add("design-1", first)
     await layer.group_add("design-1", second)

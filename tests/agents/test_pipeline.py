@@ -134,6 +134,7 @@ async def test_agents_run_in_order_with_parallel_stages_timings_and_events(carlo
     for run in runs:
         started = kinds.index(("agent_started", run.agent))
         finished = kinds.index(("agent_finished", run.agent))
+        assert events[started]["run_id"] == events[finished]["run_id"] == run.pk
         streamed = [
             e["text"]
             for e in events[started:finished]
