@@ -8,8 +8,10 @@ twice (harmless, the page applies events idempotently) rather than lost.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from typing import Any
 
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
@@ -24,6 +26,13 @@ CLOSE_NOT_FOUND = 4404
 CLOSE_MESSAGE_TOO_BIG = 1009  # RFC 6455 "message too big"
 # The page only ever sends tiny control messages; anything larger is refused unread.
 MAX_CLIENT_MESSAGE_BYTES = 1024
+# A socket that has relayed nothing for this long re-joins the group and sends a fresh
+# snapshot: a channel layer drops messages to a full queue, and drops a channel from its
+# groups when a message waited past its expiry, so under heavy load an event can be lost.
+RESYNC_AFTER_S = 15.0
+TERMINAL_STATUSES = frozenset(
+    {Design.Status.SUCCEEDED, Design.Status.FAILED, Design.Status.INTERRUPTED}
+)
 
 
 def group_name(design_id: int) -> str:
@@ -80,6 +89,9 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
 
     design_id: int
     group: str | None = None
+    _resync: asyncio.Task[None] | None = None
+    _last_sent = 0.0
+    _finished = False
 
     async def connect(self) -> None:
         # Accept first, then close with an application code: a close before the handshake
@@ -103,8 +115,33 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
             await self.close(code=CLOSE_NOT_FOUND)
             return
         await self.send_json(state)
+        self._resync = asyncio.get_running_loop().create_task(self._resync_while_quiet())
+
+    async def send_json(self, content: Any, close: bool = False) -> None:
+        self._last_sent = time.monotonic()
+        if content.get("kind") in {"snapshot", "design_status"}:
+            status = (content.get("design") or content).get("status")
+            self._finished = status in TERMINAL_STATUSES
+            if not self._finished and self._resync is not None and self._resync.done():
+                self._resync = asyncio.get_running_loop().create_task(self._resync_while_quiet())
+        await super().send_json(content, close)
+
+    async def _resync_while_quiet(self) -> None:
+        while not self._finished:
+            await asyncio.sleep(self._last_sent + RESYNC_AFTER_S - time.monotonic())
+            if self.group is None or time.monotonic() - self._last_sent < RESYNC_AFTER_S:
+                continue
+            await self.channel_layer.group_add(self.group, self.channel_name)
+            state = await snapshot(self.design_id)
+            if state is None:
+                await self.close(code=CLOSE_NOT_FOUND)
+                return
+            await self.send_json(state)
 
     async def disconnect(self, code: int) -> None:
+        if self._resync is not None:
+            self._resync.cancel()
+            self._resync = None
         if self.group is not None:
             await self.channel_layer.group_discard(self.group, self.channel_name)
             self.group = None

@@ -14,10 +14,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import weakref
 from collections.abc import AsyncIterator, Iterable
 
 import redis
 import redis.asyncio as aioredis
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 from redis.exceptions import RedisError
@@ -30,6 +32,10 @@ from pools.runtime import get_pool
 logger = logging.getLogger("agents")
 
 _running: dict[int, asyncio.Task[None]] = {}
+_places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+    weakref.WeakKeyDictionary()
+)
+DEFAULT_MAX_RUNNING_DESIGNS = 50
 INTERRUPTED_ERROR = "interrupted: the server stopped before this design finished"
 
 
@@ -48,7 +54,37 @@ def start_design(design_id: int) -> asyncio.Task[None]:
 
 async def _run_claimed(design_id: int) -> None:
     async with claimed(design_id):
-        await run_design(design_id)
+        try:
+            await _running_place().acquire()
+        except asyncio.CancelledError:  # the server stops while the design waits its turn
+            await Design.objects.filter(pk=design_id, status=Design.Status.QUEUED).aupdate(
+                status=Design.Status.INTERRUPTED,
+                error=INTERRUPTED_ERROR,
+                finished_at=timezone.now(),
+            )
+            raise
+        try:
+            await run_design(design_id)
+        finally:
+            _running_place().release()
+
+
+def max_running_designs() -> int:
+    return max(1, int(getattr(settings, "MAX_RUNNING_DESIGNS", DEFAULT_MAX_RUNNING_DESIGNS)))
+
+
+def _running_place() -> asyncio.Semaphore:
+    """This loop's places for running designs: the others wait QUEUED, first come first served.
+
+    Why: streaming costs CPU per token, and one process's event loop also answers the pages
+    and `/health`; past what it can stream, more designs at once only make every design and
+    every page slower. A semaphore belongs to the loop that uses it, so one per loop.
+    """
+    loop = asyncio.get_running_loop()
+    place = _places.get(loop)
+    if place is None:
+        place = _places[loop] = asyncio.Semaphore(max_running_designs())
+    return place
 
 
 def claim_key(cluster: ClusterConfig, design_id: int) -> str:

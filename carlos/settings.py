@@ -206,6 +206,8 @@ CARLOS_POOLS = {
 DESIGN_MAX_CHARS = env.int("DESIGN_MAX_CHARS", default=4000)
 # Designs one user may submit per sliding hour; past it the form answers 429 with the time.
 DESIGNS_PER_HOUR = env.int("DESIGNS_PER_HOUR", default=10)
+# Designs one process runs at once; the others wait, queued, in order (see agents.tasks).
+MAX_RUNNING_DESIGNS = env.int("MAX_RUNNING_DESIGNS", default=50)
 
 # Content Security Policy (Django's own middleware): the pages show model output, which is
 # untrusted. It is sanitised on the server; this is the second line: no inline or foreign

@@ -22,6 +22,7 @@ from asyncio.trsock import TransportSocket
 from collections import Counter
 from dataclasses import dataclass
 
+import h11
 import httpcore
 import httpx
 
@@ -323,13 +324,14 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
         socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
-        # asyncio sets TCP_NODELAY itself; 250 ms is RFC 8305's happy eyeballs delay, as anyio's.
+        # asyncio sets TCP_NODELAY itself. No happy eyeballs: asyncio (3.13.0) runs them in a
+        # separate task, and a call cancelled as that task connected left the socket open
+        # with no one to close it (the fault tests caught it); addresses are tried in turn.
         connecting = loop.create_connection(
             lambda: AsyncioStream(loop),
             host,
             port,
             local_addr=None if local_address is None else (local_address, 0),
-            happy_eyeballs_delay=0.25,
         )
         return await _connected(connecting, timeout, socket_options)
 
@@ -494,3 +496,48 @@ def http_timeout(limits: HttpLimits) -> httpx.Timeout:
     return httpx.Timeout(
         limits.read_timeout, connect=limits.connect_timeout, pool=limits.connect_timeout
     )
+
+
+_FINISHED = frozenset({h11.MUST_CLOSE, h11.CLOSED})
+_sweeps: set[asyncio.Task[int]] = set()  # strong references until each sweep has run
+
+
+async def close_stranded_connections(client: httpx.AsyncClient) -> int:
+    """Close the connections a cancelled call left ACTIVE though both sides are done.
+
+    httpcore 1.0.9 takes a lock, a cancellation point, while it releases a finished response
+    (encode/httpcore#1115): a call cancelled at that moment leaves its connection ACTIVE in
+    the pool for good, socket open, counting against the pool's limit. Such a connection can
+    only be closed (both h11 sides are past the response and must close), so this does it.
+    """
+    pool = getattr(client._transport, "_pool", None)
+    if pool is None:
+        return 0
+    stranded = []
+    for connection in list(pool.connections):
+        http11 = getattr(connection, "_connection", None)
+        state = getattr(http11, "_h11_state", None)
+        if (
+            state is not None
+            and http11._state.name == "ACTIVE"
+            and state.our_state in _FINISHED
+            and state.their_state in _FINISHED
+        ):
+            stranded.append(connection)
+    for connection in stranded:
+        await connection.aclose()
+    if stranded:
+        pool._requests[:] = [r for r in pool._requests if r.connection not in stranded]
+    return len(stranded)
+
+
+def sweep_after_cancellation(client: httpx.AsyncClient) -> None:
+    """Schedule `close_stranded_connections` once the cancelled call has finished unwinding."""
+    loop = asyncio.get_running_loop()
+
+    def start() -> None:
+        sweep = loop.create_task(close_stranded_connections(client))
+        _sweeps.add(sweep)
+        sweep.add_done_callback(_sweeps.discard)
+
+    loop.call_soon(start)

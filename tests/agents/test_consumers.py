@@ -14,6 +14,7 @@ from django.contrib.auth import get_user_model
 from django.test import Client
 from django.utils import timezone
 
+from agents import consumers
 from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
 from agents.models import AgentRun, Design
 from carlos.asgi import application
@@ -207,4 +208,20 @@ async def test_oversized_client_message_closes_the_socket(frame: str) -> None:
     else:
         await communicator.send_to(bytes_data=payload.encode())
     assert await closed_with(communicator) == 1009
+    await communicator.disconnect()
+
+
+async def test_a_quiet_socket_resyncs_so_a_lost_final_status_still_arrives(monkeypatch) -> None:
+    monkeypatch.setattr(consumers, "RESYNC_AFTER_S", 0.2)
+    owner = await make_user("lena")
+    design = await make_design(owner, status=Design.Status.RUNNING, attempts=1)
+    communicator = await open_socket(design.pk, owner)
+    await communicator.connect()
+    assert (await communicator.receive_json_from(timeout=5))["design"]["status"] == "running"
+
+    # The design finishes, but its design_status event never reaches this socket.
+    await Design.objects.filter(pk=design.pk).aupdate(status=Design.Status.SUCCEEDED)
+    resynced = await communicator.receive_json_from(timeout=5)
+    assert resynced["kind"] == "snapshot" and resynced["design"]["status"] == "succeeded"
+    assert await communicator.receive_nothing(timeout=0.5)  # finished: no more resyncs
     await communicator.disconnect()

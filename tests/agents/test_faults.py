@@ -381,9 +381,10 @@ def _always_unavailable(request: ChatRequest) -> str:
 async def test_a_call_cancelled_at_any_point_leaves_no_connection_behind(
     simulator_factory, fault_registry
 ):
-    # With anyio's network backend, a call cancelled while httpcore 1.0.9 closed its finished
-    # response left the connection ACTIVE in the pool for good (encode/httpcore#1115): anyio's
-    # close is a cancellation point. The asyncio backend of pools.transport closes at once.
+    # Two engine guards: a call cancelled while httpcore 1.0.9 releases its finished response
+    # leaves the connection ACTIVE for good (encode/httpcore#1115), which the handle sweeps
+    # after a cancelled attempt; and asyncio's happy eyeballs leaked the socket of a call
+    # cancelled as it connected, so pools.transport does not use them.
     sim = await simulator_factory(responder=_always_unavailable)
     registry = fault_registry(sim, pools={"main": {"MAX_RETRIES": 0}})
 

@@ -461,6 +461,40 @@ async def test_a_cancelled_browser_does_not_stop_the_design(carlos_registry, own
     assert (await reload(design)).status == Design.Status.SUCCEEDED
 
 
+async def test_designs_past_the_running_limit_wait_queued_in_order(
+    carlos_registry, owner, settings
+):
+    settings.MAX_RUNNING_DESIGNS = 1
+    first = await create_design(owner, REQUEST)
+    second = await create_design(owner, REQUEST)
+    tasks = [start_design(first.pk), start_design(second.pk)]
+    await wait_for_running(first, "requirements")
+    assert (await reload(second)).status == Design.Status.QUEUED
+    assert await runs_of(second) == []
+    await asyncio.gather(*tasks)
+    first, second = await reload(first), await reload(second)
+    assert first.status == second.status == Design.Status.SUCCEEDED
+    assert second.started_at >= first.finished_at
+
+
+async def test_a_design_waiting_for_its_turn_is_interrupted_when_cancelled(
+    carlos_registry, owner, settings
+):
+    settings.MAX_RUNNING_DESIGNS = 1
+    first = await create_design(owner, REQUEST)
+    waiting = await create_design(owner, REQUEST)
+    running = start_design(first.pk)
+    queued = start_design(waiting.pk)
+    await wait_for_running(first, "requirements")
+    queued.cancel()
+    await asyncio.gather(queued, return_exceptions=True)
+    waiting = await reload(waiting)
+    assert waiting.status == Design.Status.INTERRUPTED
+    assert waiting.error.startswith("interrupted") and waiting.finished_at is not None
+    await running
+    assert (await reload(first)).status == Design.Status.SUCCEEDED
+
+
 async def test_a_cancelled_task_ends_interrupted_with_no_run_left_running(carlos_registry, owner):
     design = await create_design(owner, REQUEST)
     task = start_design(design.pk)

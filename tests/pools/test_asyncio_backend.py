@@ -386,7 +386,9 @@ async def stream_tokens(
 async def test_pool_client_streams_and_the_ledger_counts_real_connections(
     simulator_factory, tmp_path: Path, tls: bool
 ) -> None:
-    simulator: LLMSimulator = await simulator_factory(tls=tls, keepalive_timeout_s=0.3)
+    # Idle connections are closed after 1.5 s: long enough for two streams back to back on a
+    # busy machine, short enough to wait for.
+    simulator: LLMSimulator = await simulator_factory(tls=tls, keepalive_timeout_s=1.5)
     endpoint = {"SIMULATOR_URL": simulator.base_url}
     if tls:
         simulator.write_ca_pem(tmp_path / "ca.pem")
