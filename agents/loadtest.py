@@ -910,6 +910,7 @@ async def watch_socket(
 
     started = time.perf_counter()
     opened = False
+    snapshots = 0
     try:
         async with connect(
             url,
@@ -924,9 +925,11 @@ async def watch_socket(
                 run.events += 1
                 recorder.socket_events += 1
                 if event.get("kind") == "snapshot":
-                    recorder.latencies["socket_snapshot"].append(
-                        (time.perf_counter() - started) * 1000
-                    )
+                    if not snapshots:  # later ones are the server's resyncs of a quiet socket
+                        recorder.latencies["socket_snapshot"].append(
+                            (time.perf_counter() - started) * 1000
+                        )
+                    snapshots += 1
                     state = event.get("design") or {}
                     run.status, run.error = state.get("status"), state.get("error") or ""
                 elif event.get("kind") == "design_status":
