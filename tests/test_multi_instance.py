@@ -25,7 +25,6 @@ import json
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from pools.admin import chart_data
 from pools.config import parse_config
 from pools.models import PoolSnapshot
 from pools.registry import PoolRegistry
+from tests.servers import Server, child_env, manage, start, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -275,12 +275,6 @@ async def test_the_wait_for_a_cluster_lease_counts_as_waiting():
 
 
 # == the real cluster ===========================================================================
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def forget_cluster_keys() -> None:
     client = redis.Redis.from_url(REDIS_URL)
     for key in client.scan_iter(f"{PREFIX}:*"):
@@ -288,17 +282,9 @@ def forget_cluster_keys() -> None:
     client.close()
 
 
-@dataclass
-class Server:
-    name: str
-    base: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def instance(self) -> str:
-        return httpx.get(f"{self.base}/health", timeout=5).json()["cluster"]["instance"]
+def instance_of(server: Server) -> str:
+    """The server's name in the cluster, as its /health reports it."""
+    return httpx.get(f"{server.base}/health", timeout=5).json()["cluster"]["instance"]
 
 
 @dataclass
@@ -310,34 +296,9 @@ class Cluster:
     folder: Path
 
     def start(self, name: str) -> Server:
-        port = free_port()
-        log = self.folder / f"serve-{name}.log"
-        with log.open("w") as output:
-            process = subprocess.Popen(
-                [sys.executable, "manage.py", "serve", "--port", str(port)],
-                cwd=ROOT,
-                env=self.env,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-            )
-        server = Server(name, f"http://127.0.0.1:{port}", port, process, log)
+        server = start(self.env, self.folder / f"serve-{name}.log", name=name)
         self.servers[name] = server
         return server
-
-    def wait_healthy(self, *servers: Server) -> None:
-        """Readiness, not performance: poll /health until 200, or fail with the server log."""
-        pending = list(servers)
-        deadline = time.monotonic() + START_LIMIT_S
-        while pending:
-            for server in list(pending):
-                if server.process.poll() is not None:
-                    pytest.fail(f"{server.name} exited:\n{server.log.read_text()}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(f"{server.base}/health", timeout=2).status_code == 200:
-                        pending.remove(server)
-            if time.monotonic() > deadline:
-                pytest.fail(f"never healthy: {[s.name for s in pending]}")
-            time.sleep(0.1)
 
     def simulator_stats(self) -> dict[str, Any]:
         return httpx.get(f"{self.simulator}/_simulator/stats", timeout=5).json()
@@ -348,32 +309,6 @@ class Cluster:
 
     def simulator_reset(self) -> None:
         httpx.post(f"{self.simulator}/_simulator/reset", timeout=5).raise_for_status()
-
-
-def stop(processes: list[subprocess.Popen[Any]]) -> None:
-    """SIGTERM to all at once (a clean shutdown each), then SIGKILL whatever still runs."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    for process in processes:
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-
-
-def manage(env: dict[str, str], *args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    assert done.returncode == 0, f"manage.py {args[0]} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
 
 
 SETUP = f"""
@@ -417,34 +352,28 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         line = simulator.stdout.readline()
         found = re.search(r"listening on (http://\S+)/v1", line)
         assert found, f"the simulator said {line!r}"
-        env = {
-            **os.environ,
-            "DJANGO_SETTINGS_MODULE": "carlos.settings",
-            "DJANGO_DEBUG": "1",
-            "DATABASE_URL": f"{POSTGRES_URL}/{database}",
-            "REDIS_URL": REDIS_URL,
-            "POOL_LEASE_SECONDS": str(LEASE_SECONDS),
-            "POOL_SNAPSHOT_INTERVAL": "0",
+        env = child_env(
+            f"{POSTGRES_URL}/{database}",
+            REDIS_URL=REDIS_URL,
+            POOL_LEASE_SECONDS=str(LEASE_SECONDS),
+            POOL_SNAPSHOT_INTERVAL="0",
             # An OpenAI-compatible endpoint shared by the instances (the simulator): each serve
             # starts no simulator of its own and makes no demo account.
-            "LLM_BASE_URL": f"{found[1]}/v1",
-            "LLM_API_KEY": "any",
-            "DESIGNS_PER_HOUR": "1000",
-            "PYTHONUNBUFFERED": "1",
-        }
+            LLM_BASE_URL=f"{found[1]}/v1",
+            LLM_API_KEY="any",
+            DESIGNS_PER_HOUR="1000",
+        )
         for pool, size in CAPACITY.items():
             env[f"POOL_{pool.upper()}_SIZE"] = str(size)
             env[f"POOL_{pool.upper()}_MAX_OVERFLOW"] = "0"
             env[f"POOL_{pool.upper()}_TIMEOUT"] = "60"  # callers wait for capacity, never fail
-        for name in ("AZURE_OPENAI_ENDPOINT", "LLM_SIMULATOR_URL"):
-            env.pop(name, None)
         manage(env, "shell", "-c", SETUP)
         state = Cluster(env, env["DATABASE_URL"], found[1], servers, folder)
         first, second = state.start("A"), state.start("B")
-        state.wait_healthy(first, second)
+        wait_healthy(first, second, limit=START_LIMIT_S)
         yield state
     finally:
-        stop([*(server.process for server in servers.values()), simulator])
+        stop(*(server.process for server in servers.values()), simulator)
         with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
             admin.execute(
                 sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
@@ -557,11 +486,12 @@ async def test_designs_on_both_instances_never_exceed_the_cluster_capacity(clust
 @needs_services
 def test_pool_status_cluster_shows_every_instance_and_the_totals(cluster: Cluster):
     first, second = cluster.servers["A"], cluster.servers["B"]
-    names = {first.instance, second.instance}
+    name_a, name_b = instance_of(first), instance_of(second)
+    names = {name_a, name_b}
     out = StringIO()
     call_command("pool_status", url=second.base, cluster=True, json=True, stdout=out)
     report = json.loads(out.getvalue())
-    assert report["status"] == "healthy" and report["answered_by"] == second.instance
+    assert report["status"] == "healthy" and report["answered_by"] == name_b
     assert set(report["instances"]) == names
     for pool, size in CAPACITY.items():
         total = report["totals"][pool]
@@ -574,9 +504,9 @@ def test_pool_status_cluster_shows_every_instance_and_the_totals(cluster: Cluste
     out = StringIO()
     call_command("pool_status", url=first.base, cluster=True, pool=["main"], stdout=out)
     text = out.getvalue()
-    assert text.startswith(f"Carlos cluster via {first.base} ({first.instance}: healthy): 2 live")
-    assert f"Instance {first.instance} (answered this request)" in text
-    assert f"Instance {second.instance}, reported" in text
+    assert text.startswith(f"Carlos cluster via {first.base} ({name_a}: healthy): 2 live")
+    assert f"Instance {name_a} (answered this request)" in text
+    assert f"Instance {name_b}, reported" in text
     totals = text.split("Cluster totals")[1].splitlines()
     header = totals[1].split()
     assert header[:3] == ["pool", "model", "instances"]
@@ -803,7 +733,7 @@ async def test_a_killed_instance_gives_its_capacity_back(cluster: Cluster):
             busy = [await submit(on_b, f"Busy {index}") for index in range(2)]
             await wait_statuses(cluster, busy, {"running"})
             restarted = await asyncio.to_thread(cluster.start, "C")
-            await asyncio.to_thread(cluster.wait_healthy, restarted)
+            await asyncio.to_thread(wait_healthy, restarted, limit=START_LIMIT_S)
             log = restarted.log.read_text()
             assert "⏸  4 unfinished design(s) marked interrupted" in log, log
             assert "2 unfinished design(s) left alone" in log, log

@@ -7,13 +7,6 @@ all run as in production; only the simulator is made fast. Nothing is mocked.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,10 +14,11 @@ from typing import Any
 
 import pytest
 
+from tests.servers import child_env, manage, serving
+
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -44,93 +38,28 @@ SIMULATOR_ARGS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def manage(env: dict[str, str], *args: str) -> None:
-    subprocess.run(
-        [sys.executable, str(ROOT / "manage.py"), *args],
-        cwd=ROOT,
-        env=env,
-        check=True,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def wait_healthy(url: str, server: subprocess.Popen, log: Path) -> None:
-    """Readiness, not performance: poll /health until 200, or fail showing the server log."""
-    deadline = time.monotonic() + SERVER_START_DEADLINE_S
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"manage.py serve exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"/health never answered 200:\n{log.read_text()}")
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`manage.py serve` on free ports with a throwaway SQLite database and one user."""
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
     database = Path(f"/tmp/carlos-browser-{uuid.uuid4().hex}.sqlite3")
-    port = free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "carlos.settings",
-        "DJANGO_DEBUG": "1",
-        "DATABASE_URL": f"sqlite:///{database}",
-        "LLM_SIMULATOR_PORT": str(free_port()),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL", "LLM_SIMULATOR_URL"):
-        env.pop(name, None)  # always the offline simulator
-    manage(env, "migrate", "--verbosity", "0")
-    manage(
-        env,
-        "shell",
-        "-c",
-        "from django.contrib.auth import get_user_model; "
-        f"get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})",
-    )
+    env = child_env(f"sqlite:///{database}")  # always the offline simulator
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                str(ROOT / "manage.py"),
-                "serve",
-                "--port",
-                str(port),
-                "--simulator-args",
-                SIMULATOR_ARGS,
-            ],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, process, log)
-        yield url
+        manage(env, "migrate", "--verbosity", "0")
+        manage(
+            env,
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model; "
+            f"get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})",
+        )
+        with serving(
+            env, log, "--simulator-args", SIMULATOR_ARGS, limit=SERVER_START_DEADLINE_S
+        ) as served:
+            yield served.base
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
         for suffix in ("", "-wal", "-shm", "-journal"):
             Path(f"{database}{suffix}").unlink(missing_ok=True)
 

@@ -8,23 +8,16 @@ chromium is driven through playwright.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.pools.test_serve import free_port
+from tests.servers import child_env, manage, serving
 
 pytestmark = pytest.mark.browser
 
 CHROMIUM = Path("/usr/bin/chromium")
-ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM_ARGS = [
     "--headless",
     "--no-sandbox",
@@ -64,68 +57,17 @@ PoolSnapshot.objects.bulk_create(rows)
 """
 
 
-def run_manage(env: dict[str, str], *args: str) -> None:
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "manage.py"), *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.fixture
 def served_admin(tmp_path):
-    port, simulator_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "carlos.settings",
-        "DJANGO_DEBUG": "1",
-        "DATABASE_URL": f"sqlite:////tmp/carlos-admin-browser-{uuid.uuid4().hex}.sqlite3",
-        "LLM_SIMULATOR_PORT": str(simulator_port),
-        "POOL_SNAPSHOT_INTERVAL": "0",  # only the rows made here, so the chart is known
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL"):
-        env.pop(name, None)
-    database = Path(env["DATABASE_URL"].removeprefix("sqlite:///"))
-    run_manage(env, "migrate", "--verbosity", "0")
-    run_manage(env, "shell", "-c", SETUP)
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        server = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--migrate", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
-        if server.poll() is not None:
-            pytest.fail(f"manage.py serve exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        if time.monotonic() > deadline:
-            server.kill()
-            pytest.fail(f"/health never answered 200:\n{log.read_text()}")
-        time.sleep(0.2)
+    database = Path(f"/tmp/carlos-admin-browser-{uuid.uuid4().hex}.sqlite3")
+    # Only the rows made here, so the chart is known.
+    env = child_env(f"sqlite:///{database}", POOL_SNAPSHOT_INTERVAL="0")
     try:
-        yield base
+        manage(env, "migrate", "--verbosity", "0")
+        manage(env, "shell", "-c", SETUP)
+        with serving(env, tmp_path / "serve.log", "--migrate") as server:
+            yield server.base
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
         database.unlink(missing_ok=True)
 
 

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sqlite3
-import subprocess
-import sys
 import time
-import urllib.request
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -26,37 +22,10 @@ from django.test import override_settings
 from django.utils import timezone
 
 from pools.models import PoolSnapshot
-from tests.pools.test_serve import free_port
+from tests.servers import child_env, free_port, manage, serving
 
-ROOT = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "hello"}]
 COMMANDS = ("pool_status", "warm_pools", "snapshot_pools", "prune_pool_snapshots")
-
-
-def child_env(database: Path, simulator_port: int, **extra: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "carlos.settings",
-        "DJANGO_DEBUG": "1",
-        "DATABASE_URL": f"sqlite:///{database}",
-        "LLM_SIMULATOR_PORT": str(simulator_port),
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL"):
-        env.pop(name, None)
-    return env
-
-
-def manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "manage.py", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -64,34 +33,15 @@ def server(tmp_path_factory):
     """`manage.py serve` with the sampler every 0.5 s, shared by this module's tests."""
     folder = tmp_path_factory.mktemp("served")
     database = folder / "db.sqlite3"
-    port = free_port()
-    env = child_env(database, free_port(), POOL_SNAPSHOT_INTERVAL="0.5", POOL_SNAPSHOT_JITTER="0")
-    log = folder / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--migrate", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not become healthy:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield {"base": base, "process": process, "log": log, "env": env, "database": database}
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    env = child_env(f"sqlite:///{database}", POOL_SNAPSHOT_INTERVAL="0.5", POOL_SNAPSHOT_JITTER="0")
+    with serving(env, folder / "serve.log", "--migrate") as served:
+        yield {
+            "base": served.base,
+            "process": served.process,
+            "log": served.log,
+            "env": env,
+            "database": database,
+        }
 
 
 # -- help ------------------------------------------------------------------------------------
@@ -149,7 +99,7 @@ def test_the_server_samples_and_pool_status_reads_the_history(server):
     while _rows_in(server["database"]) < 6:  # two intervals of three pools
         assert time.monotonic() < deadline, server["log"].read_text()
         time.sleep(0.2)
-    result = manage("pool_status", "--history", "1h", env=server["env"])
+    result = manage(server["env"], "pool_status", "--history", "1h", check=False)
     assert result.returncode == 0, result.stderr
     assert "Pool history since" in result.stdout
     rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[3:]}
@@ -157,7 +107,7 @@ def test_the_server_samples_and_pool_status_reads_the_history(server):
     assert int(rows["main"][1]) >= 2  # rows
     assert rows["main"][2] == "1"  # one server process
     result = manage(
-        "pool_status", "--history", "1h", "--json", "--pool", "ronei", env=server["env"]
+        server["env"], "pool_status", "--history", "1h", "--json", "--pool", "ronei", check=False
     )
     summary = json.loads(result.stdout)
     assert [pool["pool"] for pool in summary["pools"]] == ["ronei"]
@@ -393,7 +343,7 @@ async def test_warm_pools_diagnoses_a_closed_port():
 
 
 def test_warm_pools_exits_non_zero_when_nothing_listens(tmp_path):
-    result = manage("warm_pools", env=child_env(tmp_path / "db", free_port()))
+    result = manage(child_env(f"sqlite:///{tmp_path / 'db'}"), "warm_pools", check=False)
     assert result.returncode == 1
     assert "connection refused" in result.stdout
     assert "3 of 3 pool(s) failed to warm: main, ronei, mini" in result.stderr

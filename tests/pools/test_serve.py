@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import socket
-import subprocess
-import sys
 import time
+import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 from pools import runtime
 from pools.lifespan import PoolLifespan
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.servers import child_env, serving
 
 
 def get_json(url: str) -> tuple[int, dict]:
@@ -39,42 +28,9 @@ def get_json(url: str) -> tuple[int, dict]:
 @pytest.fixture
 def served(tmp_path):
     """`manage.py serve` in a child process with its own database and simulator port."""
-    port, simulator_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "carlos.settings",
-        "DJANGO_DEBUG": "1",
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'db.sqlite3'}",
-        "LLM_SIMULATOR_PORT": str(simulator_port),
-        "PYTHONUNBUFFERED": "1",
-    }
-    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL"):
-        env.pop(name, None)
-    log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--migrate", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if get_json(f"{base}/health")[0] == 200:
-                break
-        except OSError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"server did not become healthy:\n{log.read_text()}")
-        time.sleep(0.2)
-    yield base, process, log, simulator_port
-    if process.poll() is None:
-        process.kill()
-        process.wait()
+    env = child_env(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    with serving(env, tmp_path / "serve.log", "--migrate") as server:
+        yield server.base, server.process, server.log, int(env["LLM_SIMULATOR_PORT"])
 
 
 def test_serve_warms_pools_and_shuts_down_cleanly(served):

@@ -1,0 +1,198 @@
+"""Real `manage.py serve` processes for the tests that need the whole server, not a test client.
+
+One copy of what those tests share: a free loopback port, the child's environment, the start,
+the wait for `/health`, and a stop that leaves nothing running whatever the test did. What a
+test asserts about a server (its output, its exit status, a deliberate SIGKILL) stays in the
+test: `Server` hands out the process and its log, and `stop` does nothing to a process that
+has already exited.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"
+START_LIMIT_S = 90.0  # fail-safe limits, not timing assertions: a broken build must not hang
+STOP_GRACE_S = 20.0
+TAIL_LINES = 80
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on now (the kernel's pick), for a child to bind."""
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def child_env(database_url: str, **extra: str) -> dict[str, str]:
+    """The environment of a `manage.py` child: the real settings with DEBUG, its own database,
+    and, unless `extra` names an endpoint, the offline simulator on a free port of its own
+    (no endpoint leaks in from the environment the tests run in)."""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "carlos.settings",
+        "DJANGO_DEBUG": "1",
+        "DATABASE_URL": database_url,
+        "LLM_SIMULATOR_PORT": str(free_port()),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for name in ("AZURE_OPENAI_ENDPOINT", "LLM_BASE_URL", "LLM_SIMULATOR_URL"):
+        env.pop(name, None)
+    return {**env, **extra}
+
+
+def manage(
+    env: Mapping[str, str], *args: str, check: bool = True, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    """`manage.py <args>` run to its end, output captured; with `check`, a failure fails the
+    test showing that output."""
+    done = subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert done.returncode == 0, (
+            f"manage.py {args[0]} exited with {done.returncode}:\n{done.stdout}\n{done.stderr}"
+        )
+    return done
+
+
+@dataclass
+class Server:
+    """A server child process: where it listens, and the file collecting its output."""
+
+    name: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def base(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def tail(self, lines: int = TAIL_LINES) -> str:
+        """The end of the server's output, for failure messages."""
+        text = self.log.read_text(errors="replace") if self.log.exists() else ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def start(env: Mapping[str, str], log: Path, *options: str, name: str = "serve") -> Server:
+    """`manage.py serve --port <free port> <options>` in a child process, stdout and stderr
+    (in order) in `log`. The child leads a process group of its own, so that `stop` can take
+    whatever it started with it if it has to be killed."""
+    port = free_port()
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", str(port), *options],
+            cwd=ROOT,
+            env=dict(env),
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            process_group=0,
+        )
+    return Server(name, port, process, log)
+
+
+def health_status(server: Server, timeout: float = 2) -> int | str:
+    """The status of one GET /health, or why there was none."""
+    try:
+        with urllib.request.urlopen(f"{server.base}/health", timeout=timeout) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (OSError, http.client.HTTPException) as error:
+        return f"{type(error).__name__}: {error}"
+
+
+def wait_healthy(*servers: Server, limit: float = START_LIMIT_S) -> None:
+    """Readiness, not performance: poll each server's /health until it answers 200. Fails the
+    test, with the end of its output, as soon as a server exits, or if one is not healthy
+    within `limit` seconds."""
+    pending = list(servers)
+    last: dict[str, int | str] = {}
+    deadline = time.monotonic() + limit
+    while pending:
+        for server in list(pending):
+            if server.process.poll() is not None:
+                pytest.fail(
+                    f"{server.name} exited with {server.process.returncode} before /health "
+                    f"answered 200; its output ends:\n{server.tail()}"
+                )
+            last[server.name] = health_status(server)
+            if last[server.name] == 200:
+                pending.remove(server)
+        if pending and time.monotonic() > deadline:
+            pytest.fail(
+                "\n\n".join(
+                    f"{server.name}: /health did not answer 200 within {limit:g} s (last: "
+                    f"{last[server.name]}); its output ends:\n{server.tail()}"
+                    for server in pending
+                )
+            )
+        if pending:
+            time.sleep(0.1)
+
+
+def stop(*processes: subprocess.Popen[Any], grace: float = STOP_GRACE_S) -> None:
+    """SIGTERM to every process still running (each shuts down cleanly, as in production, and
+    all at once), then SIGKILL to whatever runs after `grace` seconds, with its process group
+    when it leads one. Processes that already exited are only reaped."""
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for process in processes:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            kill(process)
+            process.wait(timeout=10)
+
+
+def kill(process: subprocess.Popen[Any]) -> None:
+    """SIGKILL to a process not yet reaped (so its pid is still its own), and to the process
+    group it leads, if it leads one (one `start` made), so no child of it is left behind."""
+    try:
+        if os.getpgid(process.pid) == process.pid:
+            os.killpg(process.pid, signal.SIGKILL)
+            return
+    except ProcessLookupError:
+        return
+    process.kill()
+
+
+@contextmanager
+def serving(
+    env: Mapping[str, str],
+    log: Path,
+    *options: str,
+    name: str = "serve",
+    limit: float = START_LIMIT_S,
+) -> Iterator[Server]:
+    """A healthy `manage.py serve` for the block (see `start`), stopped however it ends."""
+    server = start(env, log, *options, name=name)
+    try:
+        wait_healthy(server, limit=limit)
+        yield server
+    finally:
+        stop(server.process)
