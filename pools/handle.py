@@ -15,7 +15,7 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +96,8 @@ class _SilenceWatch:
         self.which, self.seconds = "total", call_timeout
         self.expired = False
         self.extensions = 0
-        self.data_waiting: Any = lambda: False  # set once the response's connection is known
+        # Set once the response's connection is known; until then a deadline is not extended.
+        self.data_waiting: Callable[[], bool] = lambda: False
 
     def expect(self, which: str, seconds: float) -> None:
         """The upstream must send something within `seconds` from now."""
