@@ -29,7 +29,6 @@ from pools.events import EventBus, EventKind, PoolEvent
 from pools.exceptions import DeadlineExceeded
 from pools.resilience import CircuitBreaker, RetryPolicy, classify
 from pools.slots import Slot, SlotPool
-from pools.transport import sweep_after_cancellation
 
 Messages = Iterable[ChatCompletionMessageParam]
 
@@ -443,9 +442,7 @@ class LLMHandle:
             await self._guard.budget.settle(estimate, usage.total_tokens)
 
     def _abandon_attempt(self) -> None:
-        """A cancelled attempt: free the breaker's probe, and close what httpcore may strand."""
         self._guard.breaker.release_probe()
-        sweep_after_cancellation(self.client._client)
 
     def _attempt_failed(self, exc: BaseException) -> None:
         self._guard.breaker.record_failure(classify(exc), type(exc).__name__)

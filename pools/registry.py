@@ -34,6 +34,7 @@ from pools.slots import SlotPool
 from pools.transport import (
     ConnectionLedger,
     build_http_client,
+    close_stranded_connections,
     current_pool,
     http_timeout,
 )
@@ -177,6 +178,7 @@ class PoolRegistry:
         token = current_pool.set(name)
         temporary: httpx.AsyncClient | None = None
         handle: LLMHandle | None = None
+        ended_badly = False
         try:
             clients = self._clients()
             sdk = clients.sdk
@@ -184,7 +186,11 @@ class PoolRegistry:
                 temporary = self._build_http(max_connections=1, keepalive=1)
                 sdk = sdk.copy(http_client=temporary)
             handle = LLMHandle(pool, slot, sdk, guard)
-            yield handle
+            try:
+                yield handle
+            except BaseException:
+                ended_badly = True
+                raise
         finally:
             current_pool.reset(token)
             try:
@@ -192,6 +198,8 @@ class PoolRegistry:
                     await handle._close_streams()
                 if temporary is not None:
                     await temporary.aclose()
+                elif ended_badly:  # a cancelled call may have stranded its connection
+                    await close_stranded_connections(clients.http)
             finally:
                 try:
                     if lease is not None:

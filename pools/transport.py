@@ -499,7 +499,6 @@ def http_timeout(limits: HttpLimits) -> httpx.Timeout:
 
 
 _FINISHED = frozenset({h11.MUST_CLOSE, h11.CLOSED})
-_sweeps: set[asyncio.Task[int]] = set()  # strong references until each sweep has run
 
 
 async def close_stranded_connections(client: httpx.AsyncClient) -> int:
@@ -508,7 +507,9 @@ async def close_stranded_connections(client: httpx.AsyncClient) -> int:
     httpcore 1.0.9 takes a lock, a cancellation point, while it releases a finished response
     (encode/httpcore#1115): a call cancelled at that moment leaves its connection ACTIVE in
     the pool for good, socket open, counting against the pool's limit. Such a connection can
-    only be closed (both h11 sides are past the response and must close), so this does it.
+    only be closed (both h11 sides are past the response and must close), so this does it;
+    the pool drops closed connections itself. Closing one whose owner is still releasing it
+    is harmless: httpcore's close is idempotent.
     """
     pool = getattr(client._transport, "_pool", None)
     if pool is None:
@@ -526,18 +527,4 @@ async def close_stranded_connections(client: httpx.AsyncClient) -> int:
             stranded.append(connection)
     for connection in stranded:
         await connection.aclose()
-    if stranded:
-        pool._requests[:] = [r for r in pool._requests if r.connection not in stranded]
     return len(stranded)
-
-
-def sweep_after_cancellation(client: httpx.AsyncClient) -> None:
-    """Schedule `close_stranded_connections` once the cancelled call has finished unwinding."""
-    loop = asyncio.get_running_loop()
-
-    def start() -> None:
-        sweep = loop.create_task(close_stranded_connections(client))
-        _sweeps.add(sweep)
-        sweep.add_done_callback(_sweeps.discard)
-
-    loop.call_soon(start)

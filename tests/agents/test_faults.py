@@ -382,8 +382,8 @@ async def test_a_call_cancelled_at_any_point_leaves_no_connection_behind(
     simulator_factory, fault_registry
 ):
     # Two engine guards: a call cancelled while httpcore 1.0.9 releases its finished response
-    # leaves the connection ACTIVE for good (encode/httpcore#1115), which the handle sweeps
-    # after a cancelled attempt; and asyncio's happy eyeballs leaked the socket of a call
+    # leaves the connection ACTIVE for good (encode/httpcore#1115), which the registry closes
+    # when a call ends badly; and asyncio's happy eyeballs leaked the socket of a call
     # cancelled as it connected, so pools.transport does not use them.
     sim = await simulator_factory(responder=_always_unavailable)
     registry = fault_registry(sim, pools={"main": {"MAX_RETRIES": 0}})
