@@ -1,7 +1,9 @@
-"""Running designs as tasks on the server's event loop, independent of any browser.
+"""Running designs as tasks on the LLM loop (`pools.runtime.llm_loop`), independent of any
+browser.
 
-A view or consumer starts a design and returns; the task is kept alive here (the event loop
-itself only holds weak references to tasks) until the pipeline reaches a terminal status.
+A view or consumer starts a design and returns; the design streams on the LLM loop, apart
+from the loop that answers pages, sockets and `/health`, and the caller gets a future on its
+own loop, kept here until the pipeline reaches a terminal status.
 Designs a stopped server left behind are marked INTERRUPTED at the next start and can be
 retried. With REDIS_URL set, several instances share one database: each running design is
 then claimed in Redis by the instance that runs it (a key renewed while it runs, expiring
@@ -27,12 +29,12 @@ from redis.exceptions import RedisError
 from agents.models import AgentRun, Design
 from agents.pipeline import DesignNotRunnable, EventPublisher, run_design
 from pools.config import ClusterConfig
-from pools.runtime import get_pool
+from pools.runtime import get_pool, llm_loop
 
 logger = logging.getLogger("agents")
 
 _running: dict[int, asyncio.Task[None]] = {}
-_places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Semaphore] = (
+_places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
 DEFAULT_MAX_RUNNING_DESIGNS = 50
@@ -40,12 +42,16 @@ INTERRUPTED_ERROR = "interrupted: the server stopped before this design finished
 
 
 def start_design(design_id: int) -> asyncio.Task[None]:
-    """Run the pipeline as a task on the running loop; it outlives the request that started it."""
+    """Run the pipeline on the LLM loop; it outlives the request that started it.
+
+    Returns a task on the caller's loop that ends with the pipeline; cancelling it cancels
+    the pipeline, which then ends INTERRUPTED before the task does.
+    """
     existing = _running.get(design_id)
     if existing is not None and not existing.done():
         return existing
     task = asyncio.get_running_loop().create_task(
-        _run_claimed(design_id), name=f"design-{design_id}"
+        llm_loop().run(_run_claimed(design_id)), name=f"design-{design_id}"
     )
     _running[design_id] = task
     task.add_done_callback(lambda done: _forget(design_id, done))
@@ -54,8 +60,9 @@ def start_design(design_id: int) -> asyncio.Task[None]:
 
 async def _run_claimed(design_id: int) -> None:
     async with claimed(design_id):
+        place = _running_place()
         try:
-            await _running_place().acquire()
+            await place.acquire()
         except asyncio.CancelledError:  # the server stops while the design waits its turn
             await Design.objects.filter(pk=design_id, status=Design.Status.QUEUED).aupdate(
                 status=Design.Status.INTERRUPTED,
@@ -66,7 +73,7 @@ async def _run_claimed(design_id: int) -> None:
         try:
             await run_design(design_id)
         finally:
-            _running_place().release()
+            place.release()
 
 
 def max_running_designs() -> int:
@@ -76,15 +83,15 @@ def max_running_designs() -> int:
 def _running_place() -> asyncio.Semaphore:
     """This loop's places for running designs: the others wait QUEUED, first come first served.
 
-    Why: streaming costs CPU per token, and one process's event loop also answers the pages
-    and `/health`; past what it can stream, more designs at once only make every design and
-    every page slower. A semaphore belongs to the loop that uses it, so one per loop.
+    Why: streaming costs CPU per token, and the LLM loop shares one process's CPU with the
+    loop that answers pages and `/health`; past what it can stream, more designs at once only
+    make every design and every page slower. A semaphore belongs to the loop that uses it.
     """
-    loop = asyncio.get_running_loop()
-    place = _places.get(loop)
-    if place is None:
-        place = _places[loop] = asyncio.Semaphore(max_running_designs())
-    return place
+    loop, limit = asyncio.get_running_loop(), max_running_designs()
+    known = _places.get(loop)
+    if known is None or known[0] != limit:  # a new limit applies to designs started from now
+        known = _places[loop] = (limit, asyncio.Semaphore(limit))
+    return known[1]
 
 
 def claim_key(cluster: ClusterConfig, design_id: int) -> str:

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from pools.metrics import metrics_for
-from pools.runtime import get_pool
+from pools.runtime import get_pool, shut_down, warm_up
 from pools.sampler import SnapshotSampler, start_sampler
 
 logger = logging.getLogger("pools")
@@ -32,7 +32,7 @@ class PoolLifespan:
                 registry = get_pool()
                 metrics_for(registry)
                 try:
-                    await registry.initialize()
+                    await warm_up(registry)
                 except Exception as exc:  # report, so the server refuses to start
                     logger.exception("pool warm-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
@@ -46,6 +46,6 @@ class PoolLifespan:
                     except Exception:
                         logger.exception("stopping the pool snapshot sampler failed")
                     self.sampler = None
-                await get_pool().close()
+                await shut_down(get_pool())
                 await send({"type": "lifespan.shutdown.complete"})
                 return

@@ -43,6 +43,7 @@ logger = logging.getLogger("pools")
 
 # One retry layer: the pool's (pools.handle), so the SDK must not retry on its own.
 SDK_MAX_RETRIES = 0
+CLOSE_OTHER_LOOP_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -53,6 +54,11 @@ class _LoopClients:
     sdk: AsyncOpenAI
     lock: asyncio.Lock
     warmed: dict[str, int] | None = None
+
+
+async def _close_clients(clients: _LoopClients) -> None:
+    await clients.http.aclose()
+    await clients.sdk.close()
 
 
 class PoolRegistry:
@@ -351,8 +357,7 @@ class PoolRegistry:
         with self._loops_lock:
             clients = self._loops.pop(loop, None)
         if clients is not None:
-            await clients.http.aclose()
-            await clients.sdk.close()
+            await _close_clients(clients)
         if self.cluster is not None:
             await self.cluster.aclose_loop()
 
@@ -366,8 +371,15 @@ class PoolRegistry:
             others = list(self._loops.items())
             self._loops.clear()
         for loop, clients in others:
-            if not loop.is_closed() and loop.is_running():
-                asyncio.run_coroutine_threadsafe(clients.http.aclose(), loop)
+            if loop.is_closed() or not loop.is_running():
+                continue
+            # On their own loop, and waited for: a caller checking for open sockets after
+            # close() must not race the closing.
+            closing = asyncio.run_coroutine_threadsafe(_close_clients(clients), loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(closing), CLOSE_OTHER_LOOP_TIMEOUT_S)
+            except (TimeoutError, RuntimeError, OSError) as exc:
+                logger.warning("closing another loop's clients failed: %r", exc)
         logger.info("🛑 LLM connection pools closed")
 
     def resize(self, size: int) -> None:

@@ -1,7 +1,9 @@
 """The process's pool registry, built from Django settings (the thin Django side of pools).
 
 `get_pool()` is the design note's entry point. Building the registry opens nothing, so it
-is safe in `AppConfig.ready()`, in management commands and in every test.
+is safe in `AppConfig.ready()`, in management commands and in every test. `llm_loop()` is
+the thread and event loop where the server's LLM calls run (designs, warm-up), apart from
+the loop that answers requests; `warm_up` and `shut_down` are the server's start and stop.
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ from django.dispatch import receiver
 
 from pools.config import PoolsConfig, parse_config
 from pools.registry import PoolRegistry
+from pools.worker_loop import WorkerLoop
 
 _lock = threading.Lock()
 _registry: PoolRegistry | None = None
+_llm_loop = WorkerLoop("llm")
 
 
 def load_config() -> PoolsConfig:
@@ -45,6 +49,23 @@ def install(registry: PoolRegistry | None) -> PoolRegistry | None:
     with _lock:
         previous, _registry = _registry, registry
     return previous
+
+
+def llm_loop() -> WorkerLoop:
+    """The process's LLM loop: designs stream there, so streaming never delays a request."""
+    return _llm_loop
+
+
+async def warm_up(registry: PoolRegistry) -> None:
+    """Open the pools' connections on the LLM loop, where the calls will use them."""
+    await _llm_loop.run(registry.initialize())
+
+
+async def shut_down(registry: PoolRegistry) -> None:
+    """Stop what runs on the LLM loop (designs end interrupted), close its clients, then
+    close the registry (refusing new calls and closing every other loop's clients)."""
+    await _llm_loop.stop(cleanup=registry.aclose_loop)
+    await registry.close()
 
 
 @receiver(setting_changed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import httpx
@@ -16,6 +16,15 @@ from pools.registry import PoolRegistry
 from pools.simulator import LLMSimulator, SimulatorConfig
 
 SimulatorFactory = Callable[..., Awaitable[LLMSimulator]]
+
+
+@pytest.fixture(autouse=True)
+def stopped_llm_loop() -> Iterator[None]:
+    """After each test, the LLM loop stops as a server's does (what still runs there is
+    cancelled), so no test's designs or clients reach into the next test."""
+    yield
+    if runtime.llm_loop().running:
+        asyncio.run(runtime.llm_loop().stop())
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from agents import tasks
 from agents.models import AgentRun, Design
 from agents.options import ANALYST_AGENTS, DEFAULT_OPTIONS
 from agents.pipeline import create_design
+from pools import runtime
 from pools.config import parse_config
 from pools.registry import PoolRegistry
 from pools.resilience import BreakerState
@@ -117,6 +118,12 @@ async def finish(design_id: int) -> None:
     await task
 
 
+async def tasks_left_running() -> list[str]:
+    """On the LLM loop: its tasks other than this one (designs, calls, renewers)."""
+    current = asyncio.current_task()
+    return [task.get_name() for task in asyncio.all_tasks() if task is not current]
+
+
 def breaker_states(registry: PoolRegistry) -> dict[str, BreakerState]:
     return {name: registry.breaker_for(name).state for name in POOL_NAMES}
 
@@ -145,12 +152,7 @@ async def assert_settled(
             last = [run for run in runs if run.agent == design.failed_agent][-1]
             assert (last.status, last.error) == (AgentRun.Status.FAILED, design.error)
         assert tasks.running_task(design.pk) is None
-    leftovers = [
-        task.get_name()
-        for task in asyncio.all_tasks()
-        if task.get_name().startswith("design-") and not task.done()
-    ]
-    assert leftovers == []
+    assert await runtime.llm_loop().run(tasks_left_running()) == []
     for name, pool in registry.pools.items():
         stats = pool.stats()
         held = (stats["in_use"], stats["overflow_in_use"], stats["waiting"])
@@ -322,7 +324,7 @@ async def test_a_total_outage_opens_the_breaker_health_says_so_and_recovery_clos
         pools={name: {"MODEL": "gpt-4o"} for name in POOL_NAMES},
         resilience={"BREAKER_FAILURES": 3},
     )
-    await registry.initialize()
+    await runtime.warm_up(registry)  # on the LLM loop, as the server does
     assert (await probe("/health")).status_code == 200
 
     sim.config.error_rate = 1.0

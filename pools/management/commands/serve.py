@@ -17,7 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from pools.metrics import metrics_for
 from pools.registry import PoolRegistry
-from pools.runtime import get_pool
+from pools.runtime import get_pool, shut_down, warm_up
 from pools.sampler import SnapshotSampler, start_sampler
 from pools.simulator_process import SimulatorDidNotStart, SimulatorProcess, start_simulator
 
@@ -109,7 +109,7 @@ class Command(BaseCommand):
     async def _warm_up(self, options: dict[str, Any]) -> None:
         registry = get_pool()
         try:
-            await registry.initialize()
+            await warm_up(registry)
         except Exception:
             logger.exception("pool warm-up failed")
             return
@@ -122,14 +122,15 @@ class Command(BaseCommand):
         )
 
     async def _shut_down(self, registry: PoolRegistry) -> None:
-        """Stop the snapshot sampler (saving the last interval), then close the pools."""
+        """Stop the snapshot sampler (saving the last interval), then the running designs
+        (they end interrupted, with their partial outputs) and the pools."""
         sampler: SnapshotSampler | None = getattr(self, "_sampler", None)
         if sampler is not None:
             try:
                 await sampler.stop()
             except Exception:
                 logger.exception("stopping the pool snapshot sampler failed")
-        await registry.close()
+        await shut_down(registry)
 
     def _start_simulator(self, base_url: str, options: dict[str, Any]) -> SimulatorProcess:
         parts = urlsplit(base_url)
