@@ -14,11 +14,13 @@ django_asgi_app = get_asgi_application()
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
 from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
+from carlos.admission import RequestGate  # noqa: E402
 from pools.endpoints import HealthEndpoints  # noqa: E402
 from pools.lifespan import PoolLifespan  # noqa: E402
 
@@ -36,10 +38,17 @@ class StaticFiles(ASGIStaticFilesHandler):
 application = PoolLifespan(
     ProtocolTypeRouter(
         {
-            # Health probes are answered first, on the event loop, without Django's middleware.
-            # Daphne serves no static files itself: the CSS, the page script and the vendored
-            # mermaid are served from STATIC_URL here (off the event loop, in a thread).
-            "http": HealthEndpoints(StaticFiles(django_asgi_app)),
+            # Health probes are answered first, on the event loop, without Django's middleware,
+            # and never wait in the gate's line. Daphne serves no static files itself: the CSS,
+            # the page script and the vendored mermaid are served from STATIC_URL here (off
+            # the event loop, in a thread).
+            "http": HealthEndpoints(
+                RequestGate(
+                    StaticFiles(django_asgi_app),
+                    limit=settings.MAX_CONCURRENT_REQUESTS,
+                    max_waiting=settings.MAX_WAITING_REQUESTS,
+                )
+            ),
             # Sessions authenticate the socket; the Origin check stops other sites from
             # opening it with the user's cookies (cross-site WebSocket hijacking).
             "websocket": AllowedHostsOriginValidator(

@@ -208,6 +208,10 @@ DESIGN_MAX_CHARS = env.int("DESIGN_MAX_CHARS", default=4000)
 DESIGNS_PER_HOUR = env.int("DESIGNS_PER_HOUR", default=10)
 # Designs one process runs at once; the others wait, queued, in order (see agents.tasks).
 MAX_RUNNING_DESIGNS = env.int("MAX_RUNNING_DESIGNS", default=50)
+# Page requests in Django at once, and how many more may wait their turn before a 503
+# (carlos/admission.py); health probes and WebSockets are not counted.
+MAX_CONCURRENT_REQUESTS = env.int("MAX_CONCURRENT_REQUESTS", default=16)
+MAX_WAITING_REQUESTS = env.int("MAX_WAITING_REQUESTS", default=1000)
 
 # Content Security Policy (Django's own middleware): the pages show model output, which is
 # untrusted. It is sanitised on the server; this is the second line: no inline or foreign

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
@@ -29,8 +30,9 @@ class WorkerLoop:
     thread and loop (tests and benchmarks run several servers' lives in one process).
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, switch_interval: float | None = None) -> None:
         self.name = name
+        self.switch_interval = switch_interval
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -110,6 +112,11 @@ class WorkerLoop:
                 logger.warning("worker loop %r did not stop within %g s", self.name, timeout)
 
     def _start(self) -> asyncio.AbstractEventLoop:
+        if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:
+            # A thread back from a system call waits up to the switch interval for the GIL
+            # while this one computes; the serving loop makes thousands of such calls a
+            # second (each socket write, each epoll change), so it must not wait 5 ms each.
+            sys.setswitchinterval(self.switch_interval)
         loop = asyncio.new_event_loop()
         started = threading.Event()
 

@@ -64,3 +64,44 @@ async def test_expired_messages_are_still_dropped_but_scanned_once_a_second(monk
     assert scans == 2
     # Messages past their expiry were dropped by that scan, and the channel left its group.
     assert channel not in layer.groups.get("g", {})
+
+
+async def test_sends_from_another_threads_loop_arrive_in_order_on_the_receiving_loop():
+    """What the LLM loop does: a design publishes from its own thread, sockets receive here."""
+    layer = LocalChannelLayer(capacity=1000)
+    channel = await layer.new_channel()
+    await layer.group_add("design-1", channel)
+    here = asyncio.get_running_loop()
+    wake_ups = 0
+    parent_drain = layer._drain
+
+    def counting_drain() -> None:
+        nonlocal wake_ups
+        wake_ups += 1
+        assert asyncio.get_running_loop() is here  # delivered on the receiving loop
+        parent_drain()
+
+    layer._drain = counting_drain
+
+    async def publish() -> None:
+        for n in range(200):
+            await layer.group_send("design-1", {"type": "design.event", "n": n})
+        await layer.send(channel, {"type": "design.event", "n": 200})
+
+    await asyncio.to_thread(asyncio.run, publish())
+    received = [(await layer.receive(channel))["n"] for _ in range(201)]
+    assert received == list(range(201))
+    assert 1 <= wake_ups < 201  # batched: one wake-up per batch, not one per message
+
+
+async def test_after_the_receiving_loop_closed_a_send_is_delivered_directly():
+    layer = LocalChannelLayer()
+
+    async def join() -> str:
+        channel = await layer.new_channel()
+        await layer.group_add("g", channel)
+        return channel
+
+    channel = await asyncio.to_thread(asyncio.run, join())  # that loop is closed after
+    await layer.group_send("g", {"type": "x", "n": 1})
+    assert (await layer.receive(channel))["n"] == 1

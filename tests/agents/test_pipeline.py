@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
+import time
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -28,7 +30,8 @@ from agents.pipeline import (
 from agents.simulated import carlos_responder
 from agents.tasks import mark_interrupted, retry_design, start_design, wait_design
 from agents.terraform import split_terraform
-from pools.simulator import tokenize
+from pools import runtime
+from pools.simulator import LLMSimulator, SimulatorConfig, tokenize
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder, user_prompt
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -545,3 +548,62 @@ async def test_interrupted_designs_are_marked_at_start_and_can_be_retried(carlos
     assert runs[0].pk == stale.pk  # the old attempt's runs are kept
     assert [run.agent for run in runs if run.attempt == 2] == list(AGENTS)
     assert (await running.aoutput("terraform")).attempt == 2
+
+
+async def test_a_design_streams_while_the_loop_that_started_it_is_blocked(
+    make_registry, install_registry, owner
+):
+    """Designs run on the LLM loop: a page render or any slow callback on the serving loop
+    does not hold up their streams (nor does streaming hold up the serving loop)."""
+    simulator_loop = asyncio.new_event_loop()
+    simulator = LLMSimulator(
+        SimulatorConfig(host="127.0.0.1", port=0, ttft_ms=FAST_TTFT_MS),
+        responder=carlos_responder,
+    )
+    thread = threading.Thread(target=simulator_loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        asyncio.run_coroutine_threadsafe(simulator.start(), simulator_loop).result(10)
+        install_registry(make_registry(simulator))
+        design = await create_design(owner, REQUEST)
+        task = start_design(design.pk)
+        await wait_for_running(design, "requirements")
+        # This loop is blocked from here on: no await until every agent has been asked.
+        give_up = time.monotonic() + 60  # a fail-safe limit only, not a timing assertion
+        while simulator.stats.chat_requests < len(AGENTS) and time.monotonic() < give_up:
+            time.sleep(0.01)  # noqa: ASYNC251 (blocking this loop is the point)
+        assert simulator.stats.chat_requests >= len(AGENTS)
+        await task
+        assert (await reload(design)).status == Design.Status.SUCCEEDED
+    finally:
+        asyncio.run_coroutine_threadsafe(simulator.stop(), simulator_loop).result(10)
+        simulator_loop.call_soon_threadsafe(simulator_loop.stop)
+        thread.join(10)
+        simulator_loop.close()
+
+
+async def test_shutting_down_interrupts_running_designs_and_closes_their_connections(
+    carlos_registry, carlos_simulator, owner
+):
+    """What `manage.py serve` does on SIGTERM (and the lifespan shutdown): designs end
+    INTERRUPTED with their finished outputs kept, and every upstream socket closes."""
+    design = await create_design(owner, REQUEST)
+    task = start_design(design.pk)
+    await wait_for_running(design, "carlos")
+
+    await runtime.shut_down(carlos_registry)
+
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    design = await reload(design)
+    assert design.status == Design.Status.INTERRUPTED and design.finished_at is not None
+    runs = await runs_of(design)
+    assert one(runs, "requirements").status == AgentRun.Status.SUCCEEDED
+    assert not [run for run in runs if run.status == AgentRun.Status.RUNNING]
+    assert not runtime.llm_loop().running and carlos_registry.closed
+    assert carlos_registry.stats()["http"]["connections_open"] == 0
+    for _ in range(500):  # the server sees the closes (a fail-safe limit only)
+        if carlos_simulator.stats.connections_open == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert carlos_simulator.stats.connections_open == 0

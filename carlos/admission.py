@@ -1,0 +1,86 @@
+"""At most `MAX_CONCURRENT_REQUESTS` page requests in Django at once; the rest wait their turn.
+
+Why: Daphne starts every request it reads at once. When 200 users submit designs together,
+a few hundred requests each hop to the database thread and back several times, and every
+hop is a callback on the serving loop: turns of 300 ready callbacks took 200-400 ms, and a
+`/health` probe waited behind them (p99 about 1 s). Requests beyond the limit wait here,
+first come first served, as parked futures that cost the loop nothing; the database thread
+serves them as fast as before. Past `max_waiting` the answer is 503 with Retry-After.
+Health probes are answered in front of this (`pools.endpoints`), WebSockets pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+BUSY_RETRY_AFTER_S = 5
+
+
+class _Gate:
+    def __init__(self, limit: int) -> None:
+        self.places = asyncio.Semaphore(limit)  # fair: waiters are served in order
+        self.waiting = 0
+
+
+class RequestGate:
+    """ASGI middleware for HTTP: `limit` requests in `app` at once, `max_waiting` in line."""
+
+    def __init__(self, app: ASGIApp, *, limit: int, max_waiting: int) -> None:
+        if limit < 1 or max_waiting < 0:
+            raise ValueError("limit must be at least 1 and max_waiting at least 0")
+        self.app = app
+        self.limit = limit
+        self.max_waiting = max_waiting
+        # A semaphore belongs to the loop that uses it (tests run several loops).
+        self._gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Gate] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        gate = self._gate()
+        if gate.places.locked() and gate.waiting >= self.max_waiting:
+            await _busy(send)
+            return
+        gate.waiting += 1
+        try:
+            await gate.places.acquire()
+        finally:
+            gate.waiting -= 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            gate.places.release()
+
+    def _gate(self) -> _Gate:
+        loop = asyncio.get_running_loop()
+        gate = self._gates.get(loop)
+        if gate is None:
+            gate = self._gates[loop] = _Gate(self.limit)
+        return gate
+
+
+async def _busy(send: Send) -> None:
+    body = b"The server is busy. Please try again in a few seconds.\n"
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 503,
+            "headers": [
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", str(BUSY_RETRY_AFTER_S).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,112 @@
+"""The request gate: a bounded number of page requests in Django, the rest in line or refused."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+
+from carlos import asgi
+from carlos.admission import BUSY_RETRY_AFTER_S, RequestGate
+from pools.endpoints import HealthEndpoints
+
+
+class SlowApp:
+    """An ASGI app that answers each request when the test releases it, and records order."""
+
+    def __init__(self) -> None:
+        self.inside = 0
+        self.most_inside = 0
+        self.order: list[str] = []
+        self.release = asyncio.Event()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        self.inside += 1
+        self.most_inside = max(self.most_inside, self.inside)
+        self.order.append(scope["path"])
+        try:
+            await self.release.wait()
+        finally:
+            self.inside -= 1
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+
+def client(app: Any) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
+
+
+async def until(condition: Any) -> None:
+    for _ in range(1000):  # a fail-safe limit only
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("never happened")
+
+
+async def test_requests_past_the_limit_wait_their_turn_in_order():
+    app = SlowApp()
+    async with client(RequestGate(app, limit=2, max_waiting=10)) as http:
+        requests = []
+        for n in range(5):
+            requests.append(asyncio.create_task(http.get(f"/page/{n}")))
+            await asyncio.sleep(0.01)  # arrive in this order
+        await until(lambda: app.inside == 2)
+        assert app.order == ["/page/0", "/page/1"]
+        app.release.set()
+        answers = await asyncio.gather(*requests)
+    assert [answer.status_code for answer in answers] == [200] * 5
+    assert app.most_inside == 2
+    assert app.order == [f"/page/{n}" for n in range(5)]
+
+
+async def test_a_full_line_is_refused_with_503_and_retry_after():
+    app = SlowApp()
+    async with client(RequestGate(app, limit=1, max_waiting=1)) as http:
+        inside = asyncio.create_task(http.get("/inside"))
+        await until(lambda: app.inside == 1)
+        waiting = asyncio.create_task(http.get("/waiting"))
+        await asyncio.sleep(0.02)
+        refused = await http.get("/refused")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
+        assert "busy" in refused.text
+        app.release.set()
+        assert [(await inside).status_code, (await waiting).status_code] == [200, 200]
+    assert app.order == ["/inside", "/waiting"]
+
+
+async def test_health_is_answered_while_every_place_is_taken(installed_registry):
+    app = SlowApp()
+    async with client(HealthEndpoints(RequestGate(app, limit=1, max_waiting=0))) as http:
+        page = asyncio.create_task(http.get("/slow"))
+        await until(lambda: app.inside == 1)
+        assert (await http.get("/health/live")).status_code == 200
+        assert (await http.get("/other")).status_code == 503
+        app.release.set()
+        assert (await page).status_code == 200
+
+
+async def test_other_scopes_pass_through():
+    seen: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        seen.append(scope["type"])
+
+    gate = RequestGate(app, limit=1, max_waiting=0)
+    await gate({"type": "websocket", "path": "/ws/"}, None, None)
+    assert seen == ["websocket"]
+
+
+def test_the_application_gates_pages_with_the_settings():
+    gate = asgi.application.app.application_mapping["http"].app
+    assert isinstance(gate, RequestGate)
+    assert (gate.limit, gate.max_waiting) == (16, 1000)
+
+
+@pytest.mark.parametrize("limit, max_waiting", [(0, 1), (1, -1)])
+def test_nonsense_limits_are_refused(limit, max_waiting):
+    with pytest.raises(ValueError):
+        RequestGate(SlowApp(), limit=limit, max_waiting=max_waiting)
