@@ -48,6 +48,7 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "interrupted"})
 UNFINISHED_STATUSES = ("queued", "running", "awaiting_answers")
 MAX_DESIGNS = 2000
 MAX_TIMEOUT_S = 3600.0
+MAX_NICE = 19
 HEALTH_P99_TARGET_MS = 100.0
 PAGES = ("login_page", "login", "form", "submit", "design_page", "socket_snapshot")
 USERNAME_PREFIX = "loadtest-"
@@ -121,6 +122,9 @@ class LoadTestOptions:
     # PBKDF2 hash (~1 s of CPU), so an unbounded storm measures the hasher, not the designs.
     login_concurrency: int = 10
     keep: bool = False  # keep the run's folder (database, server and simulator logs)
+    # The simulator stands in for a remote LLM endpoint: on one machine it runs at this
+    # nice level, so its CPU does not preempt the server being measured (0: same priority).
+    simulator_nice: int = 10
 
     @property
     def user_count(self) -> int:
@@ -180,6 +184,10 @@ class LoadTestOptions:
         if not (math.isfinite(self.probe_interval) and 0.01 <= self.probe_interval <= 10):
             problems.append(
                 f"--probe-interval must be between 0.01 and 10 seconds, got {self.probe_interval}"
+            )
+        if not 0 <= self.simulator_nice <= MAX_NICE:
+            problems.append(
+                f"--simulator-nice must be between 0 and {MAX_NICE}, got {self.simulator_nice}"
             )
         if problems:
             raise LoadTestError("; ".join(problems))
@@ -481,6 +489,10 @@ async def start_simulator(
         process = await children.start(
             "simulator", args, env, stdout=asyncio.subprocess.PIPE, stderr=log
         )
+    if options.simulator_nice:
+        # Before it starts any thread: each thread takes its creator's nice level.
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PROCESS, process.pid, options.simulator_nice)
     assert process.stdout is not None
     try:
         line = await asyncio.wait_for(process.stdout.readline(), SIMULATOR_READY_TIMEOUT_S)
@@ -1295,6 +1307,7 @@ def build_report(
             "stall_seconds": options.stall_seconds,
             "ttft_ms": options.ttft_ms,
             "tokens_per_second": options.tokens_per_second,
+            "simulator_nice": options.simulator_nice,
             "seed": options.seed,
             "login_concurrency": options.login_concurrency,
             "cpus": os.cpu_count(),
@@ -1374,7 +1387,7 @@ def format_report(report: dict[str, Any]) -> str:
         f"faults {setup['fault_rate']:.1%} (HTTP 500 {setup['error_rate']:.2%}, reset "
         f"{setup['reset_rate']:.2%}, stall {setup['stall_rate']:.2%} for "
         f"{setup['stall_seconds']:g} s); simulator TTFT {setup['ttft_ms']:g} ms, "
-        f"{setup['tokens_per_second']:g} tokens/s; pools "
+        f"{setup['tokens_per_second']:g} tokens/s, nice {setup.get('simulator_nice', 0)}; pools "
         + ", ".join(f"{k} {v}" for k, v in setup["pools"].items()),
         "",
         f"designs    submitted {designs['submitted']}, terminal {designs['terminal']}, "

@@ -9,7 +9,7 @@ import logging
 from typing import Any
 
 from pools.metrics import metrics_for
-from pools.runtime import get_pool, shut_down, warm_up
+from pools.runtime import get_pool, shut_down, tune_gc_for_serving, warm_up
 from pools.sampler import SnapshotSampler, start_sampler
 
 logger = logging.getLogger("pools")
@@ -38,6 +38,7 @@ class PoolLifespan:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 self.sampler = start_sampler(registry)  # pool history, after warm-up
+                tune_gc_for_serving()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 if self.sampler is not None:  # before the pools close: it reads their stats

@@ -80,6 +80,7 @@ def test_small_run_reports_every_design_terminal_and_no_leak(tmp_path):
     assert server["peak_rss_mb"] > 0
     assert report["setup"]["pools"] == {"main": 10, "ronei": 5, "mini": 10}
     assert report["setup"]["fault_rate"] == pytest.approx(0.05)
+    assert report["setup"]["simulator_nice"] == 10
     assert report["setup"]["children_exit"] == {"probe": 0, "server": 0, "simulator": 0}
     assert report["upstream"]["simulator"]["chat_requests"] > 0
     assert report["upstream"]["connections_open_after"] <= 25
@@ -138,6 +139,7 @@ def test_interrupted_run_stops_its_children_and_removes_its_folder(tmp_path):
         ),
         (["--tokens-per-second", "-1"], "--tokens-per-second must be a number >= 0"),
         (["--login-concurrency", "-1"], "--login-concurrency must be 0 (all at once) or more"),
+        (["--simulator-nice", "20"], "--simulator-nice must be between 0 and 19, got 20"),
         (["--designs", "many"], "argument --designs: invalid int value: 'many'"),
     ],
 )

@@ -4,6 +4,7 @@ and `PoolLifespan` does the same for lifespan-aware servers such as uvicorn."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import signal
 import time
@@ -66,7 +67,14 @@ async def test_lifespan_warms_and_closes(installed_registry, simulator):
     for message in ({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}):
         await inbox.put(message)
     task = asyncio.create_task(app({"type": "lifespan"}, inbox.get, send))
-    await asyncio.wait_for(task, 10)
+    thresholds = gc.get_threshold()
+    try:
+        await asyncio.wait_for(task, 10)
+        assert gc.get_freeze_count() > 0  # start-up objects are out of the collector's way
+        assert gc.get_threshold()[0] == runtime.GC_YOUNG_THRESHOLD
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
     assert simulator.stats.connections_accepted == 25
     assert runtime.get_pool() is installed_registry and installed_registry.closed

@@ -116,6 +116,15 @@ class Command(BaseCommand):
             default=DEFAULTS.tokens_per_second,
             help=f"Streaming pace per call (default {DEFAULTS.tokens_per_second:g}).",
         )
+        pacing.add_argument(
+            "--simulator-nice",
+            type=int,
+            default=DEFAULTS.simulator_nice,
+            metavar="N",
+            help=f"CPU priority (nice) of the simulator, which stands in for a remote endpoint: "
+            f"on one machine it then does not preempt the server being measured (default "
+            f"{DEFAULTS.simulator_nice}; 0 = same priority as the server).",
+        )
         parser.add_argument(
             "--probe-interval",
             type=float,
@@ -154,6 +163,7 @@ class Command(BaseCommand):
                 probe_interval=options["probe_interval"],
                 keep=options["keep"],
                 login_concurrency=options["login_concurrency"],
+                simulator_nice=options["simulator_nice"],
             ).validated()
         except LoadTestError as exc:
             raise CommandError(str(exc)) from exc

@@ -17,7 +17,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from pools.metrics import metrics_for
 from pools.registry import PoolRegistry
-from pools.runtime import get_pool, shut_down, warm_up
+from pools.runtime import get_pool, shut_down, tune_gc_for_serving, warm_up
 from pools.sampler import SnapshotSampler, start_sampler
 from pools.simulator_process import SimulatorDidNotStart, SimulatorProcess, start_simulator
 
@@ -117,6 +117,7 @@ class Command(BaseCommand):
             # Pool history starts after warm-up, degraded or not: that is worth recording too.
             if not registry.closed:
                 self._sampler = start_sampler(registry)
+            tune_gc_for_serving()
         self.stdout.write(
             f"✅ Backend ready to serve requests on http://{options['host']}:{options['port']}/"
         )
