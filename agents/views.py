@@ -39,8 +39,9 @@ from agents.options import AGENT_POOLS, AGENTS, OPTION_FIELDS, Agent, option_lab
 from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
 from agents.rendering import present_run
 from agents.terraform import split_terraform
+from carlos.admission import outside_the_gate
 from pools.exceptions import CircuitOpen, PoolError
-from pools.runtime import get_pool
+from pools.runtime import get_pool, llm_loop
 
 logger = logging.getLogger("agents")
 
@@ -272,7 +273,9 @@ async def new_design(request: HttpRequest) -> HttpResponse:
         )
     if form.cleaned_data["ask_questions"]:
         try:
-            questions = await ask_clarifying_questions(design.pk)
+            # On the LLM loop, like every model call; out of the page gate's line meanwhile.
+            async with outside_the_gate(request.scope):
+                questions = await llm_loop().run(ask_clarifying_questions(design.pk))
         except POOL_REFUSALS as exc:
             # Nothing ran yet: withdraw the design; the user keeps the form to send again.
             await Design.objects.filter(pk=design.pk).adelete()

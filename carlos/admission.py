@@ -7,13 +7,16 @@ hop is a callback on the serving loop: turns of 300 ready callbacks took 200-400
 first come first served, as parked futures that cost the loop nothing; the database thread
 serves them as fast as before. Past `max_waiting` the answer is 503 with Retry-After.
 Health probes are answered in front of this (`pools.endpoints`), WebSockets pass through.
+A request that waits on a model's answer steps out of line meanwhile (`outside_the_gate`):
+waiting costs this process nothing, and it must not keep others out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -22,12 +25,21 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 BUSY_RETRY_AFTER_S = 5
+GATE_SCOPE_KEY = "carlos.request_gate"
 
 
 class _Gate:
     def __init__(self, limit: int) -> None:
         self.places = asyncio.Semaphore(limit)  # fair: waiters are served in order
         self.waiting = 0
+
+
+class _Ticket:
+    """One request's place, in its scope, so the request can step out of line and back."""
+
+    def __init__(self, gate: _Gate) -> None:
+        self.gate = gate
+        self.held = False
 
 
 class RequestGate:
@@ -52,15 +64,18 @@ class RequestGate:
         if gate.places.locked() and gate.waiting >= self.max_waiting:
             await _busy(send)
             return
+        ticket = _Ticket(gate)
         gate.waiting += 1
         try:
             await gate.places.acquire()
         finally:
             gate.waiting -= 1
+        ticket.held = True
         try:
-            await self.app(scope, receive, send)
+            await self.app({**scope, GATE_SCOPE_KEY: ticket}, receive, send)
         finally:
-            gate.places.release()
+            if ticket.held:
+                gate.places.release()
 
     def _gate(self) -> _Gate:
         loop = asyncio.get_running_loop()
@@ -68,6 +83,23 @@ class RequestGate:
         if gate is None:
             gate = self._gates[loop] = _Gate(self.limit)
         return gate
+
+
+@contextlib.asynccontextmanager
+async def outside_the_gate(scope: Mapping[str, Any]) -> AsyncIterator[None]:
+    """While the block waits on something that costs this process nothing (a model's answer
+    on the LLM loop), the request's place goes to the next in line; it queues again after."""
+    ticket = scope.get(GATE_SCOPE_KEY)
+    if not isinstance(ticket, _Ticket) or not ticket.held:
+        yield
+        return
+    ticket.held = False
+    ticket.gate.places.release()
+    try:
+        yield
+    finally:
+        await ticket.gate.places.acquire()
+        ticket.held = True
 
 
 async def _busy(send: Send) -> None:

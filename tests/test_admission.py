@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from carlos import asgi
-from carlos.admission import BUSY_RETRY_AFTER_S, RequestGate
+from carlos.admission import BUSY_RETRY_AFTER_S, RequestGate, outside_the_gate
 from pools.endpoints import HealthEndpoints
 
 
@@ -89,6 +89,36 @@ async def test_health_is_answered_while_every_place_is_taken(installed_registry)
         assert (await page).status_code == 200
 
 
+async def test_a_request_waiting_on_a_model_steps_out_of_line_and_back():
+    answer = asyncio.Event()
+    stepped_out, back = asyncio.Event(), asyncio.Event()
+    inside: list[str] = []
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        inside.append(scope["path"])
+        if scope["path"] == "/questions":
+            async with outside_the_gate(scope):
+                stepped_out.set()
+                await answer.wait()  # the model thinks; this process does nothing
+            back.set()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async with client(RequestGate(app, limit=1, max_waiting=5)) as http:
+        asking = asyncio.create_task(http.get("/questions"))
+        await stepped_out.wait()
+        assert (await http.get("/other")).status_code == 200  # its place was free meanwhile
+        answer.set()
+        assert (await asking).status_code == 200 and back.is_set()
+        assert (await http.get("/after")).status_code == 200  # and it gave the place back
+    assert inside == ["/questions", "/other", "/after"]
+
+
+async def test_outside_a_gated_request_stepping_out_does_nothing():
+    async with outside_the_gate({"type": "http"}):
+        pass
+
+
 async def test_other_scopes_pass_through():
     seen: list[str] = []
 
@@ -103,7 +133,7 @@ async def test_other_scopes_pass_through():
 def test_the_application_gates_pages_with_the_settings():
     gate = asgi.application.app.application_mapping["http"].app
     assert isinstance(gate, RequestGate)
-    assert (gate.limit, gate.max_waiting) == (16, 1000)
+    assert (gate.limit, gate.max_waiting) == (4, 1000)
 
 
 @pytest.mark.parametrize("limit, max_waiting", [(0, 1), (1, -1)])
