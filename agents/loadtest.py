@@ -49,6 +49,9 @@ UNFINISHED_STATUSES = ("queued", "running", "awaiting_answers")
 MAX_DESIGNS = 2000
 MAX_TIMEOUT_S = 3600.0
 MAX_NICE = 19
+MAX_RESUBMITS = 3  # a user refused with 503 sends the form again this many times at most
+DEFAULT_RETRY_AFTER_S = 5.0
+MAX_RETRY_AFTER_S = 60.0
 HEALTH_P99_TARGET_MS = 100.0
 PAGES = ("login_page", "login", "form", "submit", "design_page", "socket_snapshot")
 USERNAME_PREFIX = "loadtest-"
@@ -737,6 +740,7 @@ class DesignRun:
     events: int = 0
     reconnects: int = 0
     socket_error: str = ""  # the last failed handshake, if any
+    refusals: int = 0  # submits answered 503 (busy), each sent again after Retry-After
 
 
 @dataclass
@@ -761,6 +765,17 @@ async def timed(
     response = await request()
     recorder.latencies[page].append((time.perf_counter() - started) * 1000)
     return response
+
+
+def retry_after(answer: httpx.Response) -> float:
+    """The seconds a 503 asks to wait (Retry-After), within sensible bounds."""
+    try:
+        seconds = float(answer.headers.get("retry-after", ""))
+    except ValueError:
+        seconds = DEFAULT_RETRY_AFTER_S
+    if not math.isfinite(seconds):
+        seconds = DEFAULT_RETRY_AFTER_S
+    return min(max(seconds, 1.0), MAX_RETRY_AFTER_S)
 
 
 def csrf_token(response: httpx.Response, page: str) -> str:
@@ -857,6 +872,14 @@ class VirtualUsers:
             run.stage = "submitting"
             run.submitted_at = time.monotonic()
             answer = await timed(self.recorder, "submit", lambda: client.post("/", data=data))
+            # As a user told "busy, try again in N seconds" (an open circuit, full pools):
+            # wait as told, then send the form again.
+            while answer.status_code == 503 and run.refusals < MAX_RESUBMITS:
+                run.refusals += 1
+                run.stage = "waiting to submit again"
+                await asyncio.sleep(retry_after(answer))
+                run.stage = "submitting"
+                answer = await timed(self.recorder, "submit", lambda: client.post("/", data=data))
             match = _DESIGN_URL.search(answer.headers.get("location", ""))
             if answer.status_code != 302 or match is None:
                 raise PageError(f"submit answered HTTP {answer.status_code}")
@@ -1327,6 +1350,7 @@ def build_report(
             "timed_out": timed_out,
             "socket_events": recorder.socket_events,
             "socket_reconnects": sum(run.reconnects for run in runs),
+            "submits_refused_busy": sum(run.refusals for run in runs),
             "duration": summarize(durations),
             "logins_failed": recorder.logins_failed,
             "database_statuses": dict(by_status),
@@ -1400,7 +1424,8 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append(
         f"  submit to terminal: p50 {_ms(duration['p50_ms'])} ms, "
         f"p99 {_ms(duration['p99_ms'])} ms; {designs['socket_events']:,} socket events, "
-        f"{designs['socket_reconnects']} reconnects"
+        f"{designs['socket_reconnects']} reconnects, "
+        f"{designs.get('submits_refused_busy', 0)} submits refused busy (503) and sent again"
     )
     lines += ["", f"{'latency':<28} {'count':>6} {'p50 ms':>10} {'p99 ms':>10} {'max ms':>10}"]
     rows = [(page.replace("_", " "), stats) for page, stats in report["latency"].items()]

@@ -15,10 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 from django.core.management import CommandError, call_command
 
-from agents.loadtest import PAGES, failure_cause, percentile, pool_leaks
+from agents.loadtest import PAGES, failure_cause, percentile, pool_leaks, retry_after
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--ttft-ms", "5", "--tokens-per-second", "3000", "--stall-seconds", "1"]
@@ -207,3 +208,12 @@ def test_percentile_is_nearest_rank():
     assert percentile(values, 0.99) == 198.0
     assert percentile([7.0], 0.99) == 7.0
     assert percentile([], 0.5) is None
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [("30", 30.0), ("0", 1.0), ("600", 60.0), ("soon", 5.0), ("nan", 5.0), (None, 5.0)],
+)
+def test_a_refused_user_waits_as_told_within_bounds(header, seconds):
+    headers = {} if header is None else {"retry-after": header}
+    assert retry_after(httpx.Response(503, headers=headers)) == seconds
