@@ -26,7 +26,7 @@ logger = logging.getLogger("pools")
 class WorkerLoop:
     """A lazily started thread running one event loop; `run` hands it coroutines.
 
-    Safe to call from any thread or loop. After `stop`, the next `submit` starts a fresh
+    Safe to call from any thread or loop. After `stop`, the next `run` starts a fresh
     thread and loop (tests and benchmarks run several servers' lives in one process).
     """
 
@@ -79,7 +79,11 @@ class WorkerLoop:
             for task in started:
                 task.cancel()
 
-        loop.call_soon_threadsafe(begin)
+        try:
+            loop.call_soon_threadsafe(begin)
+        except RuntimeError:  # the worker stopped in between: nothing will run it
+            coroutine.close()
+            raise
         try:
             return await asyncio.shield(outcome)
         except asyncio.CancelledError:
@@ -127,6 +131,7 @@ class WorkerLoop:
                 loop.run_forever()
             finally:
                 try:
+                    _cancel_remaining(loop)
                     loop.run_until_complete(loop.shutdown_asyncgens())
                 finally:
                     loop.close()
@@ -157,6 +162,19 @@ def _report[R](
 
     with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody waits
         caller.call_soon_threadsafe(copy)
+
+
+def _cancel_remaining(loop: asyncio.AbstractEventLoop) -> None:
+    """After the loop stopped: cancel what began too late for `stop` to see (a `run` racing
+    it), so that its caller hears of it instead of waiting for good."""
+    for _ in range(3):  # a task's clean-up could begin another: a few rounds, not forever
+        loop.run_until_complete(asyncio.sleep(0))  # callbacks already handed over run first
+        remaining = [task for task in asyncio.all_tasks(loop) if not task.done()]
+        if not remaining:
+            return
+        for task in remaining:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*remaining, return_exceptions=True))
 
 
 async def _finish(timeout: float, cleanup: Callable[[], Awaitable[None]] | None) -> None:

@@ -95,3 +95,24 @@ async def test_on_its_own_loop_run_awaits_directly(worker):
 
 async def test_stopping_a_worker_never_started_does_nothing():
     await WorkerLoop("idle").stop()
+
+
+async def test_a_run_that_races_stop_is_cancelled_not_left_waiting(worker):
+    """A coroutine handed over while the worker stops still ends, and so does its caller."""
+    started = threading.Event()
+
+    async def forever() -> None:
+        started.set()
+        await asyncio.sleep(60)
+
+    first = asyncio.create_task(worker.run(forever()))
+    await asyncio.to_thread(started.wait, 5)
+    loop = worker.loop()
+    # Hand one more over behind stop's back: as if it arrived while stop was under way.
+    late = asyncio.create_task(worker.run(forever()))
+    await asyncio.sleep(0)
+    loop.call_soon_threadsafe(loop.stop)
+    for caller in (first, late):
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(caller, 10)
+    await worker.stop()  # then stopping for good is quick and quiet
