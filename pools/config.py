@@ -117,7 +117,9 @@ class Resilience:
     backoff_base: float = 0.5
     backoff_max: float = 8.0
     retry_after_cap: float = 30.0
-    breaker_failures: int = 5
+    # A run of 10, not 5: with ~100 calls in flight per deployment, a few injected resets
+    # completing together made 5 in a row while 95 % of calls succeeded (the load test).
+    breaker_failures: int = 10
     breaker_failure_rate: float = 0.5
     breaker_window: int = 20
     breaker_cooldown: float = 30.0

@@ -110,7 +110,7 @@ class CircuitBreaker:
         self,
         name: str,
         *,
-        failures_to_open: int = 5,
+        failures_to_open: int = 10,
         failure_rate: float = 0.5,
         window: int = 20,
         cooldown: float = 30.0,

@@ -362,7 +362,8 @@ async def test_the_first_designs_after_a_gpt4o_outage_succeed(
 ):
     recorder = RecordingResponder({"carlos": _unavailable, "ronei": _unavailable})
     sim = await simulator_factory(responder=recorder, ttft_ms=FAST_TTFT_MS)
-    registry = fault_registry(sim)
+    # One design's calls to the deployment (with retries) must be enough to open it.
+    registry = fault_registry(sim, resilience={"BREAKER_FAILURES": 5})
     [outage] = await assert_settled(registry, sim, await run_designs(owner, 1))
     assert outage.failed_agent in {"carlos", "ronei"}
     assert breaker_states(registry)["main"] is BreakerState.OPEN
