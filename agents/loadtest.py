@@ -125,9 +125,9 @@ class LoadTestOptions:
     # PBKDF2 hash (~1 s of CPU), so an unbounded storm measures the hasher, not the designs.
     login_concurrency: int = 10
     keep: bool = False  # keep the run's folder (database, server and simulator logs)
-    # The simulator stands in for a remote LLM endpoint: on one machine it runs at this
-    # nice level, so its CPU does not preempt the server being measured (0: same priority).
-    simulator_nice: int = 10
+    # The simulator stands in for a remote LLM endpoint: at a nice level above 0 its CPU
+    # does not preempt the server being measured on one machine (0: same priority).
+    simulator_nice: int = 0
 
     @property
     def user_count(self) -> int:

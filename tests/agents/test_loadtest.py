@@ -81,7 +81,7 @@ def test_small_run_reports_every_design_terminal_and_no_leak(tmp_path):
     assert server["peak_rss_mb"] > 0
     assert report["setup"]["pools"] == {"main": 10, "ronei": 5, "mini": 10}
     assert report["setup"]["fault_rate"] == pytest.approx(0.05)
-    assert report["setup"]["simulator_nice"] == 10
+    assert report["setup"]["simulator_nice"] == 0
     assert report["setup"]["children_exit"] == {"probe": 0, "server": 0, "simulator": 0}
     assert report["upstream"]["simulator"]["chat_requests"] > 0
     assert report["upstream"]["connections_open_after"] <= 25

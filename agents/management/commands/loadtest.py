@@ -121,9 +121,9 @@ class Command(BaseCommand):
             type=int,
             default=DEFAULTS.simulator_nice,
             metavar="N",
-            help=f"CPU priority (nice) of the simulator, which stands in for a remote endpoint: "
-            f"on one machine it then does not preempt the server being measured (default "
-            f"{DEFAULTS.simulator_nice}; 0 = same priority as the server).",
+            help="CPU priority (nice, 0-19) of the simulator, which stands in for a remote "
+            "endpoint: above 0 it does not preempt the server being measured on one machine "
+            f"(default {DEFAULTS.simulator_nice}: the same priority as the server).",
         )
         parser.add_argument(
             "--probe-interval",
