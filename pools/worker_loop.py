@@ -105,15 +105,26 @@ class WorkerLoop:
             self._loop = self._thread = None
         if loop is None or thread is None or loop.is_closed():
             return
-        finishing = asyncio.run_coroutine_threadsafe(_finish(timeout, cleanup), loop)
+        thread_gone = asyncio.ensure_future(asyncio.to_thread(thread.join, 2 * timeout + 5))
+        if not loop.is_running():  # it stopped on its own (its thread cancels what is left)
+            await thread_gone
+            return
         try:
-            await asyncio.wrap_future(finishing)
+            finishing = asyncio.wrap_future(
+                asyncio.run_coroutine_threadsafe(_finish(timeout, cleanup), loop)
+            )
+            # A loop that stopped on its own never runs `_finish`: its thread's end says so.
+            await asyncio.wait([finishing, thread_gone], return_when=asyncio.FIRST_COMPLETED)
+            if finishing.done():
+                finishing.result()  # a failed clean-up is the caller's to hear of
+            else:
+                finishing.cancel()
         finally:
             with contextlib.suppress(RuntimeError):  # already closed
                 loop.call_soon_threadsafe(loop.stop)
-            await asyncio.to_thread(thread.join, timeout)
+            await thread_gone
             if thread.is_alive():
-                logger.warning("worker loop %r did not stop within %g s", self.name, timeout)
+                logger.warning("worker loop %r did not stop in time", self.name)
 
     def _start(self) -> asyncio.AbstractEventLoop:
         if self.switch_interval is not None and sys.getswitchinterval() > self.switch_interval:

@@ -115,4 +115,9 @@ async def test_a_run_that_races_stop_is_cancelled_not_left_waiting(worker):
     for caller in (first, late):
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(caller, 10)
-    await worker.stop()  # then stopping for good is quick and quiet
+    for _ in range(1000):  # its thread closes the loop (a fail-safe limit only)
+        if loop.is_closed():
+            break
+        await asyncio.sleep(0.005)
+    assert loop.is_closed()
+    await asyncio.wait_for(worker.stop(), 10)  # then stopping for good is quick
