@@ -673,6 +673,8 @@ async def test_a_killed_instance_gives_its_capacity_back(cluster: Cluster):
     cluster.simulator_set(ttft_ms=3000)
     async with browser(first) as on_a:
         orphans = [await submit(on_a, f"Orphan {index}") for index in range(4)]
+    # All four have started (a design starts on A's LLM loop just after its submit answers).
+    await wait_statuses(cluster, orphans, {"running"})
     deadline = time.monotonic() + DESIGN_LIMIT_S
     while len(held_leases(dead)["mini"]) < CAPACITY["mini"]:
         assert time.monotonic() < deadline, "A never held the mini pool's capacity"
