@@ -2,7 +2,7 @@
 browser.
 
 A view or consumer starts a design and returns; the design streams on the LLM loop, apart
-from the loop that answers pages, sockets and `/health`, and the caller gets a future on its
+from the loop that answers pages, sockets and `/health`, and the caller gets a task on its
 own loop, kept here until the pipeline reaches a terminal status.
 Designs a stopped server left behind are marked INTERRUPTED at the next start and can be
 retried. With REDIS_URL set, several instances share one database: each running design is

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 
 import pytest
@@ -31,7 +30,7 @@ from agents.simulated import carlos_responder
 from agents.tasks import mark_interrupted, retry_design, start_design, wait_design
 from agents.terraform import split_terraform
 from pools import runtime
-from pools.simulator import LLMSimulator, SimulatorConfig, tokenize
+from pools.simulator import tokenize
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder, user_prompt
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -551,35 +550,23 @@ async def test_interrupted_designs_are_marked_at_start_and_can_be_retried(carlos
 
 
 async def test_a_design_streams_while_the_loop_that_started_it_is_blocked(
-    make_registry, install_registry, owner
+    simulator_thread, make_registry, install_registry, owner
 ):
     """Designs run on the LLM loop: a page render or any slow callback on the serving loop
     does not hold up their streams (nor does streaming hold up the serving loop)."""
-    simulator_loop = asyncio.new_event_loop()
-    simulator = LLMSimulator(
-        SimulatorConfig(host="127.0.0.1", port=0, ttft_ms=FAST_TTFT_MS),
-        responder=carlos_responder,
-    )
-    thread = threading.Thread(target=simulator_loop.run_forever, daemon=True)
-    thread.start()
-    try:
-        asyncio.run_coroutine_threadsafe(simulator.start(), simulator_loop).result(10)
-        install_registry(make_registry(simulator))
-        design = await create_design(owner, REQUEST)
-        task = start_design(design.pk)
-        await wait_for_running(design, "requirements")
-        # This loop is blocked from here on: no await until every agent has been asked.
-        give_up = time.monotonic() + 60  # a fail-safe limit only, not a timing assertion
-        while simulator.stats.chat_requests < len(AGENTS) and time.monotonic() < give_up:
-            time.sleep(0.01)  # noqa: ASYNC251 (blocking this loop is the point)
-        assert simulator.stats.chat_requests >= len(AGENTS)
-        await task
-        assert (await reload(design)).status == Design.Status.SUCCEEDED
-    finally:
-        asyncio.run_coroutine_threadsafe(simulator.stop(), simulator_loop).result(10)
-        simulator_loop.call_soon_threadsafe(simulator_loop.stop)
-        thread.join(10)
-        simulator_loop.close()
+    simulator_thread.responder = carlos_responder
+    simulator_thread.config.ttft_ms = FAST_TTFT_MS
+    install_registry(make_registry(simulator_thread))
+    design = await create_design(owner, REQUEST)
+    task = start_design(design.pk)
+    await wait_for_running(design, "requirements")
+    # This loop is blocked from here on: no await until every agent has been asked.
+    give_up = time.monotonic() + 60  # a fail-safe limit only, not a timing assertion
+    while simulator_thread.stats.chat_requests < len(AGENTS) and time.monotonic() < give_up:
+        time.sleep(0.01)  # noqa: ASYNC251 (blocking this loop is the point)
+    assert simulator_thread.stats.chat_requests >= len(AGENTS)
+    await task
+    assert (await reload(design)).status == Design.Status.SUCCEEDED
 
 
 async def test_shutting_down_interrupts_running_designs_and_closes_their_connections(
