@@ -412,8 +412,15 @@ async def test_pool_client_streams_and_the_ledger_counts_real_connections(
         assert simulator.stats.connections_accepted == 1
 
         # The simulator closes the idle connection; the pool must notice ("is_readable")
-        # and open a fresh one instead of failing the next request.
-        await eventually(lambda: simulator.stats.connections_open == 0)
+        # and open a fresh one instead of failing the next request. The server counts the
+        # close when it asks for it; wait until the FIN is on the client's socket too.
+        pool = client._transport._pool  # type: ignore[attr-defined]
+        await eventually(
+            lambda: (
+                simulator.stats.connections_open == 0
+                and all(connection.has_expired() for connection in pool.connections)
+            )
+        )
         assert await stream_tokens(client, simulator.base_url) == first
         assert ledger.for_pool("main") == {
             "connections_num": 2,
