@@ -38,6 +38,7 @@ from pools.exceptions import (
     PoolExhausted,
     PoolTimeout,
     RateBudgetExceeded,
+    RateLimited,
 )
 from pools.registry import PoolRegistry
 from pools.runtime import get_pool
@@ -59,9 +60,24 @@ EXPECTED_AGENT_ERRORS = (
     prompts.OutputFormatError,
 )
 
+# Answers the model stopped before they were whole: never accepted as a finished answer.
+UNFINISHED_ANSWERS = {
+    "length": "the answer was cut off at the model's output length limit before it was "
+    "finished (finish reason 'length'); retry, or ask for a smaller system",
+    "content_filter": "the endpoint's content filter stopped the answer before it was "
+    "finished (finish reason 'content_filter'); rephrase the request and retry",
+}
+
 # The pools refusing to take a call (full, circuit open, over the rate budget, shutting
 # down) rather than the model failing it: a caller in a request answers "try again later".
-POOL_REFUSALS = (PoolExhausted, PoolTimeout, CircuitOpen, RateBudgetExceeded, PoolClosed)
+POOL_REFUSALS = (
+    PoolExhausted,
+    PoolTimeout,
+    CircuitOpen,
+    RateBudgetExceeded,
+    RateLimited,
+    PoolClosed,
+)
 
 
 def max_revisions() -> int:
@@ -369,6 +385,8 @@ class DesignPipeline:
             stats = await _stream_call(self.registry, pool_name, messages, coalescer, **kwargs)
             self._record(run, stats)
             run.output_text = stats.text
+            if stats.finish_reason in UNFINISHED_ANSWERS:
+                raise prompts.OutputFormatError(UNFINISHED_ANSWERS[stats.finish_reason])
             if not stats.text.strip():
                 raise prompts.OutputFormatError(
                     f"empty answer (finish reason {stats.finish_reason or 'unknown'})"

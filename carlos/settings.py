@@ -158,6 +158,9 @@ def _pool_env(name: str, model: str, temperature: float) -> dict:
         "IDLE_TIMEOUT": env.str(f"{prefix}IDLE_TIMEOUT", default="30"),
         "CALL_TIMEOUT": env.str(f"{prefix}CALL_TIMEOUT", default="180"),
         "MAX_RETRIES": env.str(f"{prefix}MAX_RETRIES", default="2"),
+        "ADAPTIVE": env.str(f"{prefix}ADAPTIVE", default="1"),
+        "MIN_CONCURRENCY": env.str(f"{prefix}MIN_CONCURRENCY", default="1"),
+        "MAX_CONCURRENCY": env.str(f"{prefix}MAX_CONCURRENCY", default=None),
     }
 
 

@@ -52,7 +52,12 @@ _POOL_KEYS = {
     "IDLE_TIMEOUT",
     "CALL_TIMEOUT",
     "MAX_RETRIES",
+    "ADAPTIVE",
+    "MIN_CONCURRENCY",
+    "MAX_CONCURRENCY",
 }
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
 # Per-pool deadlines (seconds) and retries; the SDK's 600 s defaults are never in force.
 _POOL_DEADLINES = {"FIRST_TOKEN_TIMEOUT": 30.0, "IDLE_TIMEOUT": 30.0, "CALL_TIMEOUT": 180.0}
 
@@ -108,6 +113,12 @@ class PoolConfig:
     max_retries: int = 2
     # True when SIZE was set for this pool, so the global size knob leaves it alone.
     size_explicit: bool = False
+    # Calls in flight to the deployment follow a limit learned from the endpoint (429s,
+    # x-ratelimit-remaining-*, time to first token), between these bounds; None for the
+    # ceiling means size plus overflow. False keeps a fixed limit (the pause still applies).
+    adaptive: bool = True
+    min_concurrency: int = 1
+    max_concurrency: int | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +138,10 @@ class Resilience:
     # for calls that set no max_tokens.
     rate_limit_max_wait: float = 10.0
     default_output_tokens: int = 1000
+    # The learned concurrency limit: multiplied by this on a 429, and cut by the latency
+    # gradient when time to first token exceeds its best recent value times the tolerance.
+    limit_backoff_ratio: float = 0.7
+    limit_latency_tolerance: float = 2.0
 
 
 @dataclass(frozen=True)
@@ -406,6 +421,10 @@ def _parse_resilience(raw: dict[str, Any], where: str, err) -> Resilience:
         value = _number(raw.get(name.upper(), default), kind)
         if name == "breaker_failure_rate":
             valid = _is_number(value) and 0 < value <= 1
+        elif name == "limit_backoff_ratio":
+            valid = _is_number(value) and 0 < value < 1
+        elif name == "limit_latency_tolerance":
+            valid = _is_number(value) and value > 1
         elif kind is int:
             valid = _is_int(value) and value >= 1
         else:
@@ -474,7 +493,41 @@ def _parse_pool(name: Any, options: Any, global_size: int, where: str, err) -> P
     if not _is_int(max_retries) or max_retries < 0:
         err(f"{where}['MAX_RETRIES']", f"must be a whole number >= 0, got {max_retries!r}")
         max_retries = 2
+    adaptive = options.get("ADAPTIVE", True)
+    if isinstance(adaptive, str) and adaptive.strip().lower() in _TRUE | _FALSE:
+        adaptive = adaptive.strip().lower() in _TRUE
+    elif adaptive is None or (isinstance(adaptive, str) and not adaptive.strip()):
+        adaptive = True
+    if not isinstance(adaptive, bool):
+        err(
+            f"{where}['ADAPTIVE'] (POOL_{name.upper()}_ADAPTIVE)",
+            f"must be 1 or 0 (true or false), got {adaptive!r}",
+        )
+        adaptive = True
+    bounds: dict[str, int | None] = {}
+    for key, default in (("MIN_CONCURRENCY", 1), ("MAX_CONCURRENCY", None)):
+        value = _number(options.get(key, default), int)
+        if value is None:
+            value = default
+        if value is not None and (not _is_int(value) or value < 1):
+            err(
+                f"{where}['{key}'] (POOL_{name.upper()}_{key})",
+                f"must be a whole number of at least 1, got {value!r}",
+            )
+            value = default
+        bounds[key.lower()] = value
+    if bounds["max_concurrency"] is not None and bounds["max_concurrency"] < (
+        bounds["min_concurrency"] or 1
+    ):
+        err(
+            f"{where}['MAX_CONCURRENCY'] (POOL_{name.upper()}_MAX_CONCURRENCY)",
+            f"must be at least MIN_CONCURRENCY ({bounds['min_concurrency']})",
+        )
+        bounds["max_concurrency"] = None
     return PoolConfig(
+        adaptive=adaptive,
+        min_concurrency=bounds["min_concurrency"] or 1,
+        max_concurrency=bounds["max_concurrency"],
         **deadlines,
         max_retries=max_retries,
         name=name,

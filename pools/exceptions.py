@@ -65,3 +65,32 @@ class RateBudgetExceeded(PoolError):
     def __init__(self, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class RateLimited(PoolError):
+    """The endpoint is rate limiting the deployment for longer than the call can wait.
+
+    A 429 pauses dispatch and callers wait within their deadline; this is raised only when
+    the wait the server asked for (or the queue behind the learned concurrency limit) does
+    not fit in what is left of the call's deadline. The message says which and how long.
+    """
+
+    def __init__(self, message: str, retry_after: float = 0.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class BadResponse(PoolError):
+    """The endpoint answered 200 but the answer is not a whole, readable completion."""
+
+
+class TruncatedResponse(BadResponse):
+    """A stream ended without a finish reason: the answer was cut, not finished."""
+
+
+class MalformedResponse(BadResponse):
+    """A streamed chunk could not be decoded."""
+
+
+class EmptyResponse(BadResponse):
+    """The model finished without a single character of text."""

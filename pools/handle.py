@@ -1,12 +1,14 @@
 """The object an agent holds while it owns a slot: a model bound to its pool's settings.
 
 `ainvoke` returns the whole answer with its token usage; `astream` yields text as the
-endpoint produces it. Both enforce the pool's deadlines (first token, idle gap between
-chunks, whole call), retry what may pass with backoff that honours the server's
-`Retry-After`, and report every attempt to the deployment's circuit breaker. A stream is
-never retried once it has delivered text. Streams are tracked so that leaving the
-`async with` block closes any still open: a connection is never handed to the next caller
-while a response is still arriving on it.
+endpoint produces it. Both run through one driver (`_Call`): each attempt passes the rate
+budget, the circuit breaker and the deployment's limiter (its 429 pause and learned
+concurrency limit, `pools.adaptive`); the pool's deadlines (first token, idle gap between
+chunks, whole call) are enforced; what may pass is retried with backoff, a 429 is waited out
+within the call's deadline. A stream is never retried once it has delivered text, and is
+verified: an answer that ends without a finish reason is `TruncatedResponse`, never a whole
+answer. Streams are tracked so that leaving the `async with` block closes any still open: a
+connection is never handed to the next caller while a response is still arriving on it.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
+from pools.adaptive import DeploymentLimiter, LimitSettings, Outcome, Permit
 from pools.budget import RateBudget, estimate_tokens
 from pools.events import EventBus, EventKind, PoolEvent
-from pools.exceptions import DeadlineExceeded
+from pools.exceptions import (
+    DeadlineExceeded,
+    EmptyResponse,
+    MalformedResponse,
+    TruncatedResponse,
+)
 from pools.resilience import CircuitBreaker, RetryPolicy, classify
 from pools.slots import Slot, SlotPool
 
@@ -37,6 +45,7 @@ Messages = Iterable[ChatCompletionMessageParam]
 class TokenUsage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    estimated: bool = False  # the server sent no usage: counted from the text instead
 
     @property
     def total_tokens(self) -> int:
@@ -55,13 +64,25 @@ class LLMResult:
 
 @dataclass
 class Guard:
-    """What protects one handle's calls: retry policy, breaker, and where to report."""
+    """What protects one handle's calls: retry policy, breaker, limiter, where to report."""
 
     policy: RetryPolicy
     breaker: CircuitBreaker
     events: EventBus = field(default_factory=EventBus)
     budget: RateBudget | None = None
     default_output_tokens: int = 1000
+    limiter: DeploymentLimiter | None = None
+    adaptive: bool = True  # False: this pool obeys the pause but not the learned limit
+
+    def __post_init__(self) -> None:
+        if self.limiter is None:
+            self.limiter = DeploymentLimiter(self.breaker.name, LimitSettings())
+
+
+def estimated_usage(messages: list[Any], completion_characters: int) -> TokenUsage:
+    """Usage for a server that sent none: about four characters a token, marked estimated."""
+    prompt = sum(len(str(message.get("content", ""))) for message in messages) // 4
+    return TokenUsage(prompt + 4 * len(messages), -(-completion_characters // 4), estimated=True)
 
 
 async def _within[T](awaitable: Awaitable[T], deadline: float, which: str, seconds: float) -> T:
@@ -151,6 +172,140 @@ def _data_waiting(network_stream: Any) -> bool:
         return False
 
 
+class _Call:
+    """One call's attempts, for `ainvoke` and streams alike: the single retry driver.
+
+    Iterate it and run each attempt in `async with attempt:`. Entering waits for admission
+    (rate budget, breaker, the deployment's pause and limit); leaving with an exception
+    records it and either waits before the next attempt (the exception is swallowed and the
+    loop goes on) or lets it propagate. Leaving cleanly records a success and ends the loop.
+    """
+
+    def __init__(self, handle: LLMHandle, messages: list[Any], kwargs: dict[str, Any]) -> None:
+        self.handle = handle
+        self.messages = messages
+        self.loop = asyncio.get_running_loop()
+        self.started = time.perf_counter()
+        self.ticket = time.monotonic()  # arrival: a retry keeps its place in the queue
+        self.deadline = self.loop.time() + handle._pool.config.call_timeout
+        self.estimate = handle._estimate(messages, kwargs)
+        self.retries = 0  # retries of failures (MAX_RETRIES bounds these)
+        self.rate_limited = 0  # 429s waited out (the deadline bounds these)
+        self.done = False
+
+    def __aiter__(self) -> _Call:
+        return self
+
+    async def __anext__(self) -> _Attempt:
+        if self.done:
+            raise StopAsyncIteration
+        return _Attempt(self)
+
+    def left(self) -> float:
+        return self.deadline - self.loop.time()
+
+    async def admit(self) -> Permit:
+        guard = self.handle._guard
+        budget = guard.budget
+        if budget is not None and budget.limited:
+            # The budget refills with time, not on an event: sleeping until then is the wait.
+            while wait := await budget.reserve(self.estimate, max_wait=self.left()):  # noqa: ASYNC110
+                await asyncio.sleep(wait)
+        breaker = guard.breaker
+        # A call already under way when the circuit opened waits for the probe (a sibling's
+        # failure never fails a call that could still succeed); new calls fail fast.
+        opened_wait = breaker.opened_since(self.ticket)
+        if opened_wait is not None:
+            if opened_wait >= self.left():
+                raise breaker.refusal()
+            await asyncio.sleep(opened_wait)
+        assert guard.limiter is not None
+        permit = await guard.limiter.acquire(
+            self.ticket, max(0.0, self.left()), counted=guard.adaptive
+        )
+        try:
+            # A half-open circuit's probe decides for everyone: wait for it, within the deadline.
+            while (pause := breaker.before_attempt()) is not None:
+                if self.loop.time() + pause >= self.deadline:
+                    raise breaker.refusal()
+                await asyncio.sleep(pause)
+        except BaseException:
+            guard.limiter.release(permit, Outcome.IGNORE)
+            raise
+        return permit
+
+    def usage_or_estimate(self, usage: TokenUsage | None, characters: int) -> TokenUsage:
+        return usage if usage is not None else estimated_usage(self.messages, characters)
+
+
+class _Attempt:
+    """One attempt of a `_Call`; the caller fills in what it learned before leaving."""
+
+    def __init__(self, call: _Call) -> None:
+        self.call = call
+        self.permit: Permit | None = None
+        self.sent_at = 0.0
+        self.first_text_at: float | None = None  # monotonic, for the latency gradient
+        self.headers: Any = None
+        self.usage: TokenUsage | None = None
+        self.delivered = False  # text reached the caller: never retried behind their back
+
+    async def __aenter__(self) -> _Attempt:
+        self.permit = await self.call.admit()
+        self.sent_at = time.monotonic()
+        return self
+
+    async def __aexit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+        call, handle = self.call, self.call.handle
+        guard = handle._guard
+        limiter, permit = guard.limiter, self.permit
+        assert limiter is not None and permit is not None
+        if exc is None:
+            ttft = None if self.first_text_at is None else self.first_text_at - self.sent_at
+            limiter.release(permit, Outcome.SUCCESS, ttft_s=ttft, headers=self.headers)
+            guard.breaker.record_success(started_at=self.sent_at)
+            if guard.budget is not None and self.usage is not None:
+                await guard.budget.settle(call.estimate, self.usage.total_tokens)
+            call.done = True
+            return False
+        if not isinstance(exc, Exception):  # cancelled, or a stream closed early
+            limiter.release(permit, Outcome.IGNORE)
+            guard.breaker.release_probe()
+            return False
+        failure = classify(exc)
+        limiter.release(permit, Outcome.DROP if failure.rate_limited else Outcome.IGNORE)
+        if failure.breaker_failure:
+            guard.breaker.record_failure(failure, type(exc).__name__)
+        else:
+            guard.breaker.release_probe()
+        if self.delivered or not failure.retryable:
+            return False
+        if failure.rate_limited:
+            call.rate_limited += 1
+            handle._pool.record_rate_limited()
+            wait = failure.retry_after
+            if wait == 0 and call.rate_limited > 1:
+                wait = None  # "now" did not work: back off instead of hammering
+            limiter.pause(wait, _pause_reason(failure.retry_after))
+            handle._pool.record_retry()
+            return True  # the next admission waits out the pause, or says it cannot
+        if call.retries >= handle._pool.config.max_retries:
+            return False
+        delay = guard.policy.delay(call.retries + 1, failure)
+        if call.loop.time() + delay >= call.deadline:
+            return False  # no time left for another attempt within the call's deadline
+        call.retries += 1
+        handle._pool.record_retry()
+        await asyncio.sleep(delay)
+        return True
+
+
+def _pause_reason(retry_after: float | None) -> str:
+    if retry_after is None:
+        return "429 without Retry-After"
+    return f"429, Retry-After {retry_after:g}s"
+
+
 class LLMStream:
     """Text chunks of one streamed completion; `usage` is known once it is fully read.
 
@@ -179,8 +334,8 @@ class LLMStream:
             self._iterator = self._chunks()
         return self._iterator
 
-    async def _open(self) -> AsyncIterator[bytes]:
-        """Start the request; the response's lines, once its headers have arrived."""
+    async def _open(self) -> tuple[AsyncIterator[bytes], Any]:
+        """Start the request; the response's byte stream and headers, once they arrived."""
         handle = self._handle
         kwargs = {"stream_options": {"include_usage": True}, **self._kwargs}
         manager = handle.client.chat.completions.with_streaming_response.create(
@@ -194,7 +349,7 @@ class LLMStream:
         self._response = manager
         self._request = response.http_request
         self._network_stream = response.http_response.extensions.get("network_stream")
-        return response.iter_bytes()
+        return response.iter_bytes(), response.headers
 
     async def _next_bytes(self, reads: AsyncIterator[bytes]) -> bytes:
         """The next network read, with transport errors raised as the SDK's own exceptions."""
@@ -219,7 +374,17 @@ class LLMStream:
         texts = []
         for line in complete.split(b"\n"):
             if line.startswith(b"data:") and not line.endswith(b"[DONE]"):
-                text = self._absorb(json.loads(line[5:]))
+                try:
+                    chunk = json.loads(line[5:])
+                except ValueError:
+                    raise MalformedResponse(
+                        f"the endpoint sent a chunk that is not JSON: {bytes(line[:80])!r}"
+                    ) from None
+                if not isinstance(chunk, dict):
+                    raise MalformedResponse(
+                        f"the endpoint sent a chunk that is not an object: {bytes(line[:80])!r}"
+                    )
+                text = self._absorb(chunk)
                 if text:
                     texts.append(text)
         return texts
@@ -249,61 +414,65 @@ class LLMStream:
     async def _chunks(self) -> AsyncIterator[str]:
         handle = self._handle
         config = handle._pool.config
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        call_deadline = loop.time() + config.call_timeout
-        attempt = 0
-        delivered = False
-        estimate = handle._estimate(self._messages, self._kwargs)
+        call = _Call(handle, self._messages, self._kwargs)
+        characters = 0
         try:
-            while True:
-                await handle._admit(estimate, call_deadline)
-                watch = _SilenceWatch(call_deadline, config.call_timeout)
-                try:
-                    watch.expect("first_token", config.first_token_timeout)
-                    reads = await watch.read(self._open())
-                    watch.data_waiting = functools.partial(_data_waiting, self._network_stream)
-                    buffer = bytearray()
-                    while True:
-                        try:
-                            data = await watch.read(self._next_bytes(reads))
-                        except StopAsyncIteration:
-                            break  # read to the end, past [DONE]: the connection is reusable
-                        buffer += data.replace(b"\r\n", b"\n")
-                        for text in self._events(buffer):
-                            if self.first_token_ms is None:
-                                self.first_token_ms = (time.perf_counter() - started) * 1000
-                            delivered = True
-                            yield text
-                        if delivered:  # before the first text, the first-token deadline holds
-                            watch.expect("idle", config.idle_timeout)
-                except asyncio.CancelledError:
-                    handle._abandon_attempt()
-                    raise
-                except Exception as exc:
-                    await self._close_response()
-                    if delivered:  # the user has seen tokens: never retry behind their back
-                        handle._attempt_failed(exc)
+            async for attempt in call:
+                async with attempt:
+                    self.usage, self.finish_reason = None, None
+                    watch = _SilenceWatch(call.deadline, config.call_timeout)
+                    try:
+                        watch.expect("first_token", config.first_token_timeout)
+                        reads, attempt.headers = await watch.read(self._open())
+                        watch.data_waiting = functools.partial(_data_waiting, self._network_stream)
+                        buffer = bytearray()
+                        while True:
+                            try:
+                                data = await watch.read(self._next_bytes(reads))
+                            except StopAsyncIteration:
+                                break  # read to the end: the connection is reusable
+                            buffer += data.replace(b"\r\n", b"\n")
+                            for text in self._events(buffer):
+                                if self.first_token_ms is None:
+                                    self.first_token_ms = (
+                                        time.perf_counter() - call.started
+                                    ) * 1000
+                                    attempt.first_text_at = time.monotonic()
+                                attempt.delivered = True
+                                characters += len(text)
+                                yield text
+                            if attempt.delivered:  # before any text, first-token holds
+                                watch.expect("idle", config.idle_timeout)
+                        self._verify(attempt.delivered, characters)
+                        self.usage = call.usage_or_estimate(self.usage, characters)
+                        attempt.usage = self.usage
+                    except Exception:
+                        await self._close_response()
                         raise
-                    await handle._after_failure(exc, attempt, call_deadline)
-                    attempt += 1
-                    self.retries = attempt
-                    continue
-                finally:
-                    watch.close()
-                    self.deadline_extensions += watch.extensions
-                await handle._attempt_succeeded(estimate, self.usage)
-                break
+                    finally:
+                        watch.close()
+                        self.deadline_extensions += watch.extensions
+                        self.retries = call.retries + call.rate_limited
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             handle._failed(exc)
             raise
         else:  # read to the end (a stream closed early is neither completed nor failed)
-            latency_ms = (time.perf_counter() - started) * 1000
+            latency_ms = (time.perf_counter() - call.started) * 1000
             handle._completed(latency_ms, self.first_token_ms, self.usage)
         finally:
             await self._release()
+
+    def _verify(self, delivered: bool, characters: int) -> None:
+        """A whole answer ends with a finish reason and has text (or says why it has none)."""
+        if self.finish_reason is None:
+            raise TruncatedResponse(
+                f"the endpoint's stream ended without a finish reason after {characters} "
+                "characters: the answer was cut off"
+            )
+        if not delivered and self.finish_reason == "stop":
+            raise EmptyResponse("the model finished without any text")
 
     async def _close_response(self) -> None:
         if self._response is not None:
@@ -356,55 +525,45 @@ class LLMHandle:
     async def ainvoke(self, messages: Messages, **kwargs: Any) -> LLMResult:
         """The whole completion at once, with its token usage."""
         config = self._pool.config
-        messages = list(messages)
-        loop = asyncio.get_running_loop()
-        started = time.perf_counter()
-        call_deadline = loop.time() + config.call_timeout
-        attempt = 0
-        estimate = self._estimate(messages, kwargs)
+        call = _Call(self, list(messages), kwargs)
         try:
-            while True:
-                await self._admit(estimate, call_deadline)
-                try:
-                    completion = await _within(
-                        self.client.chat.completions.create(
+            async for attempt in call:
+                async with attempt:
+                    raw = await _within(
+                        self.client.chat.completions.with_raw_response.create(
                             model=self.model,
                             temperature=self.temperature,
-                            messages=messages,
+                            messages=call.messages,
                             **kwargs,
                         ),
-                        call_deadline,
+                        call.deadline,
                         "total",
                         config.call_timeout,
                     )
-                except asyncio.CancelledError:
-                    self._abandon_attempt()
-                    raise
-                except Exception as exc:
-                    await self._after_failure(exc, attempt, call_deadline)
-                    attempt += 1
-                    continue
-                usage = completion.usage
-                await self._attempt_succeeded(
-                    estimate,
-                    TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
-                )
-                break
+                    attempt.headers = raw.headers
+                    completion = raw.parse()
+                    choice = completion.choices[0] if completion.choices else None
+                    text = (choice.message.content or "") if choice else ""
+                    finish_reason = choice.finish_reason if choice else None
+                    if not text and finish_reason in ("stop", None):
+                        raise EmptyResponse("the model finished without any text")
+                    usage = completion.usage
+                    attempt.usage = call.usage_or_estimate(
+                        TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+                        text,
+                    )
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             self._failed(exc)
             raise
-        choice = completion.choices[0] if completion.choices else None
         result = LLMResult(
-            text=(choice.message.content or "") if choice else "",
-            usage=TokenUsage(usage.prompt_tokens, usage.completion_tokens)
-            if usage
-            else TokenUsage(),
+            text=text,
+            usage=attempt.usage or TokenUsage(),
             model=completion.model,
-            finish_reason=choice.finish_reason if choice else None,
-            latency_ms=(time.perf_counter() - started) * 1000,
-            retries=attempt,
+            finish_reason=finish_reason,
+            latency_ms=(time.perf_counter() - call.started) * 1000,
+            retries=call.retries + call.rate_limited,
         )
         self._completed(result.latency_ms, None, result.usage)
         return result
@@ -415,51 +574,12 @@ class LLMHandle:
         self._streams.add(stream)
         return stream
 
-    # -- one attempt's bookkeeping -------------------------------------------------------
+    # -- bookkeeping -----------------------------------------------------------------------
     def _estimate(self, messages: list[Any], kwargs: dict[str, Any]) -> int:
         budget = self._guard.budget
         if budget is None or not budget.limited:
             return 0
         return estimate_tokens(messages, kwargs, self._guard.default_output_tokens)
-
-    async def _admit(self, estimate: int, call_deadline: float) -> None:
-        """Wait for the deployment's rate budget (bounded), then pass the circuit breaker."""
-        budget = self._guard.budget
-        if budget is not None and budget.limited:
-            loop = asyncio.get_running_loop()
-            # The budget refills with time, not on an event: sleeping until then is the wait.
-            while wait := await budget.reserve(estimate, max_wait=call_deadline - loop.time()):  # noqa: ASYNC110
-                await asyncio.sleep(wait)
-        # A half-open circuit's probe decides for everyone: wait for it, within the deadline.
-        while (pause := self._guard.breaker.before_attempt()) is not None:
-            if asyncio.get_running_loop().time() + pause >= call_deadline:
-                raise self._guard.breaker.refusal()
-            await asyncio.sleep(pause)
-
-    async def _attempt_succeeded(self, estimate: int, usage: TokenUsage | None) -> None:
-        self._guard.breaker.record_success()
-        if self._guard.budget is not None and usage is not None:
-            await self._guard.budget.settle(estimate, usage.total_tokens)
-
-    def _abandon_attempt(self) -> None:
-        self._guard.breaker.release_probe()
-
-    def _attempt_failed(self, exc: BaseException) -> None:
-        self._guard.breaker.record_failure(classify(exc), type(exc).__name__)
-
-    async def _after_failure(self, exc: Exception, attempt: int, call_deadline: float) -> None:
-        """Record a failed attempt, then wait before the next one or re-raise."""
-        self._attempt_failed(exc)
-        failure = classify(exc)
-        policy = self._guard.policy
-        if not failure.retryable or attempt >= self._pool.config.max_retries:
-            raise exc
-        delay = policy.delay(attempt + 1, failure)
-        loop = asyncio.get_running_loop()
-        if loop.time() + delay >= call_deadline:
-            raise exc  # no time left for another attempt within the call's deadline
-        self._pool.record_retry()
-        await asyncio.sleep(delay)
 
     def _completed(
         self, latency_ms: float, ttft_ms: float | None, usage: TokenUsage | None

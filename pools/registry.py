@@ -24,8 +24,9 @@ from typing import Any
 import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
+from pools.adaptive import DeploymentLimiter, LimitSettings
 from pools.budget import RateBudget
-from pools.config import PoolsConfig
+from pools.config import PoolConfig, PoolsConfig
 from pools.events import EventBus, EventKind, PoolEvent
 from pools.exceptions import CircuitOpen, PoolClosed, PoolError, PoolTimeout, UnknownPool
 from pools.handle import Guard, LLMHandle
@@ -59,6 +60,32 @@ class _LoopClients:
 async def _close_clients(clients: _LoopClients) -> None:
     await clients.http.aclose()
     await clients.sdk.close()
+
+
+def pool_capacity(pool: PoolConfig, max_connections: int) -> int:
+    """Calls one pool can run at once: its size plus its overflow cap (or what HTTP leaves)."""
+    overflow = pool.max_overflow
+    if overflow is None:
+        overflow = max(0, max_connections - pool.size)
+    return pool.size + overflow
+
+
+def limit_settings(config: PoolsConfig, model: str) -> LimitSettings:
+    """The limiter of deployment `model`: bounds summed over its adaptive pools."""
+    pools = [pool for pool in config.pools.values() if pool.model == model and pool.adaptive]
+    max_connections = config.http.max_connections
+    floor = max(1, sum(pool.min_concurrency for pool in pools))
+    ceiling = sum(pool.max_concurrency or pool_capacity(pool, max_connections) for pool in pools)
+    resilience = config.resilience
+    return LimitSettings(
+        floor=floor,
+        ceiling=max(floor, min(ceiling, max_connections)) if pools else max_connections,
+        adaptive=bool(pools),
+        backoff_ratio=resilience.limit_backoff_ratio,
+        latency_tolerance=resilience.limit_latency_tolerance,
+        pause_backoff_base=resilience.backoff_base,
+        pause_backoff_max=resilience.backoff_max,
+    )
 
 
 class PoolRegistry:
@@ -104,6 +131,11 @@ class PoolRegistry:
             )
             for model, limit in config.rate_limits.items()
         }
+        # One limiter per deployment: its 429 pause and learned concurrency limit.
+        self.limiters: dict[str, DeploymentLimiter] = {
+            model: DeploymentLimiter(model, limit_settings(config, model))
+            for model in self.breakers
+        }
         self._background: set[asyncio.Task] = set()
         self.events.subscribe(self._clear_warmup_error)
         self._guards = {
@@ -113,6 +145,8 @@ class PoolRegistry:
                 self.events,
                 self.budgets.get(pool.model),
                 resilience.default_output_tokens,
+                limiter=self.limiters[pool.model],
+                adaptive=pool.adaptive,
             )
             for name, pool in config.pools.items()
         }
@@ -387,6 +421,8 @@ class PoolRegistry:
         self._config = self._config.with_size(size)
         for name, pool in self.pools.items():
             pool.reconfigure(self._config.pools[name])
+        for model, limiter in self.limiters.items():
+            limiter.settings = limit_settings(self._config, model)
 
     @property
     def initialized(self) -> bool:
@@ -510,6 +546,10 @@ class PoolRegistry:
                     **self.ledger.for_pool(name),
                     "cluster_waiting": self._cluster_waiting[name],
                     "breaker": self._guards[name].breaker.snapshot(),
+                    "concurrency": {
+                        **self.limiters[pool.config.model].snapshot(),
+                        "pool_adaptive": pool.config.adaptive,
+                    },
                     "rate_budget": budget.snapshot()
                     if (budget := self._guards[name].budget)
                     else None,

@@ -2,8 +2,14 @@
 
 There is exactly one retry layer: the pool's (the SDK is built with `max_retries=0`), so
 every attempt is seen by the breaker and counted in the stats. A call is retried only on
-failures that may pass (connection errors, timeouts, 408/409/429/5xx), never once the user
-has seen tokens of a stream, and never when cancelled.
+failures that may pass (connection errors, timeouts, 408/409/5xx, a cut, malformed or empty
+answer before any text), never once the user has seen tokens of a stream, and never when
+cancelled. A 429 is no failure here: it pauses the deployment (`pools.adaptive`) and the
+call waits its turn within its deadline.
+
+The breaker counts only what says the deployment is unhealthy: 5xx, connection failures,
+an upstream that went silent (first-token or idle deadline), a broken stream. Never a 429,
+a client error, a cancellation or the call's own total deadline.
 """
 
 from __future__ import annotations
@@ -21,9 +27,14 @@ from typing import Any
 
 import openai
 
-from pools.exceptions import CircuitOpen, DeadlineExceeded
+from pools.exceptions import (
+    BadResponse,
+    CircuitOpen,
+    DeadlineExceeded,
+    EmptyResponse,
+)
 
-RETRYABLE_STATUS = {408, 409, 429}
+RETRYABLE_STATUS = {408, 409}
 # While a half-open probe runs, the calls beside it look again this often.
 PROBE_POLL_SECONDS = 0.05
 
@@ -63,14 +74,18 @@ def parse_retry_after(headers: Any) -> float | None:
 def classify(exc: BaseException) -> Failure:
     """Decide whether an exception from a call may be retried and whether it hurts health."""
     if isinstance(exc, DeadlineExceeded):
-        return Failure(retryable=exc.deadline != "idle", breaker_failure=True)
+        # The upstream went silent (first token, idle gap); the total deadline is the call's.
+        silent = exc.deadline in ("first_token", "idle")
+        return Failure(retryable=exc.deadline == "first_token", breaker_failure=silent)
     if isinstance(exc, (openai.APITimeoutError, openai.APIConnectionError)):
         return Failure(retryable=True, breaker_failure=True)
+    if isinstance(exc, BadResponse):
+        return Failure(retryable=True, breaker_failure=not isinstance(exc, EmptyResponse))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         retry_after = parse_retry_after(exc.response.headers if exc.response else None)
         if status == 429:
-            return Failure(True, True, rate_limited=True, retry_after=retry_after)
+            return Failure(True, False, rate_limited=True, retry_after=retry_after)
         if status in RETRYABLE_STATUS or status >= 500:
             return Failure(True, status >= 500, retry_after=retry_after)
     return Failure(retryable=False, breaker_failure=False)
@@ -100,10 +115,12 @@ class BreakerState(StrEnum):
 
 
 class CircuitBreaker:
-    """Per deployment: opens on a run of failures or a failure rate, or at once on 429.
+    """Per deployment: opens on a run of failures or a failure rate.
 
-    While open, calls fail immediately; after the cooldown one probe is let through
-    (half-open) and its outcome closes or re-opens the circuit. Thread-safe.
+    While open, new calls fail immediately; after the cooldown one probe is let through
+    (half-open) and its outcome closes or re-opens the circuit. Only an attempt that started
+    after the circuit opened can close it: a slow call from before the outage proves nothing
+    about now. Thread-safe.
     """
 
     def __init__(
@@ -127,6 +144,7 @@ class CircuitBreaker:
         self._outcomes: deque[bool] = deque(maxlen=window)
         self._consecutive_failures = 0
         self._open_until = 0.0
+        self._opened_at = -math.inf  # clock time of the last closed -> open transition
         self._probe_in_flight = False
         self.times_opened = 0
         self.last_reason = ""
@@ -182,10 +200,26 @@ class CircuitBreaker:
         with self._lock:
             return self._refusal_locked()
 
-    def record_success(self) -> None:
+    def opened_since(self, started_at: float) -> float | None:
+        """Seconds until the probe may go, for a call that started before the circuit opened
+        (it waits instead of failing, within its deadline); None when it is not such a call."""
+        with self._lock:
+            self._refresh_locked()
+            if self._state is BreakerState.CLOSED or started_at >= self._opened_at:
+                return None
+            return max(0.0, self._open_until - self._clock())
+
+    def record_success(self, started_at: float | None = None) -> None:
+        """An attempt succeeded; `started_at` (this breaker's clock) is when it was sent."""
         with self._lock:
             self._outcomes.append(True)
             self._consecutive_failures = 0
+            if (
+                self._state is not BreakerState.CLOSED
+                and started_at is not None
+                and started_at < self._opened_at
+            ):
+                return  # started before the outage: says nothing about the deployment now
             closed_now = self._state is not BreakerState.CLOSED
             if closed_now:
                 self._state = BreakerState.CLOSED
@@ -207,9 +241,7 @@ class CircuitBreaker:
                 len(self._outcomes) >= self.window // 2
                 and failed / len(self._outcomes) >= self.failure_rate
             )
-            if failure.rate_limited:
-                opened = failure.retry_after or self.cooldown
-            elif (
+            if (
                 self._state is BreakerState.HALF_OPEN
                 or self._consecutive_failures >= self.failures_to_open
                 or rate_exceeded
@@ -229,6 +261,7 @@ class CircuitBreaker:
     def _open_locked(self, seconds: float, reason: str) -> None:
         if self._state is not BreakerState.OPEN:
             self.times_opened += 1
+            self._opened_at = self._clock()
         self._state = BreakerState.OPEN
         self._open_until = max(self._open_until, self._clock() + seconds)
         self.last_reason = reason

@@ -82,6 +82,7 @@ class SlotPool:
                 "requests_refused",
                 "requests_errors",
                 "requests_retries",
+                "requests_rate_limited",
                 "usage_ms",
             ),
             0,
@@ -183,6 +184,11 @@ class SlotPool:
     def record_retry(self) -> None:
         with self._lock:
             self.counters["requests_retries"] += 1
+
+    def record_rate_limited(self) -> None:
+        """A 429 from the endpoint, waited out (or not) by the caller."""
+        with self._lock:
+            self.counters["requests_rate_limited"] += 1
 
     def close(self) -> None:
         """Refuse new callers and wake the queued ones with `PoolClosed`."""

@@ -344,7 +344,8 @@ async def test_an_empty_answer_is_a_failure_not_an_empty_design(
 
     design = await reload(design)
     assert (design.status, design.failed_agent) == ("failed", "requirements")
-    assert design.error == "OutputFormatError: empty answer (finish reason stop)"
+    assert design.error == "EmptyResponse: the model finished without any text"
+    assert simulator.stats.chat_requests == 3  # retried like a transport error (MAX_RETRIES 2)
     [run] = await runs_of(design)
     assert (run.status, run.error) == ("failed", design.error)
 

@@ -5,12 +5,19 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import openai
 import pytest
 
 from pools import runtime
 from pools.config import parse_config
-from pools.exceptions import CircuitOpen, DeadlineExceeded
+from pools.exceptions import (
+    CircuitOpen,
+    DeadlineExceeded,
+    EmptyResponse,
+    MalformedResponse,
+    TruncatedResponse,
+)
 from pools.registry import PoolRegistry
 from pools.resilience import (
     CircuitBreaker,
@@ -203,20 +210,41 @@ async def test_breaker_is_shared_by_pools_of_one_deployment(simulator_factory):
     await registry.close()
 
 
-def test_breaker_opens_at_once_on_429_for_retry_after():
+def test_a_429_is_a_rate_signal_never_a_breaker_failure():
+    """Reproduces: one 429 opened the deployment's circuit and failed the sibling calls."""
+    breaker = CircuitBreaker("gpt-4o", failures_to_open=1)
+    failure = classify(rate_limit_error(retry_after="2"))
+    assert failure.rate_limited and failure.retryable and failure.retry_after == 2.0
+    assert not failure.breaker_failure
+    breaker.record_failure(failure, "RateLimitError")
+    assert breaker.state == "closed"
+
+
+def test_local_deadlines_and_the_calls_own_total_do_not_count_against_the_upstream():
+    assert classify(DeadlineExceeded("first_token", 1)).breaker_failure  # upstream silent
+    assert classify(DeadlineExceeded("idle", 1)).breaker_failure
+    assert not classify(DeadlineExceeded("total", 1)).breaker_failure  # the call's budget
+
+
+def test_a_success_from_before_the_outage_does_not_close_the_circuit():
+    """Reproduces: any success, even of a call started before the opening, closed it."""
     now = [100.0]
-    breaker = CircuitBreaker("gpt-4o", cooldown=30, clock=lambda: now[0])
-    breaker.record_failure(Failure(True, True, rate_limited=True, retry_after=2.0), "429")
+    breaker = CircuitBreaker("gpt-4o", failures_to_open=2, cooldown=30, clock=lambda: now[0])
+    started_before = now[0]
+    now[0] += 1
+    for _ in range(2):
+        breaker.record_failure(Failure(True, True), "InternalServerError")
     assert breaker.state == "open"
-    with pytest.raises(CircuitOpen) as caught:
-        breaker.check()
-    assert caught.value.retry_after == pytest.approx(2.0)
-    now[0] += 2.01
+    breaker.record_success(started_at=started_before)
+    assert breaker.state == "open"
+    assert breaker.opened_since(started_before) == pytest.approx(30)  # it may wait for it
+    assert breaker.opened_since(now[0]) is None  # a new call fails fast instead
+    now[0] += 30.01
     assert breaker.state == "half_open"
     assert breaker.before_attempt() is None  # the probe
     assert breaker.before_attempt() > 0  # only one probe at a time: the others wait for it
     breaker.check()  # half-open refuses nobody at acquire time
-    breaker.record_success()
+    breaker.record_success(started_at=now[0])
     assert breaker.state == "closed"
 
 
@@ -253,6 +281,18 @@ def test_classification():
     assert classify(DeadlineExceeded("first_token", 1)).retryable
     assert not classify(DeadlineExceeded("idle", 1)).retryable
     assert not classify(ValueError()).retryable
+    for cut in (TruncatedResponse("cut"), MalformedResponse("bad chunk")):
+        assert classify(cut).retryable and classify(cut).breaker_failure
+    assert classify(EmptyResponse("empty")).retryable
+    assert not classify(EmptyResponse("empty")).breaker_failure
+
+
+def rate_limit_error(**headers: str) -> openai.RateLimitError:
+    request = httpx.Request("POST", "https://example.invalid/v1/chat/completions")
+    response = httpx.Response(
+        429, headers={k.replace("_", "-"): v for k, v in headers.items()}, request=request
+    )
+    return openai.RateLimitError("Rate limit reached", response=response, body=None)
 
 
 async def test_a_busy_event_loop_is_not_mistaken_for_a_silent_upstream(
