@@ -4,6 +4,31 @@ Why it exists: Carlos's connection pools must be tested for reuse, pacing, back-
 fault handling without a network or a real model. Driving HTTP/1.1 ourselves through h11
 gives exact control over every connection (keep-alive, resets, stalls), and the counters in
 `SimulatorStats` let tests prove what the client side did on the wire.
+
+What it can send, so pools are tested against the protocol rather than our simplifications
+(every setting is a `SimulatorConfig` field; those in `FAULT_FIELDS` can also be changed on
+a running server through `apply_faults` or `POST /_simulator/faults`):
+
+- Latency: `ttft_ms` (+ `ttft_per_request_ms` for every other chat request already in
+  flight, as on a loaded GPU), `tokens_per_second`, `rtt_ms`.
+- Back-pressure: `capacity` (concurrent chat requests; beyond it, 429), and the per-key
+  quota of Azure OpenAI deployments: `quota_rpm` / `quota_tpm` over a sliding
+  `quota_window_s`, kept per (API key, model/deployment). Every API request counts against
+  RPM (a models list counts against each of the key's models); chat requests are charged
+  TPM on arrival (prompt + `max_tokens`, or `QUOTA_DEFAULT_MAX_TOKENS`). A request that
+  does not fit gets a 429 whose retry-after is the exact wait, and is not charged.
+- Scripted 429s: `next_429` answers the next N chat requests 429.
+- How 429s and limits are advertised: `retry_after_s`, `retry_after_mode` (both, seconds,
+  ms, date, none) and `ratelimit_headers` (real, none, negative).
+- Faults, drawn from a seeded RNG so runs are reproducible: `error_rate` (500),
+  `reset_rate` (TCP RST mid-stream), `stall_rate`/`stall_seconds`, and stream faults:
+  `truncate_rate` (the stream ends cleanly with no finish_reason, usage or [DONE]),
+  `malformed_rate` (one broken SSE event, then a clean end), `empty_rate` (an empty
+  answer), `length_rate` and `content_filter_rate` (the answer is cut, with that
+  finish_reason), and `no_usage` (usage never sent). `fault_model` limits every injected
+  fault (including `next_429`) to one model/deployment.
+- Connections: idle keep-alive connections are closed with a FIN after
+  `keepalive_timeout_s`, as uvicorn does.
 """
 
 import asyncio
@@ -21,7 +46,8 @@ import ssl
 import struct
 import time
 import uuid
-from collections.abc import Mapping
+from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -37,7 +63,14 @@ from pools.simulator.responders import (
 )
 from pools.simulator.tls import SimulatorTLS
 
-__all__ = ["FAULT_FIELDS", "LLMSimulator", "SimulatorConfig", "SimulatorStats"]
+__all__ = [
+    "FAULT_CHOICES",
+    "FAULT_FIELDS",
+    "QUOTA_DEFAULT_MAX_TOKENS",
+    "LLMSimulator",
+    "SimulatorConfig",
+    "SimulatorStats",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +90,14 @@ _MODEL_RE = re.compile(r"/v1/models/([^/]+)")
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _RESPONSE_FORMATS = frozenset({"text", "json_object", "json_schema"})
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::"})
+# Tokens the quota charges for a chat request that sets no max_tokens, as Azure does.
+QUOTA_DEFAULT_MAX_TOKENS = 1000
+_ORGANIZATION = "org-carlos-simulator"
+_QUOTA_INCREASE_HINT = (
+    "Please go here: https://aka.ms/oai/quotaincrease if you would like to further increase "
+    "the default rate limit."
+)
+_RATE_LIMIT_HINT = "Visit https://platform.openai.com/account/rate-limits to learn more."
 
 
 @dataclass
@@ -79,10 +120,28 @@ class SimulatorConfig:
     deployments: tuple[str, ...] | None = None  # when set, other models/deployments get 404
     seed: int = 0  # fault draws come from random.Random(seed): runs are reproducible
     keepalive_timeout_s: float = 120.0  # idle connections are closed after this (0 = never)
+    # Per (API key, model/deployment) quota over a sliding window, as Azure OpenAI deployments
+    # have; 0 = off. TPM is charged on arrival: prompt + (max_tokens or the default).
+    quota_rpm: int = 0
+    quota_tpm: int = 0
+    quota_window_s: float = 60.0
+    ttft_per_request_ms: float = 0.0  # added to ttft_ms per other chat request in flight
+    retry_after_mode: str = "both"  # on every 429: both | seconds | ms | date | none
+    ratelimit_headers: str = "real"  # x-ratelimit-*: real | none | negative (-1 everywhere)
+    next_429: int = 0  # the next N chat requests get 429 (counts down)
+    fault_model: str = ""  # when set, injected faults hit only this model/deployment
+    truncate_rate: float = 0.0  # streams that end cleanly after a few chunks, unfinished
+    malformed_rate: float = 0.0  # streams that send one broken SSE event, then end
+    empty_rate: float = 0.0  # answers with no content (finish_reason "stop")
+    length_rate: float = 0.0  # answers cut at half, finish_reason "length"
+    content_filter_rate: float = 0.0  # answers cut at a third, finish_reason "content_filter"
+    no_usage: int = 0  # 1 = never send usage (streams ignore include_usage; usage: null)
 
 
 # Settings that POST /_simulator/faults (and LLMSimulator.apply_faults) may change live,
 # with the kind of value each accepts.
+# Kinds: "rate" (a fraction 0..1), "number" (>= 0), "positive" (> 0), "count" (a whole
+# number >= 0), "flag" (0 or 1), "choice" (one of FAULT_CHOICES[field]), "text" (a string).
 FAULT_FIELDS: dict[str, str] = {
     "error_rate": "rate",
     "reset_rate": "rate",
@@ -93,7 +152,59 @@ FAULT_FIELDS: dict[str, str] = {
     "tokens_per_second": "number",
     "rtt_ms": "number",
     "retry_after_s": "number",
+    "quota_rpm": "count",
+    "quota_tpm": "count",
+    "quota_window_s": "positive",
+    "ttft_per_request_ms": "number",
+    "retry_after_mode": "choice",
+    "ratelimit_headers": "choice",
+    "next_429": "count",
+    "fault_model": "text",
+    "truncate_rate": "rate",
+    "malformed_rate": "rate",
+    "empty_rate": "rate",
+    "length_rate": "rate",
+    "content_filter_rate": "rate",
+    "no_usage": "flag",
+    "keepalive_timeout_s": "number",
 }
+
+# The values each "choice" setting accepts.
+FAULT_CHOICES: dict[str, tuple[str, ...]] = {
+    "retry_after_mode": ("both", "seconds", "ms", "date", "none"),
+    "ratelimit_headers": ("real", "none", "negative"),
+}
+
+
+def _clean_fault_value(key: str, value: Any) -> Any:
+    """One live setting checked against its kind; raises ValueError saying what is wrong."""
+    kind = FAULT_FIELDS[key]
+    if kind == "choice":
+        allowed = FAULT_CHOICES[key]
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{key} must be one of {', '.join(allowed)}; got {json.dumps(value)}")
+        return value
+    if kind == "text":
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {json.dumps(value)}")
+        return value
+    if kind == "flag":
+        if value not in (0, 1):  # True and False are 1 and 0
+            raise ValueError(f"{key} must be 0 or 1, got {json.dumps(value)}")
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{key} must be a number, got {json.dumps(value)}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key} must be a finite number >= 0, got {value}")
+    if kind == "positive" and value == 0:
+        raise ValueError(f"{key} must be greater than 0, got {value}")
+    if kind == "rate" and value > 1:
+        raise ValueError(f"{key} is a fraction and must be between 0 and 1, got {value}")
+    if kind == "count":
+        if value != int(value):
+            raise ValueError(f"{key} must be a whole number, got {value}")
+        return int(value)
+    return float(value)
 
 
 @dataclass
@@ -109,6 +220,12 @@ class SimulatorStats:
     status_counts: dict[int, int] = field(default_factory=dict)
     resets: int = 0
     stalls: int = 0
+    rate_limited: int = 0  # 429s sent, whatever the cause
+    quota_rejections: int = 0  # 429s because a quota_rpm/quota_tpm window was full
+    truncations: int = 0  # streams ended cleanly without finish_reason / [DONE]
+    malformed: int = 0  # streams that carried a broken SSE event
+    empties: int = 0  # empty answers sent
+    idle_closes: int = 0  # keep-alive connections the server closed for being idle
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready copy (status codes become string keys, as JSON requires)."""
@@ -130,6 +247,7 @@ class _HTTPError(Exception):
         param: str | None = None,
         headers: list[tuple[str, str]] | None = None,
         close: bool = False,
+        azure: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -139,8 +257,11 @@ class _HTTPError(Exception):
         self.param = param
         self.headers = headers or []
         self.close = close
+        self.azure = azure  # Azure's shorter error shape: {"error": {"code", "message"}}
 
     def payload(self) -> dict[str, Any]:
+        if self.azure:
+            return {"error": {"code": self.code, "message": self.message}}
         return {
             "error": {
                 "message": self.message,
@@ -176,6 +297,61 @@ class _Connection:
         self.peer_gone = asyncio.Event()
         self.aborted = False
         self.count_response = True
+        # The quota windows the current request was checked against (for its headers).
+        self.quota_windows: list[_QuotaWindow] = []
+        # While a read waits: its timeout and when the wait began, so a live change of
+        # keepalive_timeout_s can move the deadline.
+        self.read_timeout: tuple[asyncio.Timeout, float] | None = None
+
+
+class _QuotaWindow:
+    """A sliding-window log of (arrival time, tokens charged) for one (API key, model).
+
+    A log rather than a token bucket, so the wait for room is exact: it is when the entries
+    that must leave the window to make room do.
+    """
+
+    def __init__(self) -> None:
+        self.entries: deque[tuple[float, int]] = deque()
+        self.tokens = 0
+
+    def prune(self, now: float, window: float) -> None:
+        cutoff = now - window
+        while self.entries and self.entries[0][0] <= cutoff:
+            _, tokens = self.entries.popleft()
+            self.tokens -= tokens
+
+    def request_wait(self, now: float, window: float, limit: int) -> float:
+        """Seconds until one more request fits under `limit` (0 = now)."""
+        if limit <= 0 or len(self.entries) < limit:
+            return 0.0
+        # The oldest len - limit + 1 entries must leave the window first.
+        return self.entries[len(self.entries) - limit][0] + window - now
+
+    def token_wait(self, now: float, window: float, limit: int, cost: int) -> float:
+        """Seconds until `cost` more tokens fit under `limit` (inf = never)."""
+        if limit <= 0 or self.tokens + cost <= limit:
+            return 0.0
+        if cost > limit:
+            return math.inf
+        excess = self.tokens + cost - limit
+        freed = 0
+        for arrived, tokens in self.entries:
+            freed += tokens
+            if freed >= excess:
+                return arrived + window - now
+        return 0.0  # unreachable: freeing every entry always makes room
+
+    def request_reset(self, now: float, window: float) -> float:
+        """Seconds until the oldest entry leaves the window."""
+        return self.entries[0][0] + window - now if self.entries else 0.0
+
+    def token_reset(self, now: float, window: float) -> float:
+        """Seconds until the oldest entry that holds tokens leaves the window."""
+        for arrived, tokens in self.entries:
+            if tokens:
+                return arrived + window - now
+        return 0.0
 
 
 @dataclass
@@ -198,10 +374,20 @@ def _sse(obj: Any) -> bytes:
 
 
 def _duration(seconds: float) -> str:
-    """OpenAI's reset-header style: '250ms', '1s', '1.5s'."""
-    if seconds < 1:
-        return f"{round(seconds * 1000)}ms"
-    return f"{seconds:g}s"
+    """OpenAI's reset-header style: '250ms', '1s', '1.5s', '6m0s', '1h0m0s'."""
+    ms = max(0, math.ceil(seconds * 1000 - 1e-6))
+    if ms == 0:
+        return "0s"
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    text = f"{rest / 1000:g}s"
+    if hours:
+        return f"{hours}h{minutes}m{text}"
+    if minutes:
+        return f"{minutes}m{text}"
+    return text
 
 
 class LLMSimulator:
@@ -223,8 +409,15 @@ class LLMSimulator:
         self._generation = 0
         self._epoch = 0
         self._connections: dict[asyncio.Task[Any], _Connection] = {}
+        for key in FAULT_FIELDS:
+            _clean_fault_value(key, getattr(self.config, key))  # fail early on a bad config
         self._rng = random.Random(self.config.seed)
+        # The stream-fault rolls come from their own generator, so the sequence of the
+        # original three rolls per request (error, reset, stall) is what it always was.
+        self._stream_rng = random.Random(f"{self.config.seed}:stream-faults")
         self._tokens_in_flight = 0
+        self._quotas: dict[tuple[str, str], _QuotaWindow] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._start_lock = asyncio.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------
@@ -241,6 +434,7 @@ class LLMSimulator:
                     self._tls = await asyncio.to_thread(SimulatorTLS, [self.config.host])
                 ssl_context = self._tls.server_context()
             self._generation += 1
+            self._loop = asyncio.get_running_loop()
             callback = functools.partial(self._on_connection, self._generation)
             port = self.config.port
             if port == 0 and self.port:
@@ -337,6 +531,8 @@ class LLMSimulator:
         stats = self.stats  # reset in place: callers may hold a reference to it
         stats.connections_accepted = stats.requests_total = stats.chat_requests = 0
         stats.resets = stats.stalls = 0
+        stats.rate_limited = stats.quota_rejections = 0
+        stats.truncations = stats.malformed = stats.empties = stats.idle_closes = 0
         stats.peak_in_flight = stats.in_flight
         stats.status_counts.clear()
 
@@ -351,25 +547,32 @@ class LLMSimulator:
                 f"unknown setting(s): {', '.join(unknown)}; "
                 f"allowed: {', '.join(sorted(FAULT_FIELDS))}"
             )
-        clean: dict[str, float | int] = {}
-        for key, value in changes.items():
-            kind = FAULT_FIELDS[key]
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{key} must be a number, got {json.dumps(value)}")
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"{key} must be a finite number >= 0, got {value}")
-            if kind == "rate" and value > 1:
-                raise ValueError(f"{key} is a fraction and must be between 0 and 1, got {value}")
-            if kind == "count":
-                if value != int(value):
-                    raise ValueError(f"{key} must be a whole number, got {value}")
-                value = int(value)
-            else:
-                value = float(value)
-            clean[key] = value
+        clean = {key: _clean_fault_value(key, value) for key, value in changes.items()}
         for key, value in clean.items():
             setattr(self.config, key, value)
+        if "keepalive_timeout_s" in clean:
+            self._move_read_deadlines()
         return self.fault_settings()
+
+    def _move_read_deadlines(self) -> None:
+        """Apply a new keepalive_timeout_s to reads already waiting, not only to later ones."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not loop:  # called from another thread: let the server's loop do it
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._move_read_deadlines)
+            return
+        limit = self.config.keepalive_timeout_s
+        for conn in self._connections.values():
+            if conn.read_timeout is not None:
+                timeout, started = conn.read_timeout
+                if not timeout.expired():
+                    timeout.reschedule(started + limit if limit > 0 else None)
 
     def fault_settings(self) -> dict[str, Any]:
         """The current values of every live-tunable setting."""
@@ -393,7 +596,7 @@ class LLMSimulator:
         try:
             await self._serve(conn)
         except TimeoutError:
-            pass  # idle keep-alive connection: close it politely
+            pass  # a client that stopped sending mid-request: close it politely too
         except (_PeerGone, _ConnectionReset, ConnectionError):
             conn.aborted = True
         except ssl.SSLError as exc:
@@ -429,7 +632,14 @@ class LLMSimulator:
             await asyncio.sleep(rtt * (2 if self.config.tls else 1))
         while True:
             try:
-                event = await self._next_event(conn)
+                try:
+                    event = await self._next_event(conn)
+                except TimeoutError:
+                    # Idle keep-alive connection: close it with a FIN, as uvicorn does.
+                    idle = not conn.h11.trailing_data[0]  # not half-way through a request
+                    if idle and conn.control is not True:
+                        self.stats.idle_closes += 1
+                    return
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 if not isinstance(event, h11.Request):
@@ -456,8 +666,13 @@ class LLMSimulator:
         if conn.eof:
             return b""
         idle_limit = self.config.keepalive_timeout_s
-        async with asyncio.timeout(idle_limit if idle_limit > 0 else None):
-            return await conn.reader.read(_READ_SIZE)
+        started = asyncio.get_running_loop().time()
+        async with asyncio.timeout(idle_limit if idle_limit > 0 else None) as timeout:
+            conn.read_timeout = (timeout, started)
+            try:
+                return await conn.reader.read(_READ_SIZE)
+            finally:
+                conn.read_timeout = None
 
     async def _next_event(self, conn: _Connection) -> Any:
         while True:
@@ -526,9 +741,11 @@ class LLMSimulator:
         if conn.count_response:
             counts = self.stats.status_counts
             counts[status] = counts.get(status, 0) + 1
+            if status == 429:
+                self.stats.rate_limited += 1
             if status < 300:
                 # Every successful API response advertises limits, like OpenAI's do.
-                headers = [*headers, *self._ratelimit_headers()]
+                headers = [*headers, *self._ratelimit_headers(conn)]
         await self._send(
             conn, h11.Response(status_code=status, headers=self._base_headers() + headers)
         )
@@ -598,6 +815,7 @@ class LLMSimulator:
         elif conn.control is None:
             conn.control = False
         conn.count_response = not control
+        conn.quota_windows = []
         if not control:
             self.stats.requests_total += 1
 
@@ -644,6 +862,7 @@ class LLMSimulator:
             self._check_auth(req)
             if path.startswith("/openai/"):
                 self._require_api_version(req)
+            self._charge_quota(conn, req, None, 0, "Models_List")
             await self._send_json(
                 conn, 200, {"object": "list", "data": [_model(m) for m in self._models()]}
             )
@@ -653,6 +872,7 @@ class LLMSimulator:
             model = unquote(match[1])
             if model not in self._models():
                 raise _model_not_found(model)
+            self._charge_quota(conn, req, model, 0, "Models_Get")
             await self._send_json(conn, 200, _model(model))
         else:
             raise _HTTPError(
@@ -736,28 +956,82 @@ class LLMSimulator:
 
     # --- chat completions ---------------------------------------------------------------
 
-    def _ratelimit_headers(self, *, exhausted: bool = False) -> list[tuple[str, str]]:
+    def _ratelimit_headers(
+        self,
+        conn: _Connection,
+        *,
+        exhausted: Sequence[str] = (),
+        resets: Mapping[str, float] | None = None,
+    ) -> list[tuple[str, str]]:
+        """x-ratelimit-* headers: the quota's real numbers when one is set, else capacity's.
+
+        `exhausted` kinds ("requests", "tokens") are advertised with 0 remaining; `resets`
+        overrides the reset time of a kind (the exact wait of a 429).
+        """
         cfg = self.config
+        if cfg.ratelimit_headers == "none":
+            return []
         limit_requests = cfg.capacity if cfg.capacity > 0 else _UNLIMITED_REQUESTS
         limit_tokens = limit_requests * _TOKENS_PER_REQUEST_SLOT
-        remaining_requests = 0 if exhausted else max(0, limit_requests - self.stats.in_flight)
+        remaining_requests = max(0, limit_requests - self.stats.in_flight)
         remaining_tokens = max(0, limit_tokens - self._tokens_in_flight)
-        reset = _duration(max(cfg.retry_after_s, 0.001))
+        reset_requests = reset_tokens = max(cfg.retry_after_s, 0.001)
+        if conn.quota_windows:
+            # A models list is checked against several windows: show the fullest.
+            window = max(conn.quota_windows, key=lambda w: (len(w.entries), w.tokens))
+            now = asyncio.get_running_loop().time()
+            window.prune(now, cfg.quota_window_s)
+            if cfg.quota_rpm > 0:
+                limit_requests = cfg.quota_rpm
+                remaining_requests = max(0, cfg.quota_rpm - len(window.entries))
+                reset_requests = window.request_reset(now, cfg.quota_window_s)
+            if cfg.quota_tpm > 0:
+                limit_tokens = cfg.quota_tpm
+                remaining_tokens = max(0, cfg.quota_tpm - window.tokens)
+                reset_tokens = window.token_reset(now, cfg.quota_window_s)
+        if "requests" in exhausted:
+            remaining_requests = 0
+        if "tokens" in exhausted:
+            remaining_tokens = 0
+        resets = resets or {}
+        reset_requests = resets.get("requests", reset_requests)
+        reset_tokens = resets.get("tokens", reset_tokens)
+        numbers = [limit_requests, remaining_requests, limit_tokens, remaining_tokens]
+        if cfg.ratelimit_headers == "negative":
+            numbers = [-1] * 4
         return [
-            ("x-ratelimit-limit-requests", str(limit_requests)),
-            ("x-ratelimit-remaining-requests", str(remaining_requests)),
-            ("x-ratelimit-reset-requests", reset),
-            ("x-ratelimit-limit-tokens", str(limit_tokens)),
-            ("x-ratelimit-remaining-tokens", str(remaining_tokens)),
-            ("x-ratelimit-reset-tokens", reset),
+            ("x-ratelimit-limit-requests", str(numbers[0])),
+            ("x-ratelimit-remaining-requests", str(numbers[1])),
+            ("x-ratelimit-reset-requests", _duration(reset_requests)),
+            ("x-ratelimit-limit-tokens", str(numbers[2])),
+            ("x-ratelimit-remaining-tokens", str(numbers[3])),
+            ("x-ratelimit-reset-tokens", _duration(reset_tokens)),
         ]
 
-    def _too_many_requests(self) -> _HTTPError:
+    def _retry_after_headers(self, seconds: float, ms: int | None = None) -> list[tuple[str, str]]:
+        """retry-after / retry-after-ms as retry_after_mode says (ms defaults to round(s))."""
+        seconds = max(seconds, 0.0)
+        if ms is None:
+            ms = round(seconds * 1000)
+        mode = self.config.retry_after_mode
+        whole = ("retry-after", str(math.ceil(seconds)))
+        millis = ("retry-after-ms", str(ms))
+        if mode == "both":
+            return [whole, millis]
+        if mode == "seconds":
+            return [whole]
+        if mode == "ms":
+            return [millis]
+        if mode == "date":
+            at = math.ceil(time.time() + seconds)  # rounded up: never earlier than the wait
+            return [("retry-after", email.utils.formatdate(at, usegmt=True))]
+        return []
+
+    def _too_many_requests(self, conn: _Connection) -> _HTTPError:
         retry_after = max(self.config.retry_after_s, 0.0)
         headers = [
-            ("retry-after", str(math.ceil(retry_after))),
-            ("retry-after-ms", str(round(retry_after * 1000))),
-            *self._ratelimit_headers(exhausted=True),
+            *self._retry_after_headers(retry_after),
+            *self._ratelimit_headers(conn, exhausted=("requests",)),
         ]
         return _HTTPError(
             429,
@@ -767,6 +1041,156 @@ class LLMSimulator:
             code="rate_limit_exceeded",
             headers=headers,
         )
+
+    def _rate_limit_error(
+        self,
+        req: _Request,
+        *,
+        operation: str,
+        model: str | None,
+        kind: str,
+        wait: float,
+        headers: list[tuple[str, str]],
+        detail: str,
+    ) -> _HTTPError:
+        """A 429 in the style of the path: Azure's for /openai/..., OpenAI's for /v1/...."""
+        if req.path.startswith("/openai/"):
+            seconds = math.ceil(wait)
+            version = req.query.get("api-version", [""])[0]
+            limit = "call" if kind == "requests" else "token"
+            message = (
+                f"Requests to the {operation} Operation under Azure OpenAI API version "
+                f"{version} have exceeded {limit} rate limit of your current OpenAI S0 pricing "
+                f"tier. Please retry after {seconds} second{'' if seconds == 1 else 's'}. "
+                f"{_QUOTA_INCREASE_HINT}"
+            )
+            return _HTTPError(429, message, code="429", headers=headers, azure=True)
+        return _HTTPError(
+            429,
+            f"{detail} {_RATE_LIMIT_HINT}",
+            type_=kind,
+            code="rate_limit_exceeded",
+            headers=headers,
+        )
+
+    def _scripted_429(self, conn: _Connection, req: _Request, model: str) -> _HTTPError:
+        wait = max(self.config.retry_after_s, 0.0)
+        headers = [
+            *self._retry_after_headers(wait),
+            *self._ratelimit_headers(conn, exhausted=("requests",)),
+        ]
+        return self._rate_limit_error(
+            req,
+            operation="ChatCompletions_Create",
+            model=model,
+            kind="requests",
+            wait=wait,
+            headers=headers,
+            detail=f"Rate limit reached for {model} in organization {_ORGANIZATION} on "
+            f"requests per min (RPM). Please try again in {_duration(wait)}.",
+        )
+
+    def _check_quota(
+        self, conn: _Connection, req: _Request, model: str | None, cost: int, operation: str
+    ) -> list[_QuotaWindow]:
+        """The quota windows this request is charged to; raises the 429 if one is full.
+
+        Quotas are per (API key presented, model/deployment). A request naming no model
+        (a models list) is counted against every model of that key: the ones listed and any
+        it has used.
+        """
+        cfg = self.config
+        if cfg.quota_rpm <= 0 and cfg.quota_tpm <= 0:
+            return []
+        key = _presented_key(req)
+        if model is None:
+            models = sorted({*self._models(), *(m for k, m in self._quotas if k == key)})
+        else:
+            models = [model]
+        now = asyncio.get_running_loop().time()
+        span = cfg.quota_window_s
+        windows = []
+        for name in models:
+            window = self._quotas.setdefault((key, name), _QuotaWindow())
+            window.prune(now, span)
+            windows.append(window)
+        conn.quota_windows = windows
+        worst: tuple[float, float, _QuotaWindow, str] | None = None
+        for window, name in zip(windows, models, strict=True):
+            request_wait = window.request_wait(now, span, cfg.quota_rpm)
+            token_wait = window.token_wait(now, span, cfg.quota_tpm, cost)
+            if (request_wait > 0 or token_wait > 0) and (
+                worst is None or max(request_wait, token_wait) > max(worst[0], worst[1])
+            ):
+                worst = (request_wait, token_wait, window, name)
+        if worst is None:
+            return windows
+
+        request_wait, token_wait, window, name = worst
+        self.stats.quota_rejections += 1
+        conn.quota_windows = [window]
+        kind = "requests" if request_wait >= token_wait else "tokens"
+        too_large = math.isinf(token_wait)
+        # A request larger than the whole TPM never fits; advertise the full window.
+        wait = span if too_large else max(request_wait, token_wait)
+        ms = math.ceil(wait * 1000)
+        exhausted = [k for k, w in (("requests", request_wait), ("tokens", token_wait)) if w > 0]
+        headers = [
+            *self._retry_after_headers(ms / 1000, ms),
+            *self._ratelimit_headers(
+                conn,
+                exhausted=exhausted,
+                resets={
+                    k: (span if math.isinf(w) else w)
+                    for k, w in (("requests", request_wait), ("tokens", token_wait))
+                    if w > 0
+                },
+            ),
+        ]
+        subject = model if model is not None else "models"
+        if too_large:
+            detail = (
+                f"Request too large for {subject} in organization {_ORGANIZATION} on tokens "
+                f"per min (TPM): Limit {cfg.quota_tpm}, Requested {cost}. The input or output "
+                "tokens must be reduced in order to run successfully."
+            )
+        elif kind == "requests":
+            detail = (
+                f"Rate limit reached for {subject} in organization {_ORGANIZATION} on requests "
+                f"per min (RPM): Limit {cfg.quota_rpm}, Used {len(window.entries)}, "
+                f"Requested 1. Please try again in {_duration(wait)}."
+            )
+        else:
+            detail = (
+                f"Rate limit reached for {subject} in organization {_ORGANIZATION} on tokens "
+                f"per min (TPM): Limit {cfg.quota_tpm}, Used {window.tokens}, Requested "
+                f"{cost}. Please try again in {_duration(wait)}."
+            )
+        raise self._rate_limit_error(
+            req,
+            operation=operation,
+            model=name,
+            kind=kind,
+            wait=wait,
+            headers=headers,
+            detail=detail,
+        )
+
+    @staticmethod
+    def _consume_quota(windows: list[_QuotaWindow], cost: int) -> None:
+        now = asyncio.get_running_loop().time()
+        for window in windows:
+            window.entries.append((now, cost))
+            window.tokens += cost
+
+    def _charge_quota(
+        self, conn: _Connection, req: _Request, model: str | None, cost: int, operation: str
+    ) -> None:
+        self._consume_quota(self._check_quota(conn, req, model, cost, operation), cost)
+
+    def _faults_apply_to(self, model: str) -> bool:
+        target = self.config.fault_model
+        return not target or model == target
 
     async def _chat(self, conn: _Connection, req: _Request, deployment: str | None) -> None:
         self.stats.chat_requests += 1
@@ -784,20 +1208,33 @@ class LLMSimulator:
                     code="DeploymentNotFound",
                 )
             raise _model_not_found(request.model)
-        capacity = self.config.capacity
-        if capacity > 0 and self.stats.in_flight >= capacity:
-            raise self._too_many_requests()
-
+        cfg = self.config
+        faulty = self._faults_apply_to(request.model)
+        if faulty and cfg.next_429 > 0:
+            cfg.next_429 -= 1
+            raise self._scripted_429(conn, req, request.model)
         prompt_tokens = count_prompt_tokens(request.messages)
+        charge = prompt_tokens + (request.max_tokens or QUOTA_DEFAULT_MAX_TOKENS)
+        windows = self._check_quota(conn, req, request.model, charge, "ChatCompletions_Create")
+        capacity = cfg.capacity
+        if capacity > 0 and self.stats.in_flight >= capacity:
+            raise self._too_many_requests(conn)
+        self._consume_quota(windows, charge)
+
         reserved = prompt_tokens + (request.max_tokens or 256)
+        others_in_flight = self.stats.in_flight
         self.stats.in_flight += 1
         self.stats.peak_in_flight = max(self.stats.peak_in_flight, self.stats.in_flight)
         self._tokens_in_flight += reserved
         try:
             # Always three draws per admitted request, so the fault sequence for a given
-            # seed does not depend on which rates happen to be set.
+            # seed does not depend on which rates happen to be set; the stream-fault rolls
+            # come from their own generator, always five of them.
             error_roll, reset_roll, stall_roll = (self._rng.random() for _ in range(3))
-            if error_roll < self.config.error_rate:
+            truncate_roll, malformed_roll, empty_roll, length_roll, filter_roll = (
+                self._stream_rng.random() for _ in range(5)
+            )
+            if faulty and error_roll < cfg.error_rate:
                 raise _HTTPError(
                     500,
                     "The server had an error while processing your request. Sorry about that!",
@@ -810,6 +1247,23 @@ class LLMSimulator:
             if request.max_tokens is not None and len(tokens) > request.max_tokens:
                 tokens = tokens[: request.max_tokens]
                 finish_reason = "length"
+            # At most one shape per response; when several rolls hit, the first one wins.
+            shape = "normal"
+            if faulty:
+                if request.stream and malformed_roll < cfg.malformed_rate:
+                    shape = "malformed"
+                elif request.stream and truncate_roll < cfg.truncate_rate:
+                    shape = "truncate"
+                elif empty_roll < cfg.empty_rate:
+                    shape = "empty"
+                    tokens, finish_reason = [], "stop"
+                elif filter_roll < cfg.content_filter_rate:
+                    shape = "content_filter"
+                    tokens, finish_reason = tokens[: len(tokens) // 3], "content_filter"
+                elif length_roll < cfg.length_rate:
+                    shape = "length"
+                    tokens, finish_reason = tokens[: len(tokens) // 2], "length"
+            no_usage = faulty and bool(cfg.no_usage)
             usage = {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": len(tokens),
@@ -819,10 +1273,15 @@ class LLMSimulator:
                 request=request,
                 tokens=tokens,
                 finish_reason=finish_reason,
-                usage=usage,
-                reset=request.stream and reset_roll < self.config.reset_rate,
-                stall=stall_roll < self.config.stall_rate,
+                usage=None if no_usage else usage,
+                reset=faulty and request.stream and reset_roll < cfg.reset_rate,
+                stall=faulty and stall_roll < cfg.stall_rate,
+                ttft_s=(cfg.ttft_ms + cfg.ttft_per_request_ms * others_in_flight) / 1000,
+                shape=shape,
+                include_usage=request.include_usage and not no_usage,
             )
+            if shape == "empty":
+                self.stats.empties += 1
             if request.stream:
                 await self._stream(conn, plan)
             else:
@@ -870,7 +1329,7 @@ class LLMSimulator:
     async def _complete(self, conn: _Connection, plan: "_ResponsePlan") -> None:
         """Non-streaming: wait the whole generation time, then send one chat.completion."""
         cfg = self.config
-        generation = cfg.ttft_ms / 1000
+        generation = plan.ttft_s
         if cfg.tokens_per_second > 0:
             generation += len(plan.tokens) / cfg.tokens_per_second
         await self._pause(conn, generation)
@@ -891,6 +1350,7 @@ class LLMSimulator:
                         },
                         "logprobs": None,
                         "finish_reason": plan.finish_reason,
+                        **plan.filter_results(),
                     }
                 ],
                 "usage": plan.usage,
@@ -924,6 +1384,15 @@ class LLMSimulator:
             ],
         )
         request = plan.request
+        first_at = loop.time() + plan.ttft_s
+        if plan.shape == "malformed":
+            # One event cut off mid-JSON, then a clean end of the HTTP response.
+            await self._pause(conn, first_at - loop.time())
+            self.stats.malformed += 1
+            broken = f'data: {{"id":"{plan.completion_id}","object":"chat.comp\n\n'
+            await self._send(conn, h11.Data(data=broken.encode()))
+            await self._send(conn, h11.EndOfMessage())
+            return
         base = {
             "id": plan.completion_id,
             "object": "chat.completion.chunk",
@@ -931,13 +1400,13 @@ class LLMSimulator:
             "model": request.model,
             "system_fingerprint": _SYSTEM_FINGERPRINT,
         }
-        usage_field = {"usage": None} if request.include_usage else {}
+        usage_field = {"usage": None} if plan.include_usage else {}
         interval = 1 / cfg.tokens_per_second if cfg.tokens_per_second > 0 else 0.0
-        first_at = loop.time() + cfg.ttft_ms / 1000
         fault_at = min(_FAULT_AFTER_CHUNKS, max(1, len(plan.tokens) // 2))
+        truncate = plan.shape == "truncate"
         fault_done = False
-        tokens = plan.tokens or [""]
-        for index, token in enumerate(tokens):
+        chunks = plan.chunks()
+        for index, (delta, finish_reason) in enumerate(chunks):
             if index == fault_at and (plan.reset or plan.stall):
                 fault_done = True
                 if plan.reset:
@@ -946,17 +1415,17 @@ class LLMSimulator:
                 stall_started = loop.time()
                 await self._stall(conn)
                 first_at += loop.time() - stall_started
+            if truncate and index == fault_at:
+                break
             await self._pause(conn, first_at + index * interval - loop.time())
-            delta: dict[str, Any] = {"content": token}
-            if index == 0:
-                delta = {"role": "assistant", **delta}
-            last = index == len(tokens) - 1
             choice = {
                 "index": 0,
                 "delta": delta,
                 "logprobs": None,
-                "finish_reason": plan.finish_reason if last else None,
+                "finish_reason": None if truncate else finish_reason,
             }
+            if finish_reason is not None and not truncate:
+                choice.update(plan.filter_results())
             await self._send(
                 conn, h11.Data(data=_sse({**base, "choices": [choice], **usage_field}))
             )
@@ -964,12 +1433,35 @@ class LLMSimulator:
             await self._reset(conn)
         if not fault_done and plan.stall:
             await self._stall(conn)
-        if request.include_usage:
+        if truncate:
+            # Cut: the HTTP response ends cleanly, but no finish_reason, usage or [DONE].
+            self.stats.truncations += 1
+            await self._send(conn, h11.EndOfMessage())
+            return
+        if plan.include_usage:
             await self._send(
                 conn, h11.Data(data=_sse({**base, "choices": [], "usage": plan.usage}))
             )
         await self._send(conn, h11.Data(data=b"data: [DONE]\n\n"))
         await self._send(conn, h11.EndOfMessage())
+
+
+def _presented_key(req: _Request) -> str:
+    """The API key a request presents (Azure's api-key, else the Bearer token, else '')."""
+    azure_key = req.headers.get("api-key")
+    if azure_key:
+        return azure_key
+    auth = req.headers.get("authorization", "")
+    return auth[7:].strip() if auth[:7].lower() == "bearer " else auth
+
+
+# What Azure attaches to a choice whose output its content filter stopped.
+_FILTERED = {
+    "hate": {"filtered": False, "severity": "safe"},
+    "self_harm": {"filtered": False, "severity": "safe"},
+    "sexual": {"filtered": False, "severity": "safe"},
+    "violence": {"filtered": True, "severity": "medium"},
+}
 
 
 @dataclass
@@ -979,11 +1471,34 @@ class _ResponsePlan:
     request: ChatRequest
     tokens: list[str]
     finish_reason: str
-    usage: dict[str, int]
+    usage: dict[str, int] | None  # None: the no_usage fault (sent as usage: null)
     reset: bool
     stall: bool
+    ttft_s: float = 0.0
+    shape: str = "normal"  # normal | malformed | truncate | empty | content_filter | length
+    include_usage: bool = False  # streams: send the usage chunk
     completion_id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex[:24]}")
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def chunks(self) -> list[tuple[dict[str, Any], str | None]]:
+        """(delta, finish_reason) per SSE chunk, before any fault cuts the stream."""
+        if self.shape == "empty":
+            return [({"role": "assistant", "content": ""}, None), ({}, self.finish_reason)]
+        tokens = self.tokens or [""]
+        last = len(tokens) - 1
+        chunks: list[tuple[dict[str, Any], str | None]] = []
+        for index, token in enumerate(tokens):
+            delta: dict[str, Any] = {"content": token}
+            if index == 0:
+                delta = {"role": "assistant", **delta}
+            chunks.append((delta, self.finish_reason if index == last else None))
+        return chunks
+
+    def filter_results(self) -> dict[str, Any]:
+        """Azure's content_filter_results, on a choice its filter stopped (Azure paths only)."""
+        if self.shape == "content_filter" and self.request.deployment is not None:
+            return {"content_filter_results": _FILTERED}
+        return {}
 
 
 def _model(model_id: str) -> dict[str, Any]:

@@ -4,13 +4,19 @@ Timing asserts are lower bounds only: the machine may be slow, never impossibly 
 """
 
 import asyncio
+import contextlib
+import email.utils
 import json
+import math
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +24,19 @@ import httpx
 import httpx2
 import openai
 import pytest
+from django.core.management.base import CommandError
 from pydantic import BaseModel
 
+from pools.management.commands.llm_simulator import Command as LLMSimulatorCommand
 from pools.simulator import (
     ChatRequest,
     LLMSimulator,
+    SimulatorConfig,
+    count_prompt_tokens,
     default_responder,
     tokenize,
 )
+from pools.simulator.server import QUOTA_DEFAULT_MAX_TOKENS
 
 MESSAGES = [
     {"role": "system", "content": "You are a cloud architect."},
@@ -62,6 +73,41 @@ def chat_request(**overrides: Any) -> ChatRequest:
     }
     fields.update(overrides)
     return ChatRequest(**fields)
+
+
+def payload(**overrides: Any) -> dict[str, Any]:
+    return {"model": "gpt-4o", "messages": MESSAGES, **overrides}
+
+
+async def sse_exchange(http: httpx.AsyncClient, **overrides: Any) -> tuple[httpx.Response, bytes]:
+    """POST a streamed chat request and return the response with its raw body, as sent."""
+    async with http.stream(
+        "POST", "/chat/completions", json=payload(stream=True, **overrides)
+    ) as r:
+        raw = await r.aread()
+    return r, raw
+
+
+def sse_events(raw: bytes) -> list[Any]:
+    """Every event of an SSE body: the parsed JSON of each `data:` line, or "[DONE]"."""
+    events: list[Any] = []
+    for block in raw.split(b"\n\n"):
+        if block:
+            assert block.startswith(b"data: "), block
+            data = block.removeprefix(b"data: ")
+            events.append("[DONE]" if data == b"[DONE]" else json.loads(data))
+    return events
+
+
+def limit_headers(response: httpx.Response) -> dict[str, str]:
+    return {k: v for k, v in response.headers.items() if k.startswith("x-ratelimit-")}
+
+
+async def wait_for(condition: Any, seconds: float = 5.0) -> None:
+    """Poll a condition the server reaches on its own (no event to wait on)."""
+    async with asyncio.timeout(seconds):
+        while not condition():
+            await asyncio.sleep(0.01)
 
 
 async def raw_exchange(sim: LLMSimulator, payload: bytes) -> bytes:
@@ -349,6 +395,587 @@ async def test_fault_draws_are_reproducible(simulator_factory: Any) -> None:
     assert {200, 500} == set(first)
 
 
+async def test_stream_fault_draws_are_reproducible_and_keep_the_old_sequence(
+    simulator_factory: Any,
+) -> None:
+    async def outcomes(**config: Any) -> list[tuple[int, str | None]]:
+        sim = await simulator_factory(seed=7, **config)
+        results = []
+        async with httpx.AsyncClient(base_url=sim.base_url) as http:
+            for _ in range(12):
+                response = await http.post("/chat/completions", json=payload())
+                finish = None
+                if response.status_code == 200:
+                    finish = response.json()["choices"][0]["finish_reason"]
+                results.append((response.status_code, finish))
+        return results
+
+    # The original three draws per request are untouched: the 500s fall where they always did.
+    rng = random.Random(7)
+    expected = []
+    for _ in range(12):
+        error_roll, _reset, _stall = rng.random(), rng.random(), rng.random()
+        expected.append(500 if error_roll < 0.5 else 200)
+    assert [status for status, _ in await outcomes(error_rate=0.5)] == expected
+    with_cuts = await outcomes(error_rate=0.5, length_rate=0.5)
+    assert [status for status, _ in with_cuts] == expected
+    assert with_cuts == await outcomes(error_rate=0.5, length_rate=0.5)
+    assert {finish for status, finish in with_cuts if status == 200} == {"stop", "length"}
+
+
+# --- defaults ---------------------------------------------------------------------------------
+
+
+async def test_default_settings_send_what_they_always_sent(simulator: LLMSimulator) -> None:
+    assert simulator.fault_settings() == {
+        "error_rate": 0.0,
+        "reset_rate": 0.0,
+        "stall_rate": 0.0,
+        "stall_seconds": 30.0,
+        "capacity": 0,
+        "ttft_ms": 0.0,
+        "tokens_per_second": 0.0,
+        "rtt_ms": 0.0,
+        "retry_after_s": 1.0,
+        "quota_rpm": 0,
+        "quota_tpm": 0,
+        "quota_window_s": 60.0,
+        "ttft_per_request_ms": 0.0,
+        "retry_after_mode": "both",
+        "ratelimit_headers": "real",
+        "next_429": 0,
+        "fault_model": "",
+        "truncate_rate": 0.0,
+        "malformed_rate": 0.0,
+        "empty_rate": 0.0,
+        "length_rate": 0.0,
+        "content_filter_rate": 0.0,
+        "no_usage": 0,
+        "keepalive_timeout_s": 120.0,
+    }
+    prompt = count_prompt_tokens(MESSAGES)
+    async with httpx.AsyncClient(base_url=simulator.base_url) as http:
+        response = await http.post("/chat/completions", json=payload())
+        assert list(response.headers) == [
+            "date",
+            "server",
+            "x-request-id",
+            "content-type",
+            "content-length",
+            "openai-processing-ms",
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ]
+        assert limit_headers(response) == {
+            "x-ratelimit-limit-requests": "10000",
+            "x-ratelimit-remaining-requests": "9999",  # this request is in flight
+            "x-ratelimit-reset-requests": "1s",
+            "x-ratelimit-limit-tokens": "300000000",
+            "x-ratelimit-remaining-tokens": str(300_000_000 - prompt - 256),
+            "x-ratelimit-reset-tokens": "1s",
+        }
+        choice = response.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        assert set(choice) == {"index", "message", "logprobs", "finish_reason"}
+        assert response.json()["usage"]["completion_tokens"] == len(
+            tokenize(choice["message"]["content"])
+        )
+
+        _, raw = await sse_exchange(http, stream_options={"include_usage": True})
+        events = sse_events(raw)
+        assert raw.endswith(b"data: [DONE]\n\n") and events[-1] == "[DONE]"
+        content, usage = events[:-2], events[-2]
+        assert all(e["usage"] is None for e in content)
+        assert [e["choices"][0]["finish_reason"] for e in content] == [None] * (
+            len(content) - 1
+        ) + ["stop"]
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == len(content)
+
+        _, raw = await sse_exchange(http)
+        assert all("usage" not in e for e in sse_events(raw)[:-1])
+        models = await http.get("/models")
+        assert models.headers["x-ratelimit-remaining-requests"] == "10000"
+    stats = simulator.stats.as_dict()
+    assert json.loads(json.dumps(stats)) == stats
+    for name in ("rate_limited", "quota_rejections", "truncations", "malformed", "empties"):
+        assert stats[name] == 0
+    assert stats["idle_closes"] == 0
+
+
+# --- quotas, 429s and rate-limit headers ------------------------------------------------------
+
+
+async def test_quota_rpm_is_per_key_and_model_with_the_exact_wait(simulator_factory: Any) -> None:
+    window = 0.8
+    sim = await simulator_factory(quota_rpm=3, quota_window_s=window)
+    one = httpx.AsyncClient(base_url=sim.base_url, headers={"authorization": "Bearer key-one"})
+    two = httpx.AsyncClient(base_url=sim.base_url, headers={"authorization": "Bearer key-two"})
+    async with one, two:
+        before_first = time.monotonic()
+        first = await one.post("/chat/completions", json=payload())
+        after_first = time.monotonic()
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit-requests"] == "3"
+        assert first.headers["x-ratelimit-remaining-requests"] == "2"
+        reset = first.headers["x-ratelimit-reset-requests"]  # until the oldest entry leaves
+        assert re.fullmatch(r"\d+ms", reset) and 0 < int(reset[:-2]) <= 800
+        # Every API request counts: a models list (against each of the key's models) ...
+        listed = await one.get("/models")
+        assert listed.status_code == 200
+        assert listed.headers["x-ratelimit-remaining-requests"] == "1"
+        # ... and a model lookup.
+        looked_up = await one.get("/models/gpt-4o")
+        assert looked_up.headers["x-ratelimit-remaining-requests"] == "0"
+
+        before_refused = time.monotonic()
+        refused = await one.post("/chat/completions", json=payload())
+        after_refused = time.monotonic()
+        assert refused.status_code == 429
+        retry_ms = int(refused.headers["retry-after-ms"])
+        # The exact wait until the first request leaves the window; the server's clock
+        # readings lie between ours.
+        low = (before_first + window - after_refused) * 1000
+        high = (after_first + window - before_refused) * 1000 + 1
+        assert low <= retry_ms <= high
+        assert refused.headers["retry-after"] == str(math.ceil(retry_ms / 1000))
+        assert refused.headers["x-ratelimit-limit-requests"] == "3"
+        assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+        error = refused.json()["error"]
+        assert error["type"] == "requests" and error["code"] == "rate_limit_exceeded"
+        assert "on requests per min (RPM): Limit 3, Used 3, Requested 1" in error["message"]
+        assert (await one.get("/models")).status_code == 429
+
+        # Another key, and another model of the same key, have their own quotas.
+        other_key = await two.post("/chat/completions", json=payload())
+        assert other_key.status_code == 200
+        assert other_key.headers["x-ratelimit-remaining-requests"] == "2"
+        other_model = await one.post("/chat/completions", json=payload(model="gpt-4o-mini"))
+        assert other_model.status_code == 200
+        assert other_model.headers["x-ratelimit-remaining-requests"] == "1"  # the list counted
+
+        await asyncio.sleep(retry_ms / 1000 + 0.02)
+        assert (await one.post("/chat/completions", json=payload())).status_code == 200
+    assert sim.stats.quota_rejections == 2
+    assert sim.stats.rate_limited == 2
+    assert sim.stats.status_counts == {200: 6, 429: 2}
+
+
+async def test_quota_tpm_charges_prompt_and_max_tokens_on_arrival(simulator_factory: Any) -> None:
+    prompt = count_prompt_tokens(MESSAGES)
+    limit = 3 * prompt + 1200
+    sim = await simulator_factory(quota_tpm=limit, quota_window_s=30)
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        small = await http.post("/chat/completions", json=payload(max_tokens=100))
+        assert small.status_code == 200
+        assert small.headers["x-ratelimit-limit-tokens"] == str(limit)
+        assert small.headers["x-ratelimit-remaining-tokens"] == str(limit - prompt - 100)
+        assert small.headers["x-ratelimit-limit-requests"] == "10000"  # no RPM quota set
+
+        big = await http.post("/chat/completions", json=payload(max_tokens=limit - 50 - prompt))
+        assert big.status_code == 429
+        assert big.headers["x-ratelimit-remaining-tokens"] == "0"
+        assert big.headers["x-ratelimit-remaining-requests"] != "0"
+        assert 29_000 <= int(big.headers["retry-after-ms"]) <= 30_000  # until `small` leaves
+        assert big.headers["retry-after"] == "30"
+        error = big.json()["error"]
+        assert error["type"] == "tokens" and error["code"] == "rate_limit_exceeded"
+        assert (
+            f"(TPM): Limit {limit}, Used {prompt + 100}, Requested {limit - 50}"
+            in (error["message"])
+        )
+
+        # The refused request took nothing: a small one still fits ...
+        again = await http.post("/chat/completions", json=payload(max_tokens=100))
+        assert again.headers["x-ratelimit-remaining-tokens"] == str(limit - 2 * (prompt + 100))
+        # ... and no max_tokens is charged at the default.
+        unset = await http.post("/chat/completions", json=payload())
+        assert unset.status_code == 200
+        assert QUOTA_DEFAULT_MAX_TOKENS == 1000
+        assert unset.headers["x-ratelimit-remaining-tokens"] == "0"
+
+        never = await http.post("/chat/completions", json=payload(max_tokens=limit + 1))
+        assert never.status_code == 429
+        assert "Request too large" in never.json()["error"]["message"]
+        assert never.headers["retry-after-ms"] == "30000"
+    assert sim.stats.quota_rejections == 2
+
+
+async def test_quota_429_is_azure_shaped_on_deployment_paths(simulator_factory: Any) -> None:
+    sim = await simulator_factory(quota_rpm=1, quota_window_s=30)
+    async with azure(sim) as client:
+        await client.chat.completions.create(model="main", messages=MESSAGES)
+        with pytest.raises(openai.RateLimitError) as info:
+            await client.chat.completions.create(model="main", messages=MESSAGES)
+        # Another deployment has its own quota.
+        assert (await client.chat.completions.create(model="other", messages=MESSAGES)).choices
+        sim.apply_faults({"quota_rpm": 0, "quota_tpm": 100})
+        with pytest.raises(openai.RateLimitError) as tokens_info:
+            await client.chat.completions.create(model="third", messages=MESSAGES)
+    response = info.value.response
+    assert response.headers["retry-after"] == "30"
+    assert response.json() == {
+        "error": {
+            "code": "429",
+            "message": "Requests to the ChatCompletions_Create Operation under Azure OpenAI API "
+            "version 2024-10-21 have exceeded call rate limit of your current OpenAI S0 pricing "
+            "tier. Please retry after 30 seconds. Please go here: "
+            "https://aka.ms/oai/quotaincrease if you would like to further increase the "
+            "default rate limit.",
+        }
+    }
+    assert info.value.code == "429"
+    assert "have exceeded token rate limit" in tokens_info.value.response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("mode", ["real", "none", "negative"])
+async def test_ratelimit_header_modes(simulator_factory: Any, mode: str) -> None:
+    sim = await simulator_factory(
+        quota_rpm=1, quota_tpm=5000, quota_window_s=30, ratelimit_headers=mode
+    )
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        ok = await http.post("/chat/completions", json=payload())
+        refused = await http.post("/chat/completions", json=payload())
+    assert (ok.status_code, refused.status_code) == (200, 429)
+    assert "retry-after" in refused.headers
+    left = str(5000 - count_prompt_tokens(MESSAGES) - QUOTA_DEFAULT_MAX_TOKENS)
+    if mode == "none":
+        assert limit_headers(ok) == limit_headers(refused) == {}
+        return
+    for response in (ok, refused):
+        headers = limit_headers(response)
+        assert len(headers) == 6
+        assert re.fullmatch(r"\d+(\.\d+)?m?s", headers["x-ratelimit-reset-requests"])
+        numbers = [
+            headers[f"x-ratelimit-{name}-{kind}"]
+            for name in ("limit", "remaining")
+            for kind in ("requests", "tokens")
+        ]
+        if mode == "negative":
+            assert numbers == ["-1"] * 4
+        else:
+            assert numbers == ["1", "5000", "0", left]  # tokens not exhausted on the 429
+
+
+RETRY_HEADERS = {
+    "both": {"retry-after", "retry-after-ms"},
+    "seconds": {"retry-after"},
+    "ms": {"retry-after-ms"},
+    "date": {"retry-after"},
+    "none": set(),
+}
+
+
+@pytest.mark.parametrize("mode", list(RETRY_HEADERS))
+async def test_retry_after_mode_applies_to_every_429(simulator_factory: Any, mode: str) -> None:
+    sim = await simulator_factory(
+        retry_after_mode=mode,
+        retry_after_s=40,
+        next_429=1,
+        quota_rpm=2,
+        quota_window_s=30,
+        capacity=1,
+        tokens_per_second=20,
+    )
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        scripted = await http.post("/chat/completions", json=payload())
+        async with http.stream("POST", "/chat/completions", json=payload(stream=True)) as held:
+            await anext(held.aiter_bytes())  # in flight, and charged to the quota
+            capacity = await http.post("/chat/completions", json=payload())
+        await wait_for(lambda: sim.stats.in_flight == 0)
+        sim.config.tokens_per_second = 0
+        assert (await http.post("/chat/completions", json=payload())).status_code == 200
+        quota = await http.post("/chat/completions", json=payload())
+    for response in (scripted, capacity, quota):
+        assert response.status_code == 429
+        assert {k for k in response.headers if k.startswith("retry-after")} == RETRY_HEADERS[mode]
+    assert sim.stats.rate_limited == 3 and sim.stats.quota_rejections == 1
+    if mode == "date":
+        when = email.utils.parsedate_to_datetime(scripted.headers["retry-after"])
+        assert 35 <= when.timestamp() - time.time() <= 41
+        assert (
+            0
+            < email.utils.parsedate_to_datetime(quota.headers["retry-after"]).timestamp()
+            - (time.time())
+            <= 31
+        )
+    if mode in ("both", "seconds"):
+        assert scripted.headers["retry-after"] == capacity.headers["retry-after"] == "40"
+        assert quota.headers["retry-after"] == "30"
+    if mode in ("both", "ms"):
+        assert scripted.headers["retry-after-ms"] == capacity.headers["retry-after-ms"] == "40000"
+        assert 29_000 <= int(quota.headers["retry-after-ms"]) <= 30_000
+
+
+async def test_next_429_and_faults_hit_only_the_fault_model(simulator_factory: Any) -> None:
+    sim = await simulator_factory(
+        next_429=2, retry_after_s=0, fault_model="gpt-4o-mini", error_rate=1.0
+    )
+    async with sdk(sim) as client:
+        assert (await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)).choices
+        assert sim.config.next_429 == 2  # the other model does not count down
+        for left in (1, 0):
+            with pytest.raises(openai.RateLimitError) as info:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+            assert sim.config.next_429 == left
+            assert info.value.response.headers["retry-after"] == "0"
+            assert info.value.response.headers["retry-after-ms"] == "0"
+            assert info.value.code == "rate_limit_exceeded"
+            assert "gpt-4o-mini" in info.value.message
+        # Then the model's other faults: error_rate applies to it, and only to it.
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert (await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)).choices
+    assert sim.stats.rate_limited == 2
+    assert sim.stats.status_counts == {200: 2, 429: 2, 500: 1}
+
+
+async def test_latency_rises_with_concurrency_and_capacity_changes_live(
+    simulator_factory: Any,
+) -> None:
+    sim = await simulator_factory(capacity=2, ttft_per_request_ms=250, tokens_per_second=20)
+    streams = []
+
+    async def first_token_after() -> float:
+        started = time.monotonic()
+        stream = await client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, stream=True
+        )
+        streams.append(stream)
+        await anext(aiter(stream))
+        return time.monotonic() - started
+
+    async with sdk(sim) as client:
+        alone = await first_token_after()
+        second = await first_token_after()  # one request already in flight
+        assert second > alone
+        assert second >= 0.24
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+        sim.apply_faults({"capacity": 3})
+        third = await first_token_after()  # two in flight: twice the extra wait
+        assert third > second
+        assert third >= 0.49
+        assert sim.stats.peak_in_flight == 3
+        for stream in streams:
+            await stream.close()
+
+
+# --- stream faults ----------------------------------------------------------------------------
+
+
+async def test_truncated_stream_ends_cleanly_without_finish_or_done(
+    simulator_factory: Any,
+) -> None:
+    sim = await simulator_factory(truncate_rate=1.0)
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        response, raw = await sse_exchange(http, stream_options={"include_usage": True})
+        assert response.status_code == 200
+        assert response.headers["transfer-encoding"] == "chunked"  # and its terminator came
+        events = sse_events(raw)
+        assert len(events) == 3
+        assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+        assert all(e["choices"][0]["finish_reason"] is None for e in events)
+        assert all(e["usage"] is None for e in events)  # no usage chunk
+        assert b"[DONE]" not in raw
+
+        # The SDK sees a stream that simply stops, with no finish_reason.
+        async with sdk(sim) as client:
+            stream = await client.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True
+            )
+            chunks = [chunk async for chunk in stream]
+        assert chunks and chunks[-1].choices[0].finish_reason is None
+
+        sim.apply_faults({"truncate_rate": 0})
+        _, raw = await sse_exchange(http)
+        assert raw.endswith(b"data: [DONE]\n\n")
+    assert sim.stats.truncations == 2
+    assert sim.stats.connections_accepted == 2  # httpx reused its connection; the SDK had one
+
+
+async def test_malformed_stream_sends_one_broken_event(simulator_factory: Any) -> None:
+    sim = await simulator_factory(malformed_rate=1.0)
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        response, raw = await sse_exchange(http)
+        assert response.status_code == 200
+        assert re.fullmatch(rb'data: \{"id":"chatcmpl-[0-9a-f]{24}","object":"chat\.comp\n\n', raw)
+        with pytest.raises(json.JSONDecodeError):
+            json.loads(raw.removeprefix(b"data: "))
+        sim.apply_faults({"malformed_rate": 0})
+        _, raw = await sse_exchange(http)
+        assert sse_events(raw)[-1] == "[DONE]"
+    assert sim.stats.malformed == 1
+    assert sim.stats.connections_accepted == 1
+
+
+async def test_empty_answer(simulator_factory: Any) -> None:
+    sim = await simulator_factory(empty_rate=1.0)
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        _, raw = await sse_exchange(http, stream_options={"include_usage": True})
+        role, final, usage, done = sse_events(raw)
+        assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        assert role["choices"][0]["finish_reason"] is None
+        assert final["choices"][0]["delta"] == {}
+        assert final["choices"][0]["finish_reason"] == "stop"
+        assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 0
+        assert done == "[DONE]"
+        whole = (await http.post("/chat/completions", json=payload())).json()
+    assert whole["choices"][0]["message"]["content"] == ""
+    assert whole["choices"][0]["finish_reason"] == "stop"
+    assert whole["usage"]["completion_tokens"] == 0
+    assert sim.stats.empties == 2
+
+
+@pytest.mark.parametrize(
+    ("rate", "finish_reason", "divisor"),
+    [("length_rate", "length", 2), ("content_filter_rate", "content_filter", 3)],
+)
+async def test_cut_answers(
+    simulator_factory: Any, rate: str, finish_reason: str, divisor: int
+) -> None:
+    sim = await simulator_factory(**{rate: 1.0})
+    full = tokenize(default_responder(chat_request()))
+    kept = full[: len(full) // divisor]
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        whole = (await http.post("/chat/completions", json=payload())).json()
+        _, raw = await sse_exchange(http)
+    choice = whole["choices"][0]
+    assert choice["message"]["content"] == "".join(kept)
+    assert choice["finish_reason"] == finish_reason
+    assert whole["usage"]["completion_tokens"] == len(kept)
+    assert "content_filter_results" not in choice  # Azure's field, not OpenAI's
+
+    events = sse_events(raw)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "".join(kept)
+    assert [c["choices"][0]["finish_reason"] for c in chunks][-2:] == [None, finish_reason]
+
+    async with httpx.AsyncClient(base_url=sim.root_url) as http:
+        on_azure = await http.post(
+            "/openai/deployments/gpt-4o/chat/completions",
+            params={"api-version": "2024-10-21"},
+            json={"messages": MESSAGES},
+        )
+    azure_choice = on_azure.json()["choices"][0]
+    assert azure_choice["finish_reason"] == finish_reason
+    if finish_reason == "content_filter":
+        assert azure_choice["content_filter_results"]["violence"]["filtered"] is True
+
+
+async def test_no_usage(simulator_factory: Any) -> None:
+    sim = await simulator_factory(no_usage=1)
+    async with httpx.AsyncClient(base_url=sim.base_url) as http:
+        _, raw = await sse_exchange(http, stream_options={"include_usage": True})
+        events = sse_events(raw)
+        assert events[-1] == "[DONE]"
+        assert all("usage" not in e for e in events[:-1])
+        assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    async with sdk(sim) as client:
+        result = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert result.usage is None
+    assert result.choices[0].message.content
+
+
+# --- live settings ----------------------------------------------------------------------------
+
+
+async def test_new_settings_change_live_through_the_control_endpoint(
+    simulator: LLMSimulator,
+) -> None:
+    changes = {
+        "retry_after_mode": "ms",
+        "ratelimit_headers": "none",
+        "next_429": 1,
+        "fault_model": "gpt-4o",
+        "retry_after_s": 40,
+        "quota_rpm": 5,
+        "no_usage": True,
+        "keepalive_timeout_s": 5,
+    }
+    async with httpx.AsyncClient(base_url=simulator.root_url) as control:
+        answer = await control.post("/_simulator/faults", json=changes)
+        assert answer.status_code == 200
+        settings = answer.json()
+        assert {key: settings[key] for key in changes} == {**changes, "no_usage": 1}
+        assert (await control.get("/_simulator/faults")).json() == settings
+        async with httpx.AsyncClient(base_url=simulator.base_url) as http:
+            refused = await http.post("/chat/completions", json=payload())
+            served = await http.post("/chat/completions", json=payload())
+        stats = (await control.get("/_simulator/stats")).json()
+    assert refused.status_code == 429
+    assert {k for k in refused.headers if k.startswith("retry-after")} == {"retry-after-ms"}
+    assert refused.headers["retry-after-ms"] == "40000"
+    assert limit_headers(refused) == limit_headers(served) == {}
+    assert served.status_code == 200 and served.json()["usage"] is None
+    assert stats["rate_limited"] == 1 and stats["status_counts"] == {"200": 1, "429": 1}
+    assert simulator.config.next_429 == 0
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"retry_after_mode": "sometimes"},
+         'retry_after_mode must be one of both, seconds, ms, date, none; got "sometimes"'),
+        ({"ratelimit_headers": 1}, "ratelimit_headers must be one of real, none, negative"),
+        ({"no_usage": 2}, "no_usage must be 0 or 1, got 2"),
+        ({"quota_window_s": 0}, "quota_window_s must be greater than 0"),
+        ({"fault_model": 3}, "fault_model must be a string, got 3"),
+        ({"truncate_rate": 1.5}, "truncate_rate is a fraction and must be between 0 and 1"),
+        ({"quota_rpm": 2.5}, "quota_rpm must be a whole number, got 2.5"),
+        ({"keepalive_timeout_s": -1}, "keepalive_timeout_s must be a finite number >= 0"),
+        ({"next_429": "3"}, 'next_429 must be a number, got "3"'),
+    ],
+)  # fmt: skip
+async def test_bad_live_settings_are_refused_with_a_clear_message(
+    simulator: LLMSimulator, change: dict[str, Any], message: str
+) -> None:
+    async with httpx.AsyncClient(base_url=simulator.root_url) as http:
+        response = await http.post("/_simulator/faults", json={"empty_rate": 1, **change})
+    assert response.status_code == 400
+    assert message in response.json()["error"]["message"]
+    assert simulator.config.empty_rate == 0.0  # nothing applied from a rejected update
+    with pytest.raises(ValueError, match=re.escape(message)):
+        simulator.apply_faults(change)
+
+
+def test_bad_choice_in_a_config_fails_early() -> None:
+    with pytest.raises(ValueError, match="retry_after_mode must be one of"):
+        LLMSimulator(SimulatorConfig(retry_after_mode="soon"))
+
+
+# --- keep-alive expiry ------------------------------------------------------------------------
+
+
+async def test_idle_connections_are_closed_with_a_fin_after_a_live_timeout_change(
+    simulator: LLMSimulator,
+) -> None:
+    async with httpx.AsyncClient(base_url=simulator.base_url) as http:
+        assert (await http.get("/models")).status_code == 200
+        reader, writer = await asyncio.open_connection("127.0.0.1", simulator.port)
+        try:
+            # Both connections are already idle under the default 120 s: the new limit
+            # applies to them too.
+            simulator.apply_faults({"keepalive_timeout_s": 0.2})
+            async with asyncio.timeout(5):
+                assert await reader.read() == b""  # end of stream: a FIN, not a reset
+        finally:
+            writer.close()
+        await wait_for(
+            lambda: simulator.stats.idle_closes == 2 and simulator.stats.connections_open == 0
+        )
+        await asyncio.sleep(0.05)  # let the client's socket see the FIN too
+        simulator.apply_faults({"keepalive_timeout_s": 120})
+        assert (await http.get("/models")).status_code == 200
+    # The client's idle connection had been closed: it needed a new one.
+    assert simulator.stats.connections_accepted == 3
+    assert simulator.stats.idle_closes == 2
+
+
 # --- TLS --------------------------------------------------------------------------------------
 
 
@@ -528,10 +1155,12 @@ async def test_stop_closes_everything(simulator_factory: Any) -> None:
 # --- management command -----------------------------------------------------------------------
 
 
-def test_management_command_serves_and_stops_on_sigterm() -> None:
+@contextlib.contextmanager
+def llm_simulator_command(*args: str) -> Iterator[str]:
+    """Run `manage.py llm_simulator --port 0 ARGS`; yield its base URL; stop it with SIGTERM."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "manage.py", "llm_simulator", "--port", "0", "--ttft-ms", "1"],
+        [sys.executable, "manage.py", "llm_simulator", "--port", "0", *args],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -546,9 +1175,7 @@ def test_management_command_serves_and_stops_on_sigterm() -> None:
         assert line.startswith("LLM simulator listening on http://127.0.0.1:"), line
         base_url = line.rsplit(" ", 1)[1]
         assert base_url.endswith("/v1") and not base_url.endswith(":0/v1")
-        with openai.OpenAI(base_url=base_url, api_key="x", max_retries=0) as client:
-            result = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
-        assert result.choices[0].message.content
+        yield base_url
         proc.send_signal(signal.SIGTERM)
         _, stderr = proc.communicate(timeout=20)
         assert proc.returncode == 0, stderr
@@ -557,3 +1184,55 @@ def test_management_command_serves_and_stops_on_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_management_command_serves_and_stops_on_sigterm() -> None:
+    with (
+        llm_simulator_command("--ttft-ms", "1") as base_url,
+        openai.OpenAI(base_url=base_url, api_key="x", max_retries=0) as client,
+    ):
+        result = client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+    assert result.choices[0].message.content
+
+
+def test_management_command_sets_every_mode() -> None:
+    flags = [
+        *("--quota-rpm", "7", "--quota-tpm", "9000", "--quota-window", "2.5"),
+        *("--ttft-per-request-ms", "15", "--retry-after", "40", "--next-429", "2"),
+        *("--retry-after-mode", "date", "--ratelimit-headers", "negative"),
+        *("--truncate-rate", "0.1", "--malformed-rate", "0.2", "--empty-rate", "0.3"),
+        *("--length-rate", "0.4", "--content-filter-rate", "0.5", "--no-usage"),
+        *("--fault-model", "gpt-4o-mini", "--keepalive-timeout", "4"),
+    ]
+    with llm_simulator_command(*flags) as base_url:
+        settings = httpx.get(base_url.removesuffix("/v1") + "/_simulator/faults").json()
+    assert (
+        settings
+        | {
+            "quota_rpm": 7,
+            "quota_tpm": 9000,
+            "quota_window_s": 2.5,
+            "ttft_per_request_ms": 15.0,
+            "retry_after_s": 40.0,
+            "next_429": 2,
+            "retry_after_mode": "date",
+            "ratelimit_headers": "negative",
+            "truncate_rate": 0.1,
+            "malformed_rate": 0.2,
+            "empty_rate": 0.3,
+            "length_rate": 0.4,
+            "content_filter_rate": 0.5,
+            "no_usage": 1,
+            "fault_model": "gpt-4o-mini",
+            "keepalive_timeout_s": 4.0,
+        }
+        == settings
+    )
+
+
+def test_management_command_refuses_an_unknown_mode() -> None:
+    parser = LLMSimulatorCommand().create_parser("manage.py", "llm_simulator")
+    with pytest.raises(CommandError, match="invalid choice: 'soon'"):
+        parser.parse_args(["--retry-after-mode", "soon"])
+    with pytest.raises(CommandError, match="must be greater than 0"):
+        parser.parse_args(["--quota-window", "0"])

@@ -15,6 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils.module_loading import import_string
 
 from pools.simulator import LLMSimulator, SimulatorConfig
+from pools.simulator.server import FAULT_CHOICES, QUOTA_DEFAULT_MAX_TOKENS
 
 DEFAULT_RESPONDER = "pools.simulator.responders.default_responder"
 
@@ -36,6 +37,13 @@ def _rate(value: str) -> float:
     return number
 
 
+def _positive(value: str) -> float:
+    number = _non_negative(value)
+    if number == 0:
+        raise argparse.ArgumentTypeError(f"{value!r} must be greater than 0")
+    return number
+
+
 def _count(value: str) -> int:
     try:
         number = int(value)
@@ -51,11 +59,20 @@ class Command(BaseCommand):
         "Run the offline LLM simulator: an OpenAI- and Azure-compatible chat-completions "
         "server for development and tests, with adjustable latency and injected faults. "
         "Point clients at the printed base URL (LLM_SIMULATOR_URL); Azure clients use the same "
-        "URL without /v1 as their endpoint. Fault settings can also be changed while it runs "
-        "with POST /_simulator/faults, counters are at GET /_simulator/stats and are zeroed "
-        "by POST /_simulator/reset. Stop it with Ctrl-C or SIGTERM. Example, a slow and "
+        "URL without /v1 as their endpoint. It can push back as a real endpoint does: a "
+        "concurrency --capacity, or a per-key Azure-style quota (--quota-rpm/--quota-tpm over "
+        "--quota-window, kept per API key and model/deployment, answered 429 with the exact "
+        "wait), scripted 429s (--next-429), every Retry-After and x-ratelimit-* variant "
+        "(--retry-after-mode, --ratelimit-headers), and broken answers (--error-rate, "
+        "--reset-rate, --stall-rate, --truncate-rate, --malformed-rate, --empty-rate, "
+        "--length-rate, --content-filter-rate, --no-usage), optionally for one model only "
+        "(--fault-model). Every one of these settings, --keepalive-timeout included, can "
+        "also be changed while it runs with POST /_simulator/faults (JSON, field names as in "
+        "GET /_simulator/faults); counters are at GET /_simulator/stats and are zeroed by "
+        "POST /_simulator/reset. Stop it with Ctrl-C or SIGTERM. Example, a slow and "
         "slightly flaky model: manage.py llm_simulator --ttft-ms 400 --tokens-per-second 30 "
-        "--error-rate 0.05 --reset-rate 0.02"
+        "--error-rate 0.05 --reset-rate 0.02. Example, an Azure S0 deployment: "
+        "manage.py llm_simulator --quota-rpm 60 --quota-tpm 10000"
     )
     # The simulator needs no database or app checks; starting fast matters for tests.
     requires_system_checks: list[str] = []
@@ -99,7 +116,8 @@ class Command(BaseCommand):
             type=_non_negative,
             default=120.0,
             metavar="SECONDS",
-            help="Close idle keep-alive connections after this long (default: %(default)s).",
+            help="Close idle keep-alive connections (with a FIN, as uvicorn does after 5 s) "
+            "after this long; 0 = never (default: %(default)s).",
         )
 
         timing = parser.add_argument_group("latency")
@@ -122,22 +140,79 @@ class Command(BaseCommand):
             help="Emulated network round trip, added per new connection (twice with TLS) "
             "and per request (default: %(default)s).",
         )
+        timing.add_argument(
+            "--ttft-per-request-ms",
+            type=_non_negative,
+            default=0.0,
+            help="Added to the time to first token for every other chat request already in "
+            "flight when one arrives, so latency rises with concurrency (default: %(default)s).",
+        )
 
-        faults = parser.add_argument_group("faults (fractions between 0 and 1)")
-        faults.add_argument(
+        limits = parser.add_argument_group("rate limits and 429s")
+        limits.add_argument(
+            "--quota-rpm",
+            type=_count,
+            default=0,
+            help="Requests per window allowed per (API key, model/deployment), as an Azure "
+            "deployment's RPM; every API request counts, a models list against each model "
+            "(default: 0 = off).",
+        )
+        limits.add_argument(
+            "--quota-tpm",
+            type=_count,
+            default=0,
+            help="Tokens per window per (API key, model/deployment), charged when a chat "
+            f"request arrives: prompt + max_tokens ({QUOTA_DEFAULT_MAX_TOKENS} when unset) "
+            "(default: 0 = off).",
+        )
+        limits.add_argument(
+            "--quota-window",
+            type=_positive,
+            default=60.0,
+            metavar="SECONDS",
+            help="The sliding window the quotas are counted over (default: %(default)s).",
+        )
+        limits.add_argument(
+            "--retry-after-mode",
+            choices=FAULT_CHOICES["retry_after_mode"],
+            default="both",
+            help="How every 429 says when to retry: both retry-after (seconds) and "
+            "retry-after-ms, only one of them, retry-after as an HTTP date, or none "
+            "(default: %(default)s).",
+        )
+        limits.add_argument(
+            "--ratelimit-headers",
+            choices=FAULT_CHOICES["ratelimit_headers"],
+            default="real",
+            help="x-ratelimit-* headers: real values, none at all, or -1 in every limit and "
+            "remaining header (default: %(default)s).",
+        )
+        limits.add_argument(
+            "--next-429",
+            type=_count,
+            default=0,
+            metavar="N",
+            help="Answer the next N chat requests 429 (with --retry-after), then serve "
+            "normally (default: %(default)s).",
+        )
+
+        limits.add_argument(
             "--capacity",
             type=_count,
             default=0,
             help="Max concurrent chat requests; more get 429 with retry headers "
             "(default: 0 = unlimited).",
         )
-        faults.add_argument(
+        limits.add_argument(
             "--retry-after",
             type=_non_negative,
             default=1.0,
             metavar="SECONDS",
-            help="Retry-After advertised on 429 responses (default: %(default)s).",
+            help="Retry-After advertised on --capacity and --next-429 responses; quota 429s "
+            "advertise the exact wait (default: %(default)s).",
         )
+
+        faults = parser.add_argument_group("faults (fractions between 0 and 1)")
         faults.add_argument(
             "--error-rate",
             type=_rate,
@@ -161,6 +236,52 @@ class Command(BaseCommand):
             type=_non_negative,
             default=30.0,
             help="How long a stalled response pauses (default: %(default)s).",
+        )
+        faults.add_argument(
+            "--truncate-rate",
+            type=_rate,
+            default=0.0,
+            help="Fraction of streams that end cleanly after a few chunks with no "
+            "finish_reason, no usage and no [DONE], as a cut stream.",
+        )
+        faults.add_argument(
+            "--malformed-rate",
+            type=_rate,
+            default=0.0,
+            help="Fraction of streams that send one malformed SSE event, then end.",
+        )
+        faults.add_argument(
+            "--empty-rate",
+            type=_rate,
+            default=0.0,
+            help="Fraction of answers with no content at all (finish_reason stop).",
+        )
+        faults.add_argument(
+            "--length-rate",
+            type=_rate,
+            default=0.0,
+            help="Fraction of answers cut at half, with finish_reason length.",
+        )
+        faults.add_argument(
+            "--content-filter-rate",
+            type=_rate,
+            default=0.0,
+            help="Fraction of answers cut at a third, with finish_reason content_filter "
+            "(as Azure's content filter does).",
+        )
+        faults.add_argument(
+            "--no-usage",
+            action="store_true",
+            help="Never send token usage: streams ignore stream_options.include_usage and "
+            "non-streamed answers carry usage: null.",
+        )
+        faults.add_argument(
+            "--fault-model",
+            default="",
+            metavar="NAME",
+            help="Apply every injected fault (--error-rate, --reset-rate, --stall-rate, "
+            "--next-429 and the stream faults) only to this model/deployment "
+            "(default: all).",
         )
         faults.add_argument(
             "--seed",
@@ -204,6 +325,20 @@ class Command(BaseCommand):
             deployments=deployments,
             seed=options["seed"],
             keepalive_timeout_s=options["keepalive_timeout"],
+            quota_rpm=options["quota_rpm"],
+            quota_tpm=options["quota_tpm"],
+            quota_window_s=options["quota_window"],
+            ttft_per_request_ms=options["ttft_per_request_ms"],
+            retry_after_mode=options["retry_after_mode"],
+            ratelimit_headers=options["ratelimit_headers"],
+            next_429=options["next_429"],
+            fault_model=options["fault_model"],
+            truncate_rate=options["truncate_rate"],
+            malformed_rate=options["malformed_rate"],
+            empty_rate=options["empty_rate"],
+            length_rate=options["length_rate"],
+            content_filter_rate=options["content_filter_rate"],
+            no_usage=int(options["no_usage"]),
         )
         try:
             asyncio.run(self._serve(LLMSimulator(config, responder), options["ca_file"]))
