@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 import threading
 import time
@@ -18,9 +19,10 @@ import weakref
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+import httpcore
 import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
@@ -38,6 +40,8 @@ from pools.transport import (
     close_stranded_connections,
     current_pool,
     http_timeout,
+    live_connections,
+    open_idle_connections,
 )
 
 logger = logging.getLogger("pools")
@@ -47,17 +51,31 @@ SDK_MAX_RETRIES = 0
 CLOSE_OTHER_LOOP_TIMEOUT_S = 5.0
 
 
+# Warm stays warm: how often idle connections are checked, how many are opened at once, and
+# at most how many replacements per minute, as a multiple of the pools' total size.
+KEEP_WARM_INTERVAL_S = 1.0
+KEEP_WARM_PARALLEL = 4
+KEEP_WARM_PER_MINUTE = 2
+# A start-up outage: the endpoint is probed again after 1 s, doubling up to 30 s.
+REPROBE_FIRST_S = 1.0
+REPROBE_MAX_S = 30.0
+
+
 @dataclass(eq=False)
 class _LoopClients:
-    """The clients of one event loop."""
+    """The clients of one event loop, and the background work that keeps them warm."""
 
     http: httpx.AsyncClient
     sdk: AsyncOpenAI
     lock: asyncio.Lock
     warmed: dict[str, int] | None = None
+    tasks: set[asyncio.Task] = field(default_factory=set)
 
 
 async def _close_clients(clients: _LoopClients) -> None:
+    for task in list(clients.tasks):
+        task.cancel()
+    await asyncio.gather(*clients.tasks, return_exceptions=True)
     await clients.http.aclose()
     await clients.sdk.close()
 
@@ -317,14 +335,22 @@ class PoolRegistry:
             try:
                 await self._open_connections(clients.http)
                 self.warmup_error = None
-            except (httpx.HTTPError, OSError) as exc:
+            except (
+                httpx.HTTPError,
+                httpcore.NetworkError,
+                httpcore.TimeoutException,
+                OSError,
+            ) as exc:
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
                 logger.error(
                     "❌ Warm-up could not reach the LLM endpoint %s (%s); calls will connect "
-                    "on first use. Check the endpoint URL, the API key and the network.",
+                    "on first use, and the endpoint is probed again in the background. Check "
+                    "the endpoint URL, the API key and the network.",
                     self._config.endpoint.public_url,
                     self.warmup_error,
                 )
+                self._background_on(clients, self._reprobe(clients))
+            self._background_on(clients, self._keep_warm(clients))
             opened = {
                 name: self.ledger.for_pool(name)["connections_num"] - before[name]
                 for name in self.pools
@@ -348,35 +374,95 @@ class PoolRegistry:
             return opened
 
     async def _open_connections(self, http: httpx.AsyncClient) -> None:
-        """Hold one request open per slot at the same time, so each gets its own connection."""
+        """One request to check the endpoint and key, then a connection per slot, idle.
+
+        The slots' connections are opened without requests (TCP and TLS only), so warm-up
+        spends one request of the endpoint's quota, not one per slot.
+        """
         url, headers = self._probe_request()
-
-        async def open_one(pool_name: str) -> httpx.Response:
-            current_pool.set(pool_name)
-            request = http.build_request("GET", url, headers=headers)
-            return await http.send(request, stream=True)
-
-        tasks = [
-            asyncio.create_task(open_one(name))
-            for name, pool in self.pools.items()
-            for _ in range(pool.config.size)
-        ]
-        try:
-            responses = await asyncio.gather(*tasks)
-        except BaseException:
-            for task in tasks:
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    await task.result().aclose()
-                else:
-                    task.cancel()
-            raise
-        statuses = set()
-        for response in responses:
-            await response.aread()  # a fully read response leaves its connection reusable
-            await response.aclose()
-            statuses.add(response.status_code)
-        if 401 in statuses or 403 in statuses:
+        names = list(self.pools)
+        current_pool.set(names[0])
+        response = await http.get(url, headers=headers)
+        if response.status_code in (401, 403):
             logger.error("❌ The LLM endpoint refused the API key during warm-up (HTTP 401/403)")
+        elif response.status_code == 404:
+            logger.error(
+                "❌ The LLM endpoint answered 404 to %s during warm-up: is the base URL missing "
+                "its API path (for example /v1)?",
+                self._config.endpoint.public_url,
+            )
+        timeout = self._config.http.connect_timeout
+        for name in names:
+            current_pool.set(name)
+            missing = self.pools[name].config.size - (name == names[0])
+            if missing > 0:
+                await open_idle_connections(http, url, missing, timeout)
+
+    def _background_on(self, clients: _LoopClients, work: Any) -> None:
+        """Run `work` on this loop until its clients close."""
+        task = asyncio.get_running_loop().create_task(work)
+        clients.tasks.add(task)
+        task.add_done_callback(clients.tasks.discard)
+
+    async def _reprobe(self, clients: _LoopClients) -> None:
+        """After a start-up outage, probe the endpoint with backoff until it answers (one
+        request per probe), so readiness clears by itself."""
+        delay = REPROBE_FIRST_S
+        while self.warmup_error and not self._closed:
+            await asyncio.sleep(delay * (0.5 + 0.5 * random.random()))
+            try:
+                await self._open_connections(clients.http)
+            except (
+                httpx.HTTPError,
+                httpcore.NetworkError,
+                httpcore.TimeoutException,
+                OSError,
+            ) as exc:
+                self.warmup_error = f"{type(exc).__name__}: {exc}"
+                delay = min(REPROBE_MAX_S, delay * 2)
+                continue
+            self.warmup_error = None
+            logger.info(
+                "✅ The LLM endpoint %s answers again: pools warm",
+                self._config.endpoint.public_url,
+            )
+
+    async def _keep_warm(self, clients: _LoopClients) -> None:
+        """Replace, in the background, the idle connections the server closed (uvicorn after
+        5 s, load balancers after minutes), up to the pools' size: the next call after a quiet
+        spell pays no handshake. Bounded: a few at a time, a budget per minute, jittered."""
+        target = self._config.total_slots
+        url, _ = self._probe_request()
+        loop = asyncio.get_running_loop()
+        window_started, replaced = loop.time(), 0
+        while not self._closed:
+            await asyncio.sleep(KEEP_WARM_INTERVAL_S * (0.75 + 0.5 * random.random()))
+            if self.warmup_error:
+                continue  # the re-probe is in charge until the endpoint answers
+            if loop.time() - window_started >= 60:
+                window_started, replaced = loop.time(), 0
+            missing = min(
+                target - await live_connections(clients.http),
+                KEEP_WARM_PARALLEL,
+                KEEP_WARM_PER_MINUTE * target - replaced,
+            )
+            if missing <= 0:
+                continue
+            # Attribute each replacement to the pool that lost most of its own.
+            short = sorted(
+                self.pools,
+                key=lambda name: self.ledger.open_for(name) - self.pools[name].config.size,
+            )
+            for name in short[:missing]:
+                current_pool.set(name)
+                try:
+                    await open_idle_connections(
+                        clients.http, url, 1, self._config.http.connect_timeout
+                    )
+                except (httpcore.NetworkError, httpcore.TimeoutException, OSError):
+                    break  # the endpoint is away: the next round tries again
+                finally:
+                    replaced += 1
 
     def _probe_request(self) -> tuple[str, dict[str, str]]:
         endpoint = self._config.endpoint
@@ -447,16 +533,39 @@ class PoolRegistry:
         return self._guards[pool_name].breaker
 
     def unavailable_reason(self) -> str | None:
-        """Why the service should not take traffic now, or None (drives /health readiness)."""
+        """Why the service should not take traffic now, or None (drives /health readiness).
+
+        Every deployment a pool uses counts (a design needs them all): one whose circuit is
+        open, or that is paused by a 429 for longer than its calls may wait, makes the
+        service unready, with the reason per pool.
+        """
         if self._closed:
             return "pools closed"
         if not self._initialized:
             return "pools not initialized"
-        if "main" in self._guards and self.breaker_for("main").state is BreakerState.OPEN:
-            return "circuit open for the main pool's deployment"
         if self.warmup_error:
-            return f"the LLM endpoint could not be reached at warm-up ({self.warmup_error})"
-        return None
+            return (
+                f"the LLM endpoint could not be reached at warm-up ({self.warmup_error}); "
+                "probing again in the background"
+            )
+        reasons = []
+        for model, breaker in self.breakers.items():
+            pools = [name for name, pool in self.pools.items() if pool.config.model == model]
+            if breaker.state is BreakerState.OPEN:
+                snapshot = breaker.snapshot()
+                reasons.append(
+                    f"circuit open for deployment {model!r} (pools {', '.join(pools)}) after "
+                    f"{snapshot['last_reason']}; retry in {snapshot['retry_in_s']:.0f}s"
+                )
+                continue
+            paused = self.limiters[model].paused_for()
+            longest_wait = max(self.pools[name].config.call_timeout for name in pools)
+            if paused > longest_wait:
+                reasons.append(
+                    f"deployment {model!r} (pools {', '.join(pools)}) is rate limited for "
+                    f"{paused:.0f}s, longer than its calls may wait ({longest_wait:g}s)"
+                )
+        return "; ".join(reasons) or None
 
     def _clear_warmup_error(self, event: PoolEvent) -> None:
         """A call that succeeds proves the endpoint reachable after all."""

@@ -17,6 +17,7 @@ import contextvars
 import select
 import ssl
 import threading
+import time
 import typing
 from asyncio.trsock import TransportSocket
 from collections import Counter
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 import h11
 import httpcore
 import httpx
+from httpcore._async.http11 import AsyncHTTP11Connection, HTTPConnectionState
 
 from pools.config import EndpointConfig, HttpLimits
 
@@ -52,6 +54,11 @@ class ConnectionLedger:
                 "connections_closed": self.closed[pool],
                 "connections_errors": self.failed[pool],
             }
+
+    def open_for(self, pool: str) -> int:
+        """Sockets of `pool` open now."""
+        with self._lock:
+            return self.opened[pool] - self.closed[pool]
 
     def totals(self) -> dict[str, int]:
         with self._lock:
@@ -123,6 +130,9 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self._eof = False  # the peer will send nothing more
         self._error: Exception | None = None  # why the connection broke, if it broke
         self._closed = False  # aclose() was called
+        # Told when the socket is really gone, even if nobody has closed it on our side yet
+        # (a server closing an idle keep-alive connection): the ledger counts open sockets.
+        self.on_lost: typing.Callable[[], None] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -143,6 +153,8 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._error = exc
+        if self.on_lost is not None:
+            self.on_lost()
         self._cancel_read_timer()
         self._wake(self._read_waiter)
         self._wake(self._drain_waiter)
@@ -397,10 +409,16 @@ class _CountedStream(httpcore.AsyncNetworkStream):
         timeout: float | None = None,
     ) -> httpcore.AsyncNetworkStream:
         inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
+        _watch_loss(inner, self._record)
         return _CountedStream(inner, self._record)
 
     def get_extra_info(self, info: str) -> typing.Any:
         return self._inner.get_extra_info(info)
+
+
+def _watch_loss(stream: httpcore.AsyncNetworkStream, record: _ConnectionRecord) -> None:
+    if isinstance(stream, AsyncioStream):
+        stream.on_lost = record.close
 
 
 class _CountingBackend(httpcore.AsyncNetworkBackend):
@@ -429,7 +447,9 @@ class _CountingBackend(httpcore.AsyncNetworkBackend):
             self._ledger._count(self._ledger.failed, pool)
             raise
         self._ledger._count(self._ledger.opened, pool)
-        return _CountedStream(stream, _ConnectionRecord(self._ledger, pool))
+        record = _ConnectionRecord(self._ledger, pool)
+        _watch_loss(stream, record)
+        return _CountedStream(stream, record)
 
     async def connect_unix_socket(
         self,
@@ -528,3 +548,66 @@ async def close_stranded_connections(client: httpx.AsyncClient) -> int:
     for connection in stranded:
         await connection.aclose()
     return len(stranded)
+
+
+def _pool_of(client: httpx.AsyncClient) -> typing.Any:
+    pool = getattr(client._transport, "_pool", None)
+    if pool is None or not hasattr(pool, "_connections"):
+        raise RuntimeError("this httpcore version has no connection list; pin httpcore 1.0.x")
+    return pool
+
+
+async def live_connections(client: httpx.AsyncClient) -> int:
+    """Connections of `client` that can carry a request now or are carrying one.
+
+    Idle ones the server has closed (their socket reads end-of-file) are taken out of the
+    pool and closed here, as httpcore would do only at the next request.
+    """
+    pool = _pool_of(client)
+    dead = []
+    with pool._optional_thread_lock:
+        for connection in list(pool._connections):
+            if connection.is_closed() or (connection.is_idle() and connection.has_expired()):
+                pool._connections.remove(connection)
+                dead.append(connection)
+        live = len(pool._connections)
+    for connection in dead:
+        await connection.aclose()
+    return live
+
+
+async def open_idle_connections(
+    client: httpx.AsyncClient, url: str, count: int, connect_timeout: float
+) -> int:
+    """Open `count` keep-alive connections to `url`'s origin without sending any request.
+
+    Warm-up must not spend the endpoint's quota: a request per slot spent 25 requests of a
+    40-a-minute key before any user arrived. A connection is TCP (and TLS) only, so it is
+    opened as httpcore would open it for a request, and handed to the pool as idle. Returns
+    how many were opened; connection errors propagate.
+    """
+    pool = _pool_of(client)
+    request = httpcore.Request("GET", url, extensions={"timeout": {"connect": connect_timeout}})
+    origin = request.url.origin
+
+    async def open_one() -> None:
+        connection = pool.create_connection(origin)
+        stream = await connection._connect(request)
+        http11 = AsyncHTTP11Connection(
+            origin=origin, stream=stream, keepalive_expiry=pool._keepalive_expiry
+        )
+        http11._state = HTTPConnectionState.IDLE
+        if pool._keepalive_expiry is not None:
+            http11._expire_at = time.monotonic() + pool._keepalive_expiry
+        connection._connection = http11
+        with pool._optional_thread_lock:
+            if len(pool._connections) < pool._max_connections:
+                pool._connections.append(connection)
+                return
+        await connection.aclose()
+
+    results = await asyncio.gather(*(open_one() for _ in range(count)), return_exceptions=True)
+    errors = [result for result in results if isinstance(result, BaseException)]
+    if errors:
+        raise errors[0]
+    return count

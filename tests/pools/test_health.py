@@ -104,14 +104,21 @@ async def test_health_only_answers_get(installed_registry):
     assert response.status_code == 405
 
 
-async def test_health_is_degraded_while_the_endpoint_was_unreachable():
+async def test_a_start_up_outage_makes_health_503_and_clears_by_itself(
+    simulator_factory, monkeypatch
+):
+    """Reproduces: with the endpoint down at start-up, /health stayed 503 after it came
+    back, until some design happened to succeed (never, behind a readiness-gated balancer)."""
     import socket
 
+    from pools import registry as registry_module
+
+    monkeypatch.setattr(registry_module, "REPROBE_FIRST_S", 0.05)
     with socket.socket() as unused:
         unused.bind(("127.0.0.1", 0))
         dead_port = unused.getsockname()[1]
     registry = PoolRegistry(
-        registry_config(f"http://127.0.0.1:{dead_port}/v1", {"main": {"size": 1}})
+        registry_config(f"http://127.0.0.1:{dead_port}/v1", {"main": {"size": 2}})
     )
     previous = runtime.install(registry)
     try:
@@ -119,6 +126,15 @@ async def test_health_is_degraded_while_the_endpoint_was_unreachable():
         response = await probe("/health")
         assert response.status_code == 503
         assert "could not be reached at warm-up" in response.json()["reason"]
+        sim = await simulator_factory(port=dead_port)  # the endpoint comes back; no call made
+        for _ in range(200):
+            if (await probe("/health")).status_code == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert (await probe("/health")).status_code == 200
+        assert sim.stats.chat_requests == 0
+        assert sim.stats.requests_total == 1  # one probe request, however many slots
+        assert sim.stats.connections_open == 2  # and the slots warm again
     finally:
         runtime.install(previous)
         await registry.close()
