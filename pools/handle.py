@@ -550,7 +550,7 @@ class LLMHandle:
                     usage = completion.usage
                     attempt.usage = call.usage_or_estimate(
                         TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
-                        text,
+                        len(text),
                     )
         except asyncio.CancelledError:
             raise
