@@ -59,6 +59,8 @@ KEEP_WARM_PER_MINUTE = 2
 # A start-up outage: the endpoint is probed again after 1 s, doubling up to 30 s.
 REPROBE_FIRST_S = 1.0
 REPROBE_MAX_S = 30.0
+# The name prefix of the pools' own background tasks (keeping warm, re-probing).
+POOL_UPKEEP = "pools-upkeep"
 
 
 @dataclass(eq=False)
@@ -349,8 +351,8 @@ class PoolRegistry:
                     self._config.endpoint.public_url,
                     self.warmup_error,
                 )
-                self._background_on(clients, self._reprobe(clients))
-            self._background_on(clients, self._keep_warm(clients))
+                self._background_on(clients, self._reprobe(clients), "reprobe")
+            self._background_on(clients, self._keep_warm(clients), "keep-warm")
             opened = {
                 name: self.ledger.for_pool(name)["connections_num"] - before[name]
                 for name in self.pools
@@ -398,9 +400,9 @@ class PoolRegistry:
             if missing > 0:
                 await open_idle_connections(http, url, missing, timeout)
 
-    def _background_on(self, clients: _LoopClients, work: Any) -> None:
+    def _background_on(self, clients: _LoopClients, work: Any, name: str) -> None:
         """Run `work` on this loop until its clients close."""
-        task = asyncio.get_running_loop().create_task(work)
+        task = asyncio.get_running_loop().create_task(work, name=f"{POOL_UPKEEP}-{name}")
         clients.tasks.add(task)
         task.add_done_callback(clients.tasks.discard)
 

@@ -595,3 +595,32 @@ async def test_shutting_down_interrupts_running_designs_and_closes_their_connect
             break
         await asyncio.sleep(0.01)
     assert carlos_simulator.stats.connections_open == 0
+
+
+@pytest.mark.parametrize(
+    ("fault", "expected"),
+    [
+        ({"truncate_rate": 1.0}, "TruncatedResponse: the endpoint's stream ended without"),
+        ({"length_rate": 1.0}, "OutputFormatError: the answer was cut off at the model's"),
+        ({"content_filter_rate": 1.0}, "OutputFormatError: the endpoint's content filter"),
+    ],
+)
+async def test_a_cut_answer_fails_the_agent_and_is_never_recommended(
+    simulator_factory, make_registry, install_registry, owner, fault, expected
+):
+    """Reproduces: Carlos's design cut to 36 of 536 characters "succeeded" and was
+    recommended; finish_reason "length" was accepted silently."""
+    simulator = await simulator_factory(
+        responder=RecordingResponder(), ttft_ms=FAST_TTFT_MS, fault_model="gpt-4o", **fault
+    )
+    install_registry(make_registry(simulator))
+    design = await create_design(owner, REQUEST)
+
+    await run_design(design.pk)
+
+    design = await reload(design)
+    assert design.status == "failed" and design.failed_agent in ("carlos", "ronei")
+    assert design.error.startswith(expected), design.error
+    assert design.recommendation == ""
+    runs = {run.agent: run for run in await runs_of(design)}
+    assert runs[design.failed_agent].status == "failed"
