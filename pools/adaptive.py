@@ -11,9 +11,10 @@ shared by the pools of one deployment:
 - **The limit** (Netflix concurrency-limits' AIMD and Gradient2, Envoy's adaptive concurrency
   filter): it starts at the ceiling, so on a healthy endpoint nothing waits; it is multiplied
   down on a 429 and on `x-ratelimit-remaining-*` running low, and down by the latency
-  gradient when time to first token rises well above its best recent value; it grows by about
-  one call per round trip while calls succeed with the limit in use. At most one decrease per
-  round trip: only an attempt sent after the last decrease can cause another.
+  gradient when time to first token rises well above its best recent value; it grows by one
+  for each call that succeeds with the limit in use (Netflix's AIMD: it can double in a round
+  trip, so capacity that comes back is used within seconds). At most one decrease per round
+  trip: only an attempt sent after the last decrease can cause another.
 
 Plain asyncio and a `threading.Lock`: one limiter serves every event loop of the process,
 and each waiter is woken on its own loop. With Redis (see `pools.cluster`) the pause and the
@@ -329,7 +330,7 @@ class DeploymentLimiter:
         # Additive increase, only while the limit is really in use (not app-limited).
         if permit.in_flight_at_grant >= self._limit * 0.5 and self._limit < settings.ceiling:
             before = self._limit
-            self._limit = min(float(settings.ceiling), self._limit + 1.0 / self._limit)
+            self._limit = min(float(settings.ceiling), self._limit + 1.0)
             if math.floor(self._limit) != math.floor(before):
                 self._changed_locked("recovering", before, changes)
 

@@ -104,6 +104,17 @@ return {tostring(wait), tostring(requests), tostring(tokens)}
 """
 
 
+# KEYS[1] the deployment's pause key. ARGV[1] pause in ms, ARGV[2] reason. Only extends.
+_EXTEND_PAUSE = """
+if redis.call('PTTL', KEYS[1]) < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[1])
+end
+return 1
+"""
+# How often each instance reads the cluster's pauses and limits.
+LIMIT_POLL_SECONDS = 0.25
+
+
 @dataclass(eq=False)
 class Lease:
     pool: str
@@ -118,8 +129,11 @@ class _LoopState:
     acquire_script: Any  # EVALSHA with fallback: the script text is not resent every call
     renew_script: Any
     budget_script: Any
+    pause_script: Any
     held: dict[str, Lease] = field(default_factory=dict)
     renewer: asyncio.Task | None = None
+    watcher: asyncio.Task | None = None
+    publishing: set[asyncio.Task] = field(default_factory=set)
 
 
 class ClusterFull(Exception):
@@ -156,6 +170,11 @@ class ClusterCoordinator:
         self.last_error = ""
         self.leases_granted = 0
         self.local_fallbacks = 0
+        # The cluster's learned limit (for all instances together) and pause per deployment,
+        # as last read from Redis: {deployment: (limit, pause ends at (monotonic), reason)}.
+        self._limits: dict[str, tuple[float, float, str]] = {}
+        self.live_instances = 1
+        self.deployments: list[str] = []  # whose limits the watcher reads
 
     # -- keys ---------------------------------------------------------------------------------
     def lease_key(self, pool: str) -> str:
@@ -166,6 +185,12 @@ class ClusterCoordinator:
 
     def breaker_key(self, deployment: str) -> str:
         return f"{self.settings.prefix}:breaker:{deployment}"
+
+    def limit_key(self, deployment: str) -> str:
+        return f"{self.settings.prefix}:limit:{deployment}"
+
+    def pause_key(self, deployment: str) -> str:
+        return f"{self.settings.prefix}:pause:{deployment}"
 
     def _instance_key(self, instance: str) -> str:
         return f"{self.settings.prefix}:instance:{instance}"
@@ -216,6 +241,7 @@ class ClusterCoordinator:
                 client.register_script(_ACQUIRE),
                 client.register_script(_RENEW),
                 client.register_script(_BUDGET),
+                client.register_script(_EXTEND_PAUSE),
             )
             self._loops[loop] = state
         return state
@@ -254,10 +280,98 @@ class ClusterCoordinator:
         return lease
 
     async def start(self) -> None:
-        """Join the cluster on this loop: renewals and heartbeats start now."""
+        """Join the cluster on this loop: renewals, heartbeats and limit reads start now."""
         state = self._state()
         self._ensure_renewer(state)
+        if state.watcher is None or state.watcher.done():
+            state.watcher = asyncio.get_running_loop().create_task(self._watch_limits(state))
         await self._heartbeat()
+
+    # -- shared pause and learned limit (pools.adaptive.SharedLimit) ----------------------------
+    def publish(self, deployment: str, limit: float, pause_s: float, reason: str) -> None:
+        """Tell the other instances of a 429 pause or of this instance's new limit.
+
+        The cluster's limit is this instance's times the live instances: each instance runs
+        its even share of one limit, so N instances send what one would, not N times it.
+        """
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if not self.redis_available:
+            return
+        cluster_limit = limit * max(1, self.live_instances)
+        until = time.monotonic() + pause_s
+        known = self._limits.get(deployment)
+        self._limits[deployment] = (cluster_limit, max(until, known[1] if known else 0), reason)
+        state = self._state()
+        task = loop.create_task(
+            self._publish_limit(state, deployment, cluster_limit, pause_s, reason)
+        )
+        state.publishing.add(task)
+        task.add_done_callback(state.publishing.discard)
+
+    def current(self, deployment: str) -> tuple[float, float, str] | None:
+        """This instance's share of the cluster's limit, the pause left, and the reason."""
+        known = self._limits.get(deployment)
+        if known is None:
+            return None
+        limit, until, reason = known
+        return limit / max(1, self.live_instances), until - time.monotonic(), reason
+
+    async def _publish_limit(
+        self, state: _LoopState, deployment: str, limit: float, pause_s: float, reason: str
+    ) -> None:
+        try:
+            async with state.client.pipeline(transaction=False) as pipe:
+                pipe.hset(
+                    self.limit_key(deployment),
+                    mapping={"limit": f"{limit:.3f}", "reason": reason, "by": self.instance},
+                )
+                pipe.pexpire(self.limit_key(deployment), 600_000)
+                await pipe.execute()
+            if pause_s > 0:
+                await state.pause_script(
+                    keys=[self.pause_key(deployment)],
+                    args=[max(1, int(pause_s * 1000)), f"{reason} (seen by {self.instance})"],
+                )
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._redis_failed(exc)
+
+    async def _watch_limits(self, state: _LoopState) -> None:
+        """Read every deployment's limit and pause, and how many instances share them."""
+        while True:
+            await asyncio.sleep(LIMIT_POLL_SECONDS)
+            if not self.redis_available or not self.deployments:
+                continue
+            try:
+                async with state.client.pipeline(transaction=False) as pipe:
+                    for deployment in self.deployments:
+                        pipe.hgetall(self.limit_key(deployment))
+                        pipe.pttl(self.pause_key(deployment))
+                        pipe.get(self.pause_key(deployment))
+                    pipe.smembers(self._instances_key)
+                    replies = await pipe.execute()
+                instances = sorted(replies[-1])
+                alive = (
+                    await state.client.mget([self._instance_key(i) for i in instances])
+                    if instances
+                    else []
+                )
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._redis_failed(exc)
+                continue
+            self.live_instances = max(1, sum(1 for value in alive if value))
+            now = time.monotonic()
+            for index, deployment in enumerate(self.deployments):
+                limit_hash, pause_ms, pause_reason = replies[3 * index : 3 * index + 3]
+                known = self._limits.get(deployment)
+                if not limit_hash and pause_ms <= 0:
+                    continue
+                limit = float(limit_hash.get("limit", 0)) if limit_hash else 0.0
+                until = now + pause_ms / 1000 if pause_ms > 0 else (known[1] if known else 0)
+                reason = pause_reason or (limit_hash or {}).get("reason", "")
+                self._limits[deployment] = (limit or (known[0] if known else 0), until, reason)
 
     def _ensure_renewer(self, state: _LoopState) -> None:
         if state.renewer is None or state.renewer.done():
@@ -406,9 +520,10 @@ class ClusterCoordinator:
         state = self._loops.pop(asyncio.get_running_loop(), None)
         if state is None:
             return
-        if state.renewer is not None:
-            state.renewer.cancel()
-            await asyncio.gather(state.renewer, return_exceptions=True)
+        for task in (state.renewer, state.watcher, *state.publishing):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         try:
             for lease in list(state.held.values()):
                 await state.client.zrem(lease.key, lease.lease_id)

@@ -151,11 +151,14 @@ class PoolRegistry:
             )
             for model, limit in config.rate_limits.items()
         }
-        # One limiter per deployment: its 429 pause and learned concurrency limit.
+        # One limiter per deployment: its 429 pause and learned concurrency limit (with a
+        # cluster, shared by every instance through Redis).
         self.limiters: dict[str, DeploymentLimiter] = {
-            model: DeploymentLimiter(model, limit_settings(config, model))
+            model: DeploymentLimiter(model, limit_settings(config, model), shared=self.cluster)
             for model in self.breakers
         }
+        if self.cluster is not None:
+            self.cluster.deployments = list(self.limiters)
         self._background: set[asyncio.Task] = set()
         self.events.subscribe(self._clear_warmup_error)
         self._guards = {

@@ -70,7 +70,7 @@ async def test_an_idle_deployment_does_not_grow_its_limit():
 
 
 async def test_a_429_pauses_dispatch_and_callers_wait_it_out_in_order():
-    gate = limiter()
+    gate = limiter(ceiling=1)  # one at a time, so the order of the grants shows
     gate.pause(0.2, "429, Retry-After 0.2s")
     order: list[str] = []
 

@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -100,6 +101,59 @@ async def test_an_open_breaker_is_shared(instances):
     with pytest.raises(CircuitOpen, match="seen by"):
         await one_call(second)  # second never failed itself
     assert simulator.stats.chat_requests == before
+
+
+async def until_true(condition, what: str, limit_s: float = 5.0) -> None:
+    """Poll a condition the instances reach in the background; fail naming it."""
+    for _ in range(int(limit_s / 0.02)):
+        if condition():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"never happened: {what}")
+
+
+async def test_a_429_seen_by_one_instance_pauses_every_instance(instances):
+    """Reproduces (issue 11): a 429 paused nothing beyond the instance that got it."""
+    simulator, (first, second) = await instances(
+        simulator={"next_429": 1, "retry_after_s": 1.0, "ttft_ms": 20}
+    )
+    for registry in (first, second):
+        await registry.initialize()
+    waiting = asyncio.create_task(one_call(first))
+    await until_true(lambda: simulator.stats.status_counts.get(429, 0) == 1, "the 429")
+    await until_true(
+        lambda: second.limiters["gpt-4o"].paused_for() > 0, "the second instance pauses"
+    )
+    assert second.stats()["pools"]["main"]["concurrency"]["pause_reason"].startswith("429")
+    requests = simulator.stats.chat_requests
+    second_call = asyncio.create_task(one_call(second))
+    await asyncio.sleep(0.1)
+    assert simulator.stats.chat_requests == requests  # nothing went out during the pause
+    assert await second_call and await waiting
+    assert simulator.stats.status_counts[429] == 1
+
+
+async def test_the_learned_limit_is_one_limit_for_the_cluster(instances):
+    from pools.adaptive import Outcome
+
+    _, (first, second) = await instances()
+    for registry in (first, second):
+        await registry.initialize()
+    await until_true(
+        lambda: first.cluster.live_instances == 2 and second.cluster.live_instances == 2,
+        "both instances see each other",
+    )
+    limiter = first.limiters["gpt-4o"]
+    before = limiter.limit
+    limiter.release(await limiter.acquire(time.monotonic(), 5), Outcome.DROP)
+    assert limiter.limit < before
+    # Each instance runs its share of one cluster limit: the same learned value on both.
+    await until_true(
+        lambda: second.limiters["gpt-4o"].limit == limiter.limit, "the second adopts it"
+    )
+    assert second.stats()["pools"]["main"]["concurrency"]["last_change"]["reason"] == (
+        "cluster: 429"
+    )
 
 
 async def test_rate_budget_is_shared_across_instances(instances):

@@ -1,0 +1,76 @@
+"""`manage.py benchmark_adaptive`: the learned limit against fixed sizes and unbounded overflow."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from django.core.management.base import BaseCommand, CommandError
+
+from pools.benchmark_adaptive import Scenario, format_report, run_benchmark, summarise
+from pools.simulator_process import start_simulator
+
+
+class Command(BaseCommand):
+    help = (
+        "Run the same stream of calls against a capacity-limited upstream (the offline "
+        "simulator in a child process; its capacity halves, then doubles, during each run) "
+        "with adaptive pools, with fixed pool sizes from a sweep, and with unbounded overflow, "
+        "interleaved. Prints goodput per variant and, last, the line "
+        "`goodput adaptive/best_fixed=X adaptive/unbounded=Y reconverge_s=Z failed_on_429=N` "
+        "(targets: X >= 0.95, Y >= 2, Z <= 10, N = 0)."
+    )
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--rounds", type=int, default=1, help="Runs per variant (default 1).")
+        parser.add_argument(
+            "--phase-seconds", type=float, default=6.0, help="Length of each capacity phase."
+        )
+        parser.add_argument(
+            "--capacity",
+            type=int,
+            default=16,
+            help="The upstream's capacity at the start and "
+            "end; it is halved in the middle phase (default 16).",
+        )
+        parser.add_argument("--callers", type=int, default=48, help="Callers (default 48).")
+        parser.add_argument(
+            "--retry-after-ms",
+            type=float,
+            default=200.0,
+            help="What the upstream's 429s ask to wait (default 200 ms).",
+        )
+        parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        capacity = options["capacity"]
+        if capacity < 2 or options["rounds"] < 1 or options["phase_seconds"] <= 0:
+            raise CommandError("--capacity must be >= 2, --rounds >= 1, --phase-seconds > 0")
+        scenario = Scenario(
+            capacities=(capacity, capacity // 2, capacity),
+            phase_s=options["phase_seconds"],
+            callers=options["callers"],
+            fixed_sizes=tuple(sorted({capacity // 4, capacity // 2, capacity * 3 // 4, capacity})),
+            warm_size=capacity // 2,
+        )
+        simulator = start_simulator(
+            [
+                "--port", "0",
+                "--ttft-ms", "100",
+                "--tokens-per-second", "100",
+                "--ttft-per-request-ms", "5",
+                "--capacity", str(capacity),
+                "--retry-after", str(options["retry_after_ms"] / 1000),
+                "--keepalive-timeout", "120",
+            ]
+        )  # fmt: skip
+        try:
+            results = asyncio.run(run_benchmark(simulator.root_url, scenario, options["rounds"]))
+        finally:
+            simulator.stop()
+        summary = summarise(results, scenario)
+        if options["json"]:
+            self.stdout.write(json.dumps(summary, indent=2))
+        else:
+            self.stdout.write(format_report(summary, scenario))
