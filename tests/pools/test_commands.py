@@ -318,6 +318,14 @@ async def test_warm_pools_diagnoses_an_unknown_deployment(simulator_factory):
     assert "✅ mini" in text
 
 
+async def test_warm_pools_names_a_base_url_without_its_api_path(simulator):
+    """Reproduces: LLM_BASE_URL without /v1 was diagnosed as "unknown model 'gpt-4o'"."""
+    text, error = await warm(simulator.root_url, "--pool", "main")
+    assert error is not None
+    assert "has no API path" in text and "unknown model" not in text
+    assert f"{simulator.root_url}/v1" in text
+
+
 async def test_warm_pools_diagnoses_an_untrusted_certificate(simulator_factory):
     simulator = await simulator_factory(tls=True)  # self-signed, and no CA bundle configured
     text, error = await warm(simulator.base_url, "--pool", "main")

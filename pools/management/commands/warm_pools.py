@@ -10,6 +10,7 @@ import ssl
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -67,6 +68,15 @@ def diagnose(
         return (
             f"HTTP {exc.status_code}: the endpoint refused the API key",
             f"check {key_var} (set, not expired, for this resource: {where})",
+        )
+    if isinstance(exc, openai.NotFoundError) and endpoint.kind != "azure" and not (
+        urlsplit(endpoint.base_url).path.strip("/")
+    ):
+        return (
+            f"HTTP 404 at {where}/chat/completions: {url_var} has no API path, so the calls "
+            "miss the API",
+            f"OpenAI-compatible servers serve under a path, most often /v1: set {url_var} to "
+            f"{where}/v1 (or the path your server documents)",
         )
     if isinstance(exc, openai.NotFoundError):
         name = "deployment" if endpoint.kind == "azure" else "model"
