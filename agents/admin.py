@@ -42,6 +42,7 @@ class AgentRunInline(ReadOnlyMixin, admin.TabularInline):
         "ttft_ms",
         "tokens_in",
         "tokens_out",
+        "tokens_estimated",
         "started_at",
         "finished_at",
         "error",
@@ -99,6 +100,7 @@ class AgentRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
         "duration",
         "tokens_in",
         "tokens_out",
+        "tokens_estimated",
         "started_at",
     )
     list_filter = ("status", "agent", "pool", "overflow")

@@ -54,6 +54,7 @@ def run_state(run: AgentRun) -> dict[str, Any]:
         "duration_ms": run.duration_ms,
         "tokens_in": run.tokens_in,
         "tokens_out": run.tokens_out,
+        "tokens_estimated": run.tokens_estimated,
         "error": run.error,
     }
 

@@ -100,6 +100,8 @@ class AgentRun(models.Model):
     overflow = models.BooleanField(default=False)
     tokens_in = models.PositiveIntegerField(default=0)
     tokens_out = models.PositiveIntegerField(default=0)
+    # The endpoint sent no usage: the counts were estimated from the text (about 4 chars a token).
+    tokens_estimated = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     output_text = models.TextField(blank=True)
     # Parsed analyst JSON; json_error says why it is null when the repair attempt failed too.

@@ -192,6 +192,7 @@ class _CallStats:
     tokens_in: int
     tokens_out: int
     finish_reason: str | None = None
+    tokens_estimated: bool = False
 
 
 async def _complete_even_if_cancelled(awaitable: Awaitable[Any]) -> None:
@@ -236,6 +237,7 @@ async def _stream_call(
         tokens_in=usage.prompt_tokens if usage else 0,
         tokens_out=usage.completion_tokens if usage else 0,
         finish_reason=finish_reason,
+        tokens_estimated=bool(usage and usage.estimated),
     )
 
 
@@ -432,6 +434,7 @@ class DesignPipeline:
         )
         run.tokens_in += stats.tokens_in
         run.tokens_out += stats.tokens_out
+        run.tokens_estimated = run.tokens_estimated or stats.tokens_estimated
         run.overflow = run.overflow or stats.overflow
         run.output_text = stats.text
         try:
@@ -448,6 +451,7 @@ class DesignPipeline:
         run.ttft_ms = round(stats.ttft_ms, 3) if stats.ttft_ms is not None else None
         run.tokens_in = stats.tokens_in
         run.tokens_out = stats.tokens_out
+        run.tokens_estimated = stats.tokens_estimated
 
     async def _finish_run(self, run: AgentRun, status: str, error: str = "") -> None:
         run.status = status
@@ -468,6 +472,7 @@ class DesignPipeline:
                 "overflow": run.overflow,
                 "tokens_in": run.tokens_in,
                 "tokens_out": run.tokens_out,
+                "tokens_estimated": run.tokens_estimated,
                 "error": run.error,
             }
         )

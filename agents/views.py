@@ -552,7 +552,8 @@ def _package_readme(design: Design, runs: list[AgentRun], files: dict[str, str])
     for run in runs:
         lines.append(
             f"| {run.agent} | {run.round} | {run.pool} | {run.model} | {_ms(run.wait_ms)} "
-            f"| {_ms(run.ttft_ms)} | {_ms(run.duration_ms)} | {run.tokens_in}/{run.tokens_out} "
+            f"| {_ms(run.ttft_ms)} | {_ms(run.duration_ms)} "
+            f"| {'≈' if run.tokens_estimated else ''}{run.tokens_in}/{run.tokens_out} "
             f"| {'yes' if run.overflow else 'no'} | {run.status} |"
         )
     if files:

@@ -203,7 +203,9 @@
     if ("wait_ms" in run) set(4, ms(run.wait_ms));
     if ("ttft_ms" in run) set(5, ms(run.ttft_ms));
     if ("duration_ms" in run) set(6, ms(run.duration_ms));
-    if ("tokens_in" in run) set(7, `${run.tokens_in} / ${run.tokens_out}`);
+    if ("tokens_in" in run) {
+      set(7, `${run.tokens_estimated ? "≈" : ""}${run.tokens_in} / ${run.tokens_out}`);
+    }
     if ("overflow" in run) set(8, run.overflow ? "yes" : "no");
     cells[9].replaceChildren(badge(run.status, run.status));
   };

@@ -624,3 +624,20 @@ async def test_a_cut_answer_fails_the_agent_and_is_never_recommended(
     assert design.recommendation == ""
     runs = {run.agent: run for run in await runs_of(design)}
     assert runs[design.failed_agent].status == "failed"
+
+
+async def test_a_server_without_usage_records_estimated_tokens(
+    simulator_factory, make_registry, install_registry, owner
+):
+    """Reproduces: a server that sends no usage recorded 0 -> 0 tokens."""
+    simulator = await simulator_factory(
+        responder=RecordingResponder(), ttft_ms=FAST_TTFT_MS, no_usage=1
+    )
+    install_registry(make_registry(simulator))
+    design = await create_design(owner, REQUEST)
+
+    await run_design(design.pk)
+
+    runs = await runs_of(await reload(design))
+    assert runs and all(run.tokens_estimated for run in runs)
+    assert all(run.tokens_in > 0 and run.tokens_out > 0 for run in runs)
