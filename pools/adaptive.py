@@ -11,9 +11,10 @@ shared by the pools of one deployment:
 - **The limit** (Netflix concurrency-limits' AIMD and Gradient2, Envoy's adaptive concurrency
   filter): it starts at the ceiling, so on a healthy endpoint nothing waits; it is multiplied
   down on a 429 and on `x-ratelimit-remaining-*` running low, and down by the latency
-  gradient when time to first token rises well above its best recent value; it grows by one
-  for each call that succeeds with the limit in use (Netflix's AIMD: it can double in a round
-  trip, so capacity that comes back is used within seconds). At most one decrease per round
+  gradient when time to first token rises well above its best recent value; it grows by about
+  one call per round trip while calls succeed with the limit in use. A 429 also caps it at
+  what is in flight as the refusal comes back (times the ratio): the server said that much
+  was too much, however high the limit had been. At most one decrease per round
   trip: only an attempt sent after the last decrease can cause another.
 
 Plain asyncio and a `threading.Lock`: one limiter serves every event loop of the process,
@@ -222,7 +223,10 @@ class DeploymentLimiter:
                 if outcome is Outcome.DROP:
                     self.counters["drops"] += 1
                     self._drops_in_a_row += 1
-                    self._decrease_locked(permit, self.settings.backoff_ratio, "429", changes)
+                    # What is in flight as the refusal comes back was too much.
+                    self._decrease_locked(
+                        permit, self.settings.backoff_ratio, "429", changes, self._in_flight + 1
+                    )
                 elif outcome is Outcome.SUCCESS:
                     self._drops_in_a_row = 0
                     self._on_success_locked(permit, ttft_s, changes)
@@ -295,13 +299,20 @@ class DeploymentLimiter:
         self._signal(wake)
 
     def _decrease_locked(
-        self, permit: Permit, ratio: float, reason: str, changes: list[tuple[float, float, str]]
+        self,
+        permit: Permit,
+        ratio: float,
+        reason: str,
+        changes: list[tuple[float, float, str]],
+        too_many: int | None = None,
     ) -> None:
+        """Multiply the limit by `ratio` (from at most `too_many`, when that is known)."""
         # One decrease per round trip: what was sent before the last one adds nothing new.
         if permit.granted_at < self._last_decrease_at:
             return
         before = self._limit
-        self._limit = max(float(self.settings.floor), self._limit * ratio)
+        start = self._limit if too_many is None else min(self._limit, float(too_many))
+        self._limit = max(float(self.settings.floor), start * ratio)
         self._last_decrease_at = self._clock()
         self.counters["decreases"] += 1
         self._changed_locked(reason, before, changes)
@@ -330,7 +341,7 @@ class DeploymentLimiter:
         # Additive increase, only while the limit is really in use (not app-limited).
         if permit.in_flight_at_grant >= self._limit * 0.5 and self._limit < settings.ceiling:
             before = self._limit
-            self._limit = min(float(settings.ceiling), self._limit + 1.0)
+            self._limit = min(float(settings.ceiling), self._limit + 1.0 / self._limit)
             if math.floor(self._limit) != math.floor(before):
                 self._changed_locked("recovering", before, changes)
 

@@ -4,8 +4,13 @@ The chart is aggregated in the database (time buckets from epoch seconds, at mos
 `MAX_POINTS` per pool) so 100,000 rows cost one grouped query, not a Python loop, and it is
 drawn as inline SVG on the server: no script, no CDN, nothing the page's
 Content-Security-Policy has to allow. Each point is the cluster's total: every instance's
-average over the bucket, summed over the instances (filtered to one instance, it is that
-instance's average), so several servers show as one cluster rather than as their mean.
+figure over the bucket, summed over the instances (filtered to one instance, it is that
+instance's), so several servers show as one cluster rather than as their mean.
+
+Per pool, three panels: its slots (the interval's peak in use and queue, the deployment's
+queue and concurrency limit, the size), its calls per minute (requests, errors, refusals,
+429s) and its p95 times (waiting for a slot, the call, the first token). With Redis each
+instance runs its share of the deployment's limit, so the limit summed is the cluster's.
 """
 
 from __future__ import annotations
@@ -18,7 +23,20 @@ from typing import Any
 from django.contrib import admin
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.db import NotSupportedError, connections
-from django.db.models import Avg, BigIntegerField, Count, Func, Max, Min, QuerySet, Value
+from django.db.models import (
+    Avg,
+    BigIntegerField,
+    Count,
+    FloatField,
+    Func,
+    Max,
+    Min,
+    Q,
+    QuerySet,
+    Sum,
+    Value,
+)
+from django.db.models.functions import Cast, Coalesce, NullIf
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
 from django.template.loader import render_to_string
 from django.template.response import TemplateResponse
@@ -30,18 +48,45 @@ from pools.models import PoolSnapshot
 
 MAX_POINTS = 200
 
-# Series drawn per pool: (field, label, colour). Colours stay readable for the common
-# colour-vision deficiencies (blue / orange / green / magenta).
-SERIES = (
-    ("in_use", "in use", "#1c64b0"),
-    ("available", "available", "#2b8a3e"),
-    ("overflow", "overflow in use", "#e8590c"),
-    ("waiting", "waiting", "#a61e4d"),
+
+@dataclass(frozen=True)
+class Series:
+    """One line of a panel: `key` names it in the SVG, `field` is the `Bucket` it reads."""
+
+    key: str
+    field: str
+    label: str
+    colour: str
+    dashed: bool = False
+    clamped: bool = False  # drawn along the top edge where it is above the panel's scale
+
+
+# Colours stay readable for the common colour-vision deficiencies.
+SLOT_SERIES = (
+    Series("in_use", "in_use_peak", "in use (peak)", "#1c64b0"),
+    Series("waiting", "waiting_peak", "waiting for a slot (peak)", "#a61e4d"),
+    Series("deployment_waiting", "deployment_waiting_peak", "deployment queue (peak)", "#e8590c"),
+    # The deployment's limit is often far above one pool's slots: it is clamped, not scaled.
+    Series("limit", "limit", "concurrency limit", "#2b8a3e", dashed=True, clamped=True),
+    Series("size", "size", "size", "#868e96", dashed=True),
 )
-WIDTH, HEIGHT = 760, 190
-LEFT, RIGHT, TOP, BOTTOM = 44, 12, 12, 36
-PLOT_W, PLOT_H = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
-LEGEND_H = 22
+CALL_SERIES = (
+    Series("requests", "requests_per_min", "requests", "#1c64b0"),
+    Series("errors", "errors_per_min", "errors", "#a61e4d"),
+    Series("refused", "refused_per_min", "refused", "#e8590c"),
+    Series("rate_limited", "rate_limited_per_min", "429s", "#7048e8"),
+)
+TIME_SERIES = (
+    Series("wait_p95", "wait_p95_ms", "wait", "#a61e4d"),
+    Series("latency_p95", "latency_p95_ms", "call", "#1c64b0"),
+    Series("ttft_p95", "ttft_p95_ms", "first token", "#2b8a3e"),
+)
+
+WIDTH = 760
+LEFT, RIGHT, TOP, BOTTOM = 44, 12, 12, 48  # inside each panel; its legend is in BOTTOM
+SLOTS_H = 202  # a plot of 142
+SMALL_H = 140  # the calls and times panels, side by side under it: plots of 80
+POOL_H = SLOTS_H + SMALL_H
 
 
 class EpochSeconds(Func):
@@ -71,8 +116,10 @@ class EpochSeconds(Func):
 
 @dataclass(frozen=True)
 class Bucket:
-    """One point of a pool's line: the bucket's start and the sums over the instances of
-    each instance's averages in it (`size`: the sum of the instances' configured sizes)."""
+    """One point of a pool's lines: the bucket's start and, summed over the instances, each
+    instance's figure in it: averages of the moments (`in_use` ...), the interval peaks at
+    their highest (`..._peak`), the concurrency limit at its lowest, calls per minute; the
+    p95 times are the worst instance's. None where no row had the figure."""
 
     at: datetime
     in_use: float
@@ -82,6 +129,17 @@ class Bucket:
     size: int
     rows: int
     instances: int = 1  # instances with rows in this bucket
+    in_use_peak: float | None = None
+    waiting_peak: float | None = None
+    deployment_waiting_peak: float | None = None
+    limit: float | None = None
+    requests_per_min: float | None = None
+    errors_per_min: float | None = None
+    refused_per_min: float | None = None
+    rate_limited_per_min: float | None = None
+    wait_p95_ms: float | None = None
+    latency_p95_ms: float | None = None
+    ttft_p95_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,22 +149,62 @@ class ChartData:
     bucket_seconds: int
     pools: dict[str, list[Bucket]]
     instances: tuple[str, ...] = ()  # every instance in the range, sorted
+    limit_reasons: dict[str, str] | None = None  # per pool, the reason in its latest row
 
 
-# Per instance and bucket, then summed per bucket: (inner alias, outer aggregate).
-_BUCKET_COLUMNS = (
-    ("in_use", "SUM"),
-    ("available", "SUM"),
-    ("overflow", "SUM"),
-    ("waiting", "SUM"),
-    ("size", "SUM"),
-    ("rows", "SUM"),
-    ("instance", "COUNT"),
-)
+def _per_minute(field: str) -> Any:
+    """Per instance and bucket: the rows' `field` per minute of the intervals they cover (rows
+    without an interval, an instance's first, are left out)."""
+    timed = Q(interval_s__gt=0)
+    return (
+        Cast(Sum(field, filter=timed), FloatField())
+        * Value(60.0)
+        / NullIf(Sum("interval_s", filter=timed), Value(0.0))
+    )
+
+
+# Per instance and bucket (inner aggregate), then per bucket over the instances (outer).
+_BUCKET_COLUMNS = {
+    "in_use": (Avg("in_use"), "SUM"),
+    "available": (Avg("available"), "SUM"),
+    "overflow": (Avg("overflow_in_use"), "SUM"),
+    "waiting": (Avg("waiting"), "SUM"),
+    "size": (Max("size"), "SUM"),
+    "rows": (Count("id"), "SUM"),
+    "instance": (None, "COUNT"),
+    # Rows from before the peaks were kept fall back on their moment.
+    "in_use_peak": (Max(Coalesce("in_use_peak", "in_use")), "SUM"),
+    "waiting_peak": (Max(Coalesce("waiting_peak", "waiting")), "SUM"),
+    "deployment_waiting_peak": (
+        Max(Coalesce("deployment_waiting_peak", "deployment_waiting")),
+        "SUM",
+    ),
+    "limit": (Min("concurrency_limit"), "SUM"),
+    "requests_per_min": (_per_minute("requests"), "SUM"),
+    "errors_per_min": (_per_minute("errors"), "SUM"),
+    "refused_per_min": (_per_minute("refused"), "SUM"),
+    "rate_limited_per_min": (_per_minute("rate_limited"), "SUM"),
+    "wait_p95_ms": (Max("wait_p95_ms"), "MAX"),
+    "latency_p95_ms": (Max("latency_p95_ms"), "MAX"),
+    "ttft_p95_ms": (Max("ttft_p95_ms"), "MAX"),
+}
+_INTEGER_COLUMNS = {"size", "rows", "instance"}
+
+
+def _inner(name: str) -> str:
+    """The per-instance alias of a column: never a field's name, which an F() in a later
+    aggregate would otherwise take for the earlier aggregate ("instance" is the group's)."""
+    return name if name == "instance" else f"bucket_{name}"
+
+
+def _number(name: str, value: Any) -> Any:
+    if name in _INTEGER_COLUMNS:
+        return int(value)
+    return None if value is None else float(value)
 
 
 def chart_data(queryset: QuerySet[PoolSnapshot], max_points: int = MAX_POINTS) -> ChartData:
-    """Per pool, at most `max_points` time buckets of the queryset: each instance averaged
+    """Per pool, at most `max_points` time buckets of the queryset: each instance's figures
     over the bucket, then summed over the instances, both in the database (one query)."""
     queryset = queryset.order_by()  # a default ordering would join the GROUP BY
     bounds = queryset.aggregate(start=Min("taken_at"), end=Max("taken_at"))
@@ -121,12 +219,11 @@ def chart_data(queryset: QuerySet[PoolSnapshot], max_points: int = MAX_POINTS) -
         queryset.annotate(bucket=bucket)
         .values("pool", "bucket", "instance")
         .annotate(
-            in_use=Avg("in_use"),
-            available=Avg("available"),
-            overflow=Avg("overflow_in_use"),
-            waiting=Avg("waiting"),
-            size=Max("size"),
-            rows=Count("id"),
+            **{
+                _inner(name): aggregate
+                for name, (aggregate, _) in _BUCKET_COLUMNS.items()
+                if aggregate is not None
+            }
         )
     )
     # The ORM cannot select from a grouped subquery, so the outer GROUP BY wraps its SQL
@@ -134,32 +231,32 @@ def chart_data(queryset: QuerySet[PoolSnapshot], max_points: int = MAX_POINTS) -
     connection = connections[queryset.db]
     inner_sql, params = per_instance.query.get_compiler(connection=connection).as_sql()
     q = connection.ops.quote_name
-    sums = ", ".join(f"{aggregate}({q(name)})" for name, aggregate in _BUCKET_COLUMNS)
+    names = list(_BUCKET_COLUMNS)
+    outer = ", ".join(f"{_BUCKET_COLUMNS[name][1]}({q(_inner(name))})" for name in names)
     sql = (
-        f"SELECT {q('pool')}, {q('bucket')}, {sums} FROM ({inner_sql}) per_instance "
+        f"SELECT {q('pool')}, {q('bucket')}, {outer} FROM ({inner_sql}) per_instance "
         f"GROUP BY {q('pool')}, {q('bucket')} ORDER BY {q('pool')}, {q('bucket')}"
     )
     with connection.cursor() as cursor:
         cursor.execute(sql, params)
         rows = cursor.fetchall()
     pools: dict[str, list[Bucket]] = {}
-    for pool, bucket_index, in_use, available, overflow, waiting, size, count, seen in rows:
+    for pool, bucket_index, *values in rows:
+        figures = {name: _number(name, value) for name, value in zip(names, values, strict=True)}
+        figures["instances"] = figures.pop("instance")
         at = datetime.fromtimestamp(start_epoch + int(bucket_index) * width, tz=UTC)
-        pools.setdefault(pool, []).append(
-            Bucket(
-                at=at,
-                in_use=float(in_use),
-                available=float(available),
-                overflow=float(overflow),
-                waiting=float(waiting),
-                size=int(size),
-                rows=int(count),
-                instances=int(seen),
-            )
-        )
+        pools.setdefault(pool, []).append(Bucket(at=at, **figures))
+    reasons = {
+        pool: queryset.filter(pool=pool)
+        .order_by("-taken_at", "-id")
+        .values_list("limit_reason", flat=True)
+        .first()
+        or ""
+        for pool in pools
+    }
     start = datetime.fromtimestamp(start_epoch, tz=UTC)
     end = datetime.fromtimestamp(end_epoch, tz=UTC)
-    return ChartData(start, end, width, pools, instances)
+    return ChartData(start, end, width, pools, instances, reasons)
 
 
 def scope_label(instances: tuple[str, ...]) -> str:
@@ -174,16 +271,68 @@ class Line:
     key: str
     label: str
     colour: str
-    points: str  # SVG polyline "x,y x,y ..."
-    dots: list[tuple[str, str]]  # drawn when a single point would make no line
+    segments: list[str]  # SVG polylines "x,y x,y ...": a line breaks where a figure is missing
+    dots: list[tuple[str, str]]  # a segment of one point is drawn as a dot
+    dashed: bool = False
+
+    @property
+    def points(self) -> str:
+        return " ".join(self.segments)
 
 
 @dataclass(frozen=True)
-class PoolChart:
+class Panel:
+    """One plot of one pool, placed at (x, y) in the chart."""
+
     pool: str
+    kind: str  # "slots", "calls", "times"
+    title: str
+    note: str
+    x: int
+    y: int
+    width: int
+    height: int
     y_max: int
+    y_max_label: str
     lines: list[Line]
-    last: Bucket
+    legend: list[tuple[int, Series]]
+
+    # The panel's own geometry, for the template.
+    @property
+    def left(self) -> int:
+        return LEFT
+
+    @property
+    def top(self) -> int:
+        return TOP
+
+    @property
+    def plot_w(self) -> int:
+        return self.width - LEFT - RIGHT
+
+    @property
+    def plot_h(self) -> int:
+        return self.height - TOP - BOTTOM
+
+    @property
+    def right_edge(self) -> int:
+        return self.width - RIGHT
+
+    @property
+    def mid(self) -> float:
+        return TOP + self.plot_h / 2
+
+    @property
+    def bottom(self) -> int:
+        return TOP + self.plot_h
+
+    @property
+    def label_y(self) -> int:
+        return self.bottom + 16
+
+    @property
+    def legend_y(self) -> int:
+        return self.bottom + 33
 
 
 def _nice_ceiling(value: float) -> int:
@@ -197,58 +346,145 @@ def _nice_ceiling(value: float) -> int:
     return int(10 * magnitude)  # pragma: no cover - the loop always returns
 
 
-def chart_context(data: ChartData) -> dict[str, Any]:
-    """SVG geometry for `data`: one panel per pool, x from the range's start to its end."""
-    charts: list[PoolChart] = []
-    if data.start is not None and data.end is not None:
-        t0, t1 = data.start.timestamp(), data.end.timestamp()
-        for pool, buckets in sorted(data.pools.items()):
-            y_max = _nice_ceiling(
-                max(max(b.size, b.in_use, b.available, b.waiting) for b in buckets)
+def _axis_label(value: int) -> str:
+    return f"{value // 1000}k" if value >= 10_000 and value % 1000 == 0 else str(value)
+
+
+def _figure(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    return f"{value:.0f}{unit}" if abs(value) >= 10 else f"{value:.1f}".removesuffix(".0") + unit
+
+
+def _panel(
+    pool: str,
+    kind: str,
+    buckets: list[Bucket],
+    series: tuple[Series, ...],
+    span: tuple[float, float],
+    box: tuple[int, int, int, int],
+    title: str,
+    note: str = "",
+) -> Panel:
+    x0, y0, width, height = box
+    t0, t1 = span
+    plot_w, plot_h = width - LEFT - RIGHT, height - TOP - BOTTOM
+    scaled = [
+        value
+        for b in buckets
+        for s in series
+        if not s.clamped and (value := getattr(b, s.field)) is not None
+    ]
+    y_max = _nice_ceiling(max(scaled, default=0.0))
+
+    def x(at: datetime) -> float:
+        if t1 == t0:
+            return LEFT + plot_w / 2
+        return LEFT + (at.timestamp() - t0) / (t1 - t0) * plot_w
+
+    def y(value: float) -> float:
+        return TOP + plot_h - min(value, y_max) / y_max * plot_h
+
+    lines = []
+    for s in series:
+        segments: list[list[tuple[str, str]]] = [[]]
+        for b in buckets:
+            value = getattr(b, s.field)
+            if value is None:
+                if segments[-1]:
+                    segments.append([])
+                continue
+            segments[-1].append((f"{x(b.at):.1f}", f"{y(value):.1f}"))
+        segments = [segment for segment in segments if segment]
+        lines.append(
+            Line(
+                key=s.key,
+                label=f"{s.label} (along the top where above the scale)" if s.clamped else s.label,
+                colour=s.colour,
+                segments=[" ".join(f"{cx},{cy}" for cx, cy in seg) for seg in segments],
+                dots=[seg[0] for seg in segments if len(seg) == 1],
+                dashed=s.dashed,
             )
+        )
+    legend, at = [], LEFT
+    for s in series:  # each entry as wide as its label (about 6.2 px a character at 11 px)
+        legend.append((at, s))
+        at += 16 + round(len(s.label) * 6.2) + 18
+    return Panel(
+        pool=pool,
+        kind=kind,
+        title=title,
+        note=note,
+        x=x0,
+        y=y0,
+        width=width,
+        height=height,
+        y_max=y_max,
+        y_max_label=_axis_label(y_max),
+        lines=lines,
+        legend=legend,
+    )
 
-            def x(at: datetime) -> float:
-                if t1 == t0:
-                    return LEFT + PLOT_W / 2
-                return LEFT + (at.timestamp() - t0) / (t1 - t0) * PLOT_W
 
-            def y(value: float, top: int = y_max) -> float:
-                return TOP + PLOT_H - value / top * PLOT_H
-
-            lines = []
-            for key, label, colour in SERIES:
-                coords = [(f"{x(b.at):.1f}", f"{y(getattr(b, key)):.1f}") for b in buckets]
-                lines.append(
-                    Line(
-                        key=key,
-                        label=label,
-                        colour=colour,
-                        points=" ".join(f"{cx},{cy}" for cx, cy in coords),
-                        dots=coords if len(coords) == 1 else [],
-                    )
+def chart_context(data: ChartData) -> dict[str, Any]:
+    """SVG geometry for `data`: per pool its slots panel across the chart, its calls and its
+    times side by side below; x from the range's start to its end in each."""
+    panels: list[Panel] = []
+    scope = scope_label(data.instances)
+    reasons = data.limit_reasons or {}
+    if data.start is not None and data.end is not None:
+        span = (data.start.timestamp(), data.end.timestamp())
+        half = WIDTH // 2
+        for index, (pool, buckets) in enumerate(sorted(data.pools.items())):
+            top = index * POOL_H
+            last = buckets[-1]
+            limit = ""
+            if last.limit is not None:
+                reason = reasons.get(pool)
+                limit = f", limit {_figure(last.limit)}" + (f" ({reason})" if reason else "")
+            note = (
+                f"{scope}: size {last.size}, last: {_figure(last.in_use_peak)} in use at peak, "
+                f"{_figure(last.waiting_peak)} waiting{limit}"
+            )
+            panels.append(
+                _panel(
+                    pool, "slots", buckets, SLOT_SERIES, span, (0, top, WIDTH, SLOTS_H), pool, note
                 )
-            charts.append(PoolChart(pool, y_max, lines, buckets[-1]))
+            )
+            below = top + SLOTS_H
+            panels.append(
+                _panel(
+                    pool,
+                    "calls",
+                    buckets,
+                    CALL_SERIES,
+                    span,
+                    (0, below, half, SMALL_H),
+                    pool,
+                    "calls per minute",
+                )
+            )
+            panels.append(
+                _panel(
+                    pool,
+                    "times",
+                    buckets,
+                    TIME_SERIES,
+                    span,
+                    (half, below, WIDTH - half, SMALL_H),
+                    pool,
+                    "p95, ms",
+                )
+            )
     local = timezone.localtime
     return {
-        "scope": scope_label(data.instances),
-        "charts": [(index * HEIGHT, chart) for index, chart in enumerate(charts)],
+        "scope": scope,
+        "panels": panels,
         "start": local(data.start) if data.start else None,
         "end": local(data.end) if data.end else None,
         "bucket_seconds": data.bucket_seconds,
         "width": WIDTH,
-        "height": HEIGHT * len(charts) + LEGEND_H,
-        "legend_y": HEIGHT * len(charts) + 14,
-        "left": LEFT,
-        "right_edge": WIDTH - RIGHT,
-        "plot_w": PLOT_W,
-        "plot_h": PLOT_H,
-        "top": TOP,
-        "mid": TOP + PLOT_H / 2,
-        "bottom": TOP + PLOT_H,
-        "label_y": HEIGHT - 16,
-        "legend": [
-            (LEFT + i * 130, key, label, colour) for i, (key, label, colour) in enumerate(SERIES)
-        ],
+        "height": POOL_H * len(data.pools) if data.start is not None else 0,
     }
 
 
@@ -269,12 +505,16 @@ class PoolSnapshotAdmin(admin.ModelAdmin):
         "instance",
         "size",
         "in_use",
-        "available",
-        "overflow_in_use",
-        "waiting",
+        "in_use_peak",
+        "waiting_peak",
+        "concurrency_limit",
+        "limit_reason",
+        "deployment_waiting_peak",
+        "paused_s",
         "requests",
         "errors",
         "refused",
+        "rate_limited",
         "wait_p95_ms",
         "latency_p95_ms",
         "ttft_p95_ms",

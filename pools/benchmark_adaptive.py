@@ -39,7 +39,7 @@ class Scenario:
     capacities: tuple[int, ...] = (16, 8, 16)  # the upstream's capacity in each phase
     phase_s: float = 6.0
     callers: int = 48
-    call_timeout_s: float = 10.0
+    call_timeout_s: float = 30.0
     fixed_sizes: tuple[int, ...] = (4, 8, 12, 16)
     warm_size: int = 8  # warm connections of the adaptive and unbounded pools
 

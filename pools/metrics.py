@@ -1,10 +1,11 @@
 """Prometheus metrics for the pools, served at /metrics.
 
 Gauges and counters are read from `registry.stats()` at scrape time by a custom collector,
-so they can never drift from /health; histograms (acquire wait, call latency, time to first
-token) and the token and error counters are fed by the engine's event bus. Each pool
-registry gets its own `CollectorRegistry` (not prometheus_client's global one), so a
-registry installed by a test, or a reloaded module, never collides with an earlier one.
+so they can never drift from /health (the deployment's concurrency limit, its queue and its
+429 pause included, under each pool on the deployment); histograms (acquire wait, call
+latency, time to first token) and the token and error counters are fed by the engine's event
+bus. Each pool registry gets its own `CollectorRegistry` (not prometheus_client's global one),
+so a registry installed by a test, or a reloaded module, never collides with an earlier one.
 """
 
 from __future__ import annotations
@@ -20,7 +21,12 @@ from functools import lru_cache
 from django.conf import settings
 from django.http import HttpRequest
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
@@ -55,7 +61,68 @@ _COUNTERS = {
     "connections_opened": ("connections_num", 1, "TCP connections opened for the pool."),
     "connections_closed": ("connections_closed", 1, "TCP connections of the pool closed."),
     "connection_errors": ("connections_errors", 1, "TCP connections that failed to open."),
+    "rate_limited": (
+        "requests_rate_limited",
+        1,
+        "429 answers to the pool's calls (each pauses the deployment; the call waits, retries).",
+    ),
 }
+# The pool's deployment (`pools.adaptive`): the pools on one model share its limiter, so
+# these repeat, the same, under each of them.
+_CONCURRENCY_GAUGES = {
+    "concurrency_limit": (
+        "limit",
+        "Attempts the pool's deployment may have in flight: its learned concurrency limit.",
+    ),
+    "concurrency_limit_floor": ("floor", "Lowest concurrency limit of the pool's deployment."),
+    "concurrency_limit_ceiling": (
+        "ceiling",
+        "Highest concurrency limit of the pool's deployment (where it starts).",
+    ),
+    "deployment_in_flight": (
+        "in_flight",
+        "Attempts in flight to the pool's deployment, from every pool on it.",
+    ),
+    "deployment_waiting": (
+        "waiting",
+        "Calls queued for the pool's deployment (its concurrency limit or 429 pause), "
+        "each holding its slot.",
+    ),
+    "deployment_paused_seconds": (
+        "paused_s",
+        "Seconds left of the 429 pause of the pool's deployment (0: dispatch is open).",
+    ),
+}
+_CONCURRENCY_COUNTERS = {
+    "concurrency_limit_decreases": (
+        "decreases",
+        "Times the concurrency limit of the pool's deployment came down.",
+    ),
+    "deployment_pauses": ("pauses", "429 pauses of the pool's deployment."),
+    "deployment_queue_timeouts": (
+        "timeouts",
+        "Calls whose deadline passed in the queue of the pool's deployment.",
+    ),
+}
+# Why the limit last changed, as a label: these, "cluster: " and one of these (another
+# instance's change), or "other"; so the label's values stay few.
+LIMIT_REASONS = (
+    "start",
+    "429",
+    "latency",
+    "requests running low",
+    "tokens running low",
+    "recovering",
+)
+CLUSTER_PREFIX = "cluster: "
+
+
+def limit_reason_label(reason: str) -> str:
+    """A bounded label for a limit change's reason ("429, Retry-After 2s" -> "429")."""
+    cluster = reason.startswith(CLUSTER_PREFIX)
+    base = reason.removeprefix(CLUSTER_PREFIX)
+    known = next((known for known in LIMIT_REASONS if base.startswith(known)), "other")
+    return f"{CLUSTER_PREFIX}{known}" if cluster else known
 
 
 class _StatsCollector(Collector):
@@ -84,6 +151,52 @@ class _StatsCollector(Collector):
             for pool, values in stats["pools"].items():
                 family.add_metric([pool], float(values.get(key, 0)) / divisor)
             yield family
+        yield from _concurrency(stats["pools"])
+
+
+def _concurrency(pools: dict[str, dict]) -> Iterator[Metric]:
+    """The deployment limiter's figures under each pool (none for a pool without them)."""
+    limited = {
+        pool: values["concurrency"] for pool, values in pools.items() if values.get("concurrency")
+    }
+    for name, (key, documentation) in _CONCURRENCY_GAUGES.items():
+        family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
+        for pool, concurrency in limited.items():
+            family.add_metric([pool], float(concurrency[key]))
+        yield family
+    adaptive = GaugeMetricFamily(
+        f"{PREFIX}_adaptive",
+        "1 when the pool's calls follow the learned concurrency limit (ADAPTIVE), 0 when they "
+        "only obey the 429 pause.",
+        labels=["pool"],
+    )
+    for pool, concurrency in limited.items():
+        adaptive.add_metric([pool], 1.0 if concurrency.get("pool_adaptive", True) else 0.0)
+    yield adaptive
+    for name, (key, documentation) in _CONCURRENCY_COUNTERS.items():
+        family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
+        for pool, concurrency in limited.items():
+            family.add_metric([pool], float(concurrency.get(key, 0)))
+        yield family
+    change = InfoMetricFamily(
+        f"{PREFIX}_concurrency_limit_change",
+        "Why the concurrency limit of the pool's deployment last changed (reason: start, 429, "
+        "latency, requests running low, tokens running low, recovering, cluster: ..., other).",
+        labels=["pool"],
+    )
+    changed_at = GaugeMetricFamily(
+        f"{PREFIX}_concurrency_limit_changed_timestamp_seconds",
+        "When the concurrency limit of the pool's deployment last changed (Unix time; its "
+        "start when it never did).",
+        labels=["pool"],
+    )
+    for pool, concurrency in limited.items():
+        last = concurrency.get("last_change") or {}
+        change.add_metric([pool], {"reason": limit_reason_label(str(last.get("reason", "")))})
+        if last.get("at") is not None:
+            changed_at.add_metric([pool], float(last["at"]))
+    yield change
+    yield changed_at
 
 
 class PoolMetrics:

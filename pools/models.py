@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from django.db import models
 
+LIMIT_REASON_LENGTH = 80
+
 
 class PoolSnapshot(models.Model):
     """One pool of one server process at one moment, and what it did since the last row."""
@@ -25,6 +27,34 @@ class PoolSnapshot(models.Model):
     available = models.PositiveIntegerField(help_text="Pooled slots free.")
     overflow_in_use = models.PositiveIntegerField(help_text="Temporary connections in use.")
     waiting = models.PositiveIntegerField(help_text="Callers queued for a slot.")
+    # The pool's deployment at that moment (`pools.adaptive`): pools on one model share its
+    # limiter, so these repeat under each of them. Empty in rows from before the limiter.
+    concurrency_limit = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="The deployment's learned concurrency limit: attempts it may have in flight.",
+    )
+    limit_reason = models.CharField(
+        max_length=LIMIT_REASON_LENGTH,
+        blank=True,
+        default="",
+        help_text="Why the limit last changed: start, 429, latency, requests running low, "
+        "tokens running low, recovering, or cluster: (another instance's reason).",
+    )
+    deployment_in_flight = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Attempts in flight to the deployment, all its pools."
+    )
+    deployment_waiting = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Calls queued for the deployment (its limit or its 429 pause), each holding "
+        "its slot.",
+    )
+    paused_s = models.FloatField(
+        null=True,
+        blank=True,
+        help_text="Seconds left of the deployment's 429 pause (0: dispatch is open).",
+    )
 
     # The interval since this instance's previous row.
     interval_s = models.FloatField(
@@ -38,6 +68,23 @@ class PoolSnapshot(models.Model):
         default=0, help_text="Callers that had to queue for a slot."
     )
     errors = models.PositiveIntegerField(default=0, help_text="Calls that raised.")
+    rate_limited = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="429 answers to the pool's calls (each paused the deployment; the calls "
+        "waited and retried); the increase of the counter requests_rate_limited.",
+    )
+    # Peaks of the interval, so a busy minute between two rows still shows: slots are looked
+    # at on every grant, the queues about every second. Empty in cron rows.
+    in_use_peak = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most slots in use at once."
+    )
+    waiting_peak = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most callers queued for a slot at once."
+    )
+    deployment_waiting_peak = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Most calls queued for the deployment at once."
+    )
     refused = models.PositiveIntegerField(
         default=0, help_text="Callers refused by the pool (PoolTimeout, PoolExhausted)."
     )

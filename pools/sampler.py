@@ -5,6 +5,10 @@ shutdown before the pools close; never started by management commands or tests u
 ask. It runs on the server's event loop and only awaits (async ORM, its writes in Django's
 database thread), so requests never wait on it, and a database error is logged and the
 unsaved rows are retried at the next interval instead of killing the task.
+
+Besides the moment's gauges, each row keeps the interval's peaks (slots in use, callers
+queued for a slot and for the deployment; `PeakTracker`), the deployment's concurrency limit
+and 429 pause (`pools.adaptive`), and the 429s seen since the previous row.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import threading
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -20,14 +25,17 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
+from pools.events import EventKind, PoolEvent
 from pools.intervals import IntervalRecorder, PoolInterval
-from pools.models import PoolSnapshot
+from pools.models import LIMIT_REASON_LENGTH, PoolSnapshot
 from pools.registry import PoolRegistry
 
 logger = logging.getLogger("pools")
 
 DEFAULT_INTERVAL_S = 30.0
 DEFAULT_JITTER = 0.1
+# How often the queues are looked at between two rows, for the interval's peaks.
+DEFAULT_PEAK_TICK_S = 1.0
 # Rows kept for a retry while the database is down (about 100 intervals of three pools);
 # the oldest are dropped past it, so an outage cannot grow memory without bound.
 MAX_PENDING_ROWS = 300
@@ -39,6 +47,8 @@ COUNTER_KEYS = (
     "requests_timeouts",
     "requests_refused",
     "requests_errors",
+    "requests_retries",
+    "requests_rate_limited",
     "usage_ms",
     "connections_num",
     "connections_closed",
@@ -46,19 +56,90 @@ COUNTER_KEYS = (
 )
 
 
-def gauges(pool_stats: dict[str, Any]) -> dict[str, int]:
-    """The moment's fields of a row, from one pool's entry in `registry.stats()`/`/health`."""
+def gauges(pool_stats: dict[str, Any]) -> dict[str, Any]:
+    """The moment's fields of a row, from one pool's entry in `registry.stats()`/`/health`
+    (the deployment's fields stay empty when it has no "concurrency", as an older server's)."""
+    concurrency = pool_stats.get("concurrency") or {}
+    paused_s = concurrency.get("paused_s")
     return {
         "size": int(pool_stats["total"]),
         "in_use": int(pool_stats["in_use"]),
         "available": int(pool_stats["available"]),
         "overflow_in_use": int(pool_stats["overflow_in_use"]),
         "waiting": int(pool_stats["waiting"]),
+        "concurrency_limit": _whole(concurrency.get("limit")),
+        "limit_reason": limit_reason(concurrency),
+        "deployment_in_flight": _whole(concurrency.get("in_flight")),
+        "deployment_waiting": _whole(concurrency.get("waiting")),
+        "paused_s": None if paused_s is None else round(float(paused_s), 3),
     }
+
+
+def limit_reason(concurrency: dict[str, Any]) -> str:
+    """Why the deployment's limit last changed, cut to the row's column."""
+    reason = str((concurrency.get("last_change") or {}).get("reason") or "")
+    return reason[:LIMIT_REASON_LENGTH]
+
+
+def _whole(value: Any) -> int | None:
+    return None if value is None else max(0, int(value))
 
 
 def counters(pool_stats: dict[str, Any]) -> dict[str, float]:
     return {key: pool_stats[key] for key in COUNTER_KEYS if key in pool_stats}
+
+
+class PeakTracker:
+    """The most slots in use, callers queued for a slot and calls queued for the deployment,
+    per pool, since the last drain: one row's moment alone would miss a busy interval.
+
+    Slots in use only grow when one is granted, so the event-bus observer looks at the pool
+    just after every grant; queues grow without an event, so the sampler's loop also calls
+    `sample()` about every second. Both only read in-memory counters (no I/O).
+    """
+
+    def __init__(self, registry: PoolRegistry) -> None:
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._peaks: dict[str, dict[str, int]] = {}
+
+    def _raise(self, pool: str, **values: int) -> None:
+        with self._lock:
+            peaks = self._peaks.setdefault(pool, {})
+            for key, value in values.items():
+                if value > peaks.get(key, -1):
+                    peaks[key] = value
+
+    def observe(self, event: PoolEvent) -> None:
+        """Event-bus observer: on the caller's path, one look at the granting pool."""
+        if event.kind is not EventKind.ACQUIRED:
+            return
+        pool = self.registry.pools.get(event.pool)
+        if pool is not None:
+            stats = pool.stats()
+            self._raise(event.pool, in_use_peak=stats["in_use"], waiting_peak=stats["waiting"])
+
+    def sample(self) -> None:
+        """Look at every pool and deployment now."""
+        queued: dict[str, int] = {}
+        for name, pool in self.registry.pools.items():
+            stats = pool.stats()
+            model = stats["model"]
+            limiter = self.registry.limiters.get(model)
+            if model not in queued:
+                queued[model] = limiter.snapshot()["waiting"] if limiter is not None else 0
+            self._raise(
+                name,
+                in_use_peak=stats["in_use"],
+                waiting_peak=stats["waiting"],
+                deployment_waiting_peak=queued[model],
+            )
+
+    def drain(self) -> dict[str, dict[str, int]]:
+        """The peaks per pool since the last drain; starts over."""
+        with self._lock:
+            peaks, self._peaks = self._peaks, {}
+        return peaks
 
 
 class SnapshotSampler:
@@ -71,14 +152,22 @@ class SnapshotSampler:
         interval_s: float = DEFAULT_INTERVAL_S,
         jitter: float = DEFAULT_JITTER,
         instance: str | None = None,
+        peak_tick_s: float = DEFAULT_PEAK_TICK_S,
     ) -> None:
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.registry = registry
         self.interval_s = interval_s
         self.jitter = min(max(jitter, 0.0), 0.9)
+        self.peak_tick_s = max(0.05, peak_tick_s)
         self.instance = instance or registry.instance
         self.recorder = IntervalRecorder(registry.pools)
+        self.peaks = PeakTracker(registry)
+        # Each pool's 429 counter at the last row: a row holds the increase since.
+        self._rate_limited = {
+            name: int(pool.stats().get("requests_rate_limited", 0))
+            for name, pool in registry.pools.items()
+        }
         self.cycles = 0  # intervals whose rows were saved
         self.failures = 0  # intervals whose write failed
         self._pending: list[PoolSnapshot] = []
@@ -94,6 +183,7 @@ class SnapshotSampler:
         if self._task is not None:
             return self._task
         self.recorder.attach(self.registry.events)
+        self.registry.events.subscribe(self.peaks.observe)
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="pool-snapshot-sampler"
         )
@@ -123,6 +213,7 @@ class SnapshotSampler:
                 await self._save_logged()
         finally:
             self.recorder.detach()
+            self.registry.events.unsubscribe(self.peaks.observe)
 
     async def snapshot_once(self) -> list[PoolSnapshot]:
         """Drain the interval and write its rows (plus any left from a failed write); raises
@@ -141,15 +232,27 @@ class SnapshotSampler:
         return rows
 
     def build_rows(self) -> list[PoolSnapshot]:
-        """One unsaved row per pool: live gauges now, the recorder's figures since last time."""
+        """One unsaved row per pool: live gauges now, the recorder's figures and the peaks
+        since last time."""
+        self.peaks.sample()
         intervals = self.recorder.drain()
+        peaks = self.peaks.drain()
         pools = self.registry.stats()["pools"]
         now = timezone.now()
-        return [
-            snapshot_from(self.instance, now, pools[name], interval)
-            for name, interval in intervals.items()
-            if name in pools
-        ]
+        rows = []
+        for name, interval in intervals.items():
+            if name not in pools:
+                continue
+            row = snapshot_from(self.instance, now, pools[name], interval, peaks.get(name))
+            row.rate_limited = self._rate_limited_since(name, pools[name])
+            rows.append(row)
+        return rows
+
+    def _rate_limited_since(self, name: str, pool_stats: dict[str, Any]) -> int:
+        count = int(pool_stats.get("requests_rate_limited", 0))
+        before = self._rate_limited.get(name, 0)
+        self._rate_limited[name] = count
+        return count - before if count >= before else count  # a smaller count: a new registry
 
     async def _save_logged(self) -> bool:
         try:
@@ -166,24 +269,50 @@ class SnapshotSampler:
         return True
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._stopping.is_set():
             delay = self.interval_s * random.uniform(1 - self.jitter, 1 + self.jitter)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._stopping.wait()
+            due = loop.time() + delay
+            # Wake about every `peak_tick_s` until the row is due, to see the queues' peaks.
+            while (left := due - loop.time()) > 0 and not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(left, self.peak_tick_s)):
+                        await self._stopping.wait()
+                self._sample_peaks()
             if self._stopping.is_set():
                 return
             await self._save_logged()
 
+    def _sample_peaks(self) -> None:
+        try:
+            self.peaks.sample()
+        except Exception:  # a look at the queues must never end the loop
+            logger.exception("sampling the pools' peaks failed")
+
 
 def snapshot_from(
-    instance: str, taken_at: Any, pool_stats: dict[str, Any], interval: PoolInterval
+    instance: str,
+    taken_at: Any,
+    pool_stats: dict[str, Any],
+    interval: PoolInterval,
+    peaks: dict[str, int] | None = None,
 ) -> PoolSnapshot:
+    moment = gauges(pool_stats)
+    peaks = peaks or {}
+    # A peak is never below the row's own moment (a queue may have formed since the last look).
+    in_use_peak = max(peaks.get("in_use_peak", 0), moment["in_use"])
+    waiting_peak = max(peaks.get("waiting_peak", 0), moment["waiting"])
+    deployment_waiting = [peaks.get("deployment_waiting_peak"), moment["deployment_waiting"]]
+    known = [value for value in deployment_waiting if value is not None]
+    deployment_waiting_peak = max(known) if known else None
     return PoolSnapshot(
         taken_at=taken_at,
         instance=instance,
         pool=interval.pool,
-        **gauges(pool_stats),
+        **moment,
+        in_use_peak=in_use_peak,
+        waiting_peak=waiting_peak,
+        deployment_waiting_peak=deployment_waiting_peak,
         interval_s=round(interval.seconds, 3),
         requests=interval.requests,
         overflow_requests=interval.overflow_requests,

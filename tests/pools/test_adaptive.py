@@ -35,22 +35,31 @@ async def test_a_burst_of_429s_decreases_the_limit_once_per_round_trip():
     burst = [await gate.acquire(time.monotonic(), 5) for _ in range(10)]
     for permit in burst:  # all sent before the first 429 came back: one decrease
         gate.release(permit, Outcome.DROP)
-    assert gate.limit == 10
+    # Capped at the 10 in flight when the server refused, then halved.
+    assert gate.limit == 5
     assert gate.snapshot()["last_change"] | {"at": 0} == {
         "reason": "429",
         "at": 0,
         "from": 20,
-        "to": 10,
+        "to": 5,
     }
     later = await gate.acquire(time.monotonic(), 5)  # sent after the decrease: counts again
     gate.release(later, Outcome.DROP)
-    assert gate.limit == 5
+    assert gate.limit == 1  # one call in flight was already too much: the floor
     assert gate.snapshot()["drops"] == 11 and gate.snapshot()["decreases"] == 2
+
+
+async def drop_with(gate: DeploymentLimiter, in_flight: int) -> None:
+    """A 429 while `in_flight` calls run (the others then end without a verdict)."""
+    permits = [await gate.acquire(time.monotonic(), 5) for _ in range(in_flight)]
+    gate.release(permits[0], Outcome.DROP)
+    for permit in permits[1:]:
+        gate.release(permit, Outcome.IGNORE)
 
 
 async def test_the_limit_climbs_back_while_calls_succeed_with_it_in_use():
     gate = limiter(ceiling=8, backoff_ratio=0.5)
-    gate.release(await gate.acquire(time.monotonic(), 5), Outcome.DROP)
+    await drop_with(gate, 8)
     assert gate.limit == 4
     for _ in range(60):
         permits = [await gate.acquire(time.monotonic(), 5) for _ in range(gate.limit)]
@@ -62,7 +71,7 @@ async def test_the_limit_climbs_back_while_calls_succeed_with_it_in_use():
 
 async def test_an_idle_deployment_does_not_grow_its_limit():
     gate = limiter(ceiling=100, backoff_ratio=0.1)
-    gate.release(await gate.acquire(time.monotonic(), 5), Outcome.DROP)
+    await drop_with(gate, 100)
     assert gate.limit == 10
     for _ in range(50):  # one call at a time: the limit of 10 is never in use
         gate.release(await gate.acquire(time.monotonic(), 5), Outcome.SUCCESS)

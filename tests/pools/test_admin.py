@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import re
+import time
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from asgiref.sync import sync_to_async
 from django.contrib.auth.models import Permission, User
 from django.test import Client
 from django.utils import timezone
 
 from agents.models import AgentRun, Design
+from pools.adaptive import Outcome
 from pools.admin import MAX_POINTS, chart_data
 from pools.models import PoolSnapshot
+from pools.sampler import SnapshotSampler
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 LIST = "/admin/pools/poolsnapshot/"
@@ -54,12 +58,26 @@ def staff(db) -> Client:
     return client
 
 
-def polyline(svg: str, pool: str, series: str) -> str:
-    panel = re.search(rf'<g class="pool-panel" data-pool="{pool}".*?</g>', svg, re.S)
-    assert panel, f"no panel for {pool}"
-    line = re.search(rf'<polyline data-series="{series}"[^>]* points="([^"]*)"', panel[0])
-    assert line, f"no {series} line for {pool}"
-    return line[1]
+def panel_of(svg: str, pool: str, kind: str = "slots") -> str:
+    panel = re.search(
+        rf'<g class="pool-panel" data-pool="{pool}" data-y-max="\d+" data-panel="{kind}".*?</g>',
+        svg,
+        re.S,
+    )
+    assert panel, f"no {kind} panel for {pool}"
+    return panel[0]
+
+
+def polyline(svg: str, pool: str, series: str, kind: str = "slots") -> str:
+    lines = polylines(svg, pool, series, kind)
+    assert lines, f"no {series} line for {pool}"
+    return lines[0]
+
+
+def polylines(svg: str, pool: str, series: str, kind: str = "slots") -> list[str]:
+    """Every segment of a series (a line breaks where its figure is missing)."""
+    panel = panel_of(svg, pool, kind)
+    return re.findall(rf'<polyline data-series="{series}"[^>]* points="([^"]*)"', panel)
 
 
 # -- the chart ----------------------------------------------------------------------------------
@@ -71,11 +89,16 @@ def test_chart_svg_for_known_snapshots(staff, known_snapshots):
     assert svg.startswith('<?xml version="1.0" encoding="utf-8"?>\n<svg xmlns=')
     # x: 44 (start, 12:00:00) .. 748 (end, 12:00:20); main's y axis tops at 20 (12 in use).
     # y(v) = 12 + 142 - v / 20 * 142
-    assert 'data-pool="main" data-y-max="20"' in svg
+    assert 'data-pool="main" data-y-max="20" data-panel="slots"' in svg
+    # Rows without peaks (from before they were kept) draw their moment.
     assert polyline(svg, "main", "in_use") == "44.0,139.8 396.0,125.6 748.0,68.8"
-    assert polyline(svg, "main", "available") == "44.0,97.2 396.0,111.4 748.0,154.0"
-    assert polyline(svg, "main", "overflow") == "44.0,154.0 396.0,154.0 748.0,139.8"
     assert polyline(svg, "main", "waiting") == "44.0,154.0 396.0,154.0 748.0,132.7"
+    assert polyline(svg, "main", "size") == "44.0,83.0 396.0,83.0 748.0,83.0"
+    # No limit, no deployment queue, no intervals in these rows: those lines are left out.
+    for series in ("limit", "deployment_waiting"):
+        assert polylines(svg, "main", series) == []
+    assert polylines(svg, "main", "requests", "calls") == []
+    assert polylines(svg, "main", "latency_p95", "times") == []
     # mini: one snapshot in the middle of the range, y axis to 5; a lone point gets a dot.
     assert polyline(svg, "mini", "in_use") == "396.0,125.6"
     assert '<circle data-series="in_use" cx="396.0" cy="125.6"' in svg
@@ -103,6 +126,129 @@ def test_list_page_shows_the_chart_above_the_rows(staff, known_snapshots):
     assert polyline(html, "main", "in_use") == "44.0,139.8 396.0,125.6 748.0,68.8"
     assert 'data-pool="mini"' not in html
     assert "web-2:7" in html  # the instance filter lists the instances
+
+
+@pytest.fixture
+def limited_snapshots(db) -> None:
+    """main over 20 s: its deployment's limit cut from 100 to 70 to 7 by 429s, its queues and
+    calls between the rows."""
+    PoolSnapshot.objects.bulk_create(
+        [
+            snap(
+                "main",
+                T0,
+                2,
+                in_use_peak=6,
+                waiting_peak=3,
+                concurrency_limit=100,
+                limit_reason="start",
+                deployment_waiting=0,
+                deployment_waiting_peak=0,
+                requests=5,  # no interval_s: the instance's first row, left out of the rates
+            ),
+            snap(
+                "main",
+                T0 + timedelta(seconds=10),
+                4,
+                in_use_peak=9,
+                concurrency_limit=70,
+                limit_reason="429",
+                deployment_waiting=2,
+                deployment_waiting_peak=4,
+                interval_s=10,
+                requests=20,
+                errors=1,
+                rate_limited=3,
+                wait_p95_ms=12,
+                latency_p95_ms=800,
+                ttft_p95_ms=300,
+            ),
+            snap(
+                "main",
+                T0 + timedelta(seconds=20),
+                1,
+                in_use_peak=5,
+                concurrency_limit=7,
+                limit_reason="429",
+                deployment_waiting_peak=1,
+                paused_s=2.5,
+                interval_s=10,
+                requests=10,
+                rate_limited=1,
+                latency_p95_ms=1500,
+            ),
+        ]
+    )
+
+
+def test_chart_shows_the_limit_the_queues_and_the_calls(staff, limited_snapshots):
+    svg = staff.get(CHART).content.decode()
+    # Slots: y to 10 (size 10, 9 in use at the peak). y(v) = 12 + 142 - v / 10 * 142.
+    assert 'data-pool="main" data-y-max="10" data-panel="slots"' in svg
+    assert polyline(svg, "main", "in_use") == "44.0,68.8 396.0,26.2 748.0,83.0"  # the peaks
+    assert polyline(svg, "main", "waiting") == "44.0,111.4 396.0,154.0 748.0,154.0"
+    assert polyline(svg, "main", "deployment_waiting") == "44.0,154.0 396.0,97.2 748.0,139.8"
+    # The limit is the deployment's: above the pool's scale it runs along the top edge.
+    assert polyline(svg, "main", "limit") == "44.0,12.0 396.0,12.0 748.0,54.6"
+    assert "limit 7 (429)" in svg and "9 in use at peak" not in svg  # the last row's figures
+    assert "size 10, last: 5 in use at peak, 0 waiting, limit 7 (429)" in svg
+
+    # Calls per minute, from the rows' intervals (the first row has none): 20 and 10 requests
+    # in 10 s. y to 200 on a plot of 80 from y=12, x from 44 to 368.
+    assert 'data-pool="main" data-y-max="200" data-panel="calls"' in svg
+    assert polyline(svg, "main", "requests", "calls") == "206.0,44.0 368.0,68.0"
+    assert polyline(svg, "main", "rate_limited", "calls") == "206.0,84.8 368.0,89.6"
+    assert polylines(svg, "main", "errors", "calls") == ["206.0,89.6 368.0,92.0"]
+    # p95 times in ms: y to 2000; the lone wait and first-token figures are dots.
+    assert 'data-pool="main" data-y-max="2000" data-panel="times"' in svg
+    assert polyline(svg, "main", "latency_p95", "times") == "206.0,60.0 368.0,32.0"
+    times = panel_of(svg, "main", "times")
+    assert '<circle data-series="wait_p95" cx="206.0" cy="91.5"' in times
+    assert '<circle data-series="ttft_p95" cx="206.0" cy="80.0"' in times
+
+
+def test_list_shows_the_limit_and_why(staff, limited_snapshots):
+    html = staff.get(LIST).content.decode()
+    for header in ("Concurrency limit", "Limit reason", "Deployment waiting peak", "Rate limited"):
+        assert header in html
+    row = re.search(r'<tr>.*?<td class="field-limit_reason">(.*?)</td>', html, re.S)
+    assert row and row[1] == "429"  # the newest row first
+    assert '<td class="field-concurrency_limit">7</td>' in html
+    assert '<td class="field-concurrency_limit">100</td>' in html
+    assert '<td class="field-rate_limited">3</td>' in html
+    assert '<td class="field-in_use_peak">9</td>' in html
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_limit_the_registry_learned_shows_in_the_admin(make_registry, simulator):
+    registry = make_registry(simulator)
+    await registry.initialize()
+    # The deployment of main and ronei answers an attempt with a 429: its limit comes down.
+    limiter = registry.limiters["gpt-4o"]
+    ceiling = limiter.limit
+    limiter.release(await limiter.acquire(time.monotonic(), 5), Outcome.DROP)
+    assert limiter.limit < ceiling
+    rows = await SnapshotSampler(registry, interval_s=60, instance="web-9:1").snapshot_once()
+    assert {row.pool: row.concurrency_limit for row in rows} == {
+        "main": limiter.limit,
+        "ronei": limiter.limit,
+        "mini": registry.limiters["gpt-4o-mini"].limit,
+    }
+
+    def pages() -> tuple[str, str]:
+        client = Client()
+        client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw-ops-123"))
+        return (
+            client.get(LIST, {"pool": "main"}).content.decode(),
+            client.get(CHART, {"pool": "main"}).content.decode(),
+        )
+
+    html, svg = await sync_to_async(pages)()
+    assert f'<td class="field-concurrency_limit">{limiter.limit}</td>' in html
+    assert '<td class="field-limit_reason">429</td>' in html
+    assert f"limit {limiter.limit} (429)" in svg
+    assert len(polyline(svg, "main", "limit").split()) == 1  # one row: one point, a dot
+    assert '<circle data-series="limit"' in svg
 
 
 @pytest.mark.django_db

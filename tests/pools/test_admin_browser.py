@@ -32,7 +32,8 @@ PASSWORD = f"pw-{uuid.uuid4().hex}"
 SCREENSHOT = Path("/tmp/carlos-admin-pool-chart.png")
 
 # An hour of history for two pools, one row a minute: main fills up and overflows at the
-# end, mini stays idle. The staff user is created in the same shell.
+# end while 429s cut its deployment's limit from 100 to 7, mini stays idle. The staff user
+# is created in the same shell.
 SETUP = f"""
 from datetime import timedelta
 from django.contrib.auth.models import User
@@ -48,6 +49,9 @@ for minute in range(60):
         taken_at=start + timedelta(minutes=minute), instance="browser:1", pool="main",
         size=10, in_use=in_use, available=max(0, 10 - in_use),
         overflow_in_use=max(0, in_use - 10), waiting=max(0, minute - 55), requests=minute,
+        interval_s=60, concurrency_limit=100 if minute < 50 else 7,
+        limit_reason="start" if minute < 50 else "429", rate_limited=int(minute >= 50),
+        deployment_waiting_peak=max(0, minute - 52), latency_p95_ms=800 + minute,
     ))
     rows.append(PoolSnapshot(
         taken_at=start + timedelta(minutes=minute), instance="browser:1", pool="mini",
@@ -93,25 +97,34 @@ def test_staff_logs_in_and_sees_the_pool_chart(served_admin):
             chart.wait_for()
             page.screenshot(path=str(SCREENSHOT), full_page=True)
             assert page.locator("#pool-history-chart h2").inner_text() == "Pools over time"
-            panels = chart.locator("g.pool-panel")
+            panels = chart.locator('g.pool-panel[data-panel="slots"]')
             assert panels.count() == 2
+            assert chart.locator("g.pool-panel").count() == 6  # slots, calls, times per pool
             assert panels.nth(0).get_attribute("data-pool") == "main"
             assert panels.nth(0).get_attribute("data-y-max") == "20"  # 14 in use at the peak
             # The browser lays the lines out: each has a real drawn length.
-            for series in ("in_use", "available", "overflow", "waiting"):
+            for series in ("in_use", "waiting", "deployment_waiting", "limit", "size"):
                 line = panels.nth(0).locator(f'polyline[data-series="{series}"]')
                 assert len(line.get_attribute("points").split()) == 60
                 assert line.evaluate("element => element.getTotalLength()") > 100
-            # It scales to the column it is in, keeping its proportions (760 x 402).
+            assert "limit 7 (429)" in panels.nth(0).inner_html()
+            for kind, series in (("calls", "requests"), ("times", "latency_p95")):
+                panel = chart.locator(f'g.pool-panel[data-pool="main"][data-panel="{kind}"]')
+                line = panel.locator(f'polyline[data-series="{series}"]')
+                assert line.evaluate("element => element.getTotalLength()") > 100
+            # It scales to the column it is in, keeping its proportions (760 x 684).
             box = chart.bounding_box()
             assert box is not None and box["width"] >= 300
-            assert box["height"] == pytest.approx(box["width"] * 402 / 760, abs=2)
+            assert box["height"] == pytest.approx(box["width"] * 684 / 760, abs=2)
             assert "120 pool snapshots" in page.inner_text("#changelist")
+            # The list shows each row's limit and why it last changed.
+            assert page.locator("td.field-concurrency_limit").first.inner_text() == "7"
+            assert page.locator("td.field-limit_reason").first.inner_text() == "429"
 
             # The pool filter redraws the chart for that pool only.
             page.click("#changelist-filter >> text=mini")
             page.wait_for_url("**pool=mini**")
-            panels = page.locator("#pool-history-chart g.pool-panel")
+            panels = page.locator('#pool-history-chart g.pool-panel[data-panel="slots"]')
             assert panels.count() == 1
             assert panels.nth(0).get_attribute("data-pool") == "mini"
         finally:

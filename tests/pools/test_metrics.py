@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import openai
 import pytest
@@ -10,8 +11,9 @@ from django.test import AsyncClient, AsyncRequestFactory, override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from pools import runtime, views
+from pools.adaptive import Outcome
 from pools.exceptions import PoolExhausted
-from pools.metrics import metrics_for
+from pools.metrics import limit_reason_label, metrics_for
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -189,3 +191,95 @@ async def test_scrapes_while_calls_run_concurrently(registry, simulator):
     samples = await scrape()
     assert value(samples, "carlos_pool_requests_total", pool="main") == 4
     assert value(samples, "carlos_pool_overflow_requests_total", pool="main") == 2
+
+
+# -- the deployment's concurrency limit, its queue and its 429 pause ---------------------------
+@pytest.fixture
+async def limited(make_registry, simulator):
+    """main on gpt-4o with a limit of at most 10; mini on gpt-4o-mini opted out (ADAPTIVE=0)."""
+    registry = make_registry(
+        simulator,
+        pools={
+            "main": {"size": 2, "max_concurrency": 10},
+            "mini": {"size": 1, "adaptive": False},
+        },
+    )
+    previous = runtime.install(registry)
+    metrics_for(registry)
+    await registry.initialize()
+    yield registry
+    runtime.install(previous)
+
+
+async def test_metrics_show_the_deployment_limit_its_queue_and_pause(limited, simulator):
+    registry = limited
+    limiter = registry.limiters["gpt-4o"]
+    # A real 429 with a short Retry-After: the call waits it out and succeeds, the pool counts
+    # the 429, and the deployment's limit comes down from its ceiling of 10.
+    simulator.config.retry_after_s = 0.05
+    simulator.config.next_429 = 1
+    async with registry.get_main_llm() as llm:
+        assert (await llm.ainvoke(HELLO)).text
+    samples = await scrape()
+    assert value(samples, "carlos_pool_rate_limited_total", pool="main") == 1
+    assert value(samples, "carlos_pool_concurrency_limit_ceiling", pool="main") == 10
+    assert value(samples, "carlos_pool_concurrency_limit_floor", pool="main") == 1
+    assert value(samples, "carlos_pool_concurrency_limit", pool="main") == limiter.limit < 10
+    assert value(samples, "carlos_pool_concurrency_limit_decreases_total", pool="main") == 1
+    assert value(samples, "carlos_pool_deployment_pauses_total", pool="main") == 1
+    assert value(samples, "carlos_pool_adaptive", pool="main") == 1
+    # Another attempt answered 429: the last change is the 429's.
+    limiter.release(await limiter.acquire(time.monotonic(), 5), Outcome.DROP)
+    samples = await scrape()
+    assert value(samples, "carlos_pool_concurrency_limit_change_info", pool="main", reason="429")
+    assert value(samples, "carlos_pool_concurrency_limit_decreases_total", pool="main") == 2
+
+    # The limit is full: the next attempt queues at the deployment, holding its slot; then a
+    # 429 pause stops dispatch for 30 s.
+    held = [await limiter.acquire(time.monotonic(), 5) for _ in range(limiter.limit)]
+    queued = asyncio.create_task(limiter.acquire(time.monotonic(), 5))
+    try:
+        while limiter.snapshot()["waiting"] < 1:
+            await asyncio.sleep(0.005)
+        limiter.pause(30, "429, Retry-After 30s")
+        samples = await scrape()
+        stats = registry.stats()["pools"]["main"]["concurrency"]
+        assert value(samples, "carlos_pool_deployment_in_flight", pool="main") == len(held)
+        assert value(samples, "carlos_pool_deployment_waiting", pool="main") == 1
+        assert 29 < value(samples, "carlos_pool_deployment_paused_seconds", pool="main") <= 30
+        assert value(samples, "carlos_pool_deployment_pauses_total", pool="main") == 2
+        for name, key in (
+            ("concurrency_limit", "limit"),
+            ("deployment_in_flight", "in_flight"),
+            ("deployment_waiting", "waiting"),
+        ):
+            assert value(samples, f"carlos_pool_{name}", pool="main") == stats[key]
+        assert value(
+            samples, "carlos_pool_concurrency_limit_changed_timestamp_seconds", pool="main"
+        ) == pytest.approx(stats["last_change"]["at"])
+    finally:
+        queued.cancel()
+        for permit in held:
+            limiter.release(permit, Outcome.IGNORE)
+
+    # mini's deployment is untouched, and mini follows the pause only.
+    assert value(samples, "carlos_pool_adaptive", pool="mini") == 0
+    assert value(samples, "carlos_pool_rate_limited_total", pool="mini") == 0
+    assert value(samples, "carlos_pool_concurrency_limit_decreases_total", pool="mini") == 0
+    assert value(samples, "carlos_pool_deployment_paused_seconds", pool="mini") == 0
+    assert value(samples, "carlos_pool_concurrency_limit_change_info", pool="mini", reason="start")
+    # One reason per pool at a time.
+    reasons = [key for key in samples if key[0] == "carlos_pool_concurrency_limit_change_info"]
+    assert len(reasons) == 2
+
+
+def test_limit_reasons_make_a_small_set_of_labels():
+    assert limit_reason_label("start") == "start"
+    assert limit_reason_label("429") == "429"
+    assert limit_reason_label("tokens running low") == "tokens running low"
+    assert limit_reason_label("recovering") == "recovering"
+    # Another instance's reasons keep their prefix; a pause's free text is cut to its kind.
+    assert limit_reason_label("cluster: 429, Retry-After 2.5s") == "cluster: 429"
+    assert limit_reason_label("cluster: latency") == "cluster: latency"
+    assert limit_reason_label("cluster: whatever else") == "cluster: other"
+    assert limit_reason_label("") == "other"

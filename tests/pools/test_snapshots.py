@@ -7,6 +7,7 @@ import asyncio
 import itertools
 import logging
 import random
+import time
 from collections.abc import Callable
 
 import pytest
@@ -14,6 +15,7 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import override_settings
 
+from pools.adaptive import Outcome
 from pools.events import EventKind, PoolEvent
 from pools.intervals import IntervalRecorder, Reservoir, parse_duration, percentile
 from pools.lifespan import PoolLifespan
@@ -189,6 +191,75 @@ async def test_sampler_writes_at_its_interval_and_stops_cleanly(installed_regist
     async with registry.get_main_llm() as llm:
         await llm.ainvoke(HELLO)
     assert not sampler.recorder.active
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_rows_keep_the_deployment_limit_the_peaks_and_the_429s(make_registry, simulator):
+    # main: one slot, on gpt-4o with a limit of at most 10; mini on gpt-4o-mini.
+    registry = make_registry(
+        simulator,
+        pools={"main": {"size": 1, "max_overflow": 0, "max_concurrency": 10}, "mini": {}},
+    )
+    await registry.initialize()
+    sampler = SnapshotSampler(registry, interval_s=60, instance="test-host:1", peak_tick_s=0.02)
+    sampler.start()
+    limiter = registry.limiters["gpt-4o"]
+    try:
+        # A real 429, waited out: counted, and the limit comes down from its ceiling of 10.
+        simulator.config.retry_after_s = 0.05
+        simulator.config.next_429 = 1
+        async with registry.get_main_llm() as llm:
+            await llm.ainvoke(HELLO)
+
+        async def call() -> None:
+            async with registry.get_main_llm() as llm:
+                await llm.ainvoke(HELLO)
+
+        # The limit is full: the first call takes main's slot and queues at the deployment,
+        # the second queues for the slot. Both are over before the row is taken.
+        held = [await limiter.acquire(time.monotonic(), 5) for _ in range(limiter.limit)]
+        calls = [asyncio.create_task(call())]
+        while limiter.snapshot()["waiting"] < 1:
+            await asyncio.sleep(0.005)
+        calls.append(asyncio.create_task(call()))
+        while registry.pools["main"].stats()["waiting"] < 1:
+            await asyncio.sleep(0.005)
+        await asyncio.sleep(0.2)  # the sampler's loop looks at the queues meanwhile
+        for permit in held:
+            limiter.release(permit, Outcome.IGNORE)
+        await asyncio.gather(*calls)
+        # Another attempt answered 429, and the pause is still on when the row is taken.
+        limiter.release(await limiter.acquire(time.monotonic(), 5), Outcome.DROP)
+        limiter.pause(30, "429, Retry-After 30s")
+        limit = registry.stats()["pools"]["main"]["concurrency"]["limit"]
+
+        first = {row.pool: row for row in await sampler.snapshot_once()}
+        second = {row.pool: row for row in await sampler.snapshot_once()}
+    finally:
+        await sampler.stop(flush=False)
+
+    main = first["main"]
+    assert (main.requests, main.rate_limited, main.errors) == (3, 1, 0)
+    assert (main.concurrency_limit, main.limit_reason) == (limit, "429")
+    assert limit < 10
+    assert (main.deployment_in_flight, main.deployment_waiting) == (0, 0)
+    assert 29 < main.paused_s <= 30
+    # The moment is idle; the interval was not.
+    assert (main.in_use, main.waiting) == (0, 0)
+    assert (main.in_use_peak, main.waiting_peak, main.deployment_waiting_peak) == (1, 1, 1)
+    assert main.counters["requests_rate_limited"] == 1
+
+    mini = first["mini"]
+    assert (mini.rate_limited, mini.limit_reason, mini.paused_s) == (0, "start", 0)
+    assert mini.concurrency_limit == registry.stats()["pools"]["mini"]["concurrency"]["ceiling"]
+    assert (mini.in_use_peak, mini.waiting_peak, mini.deployment_waiting_peak) == (0, 0, 0)
+
+    # The next row counts the 429s since the first, and its peaks start over.
+    again = second["main"]
+    assert (again.rate_limited, again.concurrency_limit, again.limit_reason) == (0, limit, "429")
+    assert (again.in_use_peak, again.waiting_peak, again.deployment_waiting_peak) == (0, 0, 0)
+    saved = await PoolSnapshot.objects.aget(pk=main.pk)
+    assert (saved.concurrency_limit, saved.limit_reason, saved.rate_limited) == (limit, "429", 1)
 
 
 def _drop_table() -> None:
