@@ -69,8 +69,10 @@ def diagnose(
             f"HTTP {exc.status_code}: the endpoint refused the API key",
             f"check {key_var} (set, not expired, for this resource: {where})",
         )
-    if isinstance(exc, openai.NotFoundError) and endpoint.kind != "azure" and not (
-        urlsplit(endpoint.base_url).path.strip("/")
+    if (
+        isinstance(exc, openai.NotFoundError)
+        and endpoint.kind != "azure"
+        and not (urlsplit(endpoint.base_url).path.strip("/"))
     ):
         return (
             f"HTTP 404 at {where}/chat/completions: {url_var} has no API path, so the calls "
