@@ -62,6 +62,8 @@ class LimitSettings:
     best_window_s: float = 60.0  # the best first-token time is re-measured over this window
     pause_backoff_base: float = 0.5  # a 429 without Retry-After pauses 0.5 s, doubling ...
     pause_backoff_max: float = 8.0  # ... up to this, with jitter
+    probe_interval_s: float = 1.0  # above the level last refused, one step up this often ...
+    probe_interval_max_s: float = 8.0  # ... doubling up to this while the steps keep failing
 
 
 @dataclass(eq=False)
@@ -134,6 +136,11 @@ class DeploymentLimiter:
         self._pause_reason = ""
         self._last_decrease_at = -math.inf
         self._drops_in_a_row = 0
+        # The number of calls in flight the endpoint last refused (None: not known, or since
+        # exceeded without a refusal), and when the limit may next step above it.
+        self._refused_level: float | None = None
+        self._probe_interval = settings.probe_interval_s
+        self._next_probe_at = 0.0
         self._ttft_ewma: float | None = None
         self._best: deque[tuple[float, float]] = deque()  # (time, ttft) with rising ttft
         self.last_change = LimitChange(after=self._limit, before=self._limit)
@@ -223,10 +230,7 @@ class DeploymentLimiter:
                 if outcome is Outcome.DROP:
                     self.counters["drops"] += 1
                     self._drops_in_a_row += 1
-                    # What is in flight as the refusal comes back was too much.
-                    self._decrease_locked(
-                        permit, self.settings.backoff_ratio, "429", changes, self._in_flight + 1
-                    )
+                    self._on_drop_locked(permit, changes)
                 elif outcome is Outcome.SUCCESS:
                     self._drops_in_a_row = 0
                     self._on_success_locked(permit, ttft_s, changes)
@@ -317,6 +321,31 @@ class DeploymentLimiter:
         self.counters["decreases"] += 1
         self._changed_locked(reason, before, changes)
 
+    def _on_drop_locked(self, permit: Permit, changes: list[tuple[float, float, str]]) -> None:
+        """A 429: what is in flight as it comes back (this call included) was too many.
+
+        The first refusal of a round trip multiplies the limit down (from at most that many)
+        and remembers the level; every further refusal of the same round takes one more off
+        both, so a burst of k refusals among n calls leaves the level at n - k + 1: the
+        endpoint's capacity, measured. A refusal of a step above the level (a probe) makes
+        the next probe wait twice as long.
+        """
+        settings = self.settings
+        if permit.granted_at < self._last_decrease_at:  # the same round trip
+            before = self._limit
+            self._limit = max(float(settings.floor), self._limit - 1)
+            if self._refused_level is not None:
+                self._refused_level = max(float(settings.floor) + 1, self._refused_level - 1)
+            if math.floor(self._limit) != math.floor(before):
+                self._changed_locked("429", before, changes)
+            return
+        in_flight = self._in_flight + 1
+        if self._refused_level is not None and in_flight >= self._refused_level:
+            self._probe_interval = min(settings.probe_interval_max_s, self._probe_interval * 2)
+        self._refused_level = float(in_flight)
+        self._decrease_locked(permit, settings.backoff_ratio, "429", changes, in_flight)
+        self._next_probe_at = self._clock() + self._probe_interval
+
     def _on_success_locked(
         self, permit: Permit, ttft_s: float | None, changes: list[tuple[float, float, str]]
     ) -> None:
@@ -338,12 +367,32 @@ class DeploymentLimiter:
                 gradient = max(0.5, allowed / self._ttft_ewma)
                 self._decrease_locked(permit, gradient, "latency", changes)
                 return
-        # Additive increase, only while the limit is really in use (not app-limited).
-        if permit.in_flight_at_grant >= self._limit * 0.5 and self._limit < settings.ceiling:
-            before = self._limit
-            self._limit = min(float(settings.ceiling), self._limit + 1.0 / self._limit)
-            if math.floor(self._limit) != math.floor(before):
-                self._changed_locked("recovering", before, changes)
+        # Growth, only while the limit is really in use (not app-limited).
+        if permit.in_flight_at_grant < self._limit * 0.5 or self._limit >= settings.ceiling:
+            return
+        before = self._limit
+        level = self._refused_level
+        if (
+            level is not None
+            and permit.in_flight_at_grant >= level
+            and permit.granted_at >= self._last_decrease_at
+        ):
+            level = self._refused_level = None  # ran above it unrefused: capacity came back
+            self._probe_interval = settings.probe_interval_s
+        if level is None:
+            step = 1.0 / self._limit  # about one more per round trip
+        elif self._limit < level - 1:
+            step = 1.0  # fast back up to just below what was refused
+            self._limit = min(self._limit + step, level - 1)
+            step = 0.0
+        elif self._clock() >= self._next_probe_at:
+            step = 1.0  # one step above, now and then, in case capacity came back
+            self._next_probe_at = self._clock() + self._probe_interval
+        else:
+            step = 0.0
+        self._limit = min(float(settings.ceiling), self._limit + step)
+        if math.floor(self._limit) != math.floor(before):
+            self._changed_locked("recovering", before, changes)
 
     def _on_headers_locked(
         self, permit: Permit, headers: Mapping[str, str], changes: list[tuple[float, float, str]]
@@ -442,6 +491,7 @@ class DeploymentLimiter:
                     "from": math.floor(change.before),
                     "to": math.floor(change.after),
                 },
+                "refused_at": math.floor(self._refused_level) if self._refused_level else None,
                 "ttft_best_ms": round(self._best[0][1] * 1000, 1) if self._best else None,
                 "ttft_recent_ms": round(self._ttft_ewma * 1000, 1)
                 if self._ttft_ewma is not None

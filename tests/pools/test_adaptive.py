@@ -30,23 +30,50 @@ async def test_a_healthy_deployment_admits_up_to_the_ceiling_without_waiting():
     assert gate.snapshot()["in_flight"] == 0
 
 
-async def test_a_burst_of_429s_decreases_the_limit_once_per_round_trip():
-    gate = limiter(ceiling=20, backoff_ratio=0.5)
-    burst = [await gate.acquire(time.monotonic(), 5) for _ in range(10)]
-    for permit in burst:  # all sent before the first 429 came back: one decrease
+async def test_a_burst_of_429s_measures_the_capacity_and_the_limit_settles_on_it():
+    now = [100.0]
+    gate = DeploymentLimiter(
+        "gpt-4o",
+        LimitSettings(ceiling=20, backoff_ratio=0.7, probe_interval_s=1, probe_interval_max_s=8),
+        clock=lambda: now[0],
+    )
+    burst = [await gate.acquire(now[0], 5) for _ in range(12)]
+    now[0] += 0.1
+    for permit in burst[:4]:  # 12 sent at once, 4 refused: the endpoint takes 8
         gate.release(permit, Outcome.DROP)
-    # Capped at the 10 in flight when the server refused, then halved.
-    assert gate.limit == 5
-    assert gate.snapshot()["last_change"] | {"at": 0} == {
-        "reason": "429",
-        "at": 0,
-        "from": 20,
-        "to": 5,
-    }
-    later = await gate.acquire(time.monotonic(), 5)  # sent after the decrease: counts again
-    gate.release(later, Outcome.DROP)
-    assert gate.limit == 1  # one call in flight was already too much: the floor
-    assert gate.snapshot()["drops"] == 11 and gate.snapshot()["decreases"] == 2
+    assert gate.limit == 5  # 12 x 0.7, then one off for each further refusal of the round
+    assert gate.snapshot()["refused_at"] == 9 and gate.snapshot()["decreases"] == 1
+    for permit in burst[4:]:
+        gate.release(permit, Outcome.SUCCESS)
+
+    async def round_trip(outcome: Outcome = Outcome.SUCCESS) -> None:
+        permits = [await gate.acquire(now[0], 5) for _ in range(gate.limit)]
+        now[0] += 0.01
+        for permit in permits:
+            gate.release(permit, outcome)
+
+    for _ in range(5):
+        await round_trip()
+    assert gate.limit == 8  # back fast to just below what was refused, and it stays there
+    now[0] += 1.1
+    await round_trip()  # a probe: one step above, now and then
+    assert gate.limit == 9
+    permits = [await gate.acquire(now[0], 5) for _ in range(9)]
+    now[0] += 0.01
+    gate.release(permits[0], Outcome.DROP)  # refused again at 9: the next probe waits longer
+    for permit in permits[1:]:
+        gate.release(permit, Outcome.SUCCESS)
+    for _ in range(5):
+        await round_trip()
+    assert gate.limit == 8
+    now[0] += 1.0
+    await round_trip()
+    assert gate.limit == 8  # the probe interval doubled to 2 s
+    now[0] += 1.0
+    await round_trip()
+    assert gate.limit == 9
+    await round_trip()  # 9 ran unrefused: capacity came back, the remembered level is gone
+    assert gate.snapshot()["refused_at"] is None
 
 
 async def drop_with(gate: DeploymentLimiter, in_flight: int) -> None:
@@ -58,7 +85,7 @@ async def drop_with(gate: DeploymentLimiter, in_flight: int) -> None:
 
 
 async def test_the_limit_climbs_back_while_calls_succeed_with_it_in_use():
-    gate = limiter(ceiling=8, backoff_ratio=0.5)
+    gate = limiter(ceiling=8, backoff_ratio=0.5, probe_interval_s=0)
     await drop_with(gate, 8)
     assert gate.limit == 4
     for _ in range(60):
