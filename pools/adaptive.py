@@ -63,7 +63,7 @@ class LimitSettings:
     pause_backoff_base: float = 0.5  # a 429 without Retry-After pauses 0.5 s, doubling ...
     pause_backoff_max: float = 8.0  # ... up to this, with jitter
     probe_interval_s: float = 1.0  # above the level last refused, one step up this often ...
-    probe_interval_max_s: float = 8.0  # ... doubling up to this while the steps keep failing
+    probe_interval_max_s: float = 4.0  # ... doubling up to this while the steps keep failing
 
 
 @dataclass(eq=False)
@@ -141,6 +141,8 @@ class DeploymentLimiter:
         self._refused_level: float | None = None
         self._probe_interval = settings.probe_interval_s
         self._next_probe_at = 0.0
+        self._probe_succeeded = False  # a step above the refused level went through
+        self._last_pause_s = 0.0
         self._ttft_ewma: float | None = None
         self._best: deque[tuple[float, float]] = deque()  # (time, ttft) with rising ttft
         self.last_change = LimitChange(after=self._limit, before=self._limit)
@@ -256,6 +258,7 @@ class DeploymentLimiter:
                 )
                 seconds = ceiling * (0.5 + 0.5 * self._rng.random())
             now = self._clock()
+            self._last_pause_s = seconds
             if seconds > 0:
                 self.counters["pauses"] += 1
                 if now + seconds > self._paused_until:
@@ -325,26 +328,43 @@ class DeploymentLimiter:
         """A 429: what is in flight as it comes back (this call included) was too many.
 
         The first refusal of a round trip multiplies the limit down (from at most that many)
-        and remembers the level; every further refusal of the same round takes one more off
-        both, so a burst of k refusals among n calls leaves the level at n - k + 1: the
-        endpoint's capacity, measured. A refusal of a step above the level (a probe) makes
-        the next probe wait twice as long.
+        and remembers that level. The later refusals of the same round lower the level to
+        what is still in flight as each comes back: after the last one, what is left in
+        flight is what the endpoint accepted, so the level ends one above its capacity,
+        measured. A refusal of a step above the level (a probe) makes the next probe wait
+        twice as long.
         """
         settings = self.settings
+        in_flight = float(self._in_flight + 1)
         if permit.granted_at < self._last_decrease_at:  # the same round trip
-            before = self._limit
-            self._limit = max(float(settings.floor), self._limit - 1)
-            if self._refused_level is not None:
-                self._refused_level = max(float(settings.floor) + 1, self._refused_level - 1)
-            if math.floor(self._limit) != math.floor(before):
+            level = min(self._refused_level or in_flight, in_flight)
+            self._refused_level = max(float(settings.floor) + 1, level)
+            if self._limit > self._refused_level - 1:
+                before = self._limit
+                self._limit = max(float(settings.floor), self._refused_level - 1)
                 self._changed_locked("429", before, changes)
             return
-        in_flight = self._in_flight + 1
-        if self._refused_level is not None and in_flight >= self._refused_level:
+        known = self._refused_level
+        self._probe_succeeded = False
+        if known is not None and in_flight >= known:
+            # A step above the known level was refused again: back to just below it (what
+            # is known to work), and wait twice as long before the next step.
             self._probe_interval = min(settings.probe_interval_max_s, self._probe_interval * 2)
-        self._refused_level = float(in_flight)
-        self._decrease_locked(permit, settings.backoff_ratio, "429", changes, in_flight)
-        self._next_probe_at = self._clock() + self._probe_interval
+            if permit.granted_at >= self._last_decrease_at:
+                before = self._limit
+                self._limit = max(float(settings.floor), known - 1)
+                self._last_decrease_at = self._clock()
+                self.counters["decreases"] += 1
+                self._changed_locked("429", before, changes)
+        else:
+            self._refused_level = in_flight
+            self._decrease_locked(permit, settings.backoff_ratio, "429", changes, int(in_flight))
+        self._next_probe_at = self._clock() + self._probe_wait()
+
+    def _probe_wait(self) -> float:
+        # A step above costs a pause of the whole deployment when refused: step seldom
+        # compared with what the endpoint asks to wait.
+        return max(self._probe_interval, 4 * self._last_pause_s)
 
     def _on_success_locked(
         self, permit: Permit, ttft_s: float | None, changes: list[tuple[float, float, str]]
@@ -379,7 +399,10 @@ class DeploymentLimiter:
         ):
             level = self._refused_level = None  # ran above it unrefused: capacity came back
             self._probe_interval = settings.probe_interval_s
-        if level is None:
+            self._probe_succeeded = True
+        if level is None and self._probe_succeeded:
+            step = 1.0  # capacity came back: grow fast until the endpoint says where it ends
+        elif level is None:
             step = 1.0 / self._limit  # about one more per round trip
         elif self._limit < level - 1:
             step = 1.0  # fast back up to just below what was refused
@@ -387,7 +410,7 @@ class DeploymentLimiter:
             step = 0.0
         elif self._clock() >= self._next_probe_at:
             step = 1.0  # one step above, now and then, in case capacity came back
-            self._next_probe_at = self._clock() + self._probe_interval
+            self._next_probe_at = self._clock() + self._probe_wait()
         else:
             step = 0.0
         self._limit = min(float(settings.ceiling), self._limit + step)

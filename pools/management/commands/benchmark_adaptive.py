@@ -16,8 +16,9 @@ class Command(BaseCommand):
     help = (
         "Run the same stream of calls against a capacity-limited upstream (the offline "
         "simulator in a child process; its capacity halves, then doubles, during each run) "
-        "with adaptive pools, with fixed pool sizes from a sweep, and with unbounded overflow, "
-        "interleaved. Prints goodput per variant and, last, the line "
+        "with adaptive pools, with fixed pool sizes from a sweep, and with unbounded overflow "
+        "(the design note's pool: a shared SDK client with its own retries; and this engine "
+        "with ADAPTIVE=0), interleaved. Prints goodput per variant and, last, the line "
         "`goodput adaptive/best_fixed=X adaptive/unbounded=Y reconverge_s=Z failed_on_429=N` "
         "(targets: X >= 0.95, Y >= 2, Z <= 10, N = 0)."
     )
@@ -25,7 +26,10 @@ class Command(BaseCommand):
     def add_arguments(self, parser) -> None:
         parser.add_argument("--rounds", type=int, default=1, help="Runs per variant (default 1).")
         parser.add_argument(
-            "--phase-seconds", type=float, default=6.0, help="Length of each capacity phase."
+            "--phase-seconds",
+            type=float,
+            default=20.0,
+            help="Length of each capacity phase (default 20 s).",
         )
         parser.add_argument(
             "--capacity",
@@ -38,8 +42,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--retry-after-ms",
             type=float,
-            default=200.0,
-            help="What the upstream's 429s ask to wait (default 200 ms).",
+            default=1000.0,
+            help="What the upstream's 429s ask to wait (default 1000 ms, as Retry-After: 1).",
         )
         parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
 
