@@ -12,7 +12,9 @@ shared by the pools of one deployment:
   filter): it starts at the ceiling, so on a healthy endpoint nothing waits; it is multiplied
   down on a 429 and on `x-ratelimit-remaining-*` running low, and down by the latency
   gradient when time to first token rises well above its best recent value; it grows by about
-  one call per round trip while calls succeed with the limit in use. A 429 also caps it at
+  one call per round trip while calls succeed with the limit in use; above the level a
+  429 last refused it steps up only when `x-ratelimit-remaining-requests` says the endpoint
+  has room, or now and then when no header says anything. A 429 also caps it at
   what is in flight as the refusal comes back (times the ratio): the server said that much
   was too much, however high the limit had been. At most one decrease per round
   trip: only an attempt sent after the last decrease can cause another.
@@ -143,6 +145,9 @@ class DeploymentLimiter:
         self._next_probe_at = 0.0
         self._probe_succeeded = False  # a step above the refused level went through
         self._last_pause_s = 0.0
+        # Requests the endpoint said it had left on the last success: None when it does not
+        # say (no header, or -1 / 0 without a limit), 0 when it is full.
+        self._room: float | None = None
         self._ttft_ewma: float | None = None
         self._best: deque[tuple[float, float]] = deque()  # (time, ttft) with rising ttft
         self.last_change = LimitChange(after=self._limit, before=self._limit)
@@ -235,6 +240,8 @@ class DeploymentLimiter:
                     self._on_drop_locked(permit, changes)
                 elif outcome is Outcome.SUCCESS:
                     self._drops_in_a_row = 0
+                    if headers is not None:
+                        self._room = _requests_room(headers)
                     self._on_success_locked(permit, ttft_s, changes)
                     if headers is not None:
                         self._on_headers_locked(permit, headers, changes)
@@ -408,8 +415,11 @@ class DeploymentLimiter:
             step = 1.0  # fast back up to just below what was refused
             self._limit = min(self._limit + step, level - 1)
             step = 0.0
-        elif self._clock() >= self._next_probe_at:
-            step = 1.0  # one step above, now and then, in case capacity came back
+        elif self._room is not None and self._room > 0:
+            step = 1.0  # the endpoint says it has room (x-ratelimit-remaining-requests)
+        elif self._room is None and self._clock() >= self._next_probe_at:
+            # Nothing tells: one step above, now and then, in case capacity came back.
+            step = 1.0
             self._next_probe_at = self._clock() + self._probe_wait()
         else:
             step = 0.0
@@ -521,6 +531,18 @@ class DeploymentLimiter:
                 else None,
                 **self.counters,
             }
+
+
+def _requests_room(headers: Mapping[str, str]) -> float | None:
+    """Requests left as the endpoint advertises them, or None when it does not really say."""
+    limit = _positive(headers.get("x-ratelimit-limit-requests"))
+    try:
+        remaining = float(headers.get("x-ratelimit-remaining-requests", ""))
+    except ValueError:
+        return None
+    if limit is None or remaining < 0:
+        return None  # -1, or 0 without a limit: unknown, not "none left"
+    return remaining
 
 
 def _positive(value: str | None) -> float | None:

@@ -41,7 +41,9 @@ async def test_a_burst_of_429s_measures_the_capacity_and_the_limit_settles_on_it
     now[0] += 0.1
     for permit in burst[:4]:  # 12 sent at once, 4 refused: the endpoint takes 8
         gate.release(permit, Outcome.DROP)
-    assert gate.limit == 5  # 12 x 0.7, then one off for each further refusal of the round
+    # 12 x 0.7 at the first refusal; the later ones of the round find fewer in flight each,
+    # and after the last what is left in flight (8) is what the endpoint takes.
+    assert gate.limit == 8
     assert gate.snapshot()["refused_at"] == 9 and gate.snapshot()["decreases"] == 1
     for permit in burst[4:]:
         gate.release(permit, Outcome.SUCCESS)
@@ -230,3 +232,31 @@ def test_permits_are_shared_by_every_event_loop_of_the_process():
     waited = asyncio.run(hold_then_release(0))
     first.join()
     assert waited >= 0.1  # the second loop's caller waited for the first loop's permit
+
+
+async def test_above_the_refused_level_it_steps_up_only_when_the_endpoint_has_room():
+    now = [100.0]
+    gate = DeploymentLimiter(
+        "gpt-4o", LimitSettings(ceiling=20, backoff_ratio=0.7), clock=lambda: now[0]
+    )
+    burst = [await gate.acquire(now[0], 5) for _ in range(10)]
+    now[0] += 0.1
+    for permit in burst[:2]:
+        gate.release(permit, Outcome.DROP)
+    for permit in burst[2:]:
+        gate.release(permit, Outcome.SUCCESS)
+    assert gate.limit == 8
+
+    def headers(remaining: int) -> dict[str, str]:
+        return {"x-ratelimit-limit-requests": "8", "x-ratelimit-remaining-requests": str(remaining)}
+
+    async def round_trip(remaining: int) -> None:
+        permits = [await gate.acquire(now[0], 5) for _ in range(gate.limit)]
+        now[0] += 10  # long past any probe interval
+        for permit in permits:
+            gate.release(permit, Outcome.SUCCESS, headers=headers(remaining))
+
+    await round_trip(remaining=0)
+    assert gate.limit == 8  # full: no step above, however long it has been
+    await round_trip(remaining=4)
+    assert gate.limit > 8  # the endpoint says it has room: up at once
