@@ -13,8 +13,8 @@ shared by the pools of one deployment:
   down on a 429 and on `x-ratelimit-remaining-*` running low, and down by the latency
   gradient when time to first token rises well above its best recent value; it grows by about
   one call per round trip while calls succeed with the limit in use; above the level a
-  429 last refused it steps up only when `x-ratelimit-remaining-requests` says the endpoint
-  has room, or now and then when no header says anything. A 429 also caps it at
+  429 last refused it steps up when `x-ratelimit-remaining-requests` says the endpoint has
+  plenty of room, never while it says it is full, and otherwise now and then. A 429 also caps it at
   what is in flight as the refusal comes back (times the ratio): the server said that much
   was too much, however high the limit had been. At most one decrease per round
   trip: only an attempt sent after the last decrease can cause another.
@@ -40,6 +40,10 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from pools.exceptions import RateLimited
+
+# A share of the endpoint's request limit left that is plainly room to grow, not a moment's
+# gap between two calls.
+ROOMY = 0.25
 
 
 class Outcome(StrEnum):
@@ -145,8 +149,8 @@ class DeploymentLimiter:
         self._next_probe_at = 0.0
         self._probe_succeeded = False  # a step above the refused level went through
         self._last_pause_s = 0.0
-        # Requests the endpoint said it had left on the last success: None when it does not
-        # say (no header, or -1 / 0 without a limit), 0 when it is full.
+        # The share of its request limit the endpoint said it had left on the last success:
+        # None when it does not say (no header, or -1 / 0 without a limit), 0 when full.
         self._room: float | None = None
         self._ttft_ewma: float | None = None
         self._best: deque[tuple[float, float]] = deque()  # (time, ttft) with rising ttft
@@ -415,10 +419,10 @@ class DeploymentLimiter:
             step = 1.0  # fast back up to just below what was refused
             self._limit = min(self._limit + step, level - 1)
             step = 0.0
-        elif self._room is not None and self._room > 0:
-            step = 1.0  # the endpoint says it has room (x-ratelimit-remaining-requests)
-        elif self._room is None and self._clock() >= self._next_probe_at:
-            # Nothing tells: one step above, now and then, in case capacity came back.
+        elif self._room is not None and self._room >= ROOMY:
+            step = 1.0  # the endpoint says it has plenty of room (x-ratelimit-remaining-*)
+        elif self._room != 0 and self._clock() >= self._next_probe_at:
+            # Nothing clear: one step above, now and then, in case capacity came back.
             step = 1.0
             self._next_probe_at = self._clock() + self._probe_wait()
         else:
@@ -534,15 +538,16 @@ class DeploymentLimiter:
 
 
 def _requests_room(headers: Mapping[str, str]) -> float | None:
-    """Requests left as the endpoint advertises them, or None when it does not really say."""
+    """The share of its request limit the endpoint says is left, or None when it does not
+    really say (no header, -1, or 0 without a limit: unknown, not "none left")."""
     limit = _positive(headers.get("x-ratelimit-limit-requests"))
     try:
         remaining = float(headers.get("x-ratelimit-remaining-requests", ""))
     except ValueError:
         return None
     if limit is None or remaining < 0:
-        return None  # -1, or 0 without a limit: unknown, not "none left"
-    return remaining
+        return None
+    return min(1.0, remaining / limit)
 
 
 def _positive(value: str | None) -> float | None:
