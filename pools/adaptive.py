@@ -149,6 +149,7 @@ class DeploymentLimiter:
         self._next_probe_at = 0.0
         self._probe_succeeded = False  # a step above the refused level went through
         self._last_pause_s = 0.0
+        self._last_step_at = -math.inf
         # The share of its request limit the endpoint said it had left on the last success:
         # None when it does not say (no header, or -1 / 0 without a limit), 0 when full.
         self._room: float | None = None
@@ -419,8 +420,16 @@ class DeploymentLimiter:
             step = 1.0  # fast back up to just below what was refused
             self._limit = min(self._limit + step, level - 1)
             step = 0.0
-        elif self._room is not None and self._room >= ROOMY:
-            step = 1.0  # the endpoint says it has plenty of room (x-ratelimit-remaining-*)
+        elif (
+            self._room is not None
+            and self._room >= ROOMY
+            and permit.in_flight_at_grant >= self.limit
+            and permit.granted_at >= self._last_step_at
+        ):
+            # Sent with every permit in use, and the endpoint still says it has plenty of
+            # room (x-ratelimit-remaining-requests): one step, at most one per round trip.
+            step = 1.0
+            self._last_step_at = self._clock()
         elif self._room != 0 and self._clock() >= self._next_probe_at:
             # Nothing clear: one step above, now and then, in case capacity came back.
             step = 1.0
