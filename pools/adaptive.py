@@ -13,8 +13,9 @@ shared by the pools of one deployment:
   down on a 429 and on `x-ratelimit-remaining-*` running low, and down by the latency
   gradient when time to first token rises well above its best recent value; it grows by about
   one call per round trip while calls succeed with the limit in use; above the level a
-  429 last refused it steps up when `x-ratelimit-remaining-requests` says the endpoint has
-  plenty of room, never while it says it is full, and otherwise now and then. A 429 also caps it at
+  429 last refused it steps up only now and then (the wait doubling while the steps are
+  refused, and at least four times the last pause), never while
+  `x-ratelimit-remaining-requests` says the endpoint is full. A 429 also caps it at
   what is in flight as the refusal comes back (times the ratio): the server said that much
   was too much, however high the limit had been. At most one decrease per round
   trip: only an attempt sent after the last decrease can cause another.
@@ -40,10 +41,6 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from pools.exceptions import RateLimited
-
-# A share of the endpoint's request limit left that is plainly room to grow, not a moment's
-# gap between two calls.
-ROOMY = 0.25
 
 
 class Outcome(StrEnum):
@@ -149,7 +146,6 @@ class DeploymentLimiter:
         self._next_probe_at = 0.0
         self._probe_succeeded = False  # a step above the refused level went through
         self._last_pause_s = 0.0
-        self._last_step_at = -math.inf
         # The share of its request limit the endpoint said it had left on the last success:
         # None when it does not say (no header, or -1 / 0 without a limit), 0 when full.
         self._room: float | None = None
@@ -420,18 +416,9 @@ class DeploymentLimiter:
             step = 1.0  # fast back up to just below what was refused
             self._limit = min(self._limit + step, level - 1)
             step = 0.0
-        elif (
-            self._room is not None
-            and self._room >= ROOMY
-            and permit.in_flight_at_grant >= self.limit
-            and permit.granted_at >= self._last_step_at
-        ):
-            # Sent with every permit in use, and the endpoint still says it has plenty of
-            # room (x-ratelimit-remaining-requests): one step, at most one per round trip.
-            step = 1.0
-            self._last_step_at = self._clock()
         elif self._room != 0 and self._clock() >= self._next_probe_at:
-            # Nothing clear: one step above, now and then, in case capacity came back.
+            # One step above, now and then, in case capacity came back; never while the
+            # endpoint says it is full (x-ratelimit-remaining-requests: 0 of a limit).
             step = 1.0
             self._next_probe_at = self._clock() + self._probe_wait()
         else:

@@ -234,7 +234,7 @@ def test_permits_are_shared_by_every_event_loop_of_the_process():
     assert waited >= 0.1  # the second loop's caller waited for the first loop's permit
 
 
-async def test_above_the_refused_level_it_steps_up_only_when_the_endpoint_has_room():
+async def test_above_the_refused_level_it_never_steps_up_while_the_endpoint_says_it_is_full():
     now = [100.0]
     gate = DeploymentLimiter(
         "gpt-4o", LimitSettings(ceiling=20, backoff_ratio=0.7), clock=lambda: now[0]
@@ -259,4 +259,4 @@ async def test_above_the_refused_level_it_steps_up_only_when_the_endpoint_has_ro
     await round_trip(remaining=0)
     assert gate.limit == 8  # full: no step above, however long it has been
     await round_trip(remaining=4)
-    assert gate.limit > 8  # the endpoint says it has room: up at once
+    assert gate.limit > 8  # room again: the next step goes, in case capacity came back
