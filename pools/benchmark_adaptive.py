@@ -47,7 +47,7 @@ class Scenario:
     callers: int = 48
     call_timeout_s: float = 30.0
     fixed_sizes: tuple[int, ...] = (4, 8, 12, 16)
-    warm_size: int = 8  # warm connections of the adaptive and unbounded pools
+    warm_size: int = 16  # warm connections of adaptive and unbounded: the largest fixed size
     job_calls: int = 3  # calls one after the other, each needing the one before
 
 

@@ -56,7 +56,7 @@ class Command(BaseCommand):
             phase_s=options["phase_seconds"],
             callers=options["callers"],
             fixed_sizes=tuple(sorted({capacity // 4, capacity // 2, capacity * 3 // 4, capacity})),
-            warm_size=capacity // 2,
+            warm_size=capacity,
         )
         simulator = start_simulator(
             [
