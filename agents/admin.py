@@ -2,7 +2,8 @@
 
 Staff look here to see what a design went through: which agent ran on which pool, how long
 it waited for a slot, whether it needed a temporary connection, what failed. The records
-are written by the pipeline only; editing them here would falsify that history.
+are written by the pipeline only; editing them here would falsify that history. A filter
+in the address that cannot work answers 400, never 500 (`pools.admin_filters`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from agents.models import AgentRun, Design
+from agents.models import AgentRun, Design, DesignRetry
+from pools.admin_filters import SafeFiltersMixin
 
 
 class ReadOnlyMixin:
@@ -53,8 +55,18 @@ class AgentRunInline(ReadOnlyMixin, admin.TabularInline):
     ordering = ("attempt", "id")
 
 
+class DesignRetryInline(ReadOnlyMixin, admin.TabularInline):
+    """Who retried the design and when: each retry counted against their hourly allowance."""
+
+    model = DesignRetry
+    fields = ("requested_by", "requested_at")
+    readonly_fields = fields
+    extra = 0
+    ordering = ("requested_at", "id")
+
+
 @admin.register(Design)
-class DesignAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class DesignAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "title",
@@ -80,11 +92,11 @@ class DesignAdmin(ReadOnlyMixin, admin.ModelAdmin):
     search_fields = ("request_text",)
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
-    inlines = (AgentRunInline,)
+    inlines = (AgentRunInline, DesignRetryInline)
 
 
 @admin.register(AgentRun)
-class AgentRunAdmin(ReadOnlyMixin, admin.ModelAdmin):
+class AgentRunAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
     list_display = (
         "id",
         "design",

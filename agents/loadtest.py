@@ -43,6 +43,8 @@ from typing import Any
 
 import httpx
 
+from carlos.startup import PLAIN_HTTP_LOOPBACK_ENV
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "interrupted"})
 UNFINISHED_STATUSES = ("queued", "running", "awaiting_answers")
@@ -320,6 +322,7 @@ def child_env(options: LoadTestOptions, database: Path) -> dict[str, str]:
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
         "DJANGO_ALLOWED_HOSTS": loopback_host(options.host),
+        **PLAIN_HTTP_LOOPBACK_ENV,
         "AZURE_OPENAI_ENDPOINT": "",
         "LLM_BASE_URL": "",
         "REDIS_URL": "",

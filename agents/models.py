@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from agents.options import AGENT_POOLS, AGENTS, Agent
 
-__all__ = ["AGENTS", "AGENT_POOLS", "Agent", "AgentRun", "Design"]
+__all__ = ["AGENTS", "AGENT_POOLS", "Agent", "AgentRun", "Design", "DesignRetry"]
 
 
 class Design(models.Model):
@@ -121,3 +122,25 @@ class AgentRun(models.Model):
         if self.started_at is None or self.finished_at is None:
             return None
         return (self.finished_at - self.started_at).total_seconds() * 1000
+
+
+class DesignRetry(models.Model):
+    """One retry of a design, kept so that it counts against the hourly allowance.
+
+    A design's first attempt is counted by its own `created_at`; each retry runs every agent
+    again and costs as much, so it is an attempt too, charged to the user who asked for it
+    (the owner, or someone with the change permission).
+    """
+
+    design = models.ForeignKey(Design, on_delete=models.CASCADE, related_name="retries")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="design_retries"
+    )
+    requested_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ("requested_at", "id")
+        indexes = [models.Index(fields=("requested_by", "requested_at"))]
+
+    def __str__(self) -> str:
+        return f"retry of design #{self.design_id} at {self.requested_at:%Y-%m-%d %H:%M}"

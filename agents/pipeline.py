@@ -30,6 +30,7 @@ from django.utils import timezone
 from agents import prompts
 from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, ANALYST_AGENTS, DESIGN_AGENTS, validate_options
+from agents.redaction import RedactSecrets, redact
 from agents.schemas import ReportInvalid, validate_report
 from pools.exceptions import (
     CircuitOpen,
@@ -44,6 +45,10 @@ from pools.registry import PoolRegistry
 from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")
+# Every failure the pipeline or the pages log passes through it: no key reaches the log,
+# not even inside an unexpected exception's traceback.
+if not any(isinstance(existing, RedactSecrets) for existing in logger.filters):
+    logger.addFilter(RedactSecrets())
 
 Status = Design.Status
 RUNNABLE_STATUSES = (Status.QUEUED, Status.AWAITING_ANSWERS)
@@ -98,12 +103,91 @@ class AgentFailed(Exception):
         self.message = message
 
 
+# What users are told about an endpoint's answer, by HTTP status: the endpoint's own text
+# can quote the key it refused, so it only goes to the log (see `error_detail`).
+STATUS_CATEGORIES = {
+    400: "the model endpoint rejected the request",
+    401: "the model endpoint refused the key",
+    403: "the model endpoint refused access with this key",
+    404: "the model endpoint does not know this model or deployment",
+    408: "the model endpoint timed out",
+    409: "the model endpoint reported a conflict",
+    413: "the request is too large for the model endpoint",
+    422: "the model endpoint could not process the request",
+    429: "rate limited by the model endpoint",
+}
+# Error codes in a 400's body that say more than "rejected".
+ERROR_CODE_CATEGORIES = {
+    "content_filter": "the endpoint's content filter refused the request",
+    "context_length_exceeded": "the request is too long for the model",
+}
+# Errors raised with the product's own sentences (the pool engine's refusals, deadlines and
+# answer checks, the format checks): no endpoint text, so users read them as they are.
+OWN_WORDS = (PoolError, TimeoutError, prompts.OutputFormatError)
+INTERNAL_ERROR = "details in the server log"
+
+
+def _status_category(status: int, code: object = None) -> str:
+    if isinstance(code, str) and code in ERROR_CODE_CATEGORIES:
+        return ERROR_CODE_CATEGORIES[code]
+    if status in STATUS_CATEGORIES:
+        return STATUS_CATEGORIES[status]
+    if status >= 500:
+        return "the model endpoint had a server error"
+    return "the model endpoint rejected the request"
+
+
+def _transport_category(exc: BaseException) -> str:
+    if isinstance(exc, openai.APITimeoutError | httpx.TimeoutException):
+        return "the model endpoint did not answer in time"
+    if isinstance(exc, openai.APIConnectionError | httpx.TransportError):
+        return "the connection to the model endpoint failed"
+    if isinstance(exc, openai.APIResponseValidationError):
+        return "the model endpoint sent an answer that could not be read"
+    if isinstance(exc, openai.LengthFinishReasonError):
+        return "the answer was cut off at the model's output length limit"
+    if isinstance(exc, openai.ContentFilterFinishReasonError):
+        return "the endpoint's content filter stopped the answer"
+    return "the model endpoint failed"
+
+
 def describe_error(exc: BaseException) -> str:
-    """A one-line, user-presentable description of an endpoint, pool or format error."""
+    """What the user is shown (design.error, AgentRun.error, the zip): one line, no secret.
+
+    The endpoint's errors become a category ("the model endpoint refused the key", "rate
+    limited by the model endpoint"...) because their text may quote the key; the product's
+    own errors keep their sentence; anything else is an internal error named by its type.
+    The whole detail, redacted, is logged by `error_detail`.
+    """
+    name = type(exc).__name__
     if isinstance(exc, openai.APIStatusError):
-        return f"{type(exc).__name__} (HTTP {exc.status_code}): {exc.message}"
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        return f"{name} (HTTP {exc.status_code}): {_status_category(exc.status_code, exc.code)}"
+    if isinstance(exc, httpx.HTTPStatusError):
+        status = exc.response.status_code
+        return f"{name} (HTTP {status}): {_status_category(status)}"
+    if isinstance(exc, openai.OpenAIError | httpx.HTTPError):
+        return f"{name}: {_transport_category(exc)}"
+    if isinstance(exc, OWN_WORDS):
+        text = redact(str(exc).strip())
+        return f"{name}: {text}" if text else name
+    return f"{name} ({INTERNAL_ERROR})"
+
+
+def error_detail(exc: BaseException) -> str:
+    """For the log: what the user is shown, then the endpoint's own words and their cause,
+    every key-like token redacted."""
+    summary = describe_error(exc)
+    parts = [summary]
+    if isinstance(exc, openai.APIStatusError):
+        parts.append(f"endpoint said: {exc.message}")
+        if exc.request_id:
+            parts.append(f"request id {exc.request_id}")
+    elif str(exc).strip() and str(exc).strip() not in summary:
+        parts.append(f"{type(exc).__name__}: {str(exc).strip()}")
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and not isinstance(exc, OWN_WORDS):
+        parts.append(f"caused by {type(cause).__name__}: {cause}")
+    return redact("; ".join(parts))
 
 
 # -- live events ---------------------------------------------------------------------------
@@ -405,9 +489,11 @@ class DesignPipeline:
         except Exception as exc:
             message = describe_error(exc)
             if isinstance(exc, EXPECTED_AGENT_ERRORS):
-                logger.warning("design %s: %s failed: %s", self.design.pk, agent, message)
+                logger.warning("design %s: %s failed: %s", self.design.pk, agent, error_detail(exc))
             else:
-                logger.exception("design %s: %s crashed", self.design.pk, agent)
+                logger.exception(
+                    "design %s: %s crashed: %s", self.design.pk, agent, error_detail(exc)
+                )
             await self._finish_run(run, AgentRun.Status.FAILED, message)
             raise AgentFailed(agent, message) from exc
         await self._finish_run(run, AgentRun.Status.SUCCEEDED)
@@ -618,7 +704,7 @@ async def ask_clarifying_questions(design_id: int) -> list[str]:
     except POOL_REFUSALS:
         raise
     except (openai.OpenAIError, PoolError, httpx.HTTPError, TimeoutError) as exc:
-        logger.warning("design %s: no clarifying questions: %s", design_id, describe_error(exc))
+        logger.warning("design %s: no clarifying questions: %s", design_id, error_detail(exc))
         return []
     questions = prompts.parse_questions(stats.text)
     await Design.objects.filter(pk=design_id, status__in=RUNNABLE_STATUSES).aupdate(

@@ -1,4 +1,4 @@
-"""Pages of the agents app, plus Django's own login and logout views."""
+"""Pages of the agents app, plus Django's own logout view (login: carlos.login)."""
 
 from django.contrib.auth import views as auth_views
 from django.urls import path
@@ -7,7 +7,6 @@ from agents import views
 
 urlpatterns = [
     path("", views.new_design, name="design-new"),
-    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("designs/", views.design_list, name="design-list"),
     path("designs/<int:design_id>/", views.design_detail, name="design-detail"),

@@ -32,9 +32,10 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from agents import tasks
+from agents.access import may_act_on, may_view_every_design, visible_designs
 from agents.consumers import run_state
 from agents.forms import ClarificationForm, DesignRequestForm
-from agents.models import AgentRun, Design
+from agents.models import AgentRun, Design, DesignRetry
 from agents.options import AGENT_POOLS, AGENTS, OPTION_FIELDS, Agent, option_label
 from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
 from agents.rendering import present_run
@@ -48,7 +49,8 @@ logger = logging.getLogger("agents")
 DEFAULT_DESIGNS_PER_HOUR = 10
 RATE_WINDOW = timedelta(hours=1)
 DESIGNS_PER_PAGE = 20
-# Serialises each user's "check the limit, then create" so two quick POSTs cannot both pass.
+# Serialises each user's "check the limit, then create or retry" so two quick POSTs cannot
+# both pass.
 _submission_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
 TAB_LABELS: dict[str, str] = {
@@ -78,11 +80,9 @@ async def _current_user(request: HttpRequest) -> AbstractBaseUser | AnonymousUse
 
 
 async def _visible_design(request: HttpRequest, design_id: int) -> Design:
-    """The design if this user may see it (owner or staff); 404 otherwise, existing or not."""
+    """The design if this user may see it (see agents.access); 404 otherwise, existing or not."""
     user = await _current_user(request)
-    designs = Design.objects.select_related("owner")
-    if not user.is_staff:
-        designs = designs.filter(owner_id=user.pk)
+    designs = (await visible_designs(user)).select_related("owner")
     return await aget_object_or_404(designs, pk=design_id)
 
 
@@ -192,22 +192,45 @@ def designs_per_hour() -> int:
     return max(1, int(getattr(settings, "DESIGNS_PER_HOUR", DEFAULT_DESIGNS_PER_HOUR)))
 
 
-async def next_submission_time(user_id: int) -> datetime | None:
-    """When this user may submit again, or None if they may now.
+@dataclass(frozen=True)
+class Allowance:
+    """A user's attempts in the last hour against DESIGNS_PER_HOUR.
 
-    The window slides: the oldest design inside the last hour frees its place an hour after
-    it was created.
+    Every attempt counts: a new design (its `created_at`) and each retry (a `DesignRetry`),
+    since a retry runs every agent again and costs as many model calls.
     """
+
+    used: int
+    limit: int
+    next_at: datetime | None  # when one more attempt fits, if none does now
+
+
+def _submission_lock(user_id: int) -> asyncio.Lock:
+    return _submission_locks.setdefault(user_id, asyncio.Lock())
+
+
+async def allowance(user_id: int) -> Allowance:
+    """What this user has used of the hour. The window slides: each attempt inside the last
+    hour frees its place an hour after it was made."""
     limit = designs_per_hour()
     since = timezone.now() - RATE_WINDOW
-    recent = Design.objects.filter(owner_id=user_id, created_at__gt=since)
-    count = await recent.acount()
-    if count < limit:
-        return None
-    # Once the (count - limit + 1) oldest have left the window, one more fits.
-    freeing = recent.order_by("created_at").values_list("created_at", flat=True)
-    oldest = [created async for created in freeing[: count - limit + 1]]
-    return oldest[-1] + RATE_WINDOW
+    designs = Design.objects.filter(owner_id=user_id, created_at__gt=since)
+    retries = DesignRetry.objects.filter(requested_by_id=user_id, requested_at__gt=since)
+    used = await designs.acount() + await retries.acount()
+    if used < limit:
+        return Allowance(used, limit, None)
+    # Once the (used - limit + 1) oldest attempts have left the window, one more fits; they
+    # are among as many of the oldest new designs and the oldest retries.
+    leaving = used - limit + 1
+    created = designs.order_by("created_at").values_list("created_at", flat=True)
+    retried = retries.order_by("requested_at").values_list("requested_at", flat=True)
+    oldest = sorted([at async for at in created[:leaving]] + [at async for at in retried[:leaving]])
+    return Allowance(used, limit, oldest[leaving - 1] + RATE_WINDOW)
+
+
+async def next_submission_time(user_id: int) -> datetime | None:
+    """When this user may submit (or retry) again, or None if they may now."""
+    return (await allowance(user_id)).next_at
 
 
 def _wait_text(when: datetime) -> str:
@@ -218,11 +241,29 @@ def _wait_text(when: datetime) -> str:
 # --- new design -----------------------------------------------------------------------------
 
 
+def _allowance_context(quota: Allowance) -> dict[str, Any]:
+    """What the form and the rate-limit notice say about the hour's allowance."""
+    return {
+        "allowance": quota,
+        "retry_at": quota.next_at,
+        "retry_in": _wait_text(quota.next_at) if quota.next_at else "",
+        "designs_per_hour": quota.limit,
+    }
+
+
+def _rate_limited(response: HttpResponse, quota: Allowance) -> HttpResponse:
+    """The 429's Retry-After: whole seconds until the next attempt fits."""
+    if quota.next_at is not None:
+        seconds = max(1, int((quota.next_at - timezone.now()).total_seconds()) + 1)
+        response["Retry-After"] = str(seconds)
+    return response
+
+
 def _form_page(
     request: HttpRequest,
     form: DesignRequestForm,
     *,
-    retry_at: datetime | None,
+    quota: Allowance,
     status: int = 200,
     busy: Busy | None = None,
     problem: str = "",
@@ -230,16 +271,13 @@ def _form_page(
     context = {
         "form": form,
         "nav": "new",
-        "retry_at": retry_at,
-        "retry_in": _wait_text(retry_at) if retry_at else "",
-        "designs_per_hour": designs_per_hour(),
+        **_allowance_context(quota),
         "busy": busy,
         "problem": problem,
     }
     response = render(request, "agents/new_design.html", context, status=status)
-    if retry_at is not None and status == 429:
-        seconds = max(1, int((retry_at - timezone.now()).total_seconds()) + 1)
-        response["Retry-After"] = str(seconds)
+    if status == 429:
+        _rate_limited(response, quota)
     return _busy_response(response, busy)
 
 
@@ -249,23 +287,21 @@ async def new_design(request: HttpRequest) -> HttpResponse:
     """The request form; on a valid POST, create the design and start (or question) it."""
     user = await _current_user(request)
     if request.method == "GET":
-        return _form_page(
-            request, DesignRequestForm(), retry_at=await next_submission_time(user.pk)
-        )
+        return _form_page(request, DesignRequestForm(), quota=await allowance(user.pk))
     if problem := _unreadable_form(request):
         status, message = problem
         form = DesignRequestForm(request.POST or None)
-        return _form_page(request, form, retry_at=None, status=status, problem=message)
+        quota = await allowance(user.pk)
+        return _form_page(request, form, quota=quota, status=status, problem=message)
     form = DesignRequestForm(request.POST)
     if not form.is_valid():
-        return _form_page(request, form, retry_at=None, status=400)
-    lock = _submission_locks.setdefault(user.pk, asyncio.Lock())
-    async with lock:
-        retry_at = await next_submission_time(user.pk)
-        if retry_at is not None:
-            return _form_page(request, form, retry_at=retry_at, status=429)
+        return _form_page(request, form, quota=await allowance(user.pk), status=400)
+    async with _submission_lock(user.pk):
+        quota = await allowance(user.pk)
+        if quota.next_at is not None:
+            return _form_page(request, form, quota=quota, status=429)
         if busy := pools_busy():
-            return _form_page(request, form, retry_at=None, status=503, busy=busy)
+            return _form_page(request, form, quota=quota, status=503, busy=busy)
         design = await Design.objects.acreate(
             owner_id=user.pk,
             request_text=form.cleaned_data["request_text"],
@@ -279,7 +315,8 @@ async def new_design(request: HttpRequest) -> HttpResponse:
         except POOL_REFUSALS as exc:
             # Nothing ran yet: withdraw the design; the user keeps the form to send again.
             await Design.objects.filter(pk=design.pk).adelete()
-            return _form_page(request, form, retry_at=None, status=503, busy=busy_from(exc))
+            quota = await allowance(user.pk)
+            return _form_page(request, form, quota=quota, status=503, busy=busy_from(exc))
         if questions:
             return redirect("design-detail", design_id=design.pk)
     # No questions wanted, or none came (the analyst had none or failed): run as asked.
@@ -353,13 +390,17 @@ def _design_page(
     design: Design,
     runs: list[AgentRun],
     *,
+    can_act: bool,
     answers_form: ClarificationForm | None = None,
     status: int = 200,
     busy: Busy | None = None,
     problem: str = "",
+    quota: Allowance | None = None,
 ) -> HttpResponse:
+    """The design's page; the answer form and the retry button only for who may act on it."""
     questions = [item["question"] for item in design.clarifications]
-    if answers_form is None and design.status == Design.Status.AWAITING_ANSWERS:
+    awaiting = design.status == Design.Status.AWAITING_ANSWERS
+    if answers_form is None and awaiting and can_act:
         answers_form = ClarificationForm(questions)
     page_data = {
         "id": design.pk,
@@ -376,13 +417,18 @@ def _design_page(
         "options": _option_rows(design),
         "answers_form": answers_form,
         "answered": [item for item in design.clarifications if item.get("answer")],
+        "pending_questions": questions if awaiting and not can_act else [],
         "retryable": design.status in RETRYABLE,
+        "can_act": can_act,
         "page_data": page_data,
-        "show_owner": request.user.is_staff and design.owner_id != request.user.pk,
+        "show_owner": design.owner_id != request.user.pk,
         "busy": busy,
         "problem": problem,
+        **(_allowance_context(quota) if quota is not None else {}),
     }
     response = render(request, "agents/design_detail.html", context, status=status)
+    if quota is not None and status == 429:
+        _rate_limited(response, quota)
     return _busy_response(response, busy)
 
 
@@ -391,7 +437,8 @@ def _design_page(
 async def design_detail(request: HttpRequest, design_id: int) -> HttpResponse:
     """The design with every agent's output so far; the page script streams the rest."""
     design = await _visible_design(request, design_id)
-    return _design_page(request, design, await _current_runs(design))
+    can_act = await may_act_on(request.user, design)
+    return _design_page(request, design, await _current_runs(design), can_act=can_act)
 
 
 @login_required
@@ -412,21 +459,25 @@ async def run_output(request: HttpRequest, design_id: int, run_id: int) -> JsonR
 async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse:
     """Store the answers (or the skip) and start the design; only once, while it waits."""
     design = await _visible_design(request, design_id)
+    if not await may_act_on(request.user, design):
+        message = "Only the owner of this design can answer its questions."
+        return _forbidden(request, design, message)
     if design.status != Design.Status.AWAITING_ANSWERS:
         return _conflict(request, design, "This design is not waiting for answers any more.")
     if problem := _unreadable_form(request):
         status, message = problem
         runs = await _current_runs(design)
-        return _design_page(request, design, runs, status=status, problem=message)
+        return _design_page(request, design, runs, can_act=True, status=status, problem=message)
     form = ClarificationForm([item["question"] for item in design.clarifications], request.POST)
     skip = "skip" in request.POST
     if not skip and not form.is_valid():
-        return _design_page(
-            request, design, await _current_runs(design), answers_form=form, status=400
-        )
+        runs = await _current_runs(design)
+        return _design_page(request, design, runs, can_act=True, answers_form=form, status=400)
     if busy := pools_busy():  # the answers stay in the form, the design keeps waiting
         runs = await _current_runs(design)
-        return _design_page(request, design, runs, answers_form=form, status=503, busy=busy)
+        return _design_page(
+            request, design, runs, can_act=True, answers_form=form, status=503, busy=busy
+        )
     answers = (
         [{"question": item["question"], "answer": None} for item in design.clarifications]
         if skip
@@ -445,17 +496,27 @@ async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse
 @login_required
 @require_POST
 async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
-    """Run a failed or interrupted design again from the start."""
+    """Run a failed or interrupted design again from the start: one more attempt, counted
+    against the hourly allowance of the user who asks (429 past it, nothing started)."""
     design = await _visible_design(request, design_id)
+    user = request.user
+    if not await may_act_on(user, design):
+        return _forbidden(request, design, "Only the owner of this design can retry it.")
     if design.status not in RETRYABLE:
         return _conflict(request, design, "Only a failed or interrupted design can be retried.")
-    if busy := pools_busy():
-        runs = await _current_runs(design)
-        return _design_page(request, design, runs, status=503, busy=busy)
-    try:
-        await tasks.retry_design(design.pk)
-    except DesignNotRunnable:  # another request retried it first
-        return _conflict(request, design, "This design has already been restarted.")
+    async with _submission_lock(user.pk):
+        quota = await allowance(user.pk)
+        if quota.next_at is not None:
+            runs = await _current_runs(design)
+            return _design_page(request, design, runs, can_act=True, status=429, quota=quota)
+        if busy := pools_busy():
+            runs = await _current_runs(design)
+            return _design_page(request, design, runs, can_act=True, status=503, busy=busy)
+        try:
+            await tasks.retry_design(design.pk)
+        except DesignNotRunnable:  # another request retried it first
+            return _conflict(request, design, "This design has already been restarted.")
+        await DesignRetry.objects.acreate(design_id=design.pk, requested_by_id=user.pk)
     return redirect("design-detail", design_id=design.pk)
 
 
@@ -468,17 +529,30 @@ def _conflict(request: HttpRequest, design: Design, message: str) -> HttpRespons
     )
 
 
+def _forbidden(request: HttpRequest, design: Design, message: str) -> HttpResponse:
+    """403 for a design the user may see but not act on (see agents.access)."""
+    return render(
+        request,
+        "agents/conflict.html",
+        {
+            "design": design,
+            "message": message + " You may view it; acting on another user's design needs "
+            "the permission to change designs.",
+        },
+        status=403,
+    )
+
+
 # --- history --------------------------------------------------------------------------------
 
 
 @login_required
 @require_GET
 async def design_list(request: HttpRequest) -> HttpResponse:
-    """The user's designs, newest first (staff see everyone's)."""
+    """The user's designs, newest first (everyone's with the view permission)."""
     user = await _current_user(request)
-    designs = Design.objects.select_related("owner").order_by("-created_at", "-id")
-    if not user.is_staff:
-        designs = designs.filter(owner_id=user.pk)
+    everyone = await may_view_every_design(user)
+    designs = (await visible_designs(user)).select_related("owner").order_by("-created_at", "-id")
     paginator = AsyncPaginator(designs, DESIGNS_PER_PAGE)
     page = await paginator.aget_page(request.GET.get("page"))
     context = {
@@ -489,7 +563,7 @@ async def design_list(request: HttpRequest) -> HttpResponse:
         "previous_page": page.number - 1 if await page.ahas_previous() else None,
         "next_page": page.number + 1 if await page.ahas_next() else None,
         "total": await paginator.acount(),
-        "show_owner": user.is_staff,
+        "show_owner": everyone,
     }
     return render(request, "agents/design_list.html", context)
 

@@ -11,9 +11,12 @@ from django.core.asgi import get_asgi_application
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "carlos.settings")
 django_asgi_app = get_asgi_application()
 
+from carlos.startup import refuse_to_import_wrong  # noqa: E402
+
+refuse_to_import_wrong()  # outside DEBUG, a wrong configuration stops here, naming the variable
+
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 from django.conf import settings  # noqa: E402
 from django.contrib.staticfiles.handlers import ASGIStaticFilesHandler  # noqa: E402
 from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
@@ -21,6 +24,7 @@ from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
 from carlos.admission import RequestGate  # noqa: E402
+from carlos.socket_origins import SiteOriginValidator  # noqa: E402
 from pools.endpoints import HealthEndpoints  # noqa: E402
 from pools.lifespan import PoolLifespan  # noqa: E402
 
@@ -49,11 +53,10 @@ application = PoolLifespan(
                     max_waiting=settings.MAX_WAITING_REQUESTS,
                 )
             ),
-            # Sessions authenticate the socket; the Origin check stops other sites from
-            # opening it with the user's cookies (cross-site WebSocket hijacking).
-            "websocket": AllowedHostsOriginValidator(
-                AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-            ),
+            # Sessions authenticate the socket; the Origin check (scheme, host and port: this
+            # site's own pages, or DJANGO_WS_ALLOWED_ORIGINS) stops other sites and other
+            # ports from opening it with the user's cookies (cross-site WebSocket hijacking).
+            "websocket": SiteOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     )
 )

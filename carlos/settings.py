@@ -15,12 +15,43 @@ if (BASE_DIR / ".env").is_file():
     environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
-# A development key is only acceptable while DEBUG is on; production must set its own.
+# A development key is only acceptable while DEBUG is on; production must set its own (outside
+# DEBUG, carlos.startup refuses to serve with a missing or weak one).
 SECRET_KEY = env("DJANGO_SECRET_KEY", default="") or (
     "dev-insecure-carlos-key-change-me" if DEBUG else ""
 )
-ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+ALLOWED_HOSTS = [
+    host
+    for host in env.list("DJANGO_ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]"])
+    if host
+]
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+# WebSocket handshakes must come from this site's own pages: an Origin equal in scheme, host and
+# port to the address the socket was opened on (its Host in ALLOWED_HOSTS), or one of these full
+# origins (scheme://host[:port], e.g. a front end on another address; https://*.example.com for
+# a domain and its subdomains). Default: CSRF_TRUSTED_ORIGINS. See carlos/socket_origins.py.
+WS_ALLOWED_ORIGINS = env.list("DJANGO_WS_ALLOWED_ORIGINS", default=list(CSRF_TRUSTED_ORIGINS))
+
+# --- Production behind TLS --------------------------------------------------------------------
+# `manage.py serve` speaks plain HTTP: in production a reverse proxy terminates TLS in front of
+# it and says so in X-Forwarded-Proto (it must set that header, not pass the client's on).
+# Outside DEBUG the defaults are what such a deployment needs, so that `check --deploy` is
+# clean. Only the redirect waits for DJANGO_BEHIND_PROXY (behind a proxy Django cannot ask, it
+# would redirect forever); until one of the two is set, carlos.startup refuses to serve.
+BEHIND_PROXY = env.bool("DJANGO_BEHIND_PROXY", default=False)
+SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https") if BEHIND_PROXY else None
+SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=BEHIND_PROXY and not DEBUG)
+# Browsers keep HSTS for this long; an hour to start, a year (31536000) once every page and
+# subdomain is HTTPS-only (the preload lists need a year, so `preload` stays inert until then).
+SECURE_HSTS_SECONDS = env.int("DJANGO_SECURE_HSTS_SECONDS", default=0 if DEBUG else 3600)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool(
+    "DJANGO_SECURE_HSTS_INCLUDE_SUBDOMAINS", default=not DEBUG
+)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_SECURE_HSTS_PRELOAD", default=not DEBUG)
+SESSION_COOKIE_SECURE = env.bool("DJANGO_SESSION_COOKIE_SECURE", default=not DEBUG)
+CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=not DEBUG)
+# Check ids an operator has decided to accept, e.g. "security.W021" (no HSTS preload).
+SILENCED_SYSTEM_CHECKS = env.list("DJANGO_SILENCED_SYSTEM_CHECKS", default=[])
 
 INSTALLED_APPS = [
     "daphne",
@@ -31,6 +62,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "axes",  # login throttling: the block at the end of this file
     "pools",
     "agents",
 ]
@@ -43,6 +75,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Answers the login attempt that reaches the limit (login throttling, end of this file).
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "carlos.urls"
@@ -256,3 +290,50 @@ POOL_SNAPSHOT_RETENTION = env.str("POOL_SNAPSHOT_RETENTION", default="30d")
 # (comma-separated, e.g. "127.0.0.1,10.0.0.0/8"); when both are set, both must match.
 METRICS_TOKEN = env.str("METRICS_TOKEN", default="")
 METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=[])
+
+# --- Login throttling (carlos/login.py, django-axes, issue 13) -------------------------------
+# Failed logins are counted per account and per client address, in the database (axes'
+# AccessAttempt table: shared by every instance, kept across restarts, and emptied with the
+# test database after each test, so no lockout leaks from one test into the next).
+# LOGIN_FAILURE_LIMIT failures within LOGIN_COOLOFF_MINUTES lock that account, and that
+# address, out of logging in: 429 with Retry-After until enough of them are older than the
+# cool-off. Attempts during a lockout are refused before any hashing and are not counted: the
+# lockout does not grow while someone keeps trying, and a guesser gets LOGIN_FAILURE_LIMIT
+# guesses per cool-off either way. A good login wipes nothing (with the address counted, a
+# guesser's own good login would wipe its guesses at others' accounts). The address is the
+# connection's (REMOTE_ADDR), or behind a TLS proxy the one it appended to X-Forwarded-For.
+import os  # noqa: E402
+from datetime import timedelta  # noqa: E402
+
+AUTHENTICATION_BACKENDS = [
+    "carlos.login.ThrottledBackend",  # refuses a locked-out account or address, first
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_HANDLER = "axes.handlers.database.AxesDatabaseHandler"
+AXES_FAILURE_LIMIT = env.int("LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]  # either one reaching the limit locks
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_RESET_ON_SUCCESS = False
+AXES_LOCKOUT_CALLABLE = "carlos.login.lockout_response"
+AXES_CLIENT_STR_CALLABLE = "carlos.login.describe_client"  # the log names no account in clear
+AXES_VERBOSE = False  # no banner in every manage.py command's output
+if env.bool("DJANGO_BEHIND_PROXY", default=False):
+    # REMOTE_ADDR is then the proxy's, for every client: the address the proxy appended to
+    # X-Forwarded-For counts instead.
+    AXES_CLIENT_IP_CALLABLE = "carlos.login.forwarded_client_address"
+# Passwords are hashed at low CPU priority (Django's PBKDF2, the same hashes; carlos/login.py):
+# under a storm on a busy machine the hashing waits for the pages, not the other way round.
+PASSWORD_HASHERS = [
+    "carlos.login.PBKDF2PasswordHasher",
+    "django.contrib.auth.hashers.PBKDF2SHA1PasswordHasher",
+    "django.contrib.auth.hashers.Argon2PasswordHasher",
+    "django.contrib.auth.hashers.BCryptSHA256PasswordHasher",
+    "django.contrib.auth.hashers.ScryptPasswordHasher",
+]
+# Logins decided at once (each hashes a password for about half a second of one core); the
+# others wait their turn outside the page gate. By default every core but one, so that a
+# login storm always leaves a core to the pages (README: `manage.py loginstorm`).
+MAX_CONCURRENT_LOGINS = env.int(
+    "MAX_CONCURRENT_LOGINS", default=max(1, (os.process_cpu_count() or 1) - 1)
+)

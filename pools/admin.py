@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from django.contrib import admin
+from django.contrib.admin.exceptions import DisallowedModelAdminLookup
 from django.contrib.admin.options import IncorrectLookupParameters
 from django.db import NotSupportedError, connections
 from django.db.models import (
@@ -44,6 +45,12 @@ from django.urls import path
 from django.utils import timezone
 from django.utils.safestring import SafeString
 
+from pools.admin_filters import (
+    SafeFiltersMixin,
+    UnusableFilter,
+    bad_filter_response,
+    evaluating_filters,
+)
 from pools.models import PoolSnapshot
 
 MAX_POINTS = 200
@@ -496,8 +503,12 @@ def render_chart(queryset: QuerySet[PoolSnapshot], *, standalone: bool = False) 
 
 
 @admin.register(PoolSnapshot)
-class PoolSnapshotAdmin(admin.ModelAdmin):
-    """History is evidence: nobody edits it here (`prune_pool_snapshots` removes old rows)."""
+class PoolSnapshotAdmin(SafeFiltersMixin, admin.ModelAdmin):
+    """History is evidence: nobody edits it here (`prune_pool_snapshots` removes old rows).
+
+    A filter in the address that cannot work answers 400, on the list and the chart alike
+    (`pools.admin_filters`).
+    """
 
     list_display = (
         "taken_at",
@@ -546,7 +557,11 @@ class PoolSnapshotAdmin(admin.ModelAdmin):
         response = super().changelist_view(request, extra_context)
         context = getattr(response, "context_data", None)
         if isinstance(response, TemplateResponse) and context and context.get("cl"):
-            context["pool_chart"] = render_chart(context["cl"].queryset)
+            try:
+                with evaluating_filters(request, self.model):
+                    context["pool_chart"] = render_chart(context["cl"].queryset)
+            except UnusableFilter as exc:
+                return bad_filter_response(request, exc)
         return response
 
     def chart_view(self, request: HttpRequest) -> HttpResponse:
@@ -555,7 +570,10 @@ class PoolSnapshotAdmin(admin.ModelAdmin):
             return HttpResponse(status=403)
         try:
             changelist = self.get_changelist_instance(request)
+            with evaluating_filters(request, self.model):
+                svg = render_chart(changelist.queryset, standalone=True)
         except IncorrectLookupParameters:
             return HttpResponseBadRequest("unknown filter")
-        svg = render_chart(changelist.queryset, standalone=True)
+        except (DisallowedModelAdminLookup, UnusableFilter) as exc:
+            return bad_filter_response(request, exc)
         return HttpResponse(svg, content_type="image/svg+xml; charset=utf-8")

@@ -7,6 +7,8 @@ from typing import Any
 
 import httpx
 import pytest
+from django.conf import settings
+from django.urls import reverse
 
 from carlos import asgi
 from carlos.admission import BUSY_RETRY_AFTER_S, RequestGate, outside_the_gate
@@ -134,9 +136,44 @@ def test_the_application_gates_pages_with_the_settings():
     gate = asgi.application.app.application_mapping["http"].app
     assert isinstance(gate, RequestGate)
     assert (gate.limit, gate.max_waiting) == (4, 1000)
+    assert gate.logins == settings.MAX_CONCURRENT_LOGINS
+    assert gate.login_paths == {reverse("login"), reverse("admin-login")}
 
 
-@pytest.mark.parametrize("limit, max_waiting", [(0, 1), (1, -1)])
-def test_nonsense_limits_are_refused(limit, max_waiting):
+async def test_logins_wait_in_a_line_of_their_own_and_pages_pass_them():
+    """A burst of login POSTs took every place and the whole line ahead of a page, each
+    passing Django's middleware before it could step out to hash: the page waited 1.3 s."""
+    app = SlowApp()
+    gate = RequestGate(app, limit=1, max_waiting=10, login_paths={"/login/"}, logins=2)
+    async with client(gate) as http:
+        logins = [asyncio.create_task(http.post("/login/")) for _ in range(5)]
+        await until(lambda: app.inside == 2)
+        page = asyncio.create_task(http.get("/page"))
+        await until(lambda: app.inside == 3)  # the page is in, three logins still wait
+        assert app.order == ["/login/", "/login/", "/page"]
+        assert sum(not login.done() for login in logins) == 5
+        app.release.set()
+        assert (await page).status_code == 200
+        assert [answer.status_code for answer in await asyncio.gather(*logins)] == [200] * 5
+    assert app.most_inside == 3  # two logins and the page, never more
+
+
+async def test_a_full_login_line_is_refused_with_503_and_retry_after():
+    app = SlowApp()
+    gate = RequestGate(app, limit=1, max_waiting=1, login_paths={"/login/"}, logins=1)
+    async with client(gate) as http:
+        inside = asyncio.create_task(http.post("/login/"))
+        await until(lambda: app.inside == 1)
+        waiting = asyncio.create_task(http.post("/login/"))
+        await asyncio.sleep(0.02)
+        refused = await http.post("/login/")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
+        app.release.set()
+        assert [(await inside).status_code, (await waiting).status_code] == [200, 200]
+
+
+@pytest.mark.parametrize("limit, max_waiting, logins", [(0, 1, 1), (1, -1, 1), (1, 1, 0)])
+def test_nonsense_limits_are_refused(limit, max_waiting, logins):
     with pytest.raises(ValueError):
-        RequestGate(SlowApp(), limit=limit, max_waiting=max_waiting)
+        RequestGate(SlowApp(), limit=limit, max_waiting=max_waiting, logins=logins)

@@ -313,6 +313,10 @@
       connection.textContent = "● live";
     });
     socket.addEventListener("message", (message) => handle(JSON.parse(message.data)));
+    // The server's close codes (agents/consumers.py): 4403 no login, 4404 no such design,
+    // 4400 / 4413 a message it refused (this page sends none), 4401 the login this socket was
+    // opened with ended (a logout, a password change, expiry): reconnecting asks the server
+    // with the browser's current cookie, which answers 4403 if there is no login left.
     socket.addEventListener("close", (close) => {
       if (close.code === 4403) {
         connection.textContent = "Log in again to follow this design live.";
@@ -322,11 +326,16 @@
         connection.textContent = "This design is not available.";
         return;
       }
+      if (close.code === 4400 || close.code === 4413) {
+        connection.textContent = "The live view stopped; reload the page to follow again.";
+        return;
+      }
       if (isTerminal(status)) {
         connection.textContent = "";
         return;
       }
-      connection.textContent = "reconnecting…";
+      connection.textContent =
+        close.code === 4401 ? "Your session changed; checking…" : "reconnecting…";
       setTimeout(connect, retryDelay);
       retryDelay = Math.min(retryDelay * 2, 10000);
     });

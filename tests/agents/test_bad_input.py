@@ -7,24 +7,34 @@ altered, and nothing the user sent is ever echoed back unescaped.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import os
 from typing import Any
 from urllib.parse import urlencode
 
 import pytest
 from asgiref.sync import sync_to_async
-from channels.testing import WebsocketCommunicator
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.contrib.sessions.models import Session
 from django.core.management import CommandError, call_command
 from django.test import Client
+from django.utils import timezone
 
 from agents import tasks
 from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
 from agents.models import AgentRun, Design
 from agents.options import DEFAULT_OPTIONS
-from carlos.asgi import application
+from tests.agents.sockets import (
+    closed_with,
+    layer_members,
+    leftovers,
+    open_socket,
+    replies_until_closed,
+    session_cookie,
+)
 from tests.conftest import probe
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -351,23 +361,19 @@ async def test_html_and_script_in_the_request_are_shown_escaped_never_executed(
 
 
 # --- the WebSocket -------------------------------------------------------------------------
+# Every bad frame, path, Origin and session below ends in a close code a client can rely on
+# (4000-4999 are the application's; Daphne refuses to send anything but 1000 and 3000-4999),
+# or in a refused handshake (403), and leaves nothing behind: no timer, no group membership.
+BAD_MESSAGE, SESSION_ENDED, NOT_AUTHENTICATED, NOT_FOUND, TOO_BIG = 4400, 4401, 4403, 4404, 4413
+SITE_HOST, SITE_ORIGIN = "localhost:8000", "http://localhost:8000"
 
 
-@sync_to_async
-def session_cookie(user: Any) -> str:
-    client = Client()
-    client.force_login(user)
-    return client.cookies[settings.SESSION_COOKIE_NAME].value
-
-
-async def open_socket(design_id: int | str, user: Any) -> WebsocketCommunicator:
-    cookie = await session_cookie(user)
-    headers = [
-        (b"origin", b"http://localhost"),
-        (b"host", b"localhost"),
-        (b"cookie", f"{settings.SESSION_COOKIE_NAME}={cookie}".encode()),
-    ]
-    return WebsocketCommunicator(application, f"/ws/designs/{design_id}/", headers=headers)
+def exactly(size: int, text: str = "x") -> str:
+    """A JSON ping padded with `text` to exactly `size` bytes of UTF-8."""
+    head, tail = '{"kind": "ping", "pad": "', '"}'
+    room = size - len(head) - len(tail)
+    pad = text * (room // len(text.encode()))
+    return head + pad + "x" * (room - len(pad.encode())) + tail
 
 
 async def fields(design: Design) -> tuple[Any, ...]:
@@ -375,52 +381,232 @@ async def fields(design: Design) -> tuple[Any, ...]:
     return fresh.status, fresh.attempts, fresh.error, fresh.clarifications
 
 
-async def test_bad_socket_messages_get_an_error_reply_and_the_socket_stays_usable() -> None:
+async def waiting_design(owner: Any) -> Design:
+    """Unfinished (its socket resyncs while open), with a question awaiting an answer."""
+    return await Design.objects.acreate(
+        owner=owner,
+        request_text="A data lake",
+        status=Design.Status.AWAITING_ANSWERS,
+        clarifications=[{"question": "Budget?", "answer": None}],
+    )
+
+
+BAD_FRAMES = [
+    # Too big: refused unread, whatever the content.
+    pytest.param({"text_data": exactly(MAX_CLIENT_MESSAGE_BYTES + 1)}, TOO_BIG, id="1025-bytes"),
+    pytest.param({"text_data": exactly(1037)}, TOO_BIG, id="1037-bytes"),
+    pytest.param({"text_data": exactly(1800, "é")}, TOO_BIG, id="1800-bytes-of-2-byte-chars"),
+    pytest.param({"text_data": "€" * 342}, TOO_BIG, id="342-chars-1026-bytes"),
+    pytest.param({"bytes_data": b"\x00" * 1800}, TOO_BIG, id="1800-bytes-binary"),
+    pytest.param({"text_data": exactly(MEGABYTE, "é")}, TOO_BIG, id="1-MiB-text"),
+    pytest.param({"bytes_data": exactly(MEGABYTE).encode()}, TOO_BIG, id="1-MiB-binary"),
+    # Malformed: not the page's protocol (a JSON object whose kind is ping or snapshot).
+    pytest.param({"bytes_data": b"\xff\xfe\xc3\x28 not utf-8"}, BAD_MESSAGE, id="binary-junk"),
+    pytest.param({"bytes_data": b'{"kind": "ping"}'}, BAD_MESSAGE, id="json-in-a-binary-frame"),
+    pytest.param({"text_data": "{not json"}, BAD_MESSAGE, id="not-json"),
+    pytest.param({"text_data": '{"kind": "ping"'}, BAD_MESSAGE, id="cut-json"),
+    pytest.param({"text_data": " "}, BAD_MESSAGE, id="blank"),
+    pytest.param({"text_data": "\x00"}, BAD_MESSAGE, id="nul"),
+    pytest.param({"text_data": "[1, 2, 3]"}, BAD_MESSAGE, id="array"),
+    pytest.param({"text_data": '"ping"'}, BAD_MESSAGE, id="string"),
+    pytest.param({"text_data": "null"}, BAD_MESSAGE, id="null"),
+    pytest.param({"text_data": '{"kind": NaN}'}, BAD_MESSAGE, id="nan-kind"),
+    pytest.param({"text_data": '{"kind": ["ping"]}'}, BAD_MESSAGE, id="list-kind"),
+    pytest.param({"text_data": '{"type": "ping"}'}, BAD_MESSAGE, id="no-kind"),
+    pytest.param({"text_data": '{"kind": "start", "design": 1}'}, BAD_MESSAGE, id="unknown-kind"),
+    pytest.param({"text_data": "[" * 400 + "]" * 400}, BAD_MESSAGE, id="nested-400"),
+    pytest.param({"text_data": "[" * MAX_CLIENT_MESSAGE_BYTES}, BAD_MESSAGE, id="nested-1024"),
+    pytest.param({"text_data": SCRIPT}, BAD_MESSAGE, id="script"),
+]
+
+
+@pytest.mark.parametrize(("frame", "code"), BAD_FRAMES)
+async def test_a_bad_socket_frame_closes_the_socket_cleanly_and_changes_nothing(
+    frame: dict[str, Any], code: int
+) -> None:
     owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
-    design = await Design.objects.acreate(owner=owner, request_text="A data lake")
-    before = await fields(design)
+    design = await waiting_design(owner)
+    before, members = await fields(design), layer_members()
     socket = await open_socket(design.pk, owner)
     connected, _ = await socket.connect()
     assert connected
     assert (await socket.receive_json_from(timeout=5))["kind"] == "snapshot"
-    for frame in (
-        {"bytes_data": b"\xff\xfe\xc3\x28 not utf-8"},
-        {"bytes_data": b'{"kind": "ping"}'},  # JSON, but in a binary frame
-        {"text_data": "{not json"},
-        {"text_data": " "},
-        {"text_data": "[1, 2, 3]"},
-        {"text_data": '"ping"'},
-        {"text_data": "null"},
-        {"text_data": '{"kind": ["ping"]}'},
-        {"text_data": '{"kind": "start", "design": 1}'},
-        {"text_data": "[" * 400 + "]" * 400},
-    ):
-        await socket.send_to(**frame)
-        reply = await socket.receive_json_from(timeout=5)
-        assert reply["kind"] == "error", frame
-        assert reply["error"]
-    await socket.send_json_to({"kind": "ping"})
-    assert await socket.receive_json_from(timeout=5) == {"kind": "pong"}
+    await socket.send_to(**frame)
+    replies, closed = await replies_until_closed(socket)
+    assert closed == code
+    # Said in words first (Daphne sends no close reason), and nothing sent is echoed back.
+    assert [json.loads(reply)["kind"] for reply in replies] == ["error"]
+    error = json.loads(replies[0])["error"]
+    assert error and len(error) < 200 and "<script" not in error and "pad" not in error
+    if code == TOO_BIG:
+        assert "at most 1,024 bytes" in error
+    # Released at the close, before the server even reports the disconnect.
+    assert await leftovers(members) == []
     await socket.disconnect()
     assert await fields(design) == before
     assert await AgentRun.objects.acount() == 0
 
 
-@pytest.mark.parametrize("frame", ["text", "bytes"])
-async def test_an_oversized_socket_frame_closes_the_socket_1009(frame: str) -> None:
+async def test_the_largest_allowed_message_is_still_answered() -> None:
     owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
-    design = await Design.objects.acreate(owner=owner, request_text="A data lake")
+    design = await waiting_design(owner)
     socket = await open_socket(design.pk, owner)
     await socket.connect()
     await socket.receive_json_from(timeout=5)
-    payload = '{"kind": "ping", "pad": "' + "é" * MEGABYTE + '"}'
-    await socket.send_to(
-        **({"text_data": payload} if frame == "text" else {"bytes_data": payload.encode()})
-    )
-    closed = await socket.receive_output(timeout=5)
-    assert (closed["type"], closed.get("code")) == ("websocket.close", 1009)
+    await socket.send_to(text_data=exactly(MAX_CLIENT_MESSAGE_BYTES, "é"))
+    assert await socket.receive_json_from(timeout=5) == {"kind": "pong"}
     await socket.disconnect()
-    assert len('{"kind": "ping"}') < MAX_CLIENT_MESSAGE_BYTES  # a real ping still fits
+
+
+BAD_PATHS = [
+    "/ws/designs/abc/",
+    "/ws/designs/-1/",
+    "/ws/designs/1.5/",
+    "/ws/designs/١٢/",  # digits, but not ASCII ones
+    "/ws/designs/1",
+    "/ws/designs/1/extra/",
+    "/ws/designs//",
+    "/ws/designs/",
+    "/ws/nothing/",
+    "/ws/",
+    "/",
+    "/designs/1/",
+    "/ws/designs/\x00/",
+    "/ws/designs/%2e%2e/",
+]
+
+
+@pytest.mark.parametrize("logged_in", [False, True], ids=["anonymous", "logged-in"])
+@pytest.mark.parametrize("path", BAD_PATHS)
+async def test_an_unknown_socket_path_is_closed_4404_never_a_500(path: str, logged_in: bool):
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    await waiting_design(owner)
+    members = layer_members()
+    socket = await open_socket(path, owner if logged_in else None)
+    connected, _ = await socket.connect()
+    assert connected
+    assert await closed_with(socket) == NOT_FOUND
+    assert await leftovers(members) == []
+    await socket.disconnect()
+
+
+BAD_ORIGINS = [
+    # (Origin, Host): the socket is opened on http://localhost:8000 unless the Host says else.
+    pytest.param("http://localhost:9999", SITE_HOST, id="another-port"),
+    pytest.param("https://localhost:8000", SITE_HOST, id="another-scheme"),
+    pytest.param("https://127.0.0.1", SITE_HOST, id="another-scheme-host-and-port"),
+    pytest.param("http://localhost", SITE_HOST, id="default-port-80"),
+    pytest.param("http://127.0.0.1:8000", SITE_HOST, id="another-allowed-host"),
+    pytest.param("ws://localhost:8000", SITE_HOST, id="ws-scheme"),
+    pytest.param("https://evil.example", SITE_HOST, id="another-site"),
+    pytest.param("http://localhost:8000.evil.example", SITE_HOST, id="lookalike-host"),
+    pytest.param("http://localhost:8000@evil.example", SITE_HOST, id="userinfo-then-evil"),
+    pytest.param("http://evil.example@localhost:8000", SITE_HOST, id="userinfo"),
+    pytest.param("http://localhost:8000/designs/", SITE_HOST, id="with-a-path"),
+    pytest.param("http://localhost:notaport", SITE_HOST, id="bad-port"),
+    pytest.param("http://localhost:99999", SITE_HOST, id="port-out-of-range"),
+    pytest.param("http://[::1", SITE_HOST, id="broken-ipv6"),
+    pytest.param("null", SITE_HOST, id="null"),
+    pytest.param("", SITE_HOST, id="empty"),
+    pytest.param("file://", SITE_HOST, id="file"),
+    pytest.param(b"http://localhost:8000\xff", SITE_HOST, id="not-ascii"),
+    pytest.param(None, SITE_HOST, id="missing"),
+    pytest.param("http://evil.example", "evil.example", id="host-not-allowed"),
+    pytest.param("http://localhost:8000", None, id="no-host"),
+    pytest.param("http://localhost:8000", "localhost:8000, evil.example", id="bad-host"),
+]
+
+
+@pytest.mark.parametrize(("origin", "host"), BAD_ORIGINS)
+async def test_a_foreign_or_malformed_origin_is_refused_before_the_handshake(
+    origin: str | bytes | None, host: str | None
+) -> None:
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    design = await waiting_design(owner)
+    before, members = await fields(design), layer_members()
+    socket = await open_socket(design.pk, owner, origin=origin, host=host)
+    connected, _ = await socket.connect()
+    assert not connected  # Daphne answers the handshake 403; nothing of the design is sent
+    assert await leftovers(members) == []
+    await socket.disconnect()
+    assert await fields(design) == before
+
+
+async def test_two_origin_headers_are_refused() -> None:
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    design = await waiting_design(owner)
+    socket = await open_socket(
+        design.pk,
+        owner,
+        origin=SITE_ORIGIN,
+        host=SITE_HOST,
+        extra_headers=[(b"origin", b"https://evil.example")],
+    )
+    connected, _ = await socket.connect()
+    assert not connected
+    await socket.disconnect()
+
+
+@sync_to_async
+def expired_session_of(user: Any) -> str:
+    cookie = Client()
+    cookie.force_login(user)
+    key = cookie.cookies[settings.SESSION_COOKIE_NAME].value
+    Session.objects.filter(session_key=key).update(expire_date=timezone.now())
+    return key
+
+
+@sync_to_async
+def logged_out_session_of(user: Any) -> str:
+    browser = Client()
+    browser.force_login(user)
+    key = browser.cookies[settings.SESSION_COOKIE_NAME].value
+    browser.post("/accounts/logout/")
+    return key
+
+
+async def stale_session_of(user: Any) -> str:
+    """A session from before the password changed."""
+    key = await session_cookie(user)
+    user.set_password("another-long-password")
+    await user.asave()
+    return key
+
+
+async def inactive_users_session(user: Any) -> str:
+    key = await session_cookie(user)
+    user.is_active = False
+    await user.asave()
+    return key
+
+
+BAD_SESSIONS = {
+    "none": None,
+    "garbage": lambda user: "not-a-session-key",
+    "another-secret-shape": lambda user: "a" * 40,
+    "expired": expired_session_of,
+    "logged-out": logged_out_session_of,
+    "password-changed-since": stale_session_of,
+    "user-deactivated": inactive_users_session,
+}
+
+
+@pytest.mark.parametrize("session", list(BAD_SESSIONS))
+async def test_a_socket_without_a_live_session_is_closed_4403(session: str) -> None:
+    owner = await User.objects.acreate_user("olivia", password="a-long-test-password")
+    design = await waiting_design(owner)
+    make = BAD_SESSIONS[session]
+    cookie = None if make is None else make(owner)
+    if asyncio.iscoroutine(cookie):
+        cookie = await cookie
+    before, members = await fields(design), layer_members()
+    socket = await open_socket(design.pk, cookie=cookie, origin=SITE_ORIGIN, host=SITE_HOST)
+    connected, _ = await socket.connect()
+    assert connected
+    assert await closed_with(socket) == NOT_AUTHENTICATED
+    assert await leftovers(members) == []
+    await socket.disconnect()
+    assert await fields(design) == before
 
 
 async def test_a_socket_for_another_users_or_a_nonexistent_design_is_closed_4404() -> None:

@@ -427,7 +427,9 @@ async def test_a_failing_agent_fails_the_design_and_keeps_completed_outputs(
     design = await reload(design)
     assert design.status == Design.Status.FAILED
     assert design.failed_agent == "ronei"
-    assert "NotFoundError (HTTP 404)" in design.error
+    assert design.error == (
+        "NotFoundError (HTTP 404): the model endpoint does not know this model or deployment"
+    )
     runs = {run.agent: run for run in await runs_of(design)}
     assert set(runs) == {"requirements", "carlos", "ronei"}
     assert runs["requirements"].status == AgentRun.Status.SUCCEEDED

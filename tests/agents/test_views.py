@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import re
 import zipfile
 from datetime import timedelta
@@ -10,10 +11,11 @@ from typing import Any
 
 import pytest
 from django.contrib.auth import get_user_model
+from django.contrib.auth.models import Permission
 from django.test import Client
 from django.utils import timezone
 
-from agents.models import AgentRun, Design
+from agents.models import AgentRun, Design, DesignRetry
 from agents.options import DEFAULT_OPTIONS
 
 pytestmark = pytest.mark.django_db
@@ -161,7 +163,7 @@ def test_login_page_logs_in_and_logout_is_post_only(client: Client) -> None:
     assert page.status_code == 200
     assert b'name="password"' in page.content
     bad = client.post("/accounts/login/", {"username": "bob", "password": "wrong"})
-    assert bad.status_code == 200
+    assert bad.status_code == 401  # carlos/login.py: a refused login says so in its status
     assert b"Please enter a correct username and password" in bad.content
     good = client.post("/accounts/login/", {"username": "bob", "password": "a-long-test-password"})
     assert good.status_code == 302
@@ -289,6 +291,35 @@ def test_rate_limit_is_per_user(client: Client, alice: Any, settings) -> None:
     assert "You can submit again" not in page.content.decode()
 
 
+def test_the_form_says_how_much_of_the_hourly_allowance_is_used(
+    client: Client, alice: Any, settings
+) -> None:
+    settings.DESIGNS_PER_HOUR = 4
+    assert "0 of 4 used this hour" in client.get("/").content.decode()
+    _created(make_design(alice), timedelta(hours=2))  # outside the window: does not count
+    make_design(alice)
+    failed = make_design(alice, status=Design.Status.FAILED, attempts=1)
+    DesignRetry.objects.create(design=failed, requested_by=alice)  # a retry is an attempt too
+    make_design(make_user("carol"))  # someone else's
+    assert "3 of 4 used this hour" in client.get("/").content.decode()
+
+
+def test_a_retry_over_the_hourly_limit_is_refused_with_the_time_of_the_next_slot(
+    client: Client, alice: Any, settings
+) -> None:
+    settings.DESIGNS_PER_HOUR = 1
+    failed = make_design(alice, status=Design.Status.FAILED, attempts=1, error="boom")
+    response = client.post(f"/designs/{failed.pk}/retry/")
+    assert response.status_code == 429
+    assert 3500 <= int(response["Retry-After"]) <= 3601
+    html = response.content.decode()
+    assert "limit of 1 design per hour" in html and "a retry counts as a design" in html
+    assert 'id="rate-limit"' in html
+    failed.refresh_from_db()
+    assert (failed.status, failed.attempts, failed.error) == (Design.Status.FAILED, 1, "boom")
+    assert not DesignRetry.objects.exists()
+
+
 # --- the design page ------------------------------------------------------------------------
 
 
@@ -318,7 +349,15 @@ def test_owner_sees_every_tab_rendered_and_sanitised(client: Client, alice: Any)
     assert "120 ms" in html
 
 
-def test_other_users_design_is_404_and_staff_sees_it(client: Client, alice: Any) -> None:
+def grant_view(user: Any) -> Any:
+    """The user with `agents.view_design` (what lets staff see everyone's designs)."""
+    user.user_permissions.add(Permission.objects.get(codename="view_design"))
+    return User.objects.get(pk=user.pk)  # permissions are cached per instance
+
+
+def test_other_users_design_is_404_and_the_view_permission_sees_it(
+    client: Client, alice: Any
+) -> None:
     mallory_design = make_design(make_user("mallory"))
     assert client.get(f"/designs/{mallory_design.pk}/").status_code == 404
     assert client.get(f"/designs/{mallory_design.pk}/download/").status_code == 404
@@ -326,7 +365,7 @@ def test_other_users_design_is_404_and_staff_sees_it(client: Client, alice: Any)
     assert client.get("/designs/999999/").status_code == 404
     assert client.get("/designs/abc/").status_code == 404  # non-integer ids do not route
     staff = Client()
-    staff.force_login(make_user("sam", staff=True))
+    staff.force_login(grant_view(make_user("sam", staff=True)))
     page = staff.get(f"/designs/{mallory_design.pk}/")
     assert page.status_code == 200
     assert "Owner: mallory" in page.content.decode()
@@ -425,11 +464,11 @@ def test_history_lists_own_designs_newest_first(client: Client, alice: Any) -> N
     assert "<th>Owner</th>" not in html
 
 
-def test_staff_history_shows_everyone_with_owner_column(alice: Any) -> None:
+def test_history_with_the_view_permission_shows_everyone_with_owner_column(alice: Any) -> None:
     make_design(alice, "alice's request")
     make_design(make_user("dave"), "dave's request")
     staff = Client()
-    staff.force_login(make_user("sam", staff=True))
+    staff.force_login(grant_view(make_user("sam", staff=True)))
     html = staff.get("/designs/").content.decode()
     assert "<th>Owner</th>" in html
     assert "alice&#x27;s request" in html and "dave&#x27;s request" in html
@@ -694,6 +733,82 @@ async def test_retry_runs_a_failed_design_again(async_client: Any, carlos_regist
     assert 'id="design-failure" class="notice bad" role="alert" hidden' in html
     assert html.count("<tr data-key=") >= 9  # the new attempt's runs only
     assert "badge failed" not in html
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_every_retry_counts_against_the_hourly_allowance(
+    async_client: Any, simulator_factory: Any, make_registry: Any, install_registry: Any, settings
+) -> None:
+    """Reproduces: one user retried a failing design 11 times, 84 model calls, never limited."""
+    from agents import tasks
+
+    settings.DESIGNS_PER_HOUR = 3
+    # The endpoint knows none of the pools' deployments: every attempt fails at its first agent.
+    simulator = await simulator_factory(deployments=("retired-model",))
+    install_registry(make_registry(simulator))
+    await _logged_in(async_client)
+    design_id = _design_id(await async_client.post("/", valid_form()))
+    assert (await _finish(design_id)).status == Design.Status.FAILED
+    for _ in range(2):  # the design and two retries: three designs this hour
+        assert _design_id(await async_client.post(f"/designs/{design_id}/retry/")) == design_id
+        assert (await _finish(design_id)).status == Design.Status.FAILED
+    calls = simulator.stats.chat_requests
+
+    refused = await async_client.post(f"/designs/{design_id}/retry/")
+    assert refused.status_code == 429
+    assert "limit of 3 designs per hour" in refused.content.decode()
+    design = await Design.objects.aget(pk=design_id)
+    assert (design.status, design.attempts) == (Design.Status.FAILED, 3)
+    assert tasks.running_task(design_id) is None
+    assert (await async_client.post("/", valid_form())).status_code == 429  # nor a new one
+    assert simulator.stats.chat_requests == calls  # no model call after the limit
+    assert "3 of 3 used this hour" in (await async_client.get("/")).content.decode()
+
+
+WRONG_KEY = "sk-wrong-test-key-QX7Z"
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_refused_key_is_shown_as_a_category_and_no_fragment_of_it_anywhere(
+    async_client: Any, simulator_factory: Any, install_registry: Any, caplog: Any
+) -> None:
+    """Reproduces: "Incorrect API key provided: sk-********1234." on the design page, in the
+    zip and in the log."""
+    from pools.config import parse_config
+    from pools.registry import PoolRegistry
+
+    simulator = await simulator_factory(api_key="sk-the-right-key-0000")
+    endpoint = {"BASE_URL": simulator.base_url, "API_KEY": WRONG_KEY}
+    registry = install_registry(PoolRegistry(parse_config({"ENDPOINT": endpoint})))
+    try:
+        await _logged_in(async_client)
+        with caplog.at_level(logging.INFO):
+            design_id = _design_id(await async_client.post("/", valid_form()))
+            design = await _finish(design_id)
+    finally:
+        await registry.close()
+    category = "AuthenticationError (HTTP 401): the model endpoint refused the key"
+    assert (design.status, design.failed_agent, design.error) == (
+        "failed",
+        "requirements",
+        category,
+    )
+    run = await AgentRun.objects.aget(design_id=design_id)
+    assert run.error == category
+    page = (await async_client.get(f"/designs/{design_id}/")).content.decode()
+    fragment = (await async_client.get(f"/designs/{design_id}/runs/{run.pk}/")).content.decode()
+    archive = zipfile.ZipFile(
+        io.BytesIO((await async_client.get(f"/designs/{design_id}/download/")).content)
+    )
+    readme = archive.read(next(n for n in archive.namelist() if n.endswith("README.md"))).decode()
+    assert "the model endpoint refused the key" in page and category in readme
+    assert "the model endpoint refused the key" in fragment
+    log = "\n".join(record.getMessage() for record in caplog.records)
+    assert "Incorrect API key provided: [redacted]" in log  # the detail is for the operator
+    for where, text in (("page", page), ("fragment", fragment), ("zip", readme), ("log", log)):
+        assert "QX7Z" not in text and "sk-wrong" not in text and "********" not in text, where
+    for where, text in (("page", page), ("fragment", fragment), ("zip", readme)):
+        assert "Incorrect API key" not in text, where
 
 
 # --- hardening ------------------------------------------------------------------------------

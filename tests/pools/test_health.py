@@ -5,12 +5,33 @@ from __future__ import annotations
 import asyncio
 
 import httpx
+import pytest
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.test import AsyncClient, override_settings
 
 from pools import runtime
 from pools.registry import PoolRegistry
 from tests.conftest import probe, registry_config
 
 HELLO = [{"role": "user", "content": "hello"}]
+OUTSIDE = "203.0.113.7"  # a client address that is neither loopback nor allowed
+
+
+async def probe_from(address: str, path: str = "/health", **headers: str) -> httpx.Response:
+    """`probe`, from another client address and with request headers."""
+    from carlos.asgi import application
+
+    transport = httpx.ASGITransport(app=application, client=(address, 40123))
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://testserver", headers=headers
+    ) as client:
+        return await client.get(path)
+
+
+def shows_details(response: httpx.Response) -> bool:
+    """Whether the answer carries operator details (degraded answers then give a reason)."""
+    return "reason" in response.json() or "endpoint" in response.json()
 
 
 async def test_health_is_degraded_until_the_pools_are_warm(installed_registry):
@@ -153,3 +174,75 @@ async def test_probes_are_answered_in_front_of_django(installed_registry):
         assert head.status_code == 503 and head.content == b""
         assert (await client.get("/health?scope=galaxy")).status_code == 400
         assert (await client.get("/metrics")).status_code == 400  # Django: disallowed host
+
+
+# --- who sees the operator details -------------------------------------------------------------
+
+
+async def test_outsiders_see_only_the_public_shape(installed_registry, simulator):
+    """Reproduces: /health showed the endpoint host, model names and host:pid to anyone."""
+    await installed_registry.initialize()
+    response = await probe_from(OUTSIDE)
+    assert response.status_code == 200
+    body = response.json()
+    assert set(body) == {"status", "pools"} and body["status"] == "healthy"
+    main = body["pools"]["main"]
+    assert (main["total"], main["in_use"], main["available"]) == (10, 0, 10)
+    assert main["requests_num"] == 0 and main["connections_num"] == 10
+    for detail in ("gpt-4o", str(simulator.port), installed_registry.instance, "breaker"):
+        assert detail not in response.text
+
+
+async def test_outsiders_see_degraded_without_the_reason(installed_registry):
+    response = await probe_from(OUTSIDE)
+    assert response.status_code == 503
+    assert response.json()["status"] == "degraded"
+    assert not shows_details(response)
+    assert shows_details(await probe("/health"))  # the machine itself does (loopback)
+
+
+async def test_outsiders_cannot_ask_for_the_cluster_view(installed_registry):
+    response = await probe_from(OUTSIDE, "/health?scope=cluster")
+    assert response.status_code == 403
+    assert "METRICS_TOKEN" in response.json()["error"]
+
+
+@override_settings(METRICS_TOKEN="s3cret-token")
+async def test_the_metrics_token_shows_the_details(installed_registry):
+    assert shows_details(await probe_from(OUTSIDE, Authorization="Bearer s3cret-token"))
+    assert not shows_details(await probe_from(OUTSIDE, Authorization="Bearer wrong"))
+    assert not shows_details(await probe_from(OUTSIDE))
+    # Once a token is set it is the rule, as for /metrics: loopback alone no longer does.
+    assert not shows_details(await probe_from("127.0.0.1"))
+
+
+@override_settings(METRICS_ALLOWED_IPS=["10.0.0.0/8"])
+async def test_an_allowed_address_sees_the_details(installed_registry):
+    assert shows_details(await probe_from("10.1.2.3"))
+    assert shows_details(await probe_from("::ffff:10.1.2.3"))
+    assert not shows_details(await probe_from(OUTSIDE))
+    assert not shows_details(await probe_from("127.0.0.1"))  # the list replaces the default
+
+
+@override_settings(BEHIND_PROXY=True)
+async def test_behind_a_proxy_loopback_is_not_an_operator(installed_registry):
+    # Every request reaches Carlos from the proxy, so loopback says nothing about who asked.
+    assert not shows_details(await probe("/health"))
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_staff_session_sees_the_details(installed_registry):
+    users = get_user_model().objects
+    staff = await users.acreate_user("operator", password="not-used-here", is_staff=True)
+    member = await users.acreate_user("ada", password="not-used-here")
+    for user, shown in ((staff, True), (member, False)):
+        client = AsyncClient()
+        await client.aforce_login(user)
+        cookie = (
+            f"{settings.SESSION_COOKIE_NAME}={client.cookies[settings.SESSION_COOKIE_NAME].value}"
+        )
+        assert shows_details(await probe_from(OUTSIDE, Cookie=cookie)) is shown
+        await client.alogout()  # the session is gone: so are the details
+        assert not shows_details(await probe_from(OUTSIDE, Cookie=cookie))
+    forged = f"{settings.SESSION_COOKIE_NAME}=not-a-session-of-anyone"
+    assert not shows_details(await probe_from(OUTSIDE, Cookie=forged))

@@ -2,7 +2,9 @@
 
 Daphne sends no ASGI lifespan events, so this command hooks Daphne's own start (its
 `ready_callable`) and Twisted's shutdown trigger instead. With no LLM endpoint configured it
-also starts the offline simulator in a child process and stops it on exit.
+also starts the offline simulator in a child process and stops it on exit. Outside DEBUG it
+first refuses a configuration that cannot serve pages safely (carlos.startup), before it
+migrates, starts the simulator or opens a port.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from carlos.startup import refuse_to_start_wrong
 from pools.metrics import metrics_for
 from pools.registry import PoolRegistry
 from pools.runtime import get_pool, shut_down, tune_gc_for_serving, warm_up
@@ -53,6 +57,10 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            refuse_to_start_wrong()
+        except ImproperlyConfigured as exc:
+            raise CommandError(str(exc)) from None
         from daphne.server import Server  # installs Twisted's asyncio reactor: import late
 
         from agents.demo import credentials_path, ensure_demo_account

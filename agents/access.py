@@ -1,0 +1,48 @@
+"""Who may see a design and who may act on it: Django's model permissions, never the staff flag.
+
+- Viewing a design (its page, its run fragments, its live feed, both zips, and everyone's
+  designs in the history) needs ownership or `agents.view_design`. Downloading is viewing:
+  a zip holds nothing the page does not show. `agents.change_design` implies viewing, as in
+  Django's admin.
+- Acting on a design (answering its questions, retrying it, and any later action such as
+  cancelling) needs ownership or `agents.change_design`.
+- Staff status alone gives nothing here; it only lets a user into the admin, where the same
+  permissions apply. Superusers hold every permission.
+
+Grant them in the admin (Users or Groups), e.g. a "Support" group with "Can view design".
+"""
+
+from __future__ import annotations
+
+from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
+from django.db.models import QuerySet
+
+from agents.models import Design
+
+VIEW_DESIGN = "agents.view_design"
+CHANGE_DESIGN = "agents.change_design"
+
+User = AbstractBaseUser | AnonymousUser
+
+
+async def may_view_every_design(user: User) -> bool:
+    """Whether `user` sees designs they do not own (view, or change which implies it)."""
+    if not user.is_authenticated:
+        return False
+    return await user.ahas_perm(VIEW_DESIGN) or await user.ahas_perm(CHANGE_DESIGN)
+
+
+async def may_act_on(user: User, design: Design) -> bool:
+    """Whether `user` may answer, retry (or otherwise act on) `design`."""
+    if not user.is_authenticated:
+        return False
+    return design.owner_id == user.pk or await user.ahas_perm(CHANGE_DESIGN)
+
+
+async def visible_designs(user: User) -> QuerySet[Design]:
+    """The designs `user` may see: their own, or every design with the view permission."""
+    if not user.is_authenticated:
+        return Design.objects.none()
+    if await may_view_every_design(user):
+        return Design.objects.all()
+    return Design.objects.filter(owner_id=user.pk)
