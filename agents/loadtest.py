@@ -308,31 +308,36 @@ async def stop_process(process: asyncio.subprocess.Process) -> int | None:
     return process.returncode
 
 
-def child_env(options: LoadTestOptions, database: Path) -> dict[str, str]:
-    """The environment of every child: production settings, this run's database, no upstream.
+def server_env(host: str, database: Path) -> dict[str, str]:
+    """The environment of a measuring run's children: production settings on plain HTTP over
+    loopback, this run's database, no upstream, no shared Redis.
 
     Variables are set explicitly (empty when unused) so a developer's `.env` can never point
     the run at a real endpoint or a shared Redis: `.env` does not override the environment.
     """
-    per_user = math.ceil(options.designs / options.user_count)
     env = {
         **os.environ,
         "DJANGO_SETTINGS_MODULE": "carlos.settings",
         "DATABASE_URL": f"sqlite:///{database}",
         "DJANGO_DEBUG": "0",
         "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-        "DJANGO_ALLOWED_HOSTS": loopback_host(options.host),
+        "DJANGO_ALLOWED_HOSTS": loopback_host(host),
         **PLAIN_HTTP_LOOPBACK_ENV,
         "AZURE_OPENAI_ENDPOINT": "",
         "LLM_BASE_URL": "",
         "REDIS_URL": "",
-        # The per-user limit (10 an hour by default) must not refuse the virtual users.
-        "DESIGNS_PER_HOUR": str(per_user + 10),
         "POOL_SNAPSHOT_INTERVAL": "0",
         "PYTHONUNBUFFERED": "1",
     }
     env.pop("LLM_SIMULATOR_URL", None)
     return env
+
+
+def child_env(options: LoadTestOptions, database: Path) -> dict[str, str]:
+    """`server_env`, with a per-user limit (10 an hour by default) that never refuses the
+    virtual users."""
+    per_user = math.ceil(options.designs / options.user_count)
+    return {**server_env(options.host, database), "DESIGNS_PER_HOUR": str(per_user + 10)}
 
 
 def free_port(host: str) -> int:

@@ -54,6 +54,13 @@ async def pools(simulator_factory):
         await registry.close()
 
 
+async def heal_after_one(sim: Any, counted: str, fault: str) -> None:
+    """Switch `fault` off once the simulator has served one (its stat `counted`)."""
+    while getattr(sim.stats, counted) < 1:
+        await asyncio.sleep(0.001)
+    sim.apply_faults({fault: 0.0})
+
+
 async def stream(registry: PoolRegistry, pool: str = "main", **kwargs: Any) -> str:
     async with registry.acquire(pool) as llm:
         return await llm.astream(HELLO, **kwargs).text()
@@ -155,13 +162,7 @@ async def test_a_malformed_chunk_before_any_text_is_retried_not_a_crash(pools):
     """Reproduces: a malformed chunk raised a raw JSONDecodeError logged as a crash, and was
     not retried."""
     registry, sim = await pools(malformed_rate=1.0)
-
-    async def heal() -> None:
-        while sim.stats.malformed < 1:
-            await asyncio.sleep(0.001)
-        sim.apply_faults({"malformed_rate": 0.0})
-
-    healer = asyncio.create_task(heal())
+    healer = asyncio.create_task(heal_after_one(sim, "malformed", "malformed_rate"))
     assert await stream(registry)
     await healer
     assert sim.stats.chat_requests == 2
@@ -173,13 +174,7 @@ async def test_a_malformed_chunk_before_any_text_is_retried_not_a_crash(pools):
 async def test_an_empty_stream_is_retried(pools):
     """Reproduces: an empty stream was not retried."""
     registry, sim = await pools(empty_rate=1.0)
-
-    async def heal() -> None:
-        while sim.stats.empties < 1:
-            await asyncio.sleep(0.001)
-        sim.apply_faults({"empty_rate": 0.0})
-
-    healer = asyncio.create_task(heal())
+    healer = asyncio.create_task(heal_after_one(sim, "empties", "empty_rate"))
     assert await stream(registry)
     await healer
     assert sim.stats.chat_requests == 2

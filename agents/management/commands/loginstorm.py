@@ -48,12 +48,12 @@ from agents.loadtest import (
     machine_cpu,
     manage_py,
     run_manage,
+    server_env,
     stop_process,
     summarize,
     tail,
     wait_healthy,
 )
-from carlos.startup import PLAIN_HTTP_LOOPBACK_ENV
 
 PAGE_P99_TARGET_MS = 250.0
 MAX_LOGINS = 2000
@@ -142,29 +142,9 @@ User.objects.bulk_create(
 
 
 def world_env(options: StormOptions, database: Path) -> dict[str, str]:
-    """Production settings on plain HTTP over loopback, this run's database, no upstream.
-
-    Everything is set explicitly so a developer's `.env` cannot point the run elsewhere. With
-    DEBUG off the server refuses to start on plain HTTP unless told that it is on purpose:
-    the cookies are not Secure and the HTTPS findings are accepted, for loopback only.
-    """
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "carlos.settings",
-        "DATABASE_URL": f"sqlite:///{database}",
-        "DJANGO_DEBUG": "0",
-        "DJANGO_SECRET_KEY": secrets.token_urlsafe(50),
-        "DJANGO_ALLOWED_HOSTS": loopback_host(options.host),
-        **PLAIN_HTTP_LOOPBACK_ENV,
-        "AZURE_OPENAI_ENDPOINT": "",
-        "LLM_BASE_URL": "",
-        "LLM_SIMULATOR_PORT": str(free_port(loopback_host(options.host))),
-        "REDIS_URL": "",
-        "POOL_SNAPSHOT_INTERVAL": "0",
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("LLM_SIMULATOR_URL", None)
-    return env
+    """The load test's server environment, and a simulator port of this run's own."""
+    host = loopback_host(options.host)
+    return {**server_env(options.host, database), "LLM_SIMULATOR_PORT": str(free_port(host))}
 
 
 @dataclass
