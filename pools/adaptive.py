@@ -41,6 +41,7 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from pools.exceptions import RateLimited
+from pools.slots import wake_on_its_loop
 
 
 class Outcome(StrEnum):
@@ -86,11 +87,6 @@ class _Waiter:
     future: asyncio.Future[None]
     counted: bool = True
     granted: bool = False
-
-
-def _wake(waiter: _Waiter) -> None:
-    if not waiter.future.done():
-        waiter.future.set_result(None)
 
 
 @dataclass
@@ -487,18 +483,9 @@ class DeploymentLimiter:
             )
 
     def _signal(self, waiters: list[_Waiter]) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
         for waiter in waiters:
-            if running is waiter.loop:
-                _wake(waiter)
-                continue
-            try:
-                waiter.loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # its loop is closed: nobody will use the permit
-                with self._lock:
+            if not wake_on_its_loop(waiter.loop, waiter.future):
+                with self._lock:  # its loop is closed: nobody will use the permit
                     self._in_flight -= waiter.counted
                     more = self._grant_locked()
                 self._signal(more)

@@ -55,9 +55,30 @@ class _Waiter:
     granted: SlotKind | None = None
 
 
-def _wake(waiter: _Waiter) -> None:
-    if not waiter.future.done():
-        waiter.future.set_result(None)
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+def wake_on_its_loop(loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]) -> bool:
+    """Resolve a waiter's `future` on the loop it waits on, from any thread.
+
+    False when that loop is closed: nobody will take what was granted, so the caller gives
+    it back. Shared by the slot pools and the deployment limiters, whose waiters may live on
+    different event loops of one process.
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        _resolve(future)
+        return True
+    try:
+        loop.call_soon_threadsafe(_resolve, future)
+    except RuntimeError:
+        return False
+    return True
 
 
 class SlotPool:
@@ -255,19 +276,9 @@ class SlotPool:
         return woken
 
     def _signal(self, waiters: list[_Waiter]) -> None:
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            running = None
         for waiter in waiters:
-            if running is waiter.loop:
-                _wake(waiter)
-                continue
-            try:
-                waiter.loop.call_soon_threadsafe(_wake, waiter)
-            except RuntimeError:  # its loop is closed: nobody will take the slot
-                if waiter.granted is not None:
-                    self._give_back(waiter.granted)
+            if not wake_on_its_loop(waiter.loop, waiter.future) and waiter.granted is not None:
+                self._give_back(waiter.granted)
 
     # -- stats ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
