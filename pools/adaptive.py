@@ -156,6 +156,12 @@ class DeploymentLimiter:
         """Attempts allowed in flight now (whole calls: the learned value rounded down)."""
         return max(self.settings.floor, math.floor(self._limit))
 
+    @property
+    def waiting(self) -> int:
+        """Attempts queued for a permit now."""
+        with self._lock:
+            return len(self._waiters)
+
     def paused_for(self) -> float:
         """Seconds of the 429 pause still to run (0 when dispatch is open)."""
         with self._lock:

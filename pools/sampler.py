@@ -116,22 +116,22 @@ class PeakTracker:
             return
         pool = self.registry.pools.get(event.pool)
         if pool is not None:
-            stats = pool.stats()
-            self._raise(event.pool, in_use_peak=stats["in_use"], waiting_peak=stats["waiting"])
+            in_use, waiting = pool.load()
+            self._raise(event.pool, in_use_peak=in_use, waiting_peak=waiting)
 
     def sample(self) -> None:
         """Look at every pool and deployment now."""
         queued: dict[str, int] = {}
         for name, pool in self.registry.pools.items():
-            stats = pool.stats()
-            model = stats["model"]
+            in_use, waiting = pool.load()
+            model = pool.config.model
             limiter = self.registry.limiters.get(model)
             if model not in queued:
-                queued[model] = limiter.snapshot()["waiting"] if limiter is not None else 0
+                queued[model] = limiter.waiting if limiter is not None else 0
             self._raise(
                 name,
-                in_use_peak=stats["in_use"],
-                waiting_peak=stats["waiting"],
+                in_use_peak=in_use,
+                waiting_peak=waiting,
                 deployment_waiting_peak=queued[model],
             )
 

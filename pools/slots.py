@@ -280,6 +280,12 @@ class SlotPool:
             if not wake_on_its_loop(waiter.loop, waiter.future) and waiter.granted is not None:
                 self._give_back(waiter.granted)
 
+    def load(self) -> tuple[int, int]:
+        """(slots in use, callers waiting) now: the two numbers a per-call observer needs,
+        without building the whole `stats()`."""
+        with self._lock:
+            return self._pooled_in_use + self._overflow_in_use, len(self._waiters)
+
     # -- stats ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """psycopg_pool-style numbers; `in_use` includes temporary connections."""
