@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -196,3 +197,15 @@ def serving(
         yield server
     finally:
         stop(server.process)
+
+
+async def log_in(client: Any, username: str, password: str) -> None:
+    """Log `client` (an httpx.AsyncClient on a served site) in through the real login form."""
+    page = await client.get("/accounts/login/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
+    assert token, page.text[:300]
+    response = await client.post(
+        "/accounts/login/",
+        data={"username": username, "password": password, "csrfmiddlewaretoken": token[1]},
+    )
+    assert response.status_code == 302, response.text[:500]

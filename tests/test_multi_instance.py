@@ -55,7 +55,7 @@ from pools.admin import chart_data
 from pools.config import parse_config
 from pools.models import PoolSnapshot
 from pools.registry import PoolRegistry
-from tests.servers import Server, child_env, manage, start, stop, wait_healthy
+from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -387,14 +387,7 @@ async def browser(server: Server, cookies: httpx.Cookies | None = None) -> Async
     """An HTTP client logged in through the real login form (or with another's cookies)."""
     async with httpx.AsyncClient(base_url=server.base, timeout=30, cookies=cookies) as client:
         if cookies is None:
-            page = await client.get("/accounts/login/")
-            token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
-            assert token, page.text[:300]
-            response = await client.post(
-                "/accounts/login/",
-                data={"username": USERNAME, "password": PASSWORD, "csrfmiddlewaretoken": token[1]},
-            )
-            assert response.status_code == 302, response.text[:500]
+            await log_in(client, USERNAME, PASSWORD)
         yield client
 
 

@@ -8,7 +8,6 @@ test communicator accepts any close code, while Daphne refuses to send one outsi
 
 from __future__ import annotations
 
-import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -19,7 +18,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
-from tests.servers import Server, child_env, manage, serving
+from tests.servers import Server, child_env, log_in, manage, serving
 
 USERNAME = "socket-user"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
@@ -59,14 +58,7 @@ async def browser(server: tuple[Server, int]) -> AsyncIterator[httpx.AsyncClient
     """An HTTP client logged in through the real login form."""
     served, _ = server
     async with httpx.AsyncClient(base_url=served.base, timeout=REPLY_LIMIT_S) as client:
-        page = await client.get("/accounts/login/")
-        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text)
-        assert token, page.text[:300]
-        response = await client.post(
-            "/accounts/login/",
-            data={"username": USERNAME, "password": PASSWORD, "csrfmiddlewaretoken": token[1]},
-        )
-        assert response.status_code == 302, response.text[:500]
+        await log_in(client, USERNAME, PASSWORD)
         yield client
 
 
