@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
 import re
@@ -748,10 +749,23 @@ async def test_every_retry_counts_against_the_hourly_allowance(
     install_registry(make_registry(simulator))
     await _logged_in(async_client)
     design_id = _design_id(await async_client.post("/", valid_form()))
-    assert (await _finish(design_id)).status == Design.Status.FAILED
-    for _ in range(2):  # the design and two retries: three designs this hour
+
+    async def failed_attempt(number: int) -> None:
+        """Wait until attempt `number` has ended: it fails at its first call, so fast that its
+        task may be gone before the test looks for it."""
+        for _ in range(1000):  # fail-safe, not a timing check
+            design = await Design.objects.aget(pk=design_id)
+            if design.attempts == number and design.status == Design.Status.FAILED:
+                if (task := tasks.running_task(design_id)) is not None:
+                    await task
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"attempt {number} never ended ({design.status})")
+
+    await failed_attempt(1)
+    for attempt in (2, 3):  # the design and two retries: three designs this hour
         assert _design_id(await async_client.post(f"/designs/{design_id}/retry/")) == design_id
-        assert (await _finish(design_id)).status == Design.Status.FAILED
+        await failed_attempt(attempt)
     calls = simulator.stats.chat_requests
 
     refused = await async_client.post(f"/designs/{design_id}/retry/")
