@@ -93,10 +93,14 @@ def main(argv: list[str]) -> int:
         server = subprocess.Popen([*manage, "serve", *argv[1:]], cwd=ROOT, env=env)
         # A SIGTERM to this script (a supervisor, `timeout`) stops the server cleanly too.
         signal.signal(signal.SIGTERM, lambda *_: server.send_signal(signal.SIGTERM))
-        try:
-            return server.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the server too; let it finish closing
-            return server.wait()
+        # Ctrl-C reaches the server too (same process group), which then closes its pools and
+        # its simulator: wait for that however often it is pressed, or the shell would come
+        # back while the server still holds the port and writes to the terminal.
+        while True:
+            try:
+                return server.wait()
+            except KeyboardInterrupt:
+                continue
     lint = subprocess.run([python, "-m", "ruff", "check", "."], cwd=ROOT, env=env)
     if lint.returncode:
         return lint.returncode

@@ -4,8 +4,8 @@
   designs in the history) needs ownership or `agents.view_design`. Downloading is viewing:
   a zip holds nothing the page does not show. `agents.change_design` implies viewing, as in
   Django's admin.
-- Acting on a design (answering its questions, retrying it, and any later action such as
-  cancelling) needs ownership or `agents.change_design`.
+- Acting on a design (answering its questions, retrying it, cancelling it) needs ownership
+  or `agents.change_design`; deleting one needs ownership or `agents.delete_design`.
 - Staff status alone gives nothing here; it only lets a user into the admin, where the same
   permissions apply. Superusers hold every permission.
 
@@ -21,6 +21,7 @@ from agents.models import Design
 
 VIEW_DESIGN = "agents.view_design"
 CHANGE_DESIGN = "agents.change_design"
+DELETE_DESIGN = "agents.delete_design"
 
 User = AbstractBaseUser | AnonymousUser
 
@@ -37,6 +38,13 @@ async def may_act_on(user: User, design: Design) -> bool:
     if not user.is_authenticated:
         return False
     return design.owner_id == user.pk or await user.ahas_perm(CHANGE_DESIGN)
+
+
+async def may_delete(user: User, design: Design) -> bool:
+    """Whether `user` may delete `design` (with its runs) from its page."""
+    if not user.is_authenticated:
+        return False
+    return design.owner_id == user.pk or await user.ahas_perm(DELETE_DESIGN)
 
 
 async def visible_designs(user: User) -> QuerySet[Design]:

@@ -51,6 +51,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils.crypto import constant_time_compare
 
+from agents import leases
 from agents.access import visible_designs
 from agents.models import AgentRun, Design
 
@@ -75,9 +76,7 @@ RESYNC_AFTER_S = 15.0
 # sockets took SQLite lock calls from 1,172 to 1,540 per 120 s; at 300 s that is about 6 %.
 SESSION_RECHECK_S = 300.0
 TASK_PREFIX = "design-socket"
-TERMINAL_STATUSES = frozenset(
-    {Design.Status.SUCCEEDED, Design.Status.FAILED, Design.Status.INTERRUPTED}
-)
+TERMINAL_STATUSES = Design.TERMINAL_STATUSES
 
 
 def group_name(design_id: int) -> str:
@@ -135,8 +134,9 @@ def run_state(run: AgentRun) -> dict[str, Any]:
     }
 
 
-def design_state(design: Design) -> dict[str, Any]:
-    """The design's own fields the page keeps live (status, verdict, cause of failure)."""
+def design_state(design: Design, queue_place: int | None = None) -> dict[str, Any]:
+    """The design's own fields the page keeps live (status, verdict, cause of failure, its
+    place in line while queued)."""
     return {
         "id": design.pk,
         "status": design.status,
@@ -145,18 +145,19 @@ def design_state(design: Design) -> dict[str, Any]:
         "revisions": design.revisions,
         "error": design.error,
         "failed_agent": design.failed_agent,
+        "queue_place": queue_place,
     }
 
 
 async def snapshot(design_id: int) -> dict[str, Any] | None:
-    """The design and the runs of its current attempt, as one `snapshot` event."""
+    """The design and all its runs (a resume's and those before it), as one `snapshot` event."""
     design = await Design.objects.filter(pk=design_id).afirst()
     if design is None:
         return None
-    runs = design.runs.filter(attempt=design.attempts).order_by("id")
+    runs = design.runs.order_by("id")
     return {
         "kind": "snapshot",
-        "design": design_state(design),
+        "design": design_state(design, await leases.queue_place(design)),
         "runs": [run_state(run) async for run in runs],
     }
 

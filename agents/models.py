@@ -25,9 +25,15 @@ class Design(models.Model):
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
+        # Kept for designs of earlier releases: a stopped server no longer interrupts one.
         INTERRUPTED = "interrupted", "Interrupted"
+        CANCELLED = "cancelled", "Cancelled"
 
-    TERMINAL_STATUSES = frozenset({Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTED})
+    TERMINAL_STATUSES = frozenset(
+        {Status.SUCCEEDED, Status.FAILED, Status.INTERRUPTED, Status.CANCELLED}
+    )
+    # A process works on these only while it holds the design's lease (agents.leases).
+    ACTIVE_STATUSES = frozenset({Status.QUEUED, Status.RUNNING})
 
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="designs"
@@ -47,8 +53,14 @@ class Design(models.Model):
     revisions = models.PositiveSmallIntegerField(default=0)
     error = models.TextField(blank=True)
     failed_agent = models.CharField(max_length=20, blank=True)
-    # Incremented each time the pipeline starts on this design (a retry keeps older runs).
+    # Incremented each time the pipeline starts or resumes on this design (runs are kept).
     attempts = models.PositiveSmallIntegerField(default=0)
+    # The process working on the design and until when that holds unless renewed (see
+    # agents.leases); empty and null when no process holds it.
+    lease_owner = models.CharField(max_length=120, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
+    # How many times a process took the design over after the one running it died.
+    takeovers = models.PositiveSmallIntegerField(default=0)
 
     class Meta:
         ordering = ("-created_at", "-id")
@@ -67,10 +79,10 @@ class Design(models.Model):
         return self.status in self.TERMINAL_STATUSES
 
     def _outputs(self) -> models.QuerySet[AgentRun]:
-        return self.runs.filter(status=AgentRun.Status.SUCCEEDED, attempt=self.attempts)
+        return self.runs.filter(status=AgentRun.Status.SUCCEEDED)
 
     def output(self, agent: str) -> AgentRun | None:
-        """The latest succeeded run of `agent` in the current attempt (highest round)."""
+        """The latest succeeded run of `agent` (highest round; a resume re-uses, never redoes)."""
         return self._outputs().filter(agent=agent).order_by("-round", "-id").first()
 
     async def aoutput(self, agent: str) -> AgentRun | None:
@@ -85,6 +97,9 @@ class AgentRun(models.Model):
         RUNNING = "running", "Running"
         SUCCEEDED = "succeeded", "Succeeded"
         FAILED = "failed", "Failed"
+        # Stopped before it finished (a shutdown, a cancel, a crash): output_text holds what
+        # had streamed by then; a resumed design calls the agent again.
+        STOPPED = "stopped", "Stopped"
 
     design = models.ForeignKey(Design, on_delete=models.CASCADE, related_name="runs")
     agent = models.CharField(max_length=20, choices=Agent.choices)
@@ -115,6 +130,11 @@ class AgentRun(models.Model):
 
     def __str__(self) -> str:
         return f"{self.agent} round {self.round} of design #{self.design_id} ({self.status})"
+
+    @property
+    def partial(self) -> bool:
+        """Text that an agent stopped or failed in the middle of: shown, never re-used."""
+        return self.status != self.Status.SUCCEEDED and bool(self.output_text)
 
     @property
     def duration_ms(self) -> float | None:

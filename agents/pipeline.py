@@ -3,9 +3,15 @@
 Order (ANCHORS.md section 1): requirements -> (Carlos || Ronei) -> (security || cost ||
 reliability) -> auditor -> at most DESIGN_MAX_REVISIONS revision rounds back to the designs
 -> recommender -> Terraform. Every agent holds a pool slot only while its own call streams,
-each AgentRun row is written when the agent starts and again when it finishes, and every
-design ends in a terminal status, whatever happens (FAILED with the agent and error, or
-INTERRUPTED when the task is cancelled).
+each AgentRun row is written when the agent starts, every few seconds while it streams, and
+when it finishes.
+
+Each finished agent is a checkpoint: a design that starts again (after a crash, a drain or
+the user's Retry) replays the flow with the stored outputs and calls only the agents that
+did not finish, so no finished answer is paid for twice. The process works on a design only
+while it holds its lease (agents.leases): the pipeline ends SUCCEEDED or FAILED; when it is
+stopped (the task cancelled, the server draining) it saves what the running agents streamed
+and hands the design back QUEUED, to resume here or on another instance.
 """
 
 from __future__ import annotations
@@ -24,10 +30,11 @@ import openai
 from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db import DatabaseError
-from django.db.models import F
+from django.db.models import F, Value
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from agents import prompts
+from agents import leases, prompts
 from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, ANALYST_AGENTS, DESIGN_AGENTS, validate_options
 from agents.redaction import RedactSecrets, redact
@@ -52,9 +59,17 @@ if not any(isinstance(existing, RedactSecrets) for existing in logger.filters):
 
 Status = Design.Status
 RUNNABLE_STATUSES = (Status.QUEUED, Status.AWAITING_ANSWERS)
+# What a process may start or resume while it holds the lease (or the lease is free).
+CLAIMABLE_STATUSES = (*RUNNABLE_STATUSES, Status.RUNNING)
 # Live token events are coalesced per agent to at most one per this many seconds, so the
 # in-memory channel layer's 100-message capacity is never reached.
 TOKEN_EVENT_INTERVAL_S = 0.05
+# How often a streaming agent's text so far is saved: what a stop or a crash keeps, at one
+# small write per agent per interval rather than one per token.
+PARTIAL_SAVE_INTERVAL_S = 5.0
+# A sibling that failed, a drain, a cancel or a crash: the design's own status says which.
+STOPPED_ERROR = "stopped before it finished"
+LOST_ERROR = "cancelled or taken over by another server"
 JSON_RESPONSE_FORMAT = {"type": "json_object"}
 # Failures of the endpoint, the pool or the answer's format: logged without a traceback.
 EXPECTED_AGENT_ERRORS = (
@@ -92,6 +107,14 @@ def max_revisions() -> int:
 
 class DesignNotRunnable(ValueError):
     """The design is not in a state the requested operation can start from."""
+
+
+class DesignLost(Exception):
+    """This process no longer holds the design: another took it over, or it was cancelled."""
+
+
+class Drained(Exception):
+    """The process is draining: the design stops between agents and resumes elsewhere."""
 
 
 class AgentFailed(Exception):
@@ -225,24 +248,38 @@ class EventPublisher:
                 "recommendation": design.recommendation,
                 "error": design.error,
                 "failed_agent": design.failed_agent,
+                "queue_place": await leases.queue_place(design),
             }
         )
 
 
-class _TokenCoalescer:
-    """Buffers one agent's chunks and sends them at most every TOKEN_EVENT_INTERVAL_S."""
+class _LiveText:
+    """One agent's text as it streams: sent to the page at most every TOKEN_EVENT_INTERVAL_S,
+    saved to its run at most every PARTIAL_SAVE_INTERVAL_S, and kept whole for a stop."""
 
-    def __init__(self, events: EventPublisher, agent: str, round_number: int) -> None:
+    def __init__(self, events: EventPublisher, run: AgentRun) -> None:
         self._events = events
-        self._agent = agent
-        self._round = round_number
+        self._run = run
+        self._parts: list[str] = []
         self._pending: list[str] = []
         self._last_sent = 0.0
+        self._last_saved = time.monotonic()
+
+    @property
+    def text(self) -> str:
+        return "".join(self._parts)
 
     async def add(self, chunk: str) -> None:
+        self._parts.append(chunk)
         self._pending.append(chunk)
-        if time.monotonic() - self._last_sent >= TOKEN_EVENT_INTERVAL_S:
+        now = time.monotonic()
+        if now - self._last_sent >= TOKEN_EVENT_INTERVAL_S:
             await self.flush()
+        if now - self._last_saved >= PARTIAL_SAVE_INTERVAL_S:
+            self._last_saved = now
+            await AgentRun.objects.filter(pk=self._run.pk, status=AgentRun.Status.RUNNING).aupdate(
+                output_text=self.text
+            )
 
     async def flush(self) -> None:
         if not self._pending:
@@ -251,7 +288,7 @@ class _TokenCoalescer:
         self._pending.clear()
         self._last_sent = time.monotonic()
         await self._events.send(
-            {"kind": "tokens", "agent": self._agent, "round": self._round, "text": text}
+            {"kind": "tokens", "agent": self._run.agent, "round": self._run.round, "text": text}
         )
 
 
@@ -296,7 +333,7 @@ async def _stream_call(
     registry: PoolRegistry,
     pool_name: str,
     messages: prompts.Messages,
-    coalescer: _TokenCoalescer | None,
+    live: _LiveText | None,
     **create_kwargs: Any,
 ) -> _CallStats:
     """One streamed completion; the slot is held only for this call."""
@@ -306,13 +343,13 @@ async def _stream_call(
         stream = llm.astream(messages, **create_kwargs)
         async for chunk in stream:
             parts.append(chunk)
-            if coalescer is not None:
-                await coalescer.add(chunk)
+            if live is not None:
+                await live.add(chunk)
         usage = stream.usage
         ttft_ms = stream.first_token_ms
         finish_reason = stream.finish_reason
-    if coalescer is not None:
-        await coalescer.flush()
+    if live is not None:
+        await live.flush()
     return _CallStats(
         text="".join(parts),
         wait_ms=wait_ms,
@@ -326,12 +363,26 @@ async def _stream_call(
 
 
 class DesignPipeline:
-    """Runs the agents of one claimed design; `run()` raises AgentFailed on an agent failure."""
+    """Runs the agents of one claimed design; `run()` raises AgentFailed on an agent failure.
 
-    def __init__(self, design: Design, registry: PoolRegistry, events: EventPublisher) -> None:
+    `checkpoints` are the design's finished agents, by (agent, round): `call` returns them
+    as they are instead of calling the agent again.
+    """
+
+    def __init__(
+        self,
+        design: Design,
+        registry: PoolRegistry,
+        events: EventPublisher,
+        *,
+        owner: str,
+        checkpoints: Mapping[tuple[str, int], AgentRun] | None = None,
+    ) -> None:
         self.design = design
         self.registry = registry
         self.events = events
+        self.owner = owner
+        self.checkpoints = dict(checkpoints or {})
         self.brief = prompts.Brief.build(design.request_text, design.options, design.clarifications)
 
     async def run(self) -> None:
@@ -428,8 +479,14 @@ class DesignPipeline:
                     )
                     for agent, messages in calls.items()
                 }
-        except* AgentFailed as failures:
-            raise failures.exceptions[0] from None
+        except* (AgentFailed, DesignLost, Drained) as failures:
+            # The most telling first: the design is not ours any more, an agent failed, then
+            # a drain (a sibling that still finished is a checkpoint all the same).
+            first = sorted(
+                failures.exceptions,
+                key=lambda exc: [DesignLost, AgentFailed, Drained].index(type(exc)),
+            )
+            raise first[0] from None
         return {agent: task.result() for agent, task in tasks.items()}
 
     async def call(
@@ -441,7 +498,13 @@ class DesignPipeline:
         json_report: bool = False,
         check: Callable[[str], object] | None = None,
     ) -> AgentOutput:
-        """One agent: a run row, a streamed call on its pool, validation, the finished row."""
+        """One agent: a run row, a streamed call on its pool, validation, the finished row;
+        or the stored output when the agent already finished in an earlier start."""
+        stored = self.checkpoints.get((agent, round_number))
+        if stored is not None:
+            return AgentOutput(run=stored, text=stored.output_text, json=stored.output_json)
+        if leases.draining():
+            raise Drained(f"the server is stopping; {agent} starts where the design resumes")
         pool_name = AGENT_POOLS[agent]
         pool_config = self.registry.config.pools[pool_name]
         run = await AgentRun.objects.acreate(
@@ -465,10 +528,10 @@ class DesignPipeline:
                 "model": pool_config.model,
             }
         )
+        live = _LiveText(self.events, run)
         try:
-            coalescer = _TokenCoalescer(self.events, agent, round_number)
             kwargs = {"response_format": JSON_RESPONSE_FORMAT} if json_report else {}
-            stats = await _stream_call(self.registry, pool_name, messages, coalescer, **kwargs)
+            stats = await _stream_call(self.registry, pool_name, messages, live, **kwargs)
             self._record(run, stats)
             run.output_text = stats.text
             if stats.finish_reason in UNFINISHED_ANSWERS:
@@ -482,8 +545,9 @@ class DesignPipeline:
             if check is not None:
                 check(run.output_text)
         except asyncio.CancelledError:
+            run.output_text = run.output_text or live.text  # what the user saw arrive
             await _complete_even_if_cancelled(
-                self._finish_run(run, AgentRun.Status.FAILED, "cancelled before it finished")
+                self._finish_run(run, AgentRun.Status.STOPPED, STOPPED_ERROR)
             )
             raise
         except Exception as exc:
@@ -494,10 +558,40 @@ class DesignPipeline:
                 logger.exception(
                     "design %s: %s crashed: %s", self.design.pk, agent, error_detail(exc)
                 )
+            run.output_text = run.output_text or live.text
             await self._finish_run(run, AgentRun.Status.FAILED, message)
             raise AgentFailed(agent, message) from exc
-        await self._finish_run(run, AgentRun.Status.SUCCEEDED)
+        if not await self._checkpoint(run):
+            await self._finish_run(run, AgentRun.Status.STOPPED, "stopped: " + LOST_ERROR)
+            raise DesignLost(f"{agent} finished after the design was {LOST_ERROR}")
+        self.checkpoints[(agent, round_number)] = run
         return AgentOutput(run=run, text=run.output_text, json=run.output_json)
+
+    async def _checkpoint(self, run: AgentRun) -> bool:
+        """Save a finished agent as SUCCEEDED, only while this process holds the design: a
+        design taken over or cancelled meanwhile keeps no answer from here. False if not."""
+        run.status, run.error, run.finished_at = AgentRun.Status.SUCCEEDED, "", timezone.now()
+        saved = await AgentRun.objects.filter(
+            pk=run.pk,
+            design__lease_owner=self.owner,
+            design__status=Status.RUNNING,
+        ).aupdate(
+            status=run.status,
+            error="",
+            finished_at=run.finished_at,
+            output_text=run.output_text,
+            output_json=run.output_json,
+            json_error=run.json_error,
+            wait_ms=run.wait_ms,
+            overflow=run.overflow,
+            ttft_ms=run.ttft_ms,
+            tokens_in=run.tokens_in,
+            tokens_out=run.tokens_out,
+            tokens_estimated=run.tokens_estimated,
+        )
+        if saved:
+            await self._announce_finished(run)
+        return bool(saved)
 
     async def _validate_report(
         self, run: AgentRun, agent: str, messages: prompts.Messages, text: str
@@ -544,6 +638,9 @@ class DesignPipeline:
         run.error = error
         run.finished_at = timezone.now()
         await run.asave()
+        await self._announce_finished(run)
+
+    async def _announce_finished(self, run: AgentRun) -> None:
         await self.events.send(
             {
                 "kind": "agent_finished",
@@ -567,7 +664,10 @@ class DesignPipeline:
         """Write a few design fields now, so a reload sees the verdict as soon as it exists."""
         for name, value in fields.items():
             setattr(self.design, name, value)
-        await Design.objects.filter(pk=self.design.pk).aupdate(**fields)
+        await Design.objects.filter(pk=self.design.pk, **self._held()).aupdate(**fields)
+
+    def _held(self) -> dict[str, Any]:
+        return {"lease_owner": self.owner, "status": Status.RUNNING}
 
 
 # -- the public entry points ------------------------------------------------------------------
@@ -594,94 +694,143 @@ async def create_design(
     )
 
 
-async def _claim(design_id: int, now: datetime) -> int:
-    """Move a runnable design to RUNNING for a new attempt; how many rows changed (0 or 1)."""
-    return await Design.objects.filter(pk=design_id, status__in=RUNNABLE_STATUSES).aupdate(
-        status=Status.RUNNING,
-        started_at=now,
-        finished_at=None,
-        attempts=F("attempts") + 1,
-        verdict="",
-        recommendation="",
-        revisions=0,
-        error="",
-        failed_agent="",
+async def _claim(design_id: int, owner: str, now: datetime) -> int:
+    """Start (or resume) a design for `owner`, if it holds the lease or nobody does; how many
+    rows changed (0 or 1). The first start sets `started_at`; a resume keeps it."""
+    return (
+        await Design.objects.filter(leases.mine_or_free(owner, now))
+        .filter(pk=design_id, status__in=CLAIMABLE_STATUSES)
+        .aupdate(
+            status=Status.RUNNING,
+            started_at=Coalesce(F("started_at"), Value(now)),
+            finished_at=None,
+            attempts=F("attempts") + 1,
+            error="",
+            failed_agent="",
+            **leases.held_by(owner, now),
+        )
     )
 
 
-async def run_design(design_id: int) -> None:
-    """The whole pipeline for one QUEUED (or AWAITING_ANSWERS) design, to a terminal status."""
+async def _checkpoints(design: Design) -> dict[tuple[str, int], AgentRun]:
+    """The design's finished agents, the latest of each (agent, round)."""
+    done: dict[tuple[str, int], AgentRun] = {}
+    query = design.runs.filter(status=AgentRun.Status.SUCCEEDED).order_by("id")
+    async for run in query:
+        done[(run.agent, run.round)] = run
+    return done
+
+
+async def run_design(design_id: int, *, owner: str | None = None) -> None:
+    """The pipeline for one design, from its last finished agent to a terminal status, or,
+    when stopped, back to QUEUED with what its running agents had streamed saved."""
+    owner = owner or leases.this_instance()
     now = timezone.now()
     try:
-        claimed = await _claim(design_id, now)
+        claimed = await _claim(design_id, owner, now)
     except DatabaseError as exc:
         # Never leave a design queued forever: record why it could not start (best effort;
-        # if even that fails, the next server start marks it interrupted).
+        # if even that fails, its lease expires and a sweeper takes it over).
         logger.exception("design %s: could not be started", design_id)
         with contextlib.suppress(DatabaseError):
-            await Design.objects.filter(pk=design_id, status__in=RUNNABLE_STATUSES).aupdate(
+            await Design.objects.filter(
+                leases.mine_or_free(owner), pk=design_id, status__in=CLAIMABLE_STATUSES
+            ).aupdate(
                 status=Status.FAILED,
                 finished_at=timezone.now(),
                 error=f"internal error: could not start: {describe_error(exc)}",
+                **leases.RELEASED,
             )
         raise
     if not claimed:
-        current = (
-            await Design.objects.filter(pk=design_id).values_list("status", flat=True).afirst()
-        )
+        current = await Design.objects.filter(pk=design_id).values("status", "lease_owner").afirst()
         raise DesignNotRunnable(
             f"design {design_id} cannot start: "
-            + ("it does not exist" if current is None else f"its status is {current!r}")
+            + (
+                "it does not exist"
+                if current is None
+                else f"its status is {current['status']!r}"
+                + (", and another server holds it" if current["lease_owner"] else "")
+            )
         )
     design = await Design.objects.aget(pk=design_id)
     events = EventPublisher(design_id)
     await events.design_status(design)
-    logger.info("design %s: pipeline started (attempt %s)", design_id, design.attempts)
+    checkpoints = await _checkpoints(design)
+    logger.info(
+        "design %s: pipeline %s (attempt %s, %d agent(s) already finished)",
+        design_id,
+        "resumed" if checkpoints else "started",
+        design.attempts,
+        len(checkpoints),
+    )
+    pipeline = DesignPipeline(design, get_pool(), events, owner=owner, checkpoints=checkpoints)
+    finish = _Finisher(design, events, owner)
     try:
-        await DesignPipeline(design, get_pool(), events).run()
+        await pipeline.run()
     except asyncio.CancelledError:
-        await _complete_even_if_cancelled(
-            _finish_design(
-                design,
-                events,
-                Status.INTERRUPTED,
-                error="interrupted: the pipeline task was cancelled",
-            )
-        )
+        await _complete_even_if_cancelled(finish.stopped())
         raise
+    except Drained:
+        await finish.stopped()
+    except DesignLost as lost:
+        logger.info("design %s: stopped here: %s", design_id, lost)
     except AgentFailed as failure:
-        await _finish_design(
-            design, events, Status.FAILED, error=failure.message, failed_agent=failure.agent
-        )
+        await finish.ended(Status.FAILED, error=failure.message, failed_agent=failure.agent)
     except Exception as exc:
         logger.exception("design %s: pipeline crashed", design_id)
-        await _finish_design(
-            design, events, Status.FAILED, error=f"internal error: {describe_error(exc)}"
-        )
+        await finish.ended(Status.FAILED, error=f"internal error: {describe_error(exc)}")
     else:
-        await _finish_design(design, events, Status.SUCCEEDED)
+        await finish.ended(Status.SUCCEEDED)
 
 
-async def _finish_design(
-    design: Design, events: EventPublisher, status: str, *, error: str = "", failed_agent: str = ""
-) -> None:
-    """The terminal write; any run still marked running (a cancelled sibling) is closed too."""
-    now = timezone.now()
-    if status != Status.SUCCEEDED:
-        await AgentRun.objects.filter(design=design, status=AgentRun.Status.RUNNING).aupdate(
-            status=AgentRun.Status.FAILED, error=error or f"the design {status}", finished_at=now
+@dataclass
+class _Finisher:
+    """The last writes of a design's run, made only while `owner` still holds it."""
+
+    design: Design
+    events: EventPublisher
+    owner: str
+
+    def _held(self) -> Any:
+        return Design.objects.filter(
+            pk=self.design.pk, lease_owner=self.owner, status=Status.RUNNING
         )
-    design.status, design.error, design.failed_agent, design.finished_at = (
-        status,
-        error,
-        failed_agent,
-        now,
-    )
-    await Design.objects.filter(pk=design.pk).aupdate(
-        status=status, error=error, failed_agent=failed_agent, finished_at=now
-    )
-    await events.design_status(design)
-    logger.info("design %s: %s%s", design.pk, status, f" ({error})" if error else "")
+
+    async def ended(self, status: str, *, error: str = "", failed_agent: str = "") -> None:
+        """The terminal write; any run still marked running (a cancelled sibling) is closed."""
+        now = timezone.now()
+        written = await self._held().aupdate(
+            status=status,
+            error=error,
+            failed_agent=failed_agent,
+            finished_at=now,
+            **leases.RELEASED,
+        )
+        if not written:
+            logger.info("design %s: not ours any more; %s not recorded", self.design.pk, status)
+            return
+        if status != Status.SUCCEEDED:
+            await AgentRun.objects.filter(
+                design=self.design, status=AgentRun.Status.RUNNING
+            ).aupdate(status=AgentRun.Status.FAILED, error=error or status, finished_at=now)
+        await self._announce(status=status, error=error, failed_agent=failed_agent)
+        logger.info("design %s: %s%s", self.design.pk, status, f" ({error})" if error else "")
+
+    async def stopped(self) -> None:
+        """Stopped before the end (cancelled, drained): QUEUED again, the lease released, so
+        that this or another instance resumes it from its last finished agent at once."""
+        written = await self._held().aupdate(status=Status.QUEUED, **leases.RELEASED)
+        if written:
+            await self._announce(status=Status.QUEUED, error="", failed_agent="")
+            logger.info(
+                "design %s: stopped; it resumes from its last finished agent", self.design.pk
+            )
+
+    async def _announce(self, **fields: Any) -> None:
+        for name, value in fields.items():
+            setattr(self.design, name, value)
+        await self.events.design_status(self.design)
 
 
 async def ask_clarifying_questions(design_id: int) -> list[str]:

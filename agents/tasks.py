@@ -1,79 +1,104 @@
 """Running designs as tasks on the LLM loop (`pools.runtime.llm_loop`), independent of any
-browser.
+browser, and keeping them alive across restarts and crashes.
 
 A view or consumer starts a design and returns; the design streams on the LLM loop, apart
 from the loop that answers pages, sockets and `/health`, and the caller gets a task on its
-own loop, kept here until the pipeline reaches a terminal status.
-Designs a stopped server left behind are marked INTERRUPTED at the next start and can be
-retried. With REDIS_URL set, several instances share one database: each running design is
-then claimed in Redis by the instance that runs it (a key renewed while it runs, expiring
-within the lease time if that process dies), and an instance starting up marks only the
-unfinished designs that no live instance claims.
+own loop, kept here until the pipeline ends.
+
+The process works on a design only while it holds the design's lease (agents.leases). The
+`DesignSupervisor` of each serving process renews its leases (one UPDATE every third of the
+lease time), stops a design it no longer holds (cancelled by its user, or taken over after
+this process stalled), and sweeps: it takes over the unfinished designs no live process
+holds (a crashed instance's, once their leases expired; a drained one's at once) and resumes
+them from their last finished agent, and moves designs whose questions went unanswered for
+QUESTIONS_TIMEOUT on. On SIGTERM or Ctrl-C, `drain` lets the running agents finish for up to
+DRAIN_SECONDS, then stops the rest; every design it stops goes back to QUEUED with what its
+agents streamed saved, and its lease released, so it resumes at once on another instance or
+at the next start.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import random
+import time
 import weakref
-from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
 
-import redis
-import redis.asyncio as aioredis
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
-from redis.exceptions import RedisError
 
+from agents import leases
+from agents.leases import LeaseSettings
 from agents.models import AgentRun, Design
 from agents.pipeline import DesignNotRunnable, EventPublisher, run_design
-from pools.config import ClusterConfig
-from pools.runtime import get_pool, llm_loop
+from pools.runtime import llm_loop
 
 logger = logging.getLogger("agents")
 
+# Tasks on the caller's loop (what `start_design` returns), and the designs' own tasks on
+# the LLM loop (what the supervisor renews, stops and drains), by design id.
 _running: dict[int, asyncio.Task[None]] = {}
+_working: dict[int, asyncio.Task[None]] = {}
+_waiting_for_place: set[int] = set()
 _places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
 DEFAULT_MAX_RUNNING_DESIGNS = 50
-INTERRUPTED_ERROR = "interrupted: the server stopped before this design finished"
+RETRYABLE_STATUSES = (Design.Status.FAILED, Design.Status.INTERRUPTED, Design.Status.CANCELLED)
 
 
 def start_design(design_id: int) -> asyncio.Task[None]:
     """Run the pipeline on the LLM loop; it outlives the request that started it.
 
-    Returns a task on the caller's loop that ends with the pipeline; cancelling it cancels
-    the pipeline, which then ends INTERRUPTED before the task does.
+    Returns a task on the caller's loop that ends with the pipeline; cancelling it stops
+    the pipeline, which saves what it streamed and hands the design back QUEUED (to resume)
+    before the task ends.
     """
     existing = _running.get(design_id)
     if existing is not None and not existing.done():
         return existing
     task = asyncio.get_running_loop().create_task(
-        llm_loop().run(_run_claimed(design_id)), name=f"design-{design_id}"
+        llm_loop().run(_run_here(design_id)), name=f"design-{design_id}"
     )
     _running[design_id] = task
     task.add_done_callback(lambda done: _forget(design_id, done))
     return task
 
 
-async def _run_claimed(design_id: int) -> None:
-    async with claimed(design_id):
+async def _run_here(design_id: int) -> None:
+    """On the LLM loop: wait for a place, then run the design while this process holds it."""
+    current = asyncio.current_task()
+    assert current is not None
+    _working[design_id] = current
+    try:
         place = _running_place()
+        _waiting_for_place.add(design_id)
         try:
             await place.acquire()
-        except asyncio.CancelledError:  # the server stops while the design waits its turn
-            await Design.objects.filter(pk=design_id, status=Design.Status.QUEUED).aupdate(
-                status=Design.Status.INTERRUPTED,
-                error=INTERRUPTED_ERROR,
-                finished_at=timezone.now(),
-            )
+        except asyncio.CancelledError:  # stopped while waiting its turn: let another take it
+            await _release_queued(design_id)
             raise
+        finally:
+            _waiting_for_place.discard(design_id)
         try:
             await run_design(design_id)
+        except DesignNotRunnable as exc:
+            logger.info("design %s: not started here: %s", design_id, exc)
         finally:
             place.release()
+    finally:
+        if _working.get(design_id) is current:
+            del _working[design_id]
+
+
+async def _release_queued(design_id: int) -> None:
+    owner = leases.this_instance()
+    task = asyncio.ensure_future(leases.release(owner, design_id))
+    await asyncio.wait([task])  # finish the write although this task is being cancelled
+    if not task.cancelled() and task.exception() is not None:
+        logger.warning("design %s: could not release its lease: %r", design_id, task.exception())
 
 
 def max_running_designs() -> int:
@@ -94,83 +119,11 @@ def _running_place() -> asyncio.Semaphore:
     return known[1]
 
 
-def claim_key(cluster: ClusterConfig, design_id: int) -> str:
-    return f"{cluster.prefix}:design:{design_id}:owner"
-
-
-@contextlib.asynccontextmanager
-async def claimed(design_id: int) -> AsyncIterator[None]:
-    """While the block runs, Redis names this instance as the one running `design_id`.
-
-    Why: another instance starting on the same database must not mark this design
-    interrupted. The key lives for the lease time and is renewed every third of it, so a
-    killed process's claims vanish as its pool leases do. Without REDIS_URL this does
-    nothing; if Redis fails, the design runs anyway (unclaimed) and the failure is logged.
-    """
-    registry = get_pool()
-    cluster = registry.config.cluster
-    if cluster is None or registry.cluster is None:
-        yield
-        return
-    client = aioredis.from_url(
-        cluster.url,
-        socket_timeout=cluster.redis_timeout,
-        socket_connect_timeout=cluster.redis_timeout,
-    )
-    key, owner = claim_key(cluster, design_id), registry.cluster.instance
-    ttl_ms = max(1, int(cluster.lease_seconds * 1000))
-    failing = False
-
-    async def claim() -> None:
-        nonlocal failing
-        try:
-            await client.set(key, owner, px=ttl_ms)
-        except (RedisError, OSError, TimeoutError) as exc:
-            if not failing:
-                logger.warning("design %s: cannot claim it in Redis (%s)", design_id, exc)
-            failing = True
-        else:
-            failing = False
-
-    async def renew() -> None:
-        while True:
-            await asyncio.sleep(cluster.lease_seconds / 3)
-            await claim()  # also claims it again once Redis is back
-
-    await claim()
-    renewer = asyncio.get_running_loop().create_task(renew())
-    try:
-        yield
-    finally:
-        renewer.cancel()
-        await asyncio.gather(renewer, return_exceptions=True)
-        with contextlib.suppress(RedisError, OSError, TimeoutError):
-            await client.delete(key)
-        await client.aclose()
-
-
-def claimed_elsewhere(cluster: ClusterConfig, design_ids: Iterable[int]) -> set[int]:
-    """The designs among `design_ids` that a live instance claims (raises RedisError)."""
-    ids = list(design_ids)
-    if not ids:
-        return set()
-    client = redis.Redis.from_url(
-        cluster.url,
-        socket_timeout=cluster.redis_timeout,
-        socket_connect_timeout=cluster.redis_timeout,
-    )
-    try:
-        owners = client.mget([claim_key(cluster, design_id) for design_id in ids])
-    finally:
-        client.close()
-    return {design_id for design_id, owner in zip(ids, owners, strict=True) if owner}
-
-
 def _forget(design_id: int, task: asyncio.Task[None]) -> None:
     if _running.get(design_id) is task:
         del _running[design_id]
     if task.cancelled():
-        logger.warning("design %s: pipeline task cancelled", design_id)
+        logger.info("design %s: stopped in this process", design_id)
         return
     exc = task.exception()
     if exc is not None:
@@ -187,64 +140,238 @@ async def wait_design(task: asyncio.Task[None]) -> None:
     await asyncio.shield(task)
 
 
+def _stop_here(design_id: int) -> bool:
+    """Stop this process's work on a design, from any thread; False if it runs none."""
+    task = _working.get(design_id)
+    if task is None or task.done():
+        return False
+    task.get_loop().call_soon_threadsafe(task.cancel)
+    return True
+
+
+# -- what users do -------------------------------------------------------------------------
+
+
 async def retry_design(design_id: int) -> asyncio.Task[None]:
-    """Reset a FAILED or INTERRUPTED design to QUEUED (older runs are kept) and start it again."""
-    reset = await Design.objects.filter(
-        pk=design_id, status__in=(Design.Status.FAILED, Design.Status.INTERRUPTED)
-    ).aupdate(
+    """Resume a FAILED, INTERRUPTED or CANCELLED design from its first unfinished agent."""
+    reset = await Design.objects.filter(pk=design_id, status__in=RETRYABLE_STATUSES).aupdate(
         status=Design.Status.QUEUED,
         started_at=None,
         finished_at=None,
-        verdict="",
-        recommendation="",
-        revisions=0,
         error="",
         failed_agent="",
+        takeovers=0,
+        **leases.held_by(leases.this_instance()),
     )
     if not reset:
         raise DesignNotRunnable(
-            f"design {design_id} is not failed or interrupted; nothing to retry"
+            f"design {design_id} is not failed, interrupted or cancelled; nothing to retry"
         )
     design = await Design.objects.aget(pk=design_id)
     await EventPublisher(design_id).design_status(design)
     return start_design(design_id)
 
 
-def mark_interrupted() -> int:
-    """At server start: designs left QUEUED or RUNNING by a stopped server become INTERRUPTED.
+CANCELLABLE_STATUSES = (
+    Design.Status.QUEUED,
+    Design.Status.RUNNING,
+    Design.Status.AWAITING_ANSWERS,
+)
 
-    Returns how many. With REDIS_URL set, designs a live instance claims (see `claimed`) are
-    left alone, and if Redis cannot be asked nothing is marked: a design wrongly left
-    unfinished can be marked at a later start, a live design wrongly interrupted is lost.
-    Without REDIS_URL, only call it where no other process runs designs on the same database.
+
+async def cancel_design(design_id: int) -> bool:
+    """End a queued, waiting or running design CANCELLED, keeping what it produced.
+
+    The write comes first and is what decides: the process running the design (this one,
+    at once; another, at its next lease renewal) then only stops, saving the text its
+    running agents had streamed. False if the design was not cancellable any more.
     """
     now = timezone.now()
-    unfinished = Design.objects.filter(status__in=(Design.Status.QUEUED, Design.Status.RUNNING))
-    cluster = get_pool().config.cluster
-    if cluster is not None:
-        candidates = list(unfinished.values_list("pk", flat=True))
-        try:
-            alive = claimed_elsewhere(cluster, candidates)
-        except (RedisError, OSError) as exc:
-            logger.warning(
-                "cannot ask Redis which unfinished designs live instances run (%s): "
-                "none marked interrupted",
-                exc,
-            )
+    cancelled = await Design.objects.filter(
+        pk=design_id, status__in=CANCELLABLE_STATUSES
+    ).aupdate(
+        status=Design.Status.CANCELLED,
+        error="cancelled by its user",
+        finished_at=now,
+        **leases.RELEASED,
+    )
+    if not cancelled:
+        return False
+    if not _stop_here(design_id):
+        # Run elsewhere, or by nobody: mark its running agents now (a live holder overwrites
+        # them with the text it had streamed when it stops).
+        await AgentRun.objects.filter(design_id=design_id, status=AgentRun.Status.RUNNING).aupdate(
+            status=AgentRun.Status.STOPPED, error="cancelled by its user", finished_at=now
+        )
+    design = await Design.objects.aget(pk=design_id)
+    await EventPublisher(design_id).design_status(design)
+    logger.info("design %s: cancelled by its user", design_id)
+    return True
+
+
+# -- the supervisor: leases renewed, orphans taken over, drains ------------------------------
+
+
+@dataclass
+class DrainReport:
+    finished: int  # designs whose running agents all finished within the drain time
+    stopped: int  # designs stopped mid-agent, their streamed text saved
+    seconds: float
+
+
+class DesignSupervisor:
+    """The serving process's keeper of leases and sweeper of orphans, on the LLM loop."""
+
+    def __init__(self, config: LeaseSettings | None = None) -> None:
+        self.config = config or LeaseSettings.current()
+        self.owner = leases.this_instance()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def start(self) -> None:
+        """Begin renewing and sweeping (call on the LLM loop); the first sweep runs now."""
+        leases.end_draining()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._keep_leases(), name="design-supervisor leases"),
+            loop.create_task(self._sweep_forever(), name="design-supervisor sweeper"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _keep_leases(self) -> None:
+        last_renewed = time.monotonic()
+        while True:
+            await asyncio.sleep(self.config.lease_seconds / 3)
+            ids = set(_working)
+            try:
+                held = await leases.renew(self.owner, ids)
+            except Exception as exc:  # the database unreachable: try again, but not for long
+                logger.warning("could not renew the design leases: %r", exc)
+                if time.monotonic() - last_renewed >= self.config.lease_seconds * 2 / 3:
+                    # Others may take these designs over once the leases expire: stop first.
+                    for design_id in ids:
+                        _stop_here(design_id)
+                continue
+            last_renewed = time.monotonic()
+            for design_id in ids - held:
+                if _stop_here(design_id):
+                    logger.warning(
+                        "design %s: no longer held here (cancelled, or taken over); stopped",
+                        design_id,
+                    )
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception as exc:
+                logger.warning("the design sweep failed: %r", exc)
+            # Jittered, so that several instances do not all sweep at the same instant.
+            await asyncio.sleep(self.config.sweep_seconds * random.uniform(0.8, 1.2))
+
+    async def sweep(self) -> int:
+        """Take over and resume what no live process holds; how many designs it started."""
+        if leases.draining():
             return 0
-        if alive:
-            logger.info("%d unfinished design(s) left alone: live instances run them", len(alive))
-        unfinished = Design.objects.filter(
-            pk__in=[pk for pk in candidates if pk not in alive],
-            status__in=(Design.Status.QUEUED, Design.Status.RUNNING),
+        started = 0
+        for candidate in await leases.orphans(max_running_designs() - len(_working)):
+            if not await leases.take(candidate, self.owner):
+                continue  # another instance took it first
+            if candidate.takeovers > self.config.max_takeovers:
+                await self._give_up(candidate)
+                continue
+            logger.warning(
+                "design %s: taken over from %s; resuming it",
+                candidate.pk,
+                candidate.lease_owner or "a server that stopped",
+            )
+            start_design(candidate.pk)
+            started += 1
+        free = max_running_designs() - len(_working)
+        for design_id in await leases.overdue_questions(self.config.questions_timeout, free):
+            if await leases.skip_questions(design_id, self.owner):
+                logger.info("design %s: questions unanswered in time; going on", design_id)
+                start_design(design_id)
+                started += 1
+        return started
+
+    async def _give_up(self, design: Design) -> None:
+        """A design whose server died every time it ran it: FAILED, saying so, not again."""
+        last = (
+            await AgentRun.objects.filter(design_id=design.pk, status=AgentRun.Status.STOPPED)
+            .order_by("-id")
+            .values_list("agent", flat=True)
+            .afirst()
         )
-    with transaction.atomic():
-        AgentRun.objects.filter(status=AgentRun.Status.RUNNING, design__in=unfinished).update(
-            status=AgentRun.Status.FAILED, error=INTERRUPTED_ERROR, finished_at=now
+        error = (
+            f"the server running this design stopped {design.takeovers} times while it ran"
+            + (f" (last at the {last} agent)" if last else "")
+            + "; it was not resumed again. Retry to try once more."
         )
-        count = unfinished.update(
-            status=Design.Status.INTERRUPTED, error=INTERRUPTED_ERROR, finished_at=now
+        written = await Design.objects.filter(pk=design.pk, lease_owner=self.owner).aupdate(
+            status=Design.Status.FAILED,
+            error=error,
+            failed_agent=last or "",
+            finished_at=timezone.now(),
+            **leases.RELEASED,
         )
-    if count:
-        logger.warning("%d design(s) left unfinished by a stopped server marked interrupted", count)
-    return count
+        if written:
+            logger.error("design %s: %s", design.pk, error)
+            await EventPublisher(design.pk).design_status(await Design.objects.aget(pk=design.pk))
+
+    async def drain(self, seconds: float | None = None) -> DrainReport:
+        """Take nothing new, let running agents finish for up to `seconds` (DRAIN_SECONDS),
+        then stop the rest; every design still unfinished is handed back QUEUED."""
+        seconds = self.config.drain_seconds if seconds is None else seconds
+        began = time.monotonic()
+        leases.begin_draining()
+        for design_id in list(_waiting_for_place):
+            _stop_here(design_id)
+        working = [task for task in _working.values() if not task.done()]
+        stopped = 0
+        if working:
+            logger.warning(
+                "draining: %d design(s) running; their agents get up to %gs to finish",
+                len(working),
+                seconds,
+            )
+            _, still = await asyncio.wait(working, timeout=seconds)
+            stopped = len(still)
+            for task in still:
+                task.cancel()
+            if still:
+                await asyncio.wait(still, timeout=10)
+        await self.stop()
+        report = DrainReport(len(working) - stopped, stopped, time.monotonic() - began)
+        logger.warning(
+            "drained in %.1fs: %d design(s) reached a checkpoint, %d stopped mid-agent",
+            report.seconds,
+            report.finished,
+            report.stopped,
+        )
+        return report
+
+
+_supervisor: DesignSupervisor | None = None
+
+
+async def start_supervisor() -> DesignSupervisor:
+    """Start this process's supervisor on the LLM loop (idempotent): call once serving."""
+
+    async def begin() -> DesignSupervisor:
+        global _supervisor
+        if _supervisor is None or not _supervisor._tasks:
+            _supervisor = DesignSupervisor()
+            _supervisor.start()
+        return _supervisor
+
+    return await llm_loop().run(begin())
+
+
+async def drain(seconds: float | None = None) -> DrainReport:
+    """Drain this process's designs (see `DesignSupervisor.drain`), supervised or not."""
+    return await llm_loop().run((_supervisor or DesignSupervisor()).drain(seconds))

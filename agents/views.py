@@ -31,8 +31,8 @@ from django.utils import timezone
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
-from agents import tasks
-from agents.access import may_act_on, may_view_every_design, visible_designs
+from agents import leases, tasks
+from agents.access import may_act_on, may_delete, may_view_every_design, visible_designs
 from agents.consumers import run_state
 from agents.forms import ClarificationForm, DesignRequestForm
 from agents.models import AgentRun, Design, DesignRetry
@@ -64,12 +64,15 @@ TAB_LABELS: dict[str, str] = {
     "recommender": "Recommendation",
     "terraform": "Terraform",
 }
-RETRYABLE = frozenset({Design.Status.FAILED, Design.Status.INTERRUPTED})
+RETRYABLE = frozenset(tasks.RETRYABLE_STATUSES)
+CANCELLABLE = frozenset(tasks.CANCELLABLE_STATUSES)
 # What the design forms are posted as; anything else Django would read as an empty form.
 FORM_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
 # Retry-After when the pools give no hint of their own (shutting down, a queue that timed
 # out): about one agent call.
 BUSY_RETRY_AFTER_S = 30
+# Retry-After while this server drains: a restart, or another instance, takes the design.
+DRAINING_RETRY_AFTER_S = 5
 
 
 async def _current_user(request: HttpRequest) -> AbstractBaseUser | AnonymousUser:
@@ -153,6 +156,8 @@ def pools_busy() -> Busy | None:
     user has left the form; so the views ask first, for every pool an agent uses: its
     circuit breaker, a capped pool whose queue is full (MAX_WAITING), its rate budget.
     """
+    if leases.draining():
+        return Busy("this server is stopping; it takes no new design", DRAINING_RETRY_AFTER_S)
     registry = get_pool()
     if registry.closed:
         return Busy("the pools are shut down", BUSY_RETRY_AFTER_S)
@@ -306,6 +311,7 @@ async def new_design(request: HttpRequest) -> HttpResponse:
             owner_id=user.pk,
             request_text=form.cleaned_data["request_text"],
             options=form.options(),
+            **leases.held_by(leases.this_instance()),  # nobody else starts it meanwhile
         )
     if form.cleaned_data["ask_questions"]:
         try:
@@ -346,8 +352,9 @@ class Tab:
 
 
 async def _current_runs(design: Design) -> list[AgentRun]:
-    """The runs of the design's current attempt, in start order (a retry starts afresh)."""
-    return [run async for run in design.runs.filter(attempt=design.attempts).order_by("id")]
+    """Every run of the design, in start order: a resume re-uses the finished ones, and the
+    stopped or failed ones before it stay on the record."""
+    return [run async for run in design.runs.order_by("id")]
 
 
 def _tabs(runs: list[AgentRun]) -> list[Tab]:
@@ -396,8 +403,10 @@ def _design_page(
     busy: Busy | None = None,
     problem: str = "",
     quota: Allowance | None = None,
+    queue_place: int | None = None,
 ) -> HttpResponse:
-    """The design's page; the answer form and the retry button only for who may act on it."""
+    """The design's page; the answer form and the retry, cancel and delete buttons only for
+    who may act on it."""
     questions = [item["question"] for item in design.clarifications]
     awaiting = design.status == Design.Status.AWAITING_ANSWERS
     if answers_form is None and awaiting and can_act:
@@ -419,6 +428,8 @@ def _design_page(
         "answered": [item for item in design.clarifications if item.get("answer")],
         "pending_questions": questions if awaiting and not can_act else [],
         "retryable": design.status in RETRYABLE,
+        "cancellable": design.status in CANCELLABLE,
+        "queue_place": queue_place,
         "can_act": can_act,
         "page_data": page_data,
         "show_owner": design.owner_id != request.user.pk,
@@ -438,7 +449,13 @@ async def design_detail(request: HttpRequest, design_id: int) -> HttpResponse:
     """The design with every agent's output so far; the page script streams the rest."""
     design = await _visible_design(request, design_id)
     can_act = await may_act_on(request.user, design)
-    return _design_page(request, design, await _current_runs(design), can_act=can_act)
+    return _design_page(
+        request,
+        design,
+        await _current_runs(design),
+        can_act=can_act,
+        queue_place=await leases.queue_place(design),
+    )
 
 
 @login_required
@@ -486,7 +503,11 @@ async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse
     # Conditional update: a double submit cannot start the pipeline twice.
     claimed = await Design.objects.filter(
         pk=design.pk, status=Design.Status.AWAITING_ANSWERS
-    ).aupdate(clarifications=answers, status=Design.Status.QUEUED)
+    ).aupdate(
+        clarifications=answers,
+        status=Design.Status.QUEUED,
+        **leases.held_by(leases.this_instance()),
+    )
     if not claimed:
         return _conflict(request, design, "This design has already been started.")
     tasks.start_design(design.pk)
@@ -518,6 +539,36 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
             return _conflict(request, design, "This design has already been restarted.")
         await DesignRetry.objects.acreate(design_id=design.pk, requested_by_id=user.pk)
     return redirect("design-detail", design_id=design.pk)
+
+
+@login_required
+@require_POST
+async def cancel(request: HttpRequest, design_id: int) -> HttpResponse:
+    """Stop a queued, waiting or running design for good: it ends cancelled, and what its
+    agents produced (the text of one stopped mid-answer included) is kept."""
+    design = await _visible_design(request, design_id)
+    if not await may_act_on(request.user, design):
+        return _forbidden(request, design, "Only the owner of this design can cancel it.")
+    if not await tasks.cancel_design(design.pk):
+        return _conflict(request, design, "This design has already finished.")
+    return redirect("design-detail", design_id=design.pk)
+
+
+@login_required
+@require_POST
+async def delete(request: HttpRequest, design_id: int) -> HttpResponse:
+    """Delete a finished design with its runs; a design still in progress is cancelled first
+    (409 until then), so no process is left writing to a design that no longer exists."""
+    design = await _visible_design(request, design_id)
+    if not await may_delete(request.user, design):
+        return _forbidden(request, design, "Only the owner of this design can delete it.")
+    deleted, _ = await Design.objects.filter(
+        pk=design.pk, status__in=Design.TERMINAL_STATUSES
+    ).adelete()
+    if not deleted:
+        return _conflict(request, design, "Cancel this design before deleting it.")
+    logger.info("design %s deleted by user %s", design.pk, request.user.pk)
+    return redirect("design-list")
 
 
 def _conflict(request: HttpRequest, design: Design, message: str) -> HttpResponse:

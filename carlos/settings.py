@@ -278,6 +278,23 @@ LLM_SIMULATOR_RESPONDER = env(
 # Revision rounds a NEEDS REVISION verdict may trigger before the pipeline goes on anyway.
 DESIGN_MAX_REVISIONS = env.int("DESIGN_MAX_REVISIONS", default=1)
 
+# --- Durable designs (agents.leases, issue 12) ------------------------------------------------
+# A process works on a design only while it holds the design's lease in the database,
+# renewed every third of DESIGN_LEASE_SECONDS; a dead process's designs are taken over by
+# the other instances' sweepers (every DESIGN_SWEEP_SECONDS) once its leases have expired,
+# and resumed from their last finished agent. A design whose process died
+# DESIGN_MAX_TAKEOVERS times ends failed. Instances need clocks in step (NTP) to well
+# within the lease time.
+DESIGN_LEASE_SECONDS = env.float("DESIGN_LEASE_SECONDS", default=30.0)
+DESIGN_SWEEP_SECONDS = env.float("DESIGN_SWEEP_SECONDS", default=10.0)
+DESIGN_MAX_TAKEOVERS = env.int("DESIGN_MAX_TAKEOVERS", default=3)
+# On SIGTERM or Ctrl-C, how long running agents may take to finish before the server stops
+# them, saves what they streamed and hands their designs on to resume.
+DRAIN_SECONDS = env.float("DRAIN_SECONDS", default=30.0)
+# A design waiting for answers to its clarifying questions goes on without them after this
+# many seconds (24 h), the questions marked skipped.
+QUESTIONS_TIMEOUT = env.float("QUESTIONS_TIMEOUT", default=24 * 3600.0)
+
 # --- Pool history and Prometheus metrics (pools app, issue 4) ------------------------------
 # Each server process saves one PoolSnapshot row per pool every POOL_SNAPSHOT_INTERVAL
 # seconds (0 turns the sampler off, e.g. when cron runs `manage.py snapshot_pools`), with

@@ -2,7 +2,10 @@
 
 A child process is what a real endpoint is to Carlos: on other CPUs, reached over sockets.
 The child is asked to die with its parent (Linux `PR_SET_PDEATHSIG`), so a killed server
-never leaves an orphaned simulator holding its port.
+never leaves an orphaned simulator holding its port. It runs in a session of its own, so a
+terminal's Ctrl-C (SIGINT to the whole foreground process group) reaches the parent only: the
+parent stops the simulator itself once it has shut down, and the designs still running until
+then keep their endpoint instead of failing with connection errors.
 """
 
 from __future__ import annotations
@@ -69,6 +72,7 @@ def start_simulator(
         stdout=subprocess.PIPE,
         text=True,
         env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # out of the terminal's Ctrl-C: see the module docstring
         preexec_fn=die_with_parent,
     )
     assert process.stdout is not None

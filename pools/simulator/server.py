@@ -29,6 +29,11 @@ a running server through `apply_faults` or `POST /_simulator/faults`):
   fault (including `next_429`) to one model/deployment.
 - Connections: idle keep-alive connections are closed with a FIN after
   `keepalive_timeout_s`, as uvicorn does.
+
+What it received: with `request_log` > 0 the most recent chat requests are kept (model,
+messages, traceparent, the status answered and whether the answer was completed, cut or
+refused) and served at `GET /_simulator/requests`, so a test driving the simulator from
+another process can prove which calls were made.
 """
 
 import asyncio
@@ -136,6 +141,7 @@ class SimulatorConfig:
     length_rate: float = 0.0  # answers cut at half, finish_reason "length"
     content_filter_rate: float = 0.0  # answers cut at a third, finish_reason "content_filter"
     no_usage: int = 0  # 1 = never send usage (streams ignore include_usage; usage: null)
+    request_log: int = 0  # keep the last N chat requests for GET /_simulator/requests (0 = off)
 
 
 # Settings that POST /_simulator/faults (and LLMSimulator.apply_faults) may change live,
@@ -299,6 +305,9 @@ class _Connection:
         self.count_response = True
         # The quota windows the current request was checked against (for its headers).
         self.quota_windows: list[_QuotaWindow] = []
+        # The request log entry of the current chat request (None: not a chat request, or
+        # logging is off); its status and outcome are filled in as the answer goes out.
+        self.log_entry: dict[str, Any] | None = None
         # While a read waits: its timeout and when the wait began, so a live change of
         # keepalive_timeout_s can move the deadline.
         self.read_timeout: tuple[asyncio.Timeout, float] | None = None
@@ -419,6 +428,12 @@ class LLMSimulator:
         self._quotas: dict[tuple[str, str], _QuotaWindow] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._start_lock = asyncio.Lock()
+        size = self.config.request_log
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise ValueError(f"request_log must be a whole number >= 0, got {size!r}")
+        self._request_log: deque[dict[str, Any]] | None = deque(maxlen=size) if size else None
+        self._request_seq = 0  # never reset: seq numbers stay unique over the server's life
+        self._request_log_dropped = 0
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -526,8 +541,12 @@ class LLMSimulator:
     # --- stats and runtime faults -------------------------------------------------------
 
     def reset_stats(self) -> None:
-        """Zero the counters; live gauges (open connections, in-flight requests) are kept."""
+        """Zero the counters and empty the request log; live gauges (open connections,
+        in-flight requests) are kept. Request seq numbers keep counting up."""
         self._epoch += 1
+        if self._request_log is not None:
+            self._request_log.clear()
+        self._request_log_dropped = 0
         stats = self.stats  # reset in place: callers may hold a reference to it
         stats.connections_accepted = stats.requests_total = stats.chat_requests = 0
         stats.resets = stats.stalls = 0
@@ -577,6 +596,57 @@ class LLMSimulator:
     def fault_settings(self) -> dict[str, Any]:
         """The current values of every live-tunable setting."""
         return {key: getattr(self.config, key) for key in FAULT_FIELDS}
+
+    # --- request log --------------------------------------------------------------------
+
+    def requests_log(self, since: int = 0) -> list[dict[str, Any]]:
+        """Copies of the logged chat requests with seq > `since`, oldest first.
+
+        Copies, so a caller's snapshot does not change as in-flight requests end.
+        """
+        if self._request_log is None:
+            return []
+        return [dict(entry) for entry in self._request_log if entry["seq"] > since]
+
+    @property
+    def requests_dropped(self) -> int:
+        """How many logged requests fell out of the bounded log since the last reset."""
+        return self._request_log_dropped
+
+    def _log_arrival(self, req: _Request, deployment: str | None) -> dict[str, Any] | None:
+        """Log a chat request as it arrives, so one whose client vanishes still shows."""
+        log = self._request_log
+        if log is None:
+            return None
+        self._request_seq += 1
+        entry: dict[str, Any] = {
+            "seq": self._request_seq,
+            "at": time.time(),
+            "model": deployment,  # /v1 requests: the body's model, once the body is valid
+            "deployment": deployment,
+            "stream": None,  # bool once the body is valid
+            "messages": None,
+            "traceparent": req.headers.get("traceparent"),
+            "status": None,  # set when the response starts
+            "outcome": None,  # completed | cut | refused, set when the request ends
+        }
+        if len(log) == log.maxlen:
+            self._request_log_dropped += 1
+        log.append(entry)
+        return entry
+
+    @staticmethod
+    def _log_completed(conn: _Connection) -> None:
+        """The whole answer was written: for a stream, the final chunk and [DONE]."""
+        if conn.log_entry is not None:
+            conn.log_entry["outcome"] = "completed"
+
+    @staticmethod
+    def _log_end(conn: _Connection) -> None:
+        """A request that was not completed: refused if answered with an error, else cut."""
+        entry = conn.log_entry
+        if entry is not None and entry["outcome"] is None:
+            entry["outcome"] = "cut" if entry["status"] in (None, 200) else "refused"
 
     # --- connections --------------------------------------------------------------------
 
@@ -738,6 +808,8 @@ class LLMSimulator:
     async def _start_response(
         self, conn: _Connection, status: int, headers: list[tuple[str, str]]
     ) -> None:
+        if conn.log_entry is not None:
+            conn.log_entry["status"] = status
         if conn.count_response:
             counts = self.stats.status_counts
             counts[status] = counts.get(status, 0) + 1
@@ -816,6 +888,7 @@ class LLMSimulator:
             conn.control = False
         conn.count_response = not control
         conn.quota_windows = []
+        conn.log_entry = None
         if not control:
             self.stats.requests_total += 1
 
@@ -840,6 +913,7 @@ class LLMSimulator:
                     ),
                 )
         finally:
+            self._log_end(conn)
             watcher.cancel()
             await asyncio.wait([watcher])
 
@@ -942,6 +1016,24 @@ class LLMSimulator:
             except ValueError as exc:
                 raise _HTTPError(400, str(exc), code="invalid_fault_settings") from exc
             await self._send_json(conn, 200, settings)
+        elif req.path == "/_simulator/requests":
+            self._allow(req, "GET")
+            since = req.query.get("since", ["0"])[0]
+            try:
+                after = int(since)
+            except ValueError as exc:
+                raise _bad_param(
+                    "since", f"'since' must be a whole number, got {since!r}."
+                ) from exc
+            await self._send_json(
+                conn,
+                200,
+                {
+                    "enabled": self._request_log is not None,
+                    "requests": self.requests_log(after),
+                    "dropped": self._request_log_dropped,
+                },
+            )
         elif req.path == "/_simulator/reset":
             self._allow(req, "POST")
             self.reset_stats()
@@ -949,8 +1041,8 @@ class LLMSimulator:
         else:
             raise _HTTPError(
                 404,
-                f"Unknown simulator endpoint {req.path}; "
-                "try /_simulator/stats, /_simulator/faults or /_simulator/reset.",
+                f"Unknown simulator endpoint {req.path}; try /_simulator/stats, "
+                "/_simulator/faults, /_simulator/requests or /_simulator/reset.",
                 code="unknown_url",
             )
 
@@ -1194,10 +1286,13 @@ class LLMSimulator:
 
     async def _chat(self, conn: _Connection, req: _Request, deployment: str | None) -> None:
         self.stats.chat_requests += 1
+        conn.log_entry = entry = self._log_arrival(req, deployment)
         self._check_auth(req)
         if deployment is not None:
             self._require_api_version(req)
         request = _chat_request(_parse_json_object(req.body), deployment)
+        if entry is not None:
+            entry.update(model=request.model, stream=request.stream, messages=request.messages)
         deployments = self.config.deployments
         if deployments is not None and request.model not in deployments:
             if deployment is not None:
@@ -1370,6 +1465,7 @@ class LLMSimulator:
             body = body[half:]
         await self._send(conn, h11.Data(data=body))
         await self._send(conn, h11.EndOfMessage())
+        self._log_completed(conn)
 
     async def _stream(self, conn: _Connection, plan: "_ResponsePlan") -> None:
         """SSE stream: one chunk per token, each flushed on its own schedule."""
@@ -1444,6 +1540,7 @@ class LLMSimulator:
             )
         await self._send(conn, h11.Data(data=b"data: [DONE]\n\n"))
         await self._send(conn, h11.EndOfMessage())
+        self._log_completed(conn)
 
 
 def _presented_key(req: _Request) -> str:

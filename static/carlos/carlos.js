@@ -136,7 +136,11 @@
   const timeline = document.querySelector("#timeline tbody");
   const STATUS_LABELS = {
     queued: "Queued", awaiting_answers: "Awaiting answers", running: "Running",
-    succeeded: "Succeeded", failed: "Failed", interrupted: "Interrupted",
+    succeeded: "Succeeded", failed: "Failed", interrupted: "Interrupted", cancelled: "Cancelled",
+  };
+  const FAILURE_TITLES = {
+    interrupted: "This design was interrupted", cancelled: "This design was cancelled",
+    failed: "This design failed",
   };
   let status = page.status;
   const isTerminal = (value) => page.terminal.includes(value);
@@ -164,6 +168,15 @@
     statusBadge.className = `badge ${status}`;
     statusBadge.dataset.status = status;
     statusBadge.textContent = STATUS_LABELS[status] || status;
+    const place = document.getElementById("queue-place");
+    const queued = status === "queued" && design.queue_place;
+    place.hidden = !queued;
+    place.textContent = !queued ? "" : design.queue_place === 1 ? "next to start" : `${design.queue_place} in line`;
+    const cancelForm = document.getElementById("cancel-form");
+    if (cancelForm) {
+      cancelForm.hidden = isTerminal(status);
+      document.getElementById("delete-form").hidden = !isTerminal(status);
+    }
     const verdict = document.getElementById("design-verdict");
     verdict.replaceChildren(...(design.verdict ? [badge(slug(design.verdict), `Audit: ${design.verdict}`)] : []));
     const recommendation = document.getElementById("design-recommendation");
@@ -171,11 +184,10 @@
       ? design.recommendation.charAt(0) + design.recommendation.slice(1).toLowerCase() : "";
     recommendation.replaceChildren(...(choice ? [badge("recommend", `Recommended: ${choice}`)] : []));
     const failure = document.getElementById("design-failure");
-    const failed = status === "failed" || status === "interrupted";
+    const failed = status in FAILURE_TITLES;
     failure.hidden = !failed;
     if (failed) {
-      document.getElementById("failure-title").textContent =
-        status === "interrupted" ? "This design was interrupted" : "This design failed";
+      document.getElementById("failure-title").textContent = FAILURE_TITLES[status];
       document.getElementById("failure-agent").textContent =
         design.failed_agent ? ` at the ${design.failed_agent} agent` : "";
       document.getElementById("failure-cause").textContent = design.error || "No cause was recorded.";
@@ -183,7 +195,7 @@
   };
 
   const timelineRow = (run) => {
-    const key = `${run.agent}:${run.round}`;
+    const key = String(run.run_id ?? run.id); // one row per run: a resumed agent gets a new one
     let row = timeline.querySelector(`tr[data-key="${key}"]`);
     if (!row) {
       row = document.createElement("tr");
@@ -254,8 +266,9 @@
     if (event.status === "succeeded") {
       loadRun(event.agent, event.run_id);
     } else {
-      setAgentState(event.agent, "failed");
-      parts.meta.textContent = `Round ${event.round} failed: ${event.error || "no cause recorded"}`;
+      setAgentState(event.agent, event.status);
+      const how = event.status === "stopped" ? "stopped before it finished" : "failed";
+      parts.meta.textContent = `Round ${event.round} ${how}: ${event.error || "no cause recorded"}`;
       parts.live.hidden = false;
     }
   };
@@ -276,8 +289,8 @@
         }
       } else if (run.status === "succeeded" && panel.dataset.runId !== String(run.id)) {
         loadRun(run.agent, run.id);
-      } else if (run.status === "failed") {
-        setAgentState(run.agent, "failed");
+      } else if (run.status === "failed" || run.status === "stopped") {
+        setAgentState(run.agent, run.status);
       }
     }
   };

@@ -167,14 +167,14 @@ def test_a_wrong_allowed_origin_stops_the_application_at_import(origins: list[st
     assert "DJANGO_WS_ALLOWED_ORIGINS" in refusal and repr(origins[0]) in refusal
 
 
-async def test_snapshot_on_connect_has_the_design_and_current_runs() -> None:
+async def test_snapshot_on_connect_has_the_design_and_every_run() -> None:
     owner = await make_user("olivia")
     design = await make_design(
         owner, status=Design.Status.RUNNING, attempts=2, revisions=0, verdict=""
     )
     now = timezone.now()
-    await AgentRun.objects.acreate(  # an earlier attempt: not part of the snapshot
-        design=design, agent="requirements", attempt=1, status="failed", pool="mini", model="m"
+    earlier = await AgentRun.objects.acreate(  # stopped by a restart; the resume redid it
+        design=design, agent="requirements", attempt=1, status="stopped", pool="mini", model="m"
     )
     finished = await AgentRun.objects.acreate(
         design=design,
@@ -201,11 +201,13 @@ async def test_snapshot_on_connect_has_the_design_and_current_runs() -> None:
     assert snapshot["kind"] == "snapshot"
     assert snapshot["design"]["id"] == design.pk
     assert snapshot["design"]["status"] == "running"
+    assert snapshot["design"]["queue_place"] is None
     assert [(run["id"], run["agent"], run["status"]) for run in snapshot["runs"]] == [
+        (earlier.pk, "requirements", "stopped"),
         (finished.pk, "requirements", "succeeded"),
         (running.pk, "carlos", "running"),
     ]
-    first = snapshot["runs"][0]
+    first = snapshot["runs"][1]
     assert first["duration_ms"] == pytest.approx(2000, abs=1)
     assert (first["ttft_ms"], first["wait_ms"], first["tokens_out"]) == (80.0, 0.5, 400)
     await communicator.disconnect()

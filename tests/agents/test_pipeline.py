@@ -12,10 +12,9 @@ import json
 import time
 
 import pytest
-from asgiref.sync import sync_to_async
 from channels.layers import get_channel_layer
 
-from agents import prompts
+from agents import leases, pipeline, prompts
 from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, AGENTS, OPTION_FIELDS, option_label
 from agents.pipeline import (
@@ -27,7 +26,7 @@ from agents.pipeline import (
     submit_answers,
 )
 from agents.simulated import carlos_responder
-from agents.tasks import mark_interrupted, retry_design, start_design, wait_design
+from agents.tasks import retry_design, start_design, wait_design
 from agents.terraform import split_terraform
 from pools import runtime
 from pools.simulator import tokenize
@@ -436,9 +435,9 @@ async def test_a_failing_agent_fails_the_design_and_keeps_completed_outputs(
     assert runs["requirements"].output_text
     assert runs["ronei"].status == AgentRun.Status.FAILED
     assert runs["ronei"].error == design.error
-    # Carlos was still streaming: cancelled cleanly, not left running.
-    assert runs["carlos"].status == AgentRun.Status.FAILED
-    assert "cancelled" in runs["carlos"].error
+    # Carlos was still streaming: stopped cleanly, not left running.
+    assert runs["carlos"].status == AgentRun.Status.STOPPED
+    assert "stopped" in runs["carlos"].error
     assert all(run.finished_at is not None for run in runs.values())
 
 
@@ -482,74 +481,106 @@ async def test_designs_past_the_running_limit_wait_queued_in_order(
     assert second.started_at >= first.finished_at
 
 
-async def test_a_design_waiting_for_its_turn_is_interrupted_when_cancelled(
+async def test_a_design_stopped_while_waiting_its_turn_stays_queued_for_another(
     carlos_registry, owner, settings
 ):
     settings.MAX_RUNNING_DESIGNS = 1
     first = await create_design(owner, REQUEST)
     waiting = await create_design(owner, REQUEST)
+    await Design.objects.filter(pk=waiting.pk).aupdate(**leases.held_by(leases.this_instance()))
     running = start_design(first.pk)
     queued = start_design(waiting.pk)
     await wait_for_running(first, "requirements")
     queued.cancel()
     await asyncio.gather(queued, return_exceptions=True)
     waiting = await reload(waiting)
-    assert waiting.status == Design.Status.INTERRUPTED
-    assert waiting.error.startswith("interrupted") and waiting.finished_at is not None
+    assert waiting.status == Design.Status.QUEUED
+    assert (waiting.lease_owner, waiting.lease_expires_at, waiting.error) == ("", None, "")
     await running
     assert (await reload(first)).status == Design.Status.SUCCEEDED
 
 
-async def test_a_cancelled_task_ends_interrupted_with_no_run_left_running(carlos_registry, owner):
+async def test_a_stopped_design_keeps_the_text_its_agent_had_streamed_and_goes_back_queued(
+    simulator_factory, make_registry, install_registry, owner, recorder, monkeypatch
+):
+    """Defect: an agent streaming at shutdown was stored with 0 characters, and the design
+    ended INTERRUPTED. Now the text streams into its run in batches, is saved whole when the
+    agent stops, and the design goes back QUEUED with its lease released, to resume."""
+    monkeypatch.setattr(pipeline, "PARTIAL_SAVE_INTERVAL_S", 0.05)
+    simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=150)
+    install_registry(make_registry(simulator))
     design = await create_design(owner, REQUEST)
+    collector, events = await collect_events(design.pk)
     task = start_design(design.pk)
-    await wait_for_running(design, "carlos")
+
+    async def carlos_saved_text() -> str:
+        run = await AgentRun.objects.filter(design=design, agent="carlos").afirst()
+        return run.output_text if run is not None else ""
+
+    for _ in range(4000):  # until carlos's first batch is saved (a fail-safe limit only)
+        if await carlos_saved_text():
+            break
+        await asyncio.sleep(0.005)
+    saved_while_streaming = await carlos_saved_text()
+    assert saved_while_streaming
+    carlos = await AgentRun.objects.aget(design=design, agent="carlos")
+    assert carlos.status == AgentRun.Status.RUNNING  # saved before the agent finished
 
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    await asyncio.sleep(0.1)  # the last events reach the collector
+    collector.cancel()
 
     design = await reload(design)
-    assert design.status == Design.Status.INTERRUPTED
-    assert design.finished_at is not None
+    assert design.status == Design.Status.QUEUED
+    assert (design.lease_owner, design.lease_expires_at, design.finished_at) == ("", None, None)
+    carlos = await AgentRun.objects.aget(pk=carlos.pk)
+    assert carlos.status == AgentRun.Status.STOPPED and carlos.partial
+    assert carlos.finished_at is not None
+    whole = carlos_responder(recorder.for_agent("carlos")[0])
+    assert carlos.output_text.startswith(saved_while_streaming)
+    assert whole.startswith(carlos.output_text) and len(carlos.output_text) < len(whole)
+    shown = "".join(e["text"] for e in events if e["kind"] == "tokens" and e["agent"] == "carlos")
+    assert shown and carlos.output_text.startswith(shown)  # all the page showed is kept
     runs = await runs_of(design)
     assert not [run for run in runs if run.status == AgentRun.Status.RUNNING]
     assert one(runs, "requirements").status == AgentRun.Status.SUCCEEDED
-    assert "cancelled" in one(runs, "carlos").error
+    assert events[-1]["kind"] == "design_status" and events[-1]["status"] == "queued"
 
 
-async def test_interrupted_designs_are_marked_at_start_and_can_be_retried(carlos_registry, owner):
-    running = await create_design(owner, REQUEST)
-    running.status, running.attempts = Design.Status.RUNNING, 1
-    await running.asave()
-    stale = await AgentRun.objects.acreate(
-        design=running, agent="requirements", pool="mini", model="gpt-4o-mini", attempt=1
-    )
-    queued = await create_design(owner, "Another request")
-    done = await create_design(owner, "A finished request")
-    done.status = Design.Status.SUCCEEDED
-    await done.asave()
+async def test_a_retry_resumes_from_the_first_unfinished_agent(carlos_registry, owner, recorder):
+    """Defect: Retry re-ran every agent from the start, paying again for each finished one.
+    Now each finished agent is a checkpoint: only the auditor, which failed, is asked again."""
 
-    assert await sync_to_async(mark_interrupted)() == 2
+    def auditor_fails_once(request, index):
+        return "I cannot decide." if index == 0 else carlos_responder(request)
 
-    running, queued, done = [await reload(d) for d in (running, queued, done)]
-    assert running.status == queued.status == Design.Status.INTERRUPTED
-    assert "server stopped" in running.error
-    assert done.status == Design.Status.SUCCEEDED
-    stale = await AgentRun.objects.aget(pk=stale.pk)
-    assert stale.status == AgentRun.Status.FAILED and stale.finished_at is not None
+    recorder.overrides["auditor"] = auditor_fails_once
+    design = await create_design(owner, REQUEST)
+    await run_design(design.pk)
+    design = await reload(design)
+    assert (design.status, design.failed_agent) == (Design.Status.FAILED, "auditor")
+    before = {run.pk: run.output_text for run in await runs_of(design)}
 
     with pytest.raises(DesignNotRunnable):
-        await retry_design(done.pk)
-    await (await retry_design(running.pk))
+        await retry_design((await create_design(owner, "Not failed")).pk)
+    await (await retry_design(design.pk))
 
-    running = await reload(running)
-    assert running.status == Design.Status.SUCCEEDED
-    assert (running.attempts, running.error) == (2, "")
-    runs = await runs_of(running)
-    assert runs[0].pk == stale.pk  # the old attempt's runs are kept
-    assert [run.agent for run in runs if run.attempt == 2] == list(AGENTS)
-    assert (await running.aoutput("terraform")).attempt == 2
+    design = await reload(design)
+    assert design.status == Design.Status.SUCCEEDED, design.error
+    assert (design.attempts, design.error, design.failed_agent) == (2, "", "")
+    assert recorder.calls == {agent: 2 if agent == "auditor" else 1 for agent in AGENTS}
+    runs = await runs_of(design)
+    for run in runs[: len(before)]:  # the first attempt's runs are kept as they were
+        assert before[run.pk] == run.output_text
+    assert [run.agent for run in runs if run.attempt == 2] == [
+        "auditor",
+        "recommender",
+        "terraform",
+    ]
+    carlos = await design.aoutput("carlos")
+    assert carlos is not None and carlos.attempt == 1  # re-used, not redone
 
 
 async def test_a_design_streams_while_the_loop_that_started_it_is_blocked(
@@ -572,11 +603,12 @@ async def test_a_design_streams_while_the_loop_that_started_it_is_blocked(
     assert (await reload(design)).status == Design.Status.SUCCEEDED
 
 
-async def test_shutting_down_interrupts_running_designs_and_closes_their_connections(
+async def test_shutting_down_hands_running_designs_back_and_closes_their_connections(
     carlos_registry, carlos_simulator, owner
 ):
-    """What `manage.py serve` does on SIGTERM (and the lifespan shutdown): designs end
-    INTERRUPTED with their finished outputs kept, and every upstream socket closes."""
+    """What `manage.py serve` does on SIGTERM after the drain (and the lifespan shutdown):
+    designs go back QUEUED, lease released, their finished outputs kept, and every upstream
+    socket closes."""
     design = await create_design(owner, REQUEST)
     task = start_design(design.pk)
     await wait_for_running(design, "carlos")
@@ -586,7 +618,7 @@ async def test_shutting_down_interrupts_running_designs_and_closes_their_connect
     with pytest.raises(asyncio.CancelledError):
         await task
     design = await reload(design)
-    assert design.status == Design.Status.INTERRUPTED and design.finished_at is not None
+    assert design.status == Design.Status.QUEUED and design.lease_owner == ""
     runs = await runs_of(design)
     assert one(runs, "requirements").status == AgentRun.Status.SUCCEEDED
     assert not [run for run in runs if run.status == AgentRun.Status.RUNNING]

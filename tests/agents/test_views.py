@@ -732,8 +732,10 @@ async def test_retry_runs_a_failed_design_again(async_client: Any, carlos_regist
     assert design.attempts == 2 and design.error == "" and design.failed_agent == ""
     html = (await async_client.get(f"/designs/{design.pk}/")).content.decode()
     assert 'id="design-failure" class="notice bad" role="alert" hidden' in html
-    assert html.count("<tr data-key=") >= 9  # the new attempt's runs only
-    assert "badge failed" not in html
+    # The failed run stays on the record beside the resume's runs; no tab shows it failed.
+    assert html.count("<tr data-key=") == 10
+    assert html.count("badge failed") == 1
+    assert 'class="dot failed"' not in html
 
 
 @pytest.mark.django_db(transaction=True)

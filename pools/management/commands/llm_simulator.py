@@ -68,7 +68,8 @@ class Command(BaseCommand):
         "--length-rate, --content-filter-rate, --no-usage), optionally for one model only "
         "(--fault-model). Every one of these settings, --keepalive-timeout included, can "
         "also be changed while it runs with POST /_simulator/faults (JSON, field names as in "
-        "GET /_simulator/faults); counters are at GET /_simulator/stats and are zeroed by "
+        "GET /_simulator/faults); counters are at GET /_simulator/stats, the last "
+        "--request-log chat requests at GET /_simulator/requests, and both are cleared by "
         "POST /_simulator/reset. Stop it with Ctrl-C or SIGTERM. Example, a slow and "
         "slightly flaky model: manage.py llm_simulator --ttft-ms 400 --tokens-per-second 30 "
         "--error-rate 0.05 --reset-rate 0.02. Example, an Azure S0 deployment: "
@@ -291,6 +292,15 @@ class Command(BaseCommand):
         )
 
         parser.add_argument(
+            "--request-log",
+            type=_count,
+            default=0,
+            metavar="N",
+            help="Keep the last N chat requests (model, messages, traceparent, status, "
+            "outcome) for GET /_simulator/requests, so tests can prove which calls were made "
+            "(default: 0 = off).",
+        )
+        parser.add_argument(
             "--responder",
             metavar="DOTTED.PATH",
             default=getattr(settings, "LLM_SIMULATOR_RESPONDER", DEFAULT_RESPONDER),
@@ -339,6 +349,7 @@ class Command(BaseCommand):
             length_rate=options["length_rate"],
             content_filter_rate=options["content_filter_rate"],
             no_usage=int(options["no_usage"]),
+            request_log=options["request_log"],
         )
         try:
             asyncio.run(self._serve(LLMSimulator(config, responder), options["ca_file"]))

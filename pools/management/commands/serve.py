@@ -3,14 +3,18 @@
 Daphne sends no ASGI lifespan events, so this command hooks Daphne's own start (its
 `ready_callable`) and Twisted's shutdown trigger instead. With no LLM endpoint configured it
 also starts the offline simulator in a child process and stops it on exit. Outside DEBUG it
-first refuses a configuration that cannot serve pages safely (carlos.startup), before it
-migrates, starts the simulator or opens a port.
+first refuses a configuration that cannot serve pages safely (carlos.startup). Then it binds
+its port itself and hands the socket to Daphne: a port in use stops it with a non-zero exit
+before it migrates, touches a design or starts the simulator (Daphne alone would only log it
+and exit 0, after all of that).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -27,6 +31,29 @@ from pools.simulator_process import SimulatorDidNotStart, SimulatorProcess, star
 
 logger = logging.getLogger("pools")
 
+LISTEN_BACKLOG = 50  # what Daphne's `tcp:` endpoint asked for
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket listening on `host:port`, or a CommandError saying why there is none.
+
+    IPv4 only: Daphne adopts the socket through its `fd:` endpoint, whose parser passes the
+    address family on as the string it reads, so no endpoint string can name AF_INET6 (nor
+    did `tcp:port=...:interface=::1` ever parse: its colons split it).
+    """
+    if ":" in host:
+        raise CommandError(f"cannot listen on [{host}]:{port}: serve listens on IPv4 only")
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        if os.name == "posix":  # elsewhere SO_REUSEADDR lets another process take the port
+            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind((host, port))
+        listening.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        listening.close()
+        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return listening
+
 
 class Command(BaseCommand):
     help = (
@@ -38,7 +65,7 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser) -> None:
         parser.add_argument(
-            "--host", default="127.0.0.1", help="Interface to bind (default 127.0.0.1)."
+            "--host", default="127.0.0.1", help="IPv4 interface to bind (default 127.0.0.1)."
         )
         parser.add_argument("--port", type=int, default=8000, help="Port to bind (default 8000).")
         parser.add_argument(
@@ -61,18 +88,19 @@ class Command(BaseCommand):
             refuse_to_start_wrong()
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from None
+        with listen(options["host"], options["port"]) as listening:
+            self._serve(listening, options)
+
+    def _serve(self, listening: socket.socket, options: dict[str, Any]) -> None:
+        """Everything after the port is ours: migrations, demo account, simulator, Daphne."""
         from daphne.server import Server  # installs Twisted's asyncio reactor: import late
 
         from agents.demo import credentials_path, ensure_demo_account
-        from agents.tasks import mark_interrupted
         from carlos.asgi import application
 
         if options["migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
         self.stdout.write("🚀 Starting Carlos the Architect...")
-        interrupted = mark_interrupted()  # before serving: nothing of ours runs yet
-        if interrupted:
-            self.stdout.write(f"⏸  {interrupted} unfinished design(s) marked interrupted")
         demo = ensure_demo_account()
         if demo is not None:
             # The password stays in its file (mode 600), out of terminals and log collectors.
@@ -89,6 +117,7 @@ class Command(BaseCommand):
         background: set[asyncio.Task] = set()
 
         def on_ready() -> None:
+            self._designs_started()
             task = asyncio.get_event_loop().create_task(self._warm_up(options))
             background.add(task)
             task.add_done_callback(background.discard)
@@ -103,7 +132,8 @@ class Command(BaseCommand):
         reactor.addSystemEventTrigger("before", "shutdown", on_shutdown)
         server = Server(
             application=application,
-            endpoints=[f"tcp:port={options['port']}:interface={options['host']}"],
+            # Twisted closes the descriptor it adopts: a duplicate, so `listening` stays valid.
+            endpoints=[f"fd:fileno={os.dup(listening.fileno())}"],
             signal_handlers=True,
             ready_callable=on_ready,
             verbosity=options["verbosity"],
@@ -111,8 +141,21 @@ class Command(BaseCommand):
         try:
             server.run()
         finally:
+            listening.close()  # the port is free at once, not after the simulator stopped
+            # After the server's own shutdown: designs still running kept their endpoint.
             if simulator is not None:
                 simulator.stop()
+        if not server.listening_addresses:  # Daphne logs a listen failure and returns
+            raise CommandError(
+                f"cannot listen on {options['host']}:{options['port']}: Daphne could not "
+                "adopt the socket (its 'Listen failure' above says why)"
+            )
+
+    def _designs_started(self) -> None:
+        """Start the design supervisor (leases, sweeper)."""
+
+    async def _drain(self) -> None:
+        """Drain running designs before the pools close."""
 
     async def _warm_up(self, options: dict[str, Any]) -> None:
         registry = get_pool()
@@ -131,8 +174,9 @@ class Command(BaseCommand):
         )
 
     async def _shut_down(self, registry: PoolRegistry) -> None:
-        """Stop the snapshot sampler (saving the last interval), then the running designs
-        (they end interrupted, with their partial outputs) and the pools."""
+        """Drain the running designs, stop the snapshot sampler (saving the last interval),
+        then stop what still runs on the LLM loop (it ends interrupted) and close the pools."""
+        await self._drain()
         sampler: SnapshotSampler | None = getattr(self, "_sampler", None)
         if sampler is not None:
             try:
