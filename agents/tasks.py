@@ -33,7 +33,8 @@ from agents import leases
 from agents.leases import LeaseSettings
 from agents.models import AgentRun, Design
 from agents.pipeline import DesignNotRunnable, EventPublisher, run_design
-from pools.runtime import llm_loop
+from pools.resilience import BreakerState
+from pools.runtime import get_pool, llm_loop
 
 logger = logging.getLogger("agents")
 
@@ -187,9 +188,7 @@ async def cancel_design(design_id: int) -> bool:
     running agents had streamed. False if the design was not cancellable any more.
     """
     now = timezone.now()
-    cancelled = await Design.objects.filter(
-        pk=design_id, status__in=CANCELLABLE_STATUSES
-    ).aupdate(
+    cancelled = await Design.objects.filter(pk=design_id, status__in=CANCELLABLE_STATUSES).aupdate(
         status=Design.Status.CANCELLED,
         error="cancelled by its user",
         finished_at=now,
@@ -277,6 +276,9 @@ class DesignSupervisor:
         """Take over and resume what no live process holds; how many designs it started."""
         if leases.draining():
             return 0
+        if (down := _endpoint_down()) is not None:
+            logger.info("not taking designs over while %s", down)  # they would only fail
+            return 0
         started = 0
         for candidate in await leases.orphans(max_running_designs() - len(_working)):
             if not await leases.take(candidate, self.owner):
@@ -354,6 +356,20 @@ class DesignSupervisor:
             report.stopped,
         )
         return report
+
+
+def _endpoint_down() -> str | None:
+    """Why the pools could not serve a resumed design now (closed, unreachable, breaker
+    open), or None."""
+    registry = get_pool()
+    if registry.closed:
+        return "the pools are closed"
+    if registry.warmup_error:
+        return f"the LLM endpoint was not reachable at warm-up ({registry.warmup_error})"
+    for model, breaker in registry.breakers.items():
+        if breaker.state is BreakerState.OPEN:
+            return f"the circuit of {model!r} is open"
+    return None
 
 
 _supervisor: DesignSupervisor | None = None

@@ -23,6 +23,7 @@ from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
 from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
+from carlos import lifecycle  # noqa: E402
 from carlos.admission import RequestGate  # noqa: E402
 from carlos.socket_origins import SiteOriginValidator  # noqa: E402
 from pools.endpoints import HealthEndpoints  # noqa: E402
@@ -58,5 +59,7 @@ application = PoolLifespan(
             # ports from opening it with the user's cookies (cross-site WebSocket hijacking).
             "websocket": SiteOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
-    )
+    ),
+    on_started=lifecycle.listening,
+    on_stopping=lifecycle.stopping,
 )

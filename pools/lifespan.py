@@ -6,6 +6,7 @@ which would otherwise reject the `lifespan` scope.
 """
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pools.metrics import metrics_for
@@ -16,10 +17,22 @@ logger = logging.getLogger("pools")
 
 
 class PoolLifespan:
-    """ASGI middleware: warm the pools on `lifespan.startup`, close them on shutdown."""
+    """ASGI middleware: warm the pools on `lifespan.startup`, close them on shutdown.
 
-    def __init__(self, app: Any) -> None:
+    `on_started` runs once the pools are warm, `on_stopping` before they close (the
+    application's own start and drain: see carlos.lifecycle).
+    """
+
+    def __init__(
+        self,
+        app: Any,
+        *,
+        on_started: Callable[[], Awaitable[Any]] | None = None,
+        on_stopping: Callable[[], Awaitable[Any]] | None = None,
+    ) -> None:
         self.app = app
+        self.on_started = on_started
+        self.on_stopping = on_stopping
         self.sampler: SnapshotSampler | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -39,8 +52,15 @@ class PoolLifespan:
                     return
                 self.sampler = start_sampler(registry)  # pool history, after warm-up
                 tune_gc_for_serving()
+                if self.on_started is not None:
+                    await self.on_started()
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self.on_stopping is not None:
+                    try:
+                        await self.on_stopping()
+                    except Exception:
+                        logger.exception("the application's shutdown step failed")
                 if self.sampler is not None:  # before the pools close: it reads their stats
                     try:
                         await self.sampler.stop()

@@ -11,8 +11,8 @@ design running on one instance streams live to a WebSocket on the other. Around 
 operators' views of a cluster (the admin chart summed over instances, `pool_status
 --cluster`), and an engine bug found on the way (the wait for a cluster lease).
 
-Nothing is mocked. The cluster prefix is not configurable from the environment, so the keys
-of the default prefix `carlos:` in Redis database 14 are deleted before and after.
+Nothing is mocked. The instances use a Redis prefix of this run's own (REDIS_PREFIX) in Redis
+database 14, whose keys are deleted before and after.
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ from tests.servers import Server, child_env, log_in, manage, start, stop, wait_h
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = os.environ.get("TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/14")
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
-PREFIX = "carlos"  # CARLOS_POOLS["CLUSTER"]["PREFIX"] has no environment variable
+# This run's own keys (REDIS_PREFIX): test runs sharing the machine's Redis never meet.
+PREFIX = f"test-cluster-{uuid.uuid4().hex[:8]}"
 LEASE_SECONDS = 2.0
 CAPACITY = {"main": 3, "ronei": 2, "mini": 3}  # 8 in all; no overflow anywhere
 USERNAME, PASSWORD = "cluster-user", f"pw-{uuid.uuid4().hex}"
@@ -276,6 +277,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         env = child_env(
             f"{POSTGRES_URL}/{database}",
             REDIS_URL=REDIS_URL,
+            REDIS_PREFIX=PREFIX,
             POOL_LEASE_SECONDS=str(LEASE_SECONDS),
             DESIGN_LEASE_SECONDS=str(LEASE_SECONDS),
             DESIGN_SWEEP_SECONDS="0.5",
@@ -447,7 +449,11 @@ async def holding(cluster: Cluster, pool: str) -> AsyncIterator[None]:
                         "TIMEOUT": 60,
                     }
                 },
-                "CLUSTER": {"REDIS_URL": REDIS_URL, "LEASE_SECONDS": LEASE_SECONDS},
+                "CLUSTER": {
+                    "REDIS_URL": REDIS_URL,
+                    "PREFIX": PREFIX,
+                    "LEASE_SECONDS": LEASE_SECONDS,
+                },
             }
         )
     )

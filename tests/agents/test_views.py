@@ -878,3 +878,89 @@ async def test_static_files_are_served_by_the_asgi_application() -> None:
         assert marker in body, path
     status, _ = await _asgi_get("/static/../carlos/settings.py")
     assert status == 404
+
+
+# --- the user controls their designs (cancel, delete, place in line, drain) -------------------
+
+
+def test_cancel_and_delete_need_the_owner_csrf_and_the_right_state(alice: Any) -> None:
+    design = make_design(alice, status=Design.Status.QUEUED)
+    checked = Client(enforce_csrf_checks=True)
+    checked.force_login(alice)
+    assert checked.post(f"/designs/{design.pk}/cancel/").status_code == 403  # no CSRF token
+    stranger = Client()
+    stranger.force_login(make_user("eve"))
+    assert stranger.post(f"/designs/{design.pk}/cancel/").status_code == 404
+    vera = make_user("vera")
+    vera.user_permissions.add(Permission.objects.get(codename="view_design"))
+    viewer = Client()
+    viewer.force_login(vera)
+    assert viewer.post(f"/designs/{design.pk}/cancel/").status_code == 403
+    assert viewer.post(f"/designs/{design.pk}/delete/").status_code == 403
+    design.refresh_from_db()
+    assert design.status == Design.Status.QUEUED
+
+    owner = Client()
+    owner.force_login(alice)
+    assert owner.get(f"/designs/{design.pk}/cancel/").status_code == 405
+    assert owner.post(f"/designs/{design.pk}/delete/").status_code == 409  # cancel it first
+    assert owner.post(f"/designs/{design.pk}/cancel/").status_code == 302
+    design.refresh_from_db()
+    assert design.status == Design.Status.CANCELLED and design.finished_at is not None
+    again = owner.post(f"/designs/{design.pk}/cancel/")
+    assert again.status_code == 409 and b"already finished" in again.content
+    html = owner.get(f"/designs/{design.pk}/").content.decode()
+    assert "This design was cancelled" in html and f'action="/designs/{design.pk}/retry/"' in html
+
+    response = owner.post(f"/designs/{design.pk}/delete/")
+    assert response.status_code == 302 and response["Location"] == "/designs/"
+    assert not Design.objects.filter(pk=design.pk).exists()
+
+
+def test_deleting_a_finished_design_removes_its_runs(client: Client, alice: Any) -> None:
+    design = finished_design(alice)
+    html = client.get(f"/designs/{design.pk}/").content.decode()
+    assert f'action="/designs/{design.pk}/delete/"' in html
+    assert client.post(f"/designs/{design.pk}/delete/").status_code == 302
+    assert not AgentRun.objects.filter(design_id=design.pk).exists()
+    assert client.get(f"/designs/{design.pk}/").status_code == 404
+
+
+def test_a_queued_design_shows_its_place_in_line(client: Client, alice: Any) -> None:
+    make_design(alice, status=Design.Status.QUEUED)
+    second = make_design(alice, status=Design.Status.QUEUED)
+    html = client.get(f"/designs/{second.pk}/").content.decode()
+    assert '<span id="queue-place" class="muted small">2 in line</span>' in html
+
+
+def test_a_stopped_agent_shows_the_text_it_had_written(client: Client, alice: Any) -> None:
+    design = make_design(alice, status=Design.Status.QUEUED, attempts=1)
+    add_run(
+        design,
+        "carlos",
+        "# Carlos design\n\nThe front door takes",
+        status=AgentRun.Status.STOPPED,
+        error="stopped before it finished",
+    )
+    html = client.get(f"/designs/{design.pk}/").content.decode()
+    assert "This agent was stopped before it finished" in html
+    assert "The front door takes" in html and "partial" in html
+    assert 'class="dot stopped"' in html
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_draining_server_refuses_new_designs_with_503_and_retry_after(
+    async_client: Any, carlos_registry: Any
+) -> None:
+    from agents import leases
+
+    await _logged_in(async_client)
+    leases.begin_draining()
+    try:
+        response = await async_client.post("/", valid_form())
+    finally:
+        leases.end_draining()
+    assert response.status_code == 503
+    assert response["Retry-After"] == "5"
+    assert not await Design.objects.aexists()
+    assert (await async_client.post("/", valid_form())).status_code == 302

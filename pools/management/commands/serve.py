@@ -117,7 +117,6 @@ class Command(BaseCommand):
         background: set[asyncio.Task] = set()
 
         def on_ready() -> None:
-            self._designs_started()
             task = asyncio.get_event_loop().create_task(self._warm_up(options))
             background.add(task)
             task.add_done_callback(background.discard)
@@ -151,12 +150,6 @@ class Command(BaseCommand):
                 "adopt the socket (its 'Listen failure' above says why)"
             )
 
-    def _designs_started(self) -> None:
-        """Start the design supervisor (leases, sweeper)."""
-
-    async def _drain(self) -> None:
-        """Drain running designs before the pools close."""
-
     async def _warm_up(self, options: dict[str, Any]) -> None:
         registry = get_pool()
         try:
@@ -168,15 +161,32 @@ class Command(BaseCommand):
             # Pool history starts after warm-up, degraded or not: that is worth recording too.
             if not registry.closed:
                 self._sampler = start_sampler(registry)
+                await self._designs_started()
             tune_gc_for_serving()
         self.stdout.write(
             f"✅ Backend ready to serve requests on http://{options['host']}:{options['port']}/"
         )
 
+    async def _designs_started(self) -> None:
+        """Listening and warm: take over what no live server holds, keep our leases."""
+        from carlos import lifecycle
+
+        try:
+            await lifecycle.listening()
+        except Exception:  # the database unreachable: the pages still say so; log it here
+            logger.exception("the design supervisor did not start")
+
     async def _shut_down(self, registry: PoolRegistry) -> None:
-        """Drain the running designs, stop the snapshot sampler (saving the last interval),
-        then stop what still runs on the LLM loop (it ends interrupted) and close the pools."""
-        await self._drain()
+        """Drain the running designs (carlos.lifecycle), stop the snapshot sampler (saving
+        the last interval), then stop what still runs on the LLM loop and close the pools."""
+        from carlos import lifecycle
+
+        report = await lifecycle.stopping()
+        if report.stopped or report.finished:
+            self.stdout.write(
+                f"⏸  Drained in {report.seconds:.1f}s: {report.finished} design(s) handed on at "
+                f"a checkpoint, {report.stopped} stopped mid-agent (their text saved)"
+            )
         sampler: SnapshotSampler | None = getattr(self, "_sampler", None)
         if sampler is not None:
             try:
