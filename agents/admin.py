@@ -2,7 +2,8 @@
 
 Staff look here to see what a design went through: which agent ran on which pool, how long
 it waited for a slot, whether it needed a temporary connection, what failed. The records
-are written by the pipeline only; editing them here would falsify that history. A filter
+are written by the pipeline only; editing them here would falsify that history (deleting a
+design that has ended, with its runs, is allowed with the delete permission). A filter
 in the address that cannot work answers 400, never 500 (`pools.admin_filters`).
 """
 
@@ -93,6 +94,21 @@ class DesignAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
     inlines = (AgentRunInline, DesignRetryInline)
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        """With `agents.delete_design`, a design that has ended may be deleted, with its runs
+        and retries; one still in progress is cancelled from its page first (a bulk delete
+        that includes one deletes nothing)."""
+        if obj is not None and obj.status not in Design.TERMINAL_STATUSES:
+            return False
+        return request.user.has_perm("agents.delete_design")
+
+    def get_deleted_objects(self, objs: Any, request: HttpRequest) -> Any:
+        """A design's runs and retries go with it: they need no delete permission of their
+        own (they are read-only, and never deleted alone)."""
+        deleted, counts, perms_needed, protected = super().get_deleted_objects(objs, request)
+        own_parts = {str(AgentRun._meta.verbose_name), str(DesignRetry._meta.verbose_name)}
+        return deleted, counts, perms_needed - own_parts, protected
 
 
 @admin.register(AgentRun)

@@ -93,19 +93,24 @@ def owned(owner: str) -> Q:
     return Q(lease_owner=owner, status__in=ACTIVE)
 
 
-async def renew(owner: str, design_ids: set[int] | None = None) -> set[int]:
-    """Extend every lease `owner` holds by one lease time; the ids it still holds.
+async def renew(owner: str, design_ids: set[int]) -> set[int]:
+    """Extend `owner`'s leases of `design_ids` by one lease time, in one UPDATE; returns the
+    ids it must stop working on: another process holds them now, or they were cancelled.
 
-    One UPDATE for the whole process, whatever the number of designs. With `design_ids`,
-    the answer is limited to those (the ones this process works on).
+    (A design with no holder is not lost: its owner's claim, or a finished design's last
+    write, released or has not yet taken it.)
     """
-    now = timezone.now()
-    until = expiry(now)
-    await Design.objects.filter(owned(owner)).aupdate(lease_expires_at=until)
-    held = Design.objects.filter(owned(owner), lease_expires_at=until)
-    if design_ids is not None:
-        held = held.filter(pk__in=design_ids)
-    return {pk async for pk in held.values_list("pk", flat=True)}
+    if not design_ids:
+        return set()
+    await Design.objects.filter(owned(owner), pk__in=design_ids).aupdate(
+        lease_expires_at=expiry()
+    )
+    lost = (
+        Design.objects.filter(pk__in=design_ids)
+        .exclude(lease_owner=owner)
+        .filter(~Q(lease_owner="") | Q(status=Status.CANCELLED))
+    )
+    return {pk async for pk in lost.values_list("pk", flat=True)}
 
 
 async def release(owner: str, design_id: int) -> int:

@@ -316,7 +316,7 @@ class _CallStats:
     tokens_estimated: bool = False
 
 
-async def _complete_even_if_cancelled(awaitable: Awaitable[Any]) -> None:
+async def complete_even_if_cancelled(awaitable: Awaitable[Any]) -> None:
     """Run a final write to its end although our task is being cancelled; caller re-raises."""
     task = asyncio.ensure_future(awaitable)
     while not task.done():
@@ -546,7 +546,7 @@ class DesignPipeline:
                 check(run.output_text)
         except asyncio.CancelledError:
             run.output_text = run.output_text or live.text  # what the user saw arrive
-            await _complete_even_if_cancelled(
+            await complete_even_if_cancelled(
                 self._finish_run(run, AgentRun.Status.STOPPED, STOPPED_ERROR)
             )
             raise
@@ -679,7 +679,8 @@ async def create_design(
     options: Mapping[str, Any] | None = None,
     clarifications: Sequence[Mapping[str, Any]] | None = None,
 ) -> Design:
-    """A QUEUED design with validated options (ValueError names a bad option key)."""
+    """A QUEUED design with validated options (ValueError names a bad option key), held by
+    this process."""
     text = request_text.strip()
     if not text:
         raise ValueError("the request text is empty")
@@ -691,6 +692,8 @@ async def create_design(
             {"question": str(item["question"]), "answer": item.get("answer") or None}
             for item in (clarifications or ())
         ],
+        # The creator holds it until it starts it: no sweeper takes it meanwhile.
+        **leases.held_by(leases.this_instance()),
     )
 
 
@@ -769,7 +772,7 @@ async def run_design(design_id: int, *, owner: str | None = None) -> None:
     try:
         await pipeline.run()
     except asyncio.CancelledError:
-        await _complete_even_if_cancelled(finish.stopped())
+        await complete_even_if_cancelled(finish.stopped())
         raise
     except Drained:
         await finish.stopped()
@@ -822,6 +825,13 @@ class _Finisher:
         that this or another instance resumes it from its last finished agent at once."""
         written = await self._held().aupdate(status=Status.QUEUED, **leases.RELEASED)
         if written:
+            # A run stopped before its agent's own handler ran (cancelled while its row was
+            # being written) is closed here: it was ours, as the design was.
+            await AgentRun.objects.filter(
+                design=self.design, status=AgentRun.Status.RUNNING
+            ).aupdate(
+                status=AgentRun.Status.STOPPED, error=STOPPED_ERROR, finished_at=timezone.now()
+            )
             await self._announce(status=Status.QUEUED, error="", failed_agent="")
             logger.info(
                 "design %s: stopped; it resumes from its last finished agent", self.design.pk

@@ -5,16 +5,16 @@ A view or consumer starts a design and returns; the design streams on the LLM lo
 from the loop that answers pages, sockets and `/health`, and the caller gets a task on its
 own loop, kept here until the pipeline ends.
 
-The process works on a design only while it holds the design's lease (agents.leases). The
-`DesignSupervisor` of each serving process renews its leases (one UPDATE every third of the
-lease time), stops a design it no longer holds (cancelled by its user, or taken over after
-this process stalled), and sweeps: it takes over the unfinished designs no live process
-holds (a crashed instance's, once their leases expired; a drained one's at once) and resumes
-them from their last finished agent, and moves designs whose questions went unanswered for
-QUESTIONS_TIMEOUT on. On SIGTERM or Ctrl-C, `drain` lets the running agents finish for up to
-DRAIN_SECONDS, then stops the rest; every design it stops goes back to QUEUED with what its
-agents streamed saved, and its lease released, so it resumes at once on another instance or
-at the next start.
+The process works on a design only while it holds the design's lease (agents.leases). A
+keeper on each loop that runs designs renews their leases (one UPDATE every third of the
+lease time) and stops a design it no longer holds (cancelled by its user, or taken over
+after this process stalled). The `DesignSupervisor` of each serving process sweeps: it takes
+over the unfinished designs no live process holds (a crashed instance's, once their leases
+expired; a drained one's at once) and resumes them from their last finished agent, and
+moves designs whose questions went unanswered for QUESTIONS_TIMEOUT on. On SIGTERM or
+Ctrl-C, `drain` lets the running agents finish for up to DRAIN_SECONDS, then stops the
+rest; every design it stops goes back to QUEUED with what its agents streamed saved, and its
+lease released, so it resumes at once on another instance or at the next start.
 """
 
 from __future__ import annotations
@@ -32,7 +32,12 @@ from django.utils import timezone
 from agents import leases
 from agents.leases import LeaseSettings
 from agents.models import AgentRun, Design
-from agents.pipeline import DesignNotRunnable, EventPublisher, run_design
+from agents.pipeline import (
+    DesignNotRunnable,
+    EventPublisher,
+    complete_even_if_cancelled,
+    run_design,
+)
 from pools.resilience import BreakerState
 from pools.runtime import get_pool, llm_loop
 
@@ -43,6 +48,9 @@ logger = logging.getLogger("agents")
 _running: dict[int, asyncio.Task[None]] = {}
 _working: dict[int, asyncio.Task[None]] = {}
 _waiting_for_place: set[int] = set()
+_keepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Task[None]] = (
+    weakref.WeakKeyDictionary()
+)
 _places: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[int, asyncio.Semaphore]] = (
     weakref.WeakKeyDictionary()
 )
@@ -61,18 +69,20 @@ def start_design(design_id: int) -> asyncio.Task[None]:
     if existing is not None and not existing.done():
         return existing
     task = asyncio.get_running_loop().create_task(
-        llm_loop().run(_run_here(design_id)), name=f"design-{design_id}"
+        llm_loop().run(run_here(design_id)), name=f"design-{design_id}"
     )
     _running[design_id] = task
     task.add_done_callback(lambda done: _forget(design_id, done))
     return task
 
 
-async def _run_here(design_id: int) -> None:
-    """On the LLM loop: wait for a place, then run the design while this process holds it."""
+async def run_here(design_id: int) -> None:
+    """Wait for a place on this loop, then run the design, its lease renewed meanwhile (the
+    server runs it on the LLM loop through `start_design`; `manage.py design` directly)."""
     current = asyncio.current_task()
     assert current is not None
     _working[design_id] = current
+    _keep_leases_on_this_loop()
     try:
         place = _running_place()
         _waiting_for_place.add(design_id)
@@ -95,11 +105,45 @@ async def _run_here(design_id: int) -> None:
 
 
 async def _release_queued(design_id: int) -> None:
-    owner = leases.this_instance()
-    task = asyncio.ensure_future(leases.release(owner, design_id))
-    await asyncio.wait([task])  # finish the write although this task is being cancelled
-    if not task.cancelled() and task.exception() is not None:
-        logger.warning("design %s: could not release its lease: %r", design_id, task.exception())
+    await complete_even_if_cancelled(leases.release(leases.this_instance(), design_id))
+
+
+def _keep_leases_on_this_loop() -> None:
+    """One lease keeper per loop that runs designs (started with its first design)."""
+    loop = asyncio.get_running_loop()
+    keeper = _keepers.get(loop)
+    if keeper is None or keeper.done():
+        _keepers[loop] = loop.create_task(_keep_leases(), name="design lease keeper")
+
+
+async def _keep_leases() -> None:
+    """Renew the leases of the designs this loop runs, every third of the lease time, in one
+    UPDATE, and stop those it no longer holds (cancelled, or taken over after a stall).
+
+    If the database cannot be reached for two thirds of the lease time, the designs are
+    stopped too: others may take them over once the leases expire.
+    """
+    owner, loop = leases.this_instance(), asyncio.get_running_loop()
+    last_renewed = time.monotonic()
+    while True:
+        lease_seconds = LeaseSettings.current().lease_seconds
+        await asyncio.sleep(lease_seconds / 3)
+        ids = {pk for pk, task in _working.items() if task.get_loop() is loop}
+        try:
+            lost = await leases.renew(owner, ids)
+        except Exception as exc:
+            logger.warning("could not renew the design leases: %r", exc)
+            if time.monotonic() - last_renewed >= lease_seconds * 2 / 3:
+                for design_id in ids:
+                    _stop_here(design_id)
+            continue
+        last_renewed = time.monotonic()
+        for design_id in lost:
+            if _stop_here(design_id):
+                logger.warning(
+                    "design %s: no longer held here (cancelled, or taken over); stopped",
+                    design_id,
+                )
 
 
 def max_running_designs() -> int:
@@ -219,7 +263,7 @@ class DrainReport:
 
 
 class DesignSupervisor:
-    """The serving process's keeper of leases and sweeper of orphans, on the LLM loop."""
+    """The serving process's sweeper of orphans and its drain, on the LLM loop."""
 
     def __init__(self, config: LeaseSettings | None = None) -> None:
         self.config = config or LeaseSettings.current()
@@ -227,41 +271,16 @@ class DesignSupervisor:
         self._tasks: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        """Begin renewing and sweeping (call on the LLM loop); the first sweep runs now."""
+        """Begin sweeping (call on the LLM loop); the first sweep runs now."""
         leases.end_draining()
         loop = asyncio.get_running_loop()
-        self._tasks = [
-            loop.create_task(self._keep_leases(), name="design-supervisor leases"),
-            loop.create_task(self._sweep_forever(), name="design-supervisor sweeper"),
-        ]
+        self._tasks = [loop.create_task(self._sweep_forever(), name="design sweeper")]
 
     async def stop(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-
-    async def _keep_leases(self) -> None:
-        last_renewed = time.monotonic()
-        while True:
-            await asyncio.sleep(self.config.lease_seconds / 3)
-            ids = set(_working)
-            try:
-                held = await leases.renew(self.owner, ids)
-            except Exception as exc:  # the database unreachable: try again, but not for long
-                logger.warning("could not renew the design leases: %r", exc)
-                if time.monotonic() - last_renewed >= self.config.lease_seconds * 2 / 3:
-                    # Others may take these designs over once the leases expire: stop first.
-                    for design_id in ids:
-                        _stop_here(design_id)
-                continue
-            last_renewed = time.monotonic()
-            for design_id in ids - held:
-                if _stop_here(design_id):
-                    logger.warning(
-                        "design %s: no longer held here (cancelled, or taken over); stopped",
-                        design_id,
-                    )
 
     async def _sweep_forever(self) -> None:
         while True:

@@ -517,14 +517,15 @@ async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse
 @login_required
 @require_POST
 async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
-    """Run a failed or interrupted design again from the start: one more attempt, counted
-    against the hourly allowance of the user who asks (429 past it, nothing started)."""
+    """Resume a failed, interrupted or cancelled design from its first unfinished agent: one
+    more attempt, counted against the hourly allowance of the user who asks (429 past it,
+    nothing started)."""
     design = await _visible_design(request, design_id)
     user = request.user
     if not await may_act_on(user, design):
         return _forbidden(request, design, "Only the owner of this design can retry it.")
     if design.status not in RETRYABLE:
-        return _conflict(request, design, "Only a failed or interrupted design can be retried.")
+        return _conflict(request, design, "Only a failed, interrupted or cancelled design can be retried.")
     async with _submission_lock(user.pk):
         quota = await allowance(user.pk)
         if quota.next_at is not None:

@@ -117,7 +117,8 @@ async def test_the_sweeper_takes_over_an_expired_lease_and_resumes_without_repea
 async def test_a_released_design_is_taken_at_once_without_counting_a_crash(
     carlos_registry, owner, recorder
 ):
-    design = await create_design(owner, REQUEST)  # QUEUED, no lease: as a drain leaves it
+    design = await create_design(owner, REQUEST)
+    await leases.release(leases.this_instance(), design.pk)  # as a drain leaves it
     assert await DesignSupervisor().sweep() == 1
     await tasks.running_task(design.pk)
     design = await reload(design)
@@ -174,36 +175,26 @@ async def test_a_process_that_lost_the_lease_stops_and_writes_nothing_more(
     settings.DESIGN_LEASE_SECONDS = 1.5  # renewed every 0.5 s
     simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=100)
     install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
-    await Design.objects.filter(pk=design.pk).aupdate(**leases.held_by(leases.this_instance()))
-    supervisor = DesignSupervisor()
-    await tasks.llm_loop().run(_start(supervisor))
-    try:
-        task = start_design(design.pk)
+    design = await create_design(owner, REQUEST)  # held by this process
+    task = start_design(design.pk)  # its lease kept by the LLM loop's keeper
 
-        async def carlos_running() -> bool:
-            return await AgentRun.objects.filter(
-                design=design, agent="carlos", status="running"
-            ).aexists()
+    async def carlos_running() -> bool:
+        return await AgentRun.objects.filter(
+            design=design, agent="carlos", status="running"
+        ).aexists()
 
-        await until(carlos_running, "carlos started")
-        # Another process took the design over (this one stalled past its lease).
-        await Design.objects.filter(pk=design.pk).aupdate(
-            lease_owner=OTHER, lease_expires_at=timezone.now() + timedelta(seconds=60)
-        )
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    finally:
-        await tasks.llm_loop().run(supervisor.stop())
+    await until(carlos_running, "carlos started")
+    # Another process took the design over (this one stalled past its lease).
+    await Design.objects.filter(pk=design.pk).aupdate(
+        lease_owner=OTHER, lease_expires_at=timezone.now() + timedelta(seconds=60)
+    )
+    with pytest.raises(asyncio.CancelledError):
+        await task
     design = await reload(design)
     assert (design.status, design.lease_owner) == (Design.Status.RUNNING, OTHER)  # untouched
     runs = await runs_of(design)
     assert not [run for run in runs if run.status == AgentRun.Status.RUNNING]
     assert not [run for run in runs if run.agent == "carlos" and run.status == "succeeded"]
-
-
-async def _start(supervisor: DesignSupervisor) -> None:
-    supervisor.start()
 
 
 async def test_a_finished_agent_is_not_saved_once_the_design_is_taken_over(
@@ -320,8 +311,8 @@ async def test_cancelling_a_design_another_process_runs_takes_effect_there_too(
     design = await reload(design)
     assert (design.status, design.lease_owner) == (Design.Status.CANCELLED, "")
     assert (await AgentRun.objects.aget(pk=cut.pk)).status == AgentRun.Status.STOPPED
-    # That process's next renewal no longer holds it, so it stops there.
-    assert await leases.renew(OTHER) == set()
+    # That process's next renewal finds it lost, so it stops there.
+    assert await leases.renew(OTHER, {design.pk}) == {design.pk}
 
 
 async def test_a_queued_design_knows_its_place_in_line(owner):

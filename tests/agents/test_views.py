@@ -408,7 +408,7 @@ def test_retry_of_a_design_that_did_not_fail_is_a_conflict(client: Client, alice
     design = finished_design(alice)
     response = client.post(f"/designs/{design.pk}/retry/")
     assert response.status_code == 409
-    assert b"Only a failed or interrupted design can be retried" in response.content
+    assert b"Only a failed, interrupted or cancelled design can be retried" in response.content
     design.refresh_from_db()
     assert design.status == Design.Status.SUCCEEDED
 
@@ -964,3 +964,30 @@ async def test_a_draining_server_refuses_new_designs_with_503_and_retry_after(
     assert response["Retry-After"] == "5"
     assert not await Design.objects.aexists()
     assert (await async_client.post("/", valid_form())).status_code == 302
+
+
+def test_staff_with_the_delete_permission_delete_ended_designs_in_the_admin() -> None:
+    owner = make_user("olivia")
+    ended = finished_design(owner)
+    running = make_design(owner, status=Design.Status.RUNNING)
+    staff = make_user("sam", staff=True)
+    admin = Client()
+    admin.force_login(staff)
+    assert admin.get(f"/admin/agents/design/{ended.pk}/delete/").status_code == 403
+    for codename in ("view_design", "delete_design"):
+        staff.user_permissions.add(Permission.objects.get(codename=codename))
+    assert admin.get(f"/admin/agents/design/{running.pk}/delete/").status_code == 403
+    page = admin.get(f"/admin/agents/design/{ended.pk}/delete/")
+    assert page.status_code == 200 and b"Agent run" in page.content
+    response = admin.post(f"/admin/agents/design/{ended.pk}/delete/", {"post": "yes"})
+    assert response.status_code == 302
+    assert not Design.objects.filter(pk=ended.pk).exists()
+    assert not AgentRun.objects.filter(design_id=ended.pk).exists()
+    # A bulk delete that includes a design in progress deletes nothing.
+    again = finished_design(owner)
+    bulk = {"action": "delete_selected", "_selected_action": [again.pk, running.pk], "post": "yes"}
+    assert admin.post("/admin/agents/design/", bulk).status_code == 403
+    assert Design.objects.count() == 2
+    bulk["_selected_action"] = [again.pk]
+    assert admin.post("/admin/agents/design/", bulk).status_code == 302
+    assert list(Design.objects.values_list("pk", flat=True)) == [running.pk]

@@ -23,8 +23,9 @@ from django.db import connection
 from agents.forms import DesignRequestForm
 from agents.models import AgentRun, Design
 from agents.options import AGENTS, DEFAULT_OPTIONS, OPTION_FIELDS, Agent
-from agents.pipeline import create_design, run_design
+from agents.pipeline import create_design
 from agents.simulated import in_process_endpoint
+from agents.tasks import run_here
 from agents.terraform import deployment_steps, split_terraform
 from pools.runtime import get_pool
 from pools.simulator import SimulatorConfig
@@ -165,7 +166,7 @@ class Command(BaseCommand):
                 printer = ProgressPrinter(progress)
                 await printer.follow(design.pk)
                 try:
-                    await run_design(design.pk)
+                    await run_here(design.pk)  # its lease renewed while it runs
                 finally:
                     await printer.stop()
             finally:
