@@ -525,7 +525,9 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
     if not await may_act_on(user, design):
         return _forbidden(request, design, "Only the owner of this design can retry it.")
     if design.status not in RETRYABLE:
-        return _conflict(request, design, "Only a failed, interrupted or cancelled design can be retried.")
+        return _conflict(
+            request, design, "Only a failed, interrupted or cancelled design can be retried."
+        )
     async with _submission_lock(user.pk):
         quota = await allowance(user.pk)
         if quota.next_at is not None:
