@@ -102,9 +102,7 @@ async def renew(owner: str, design_ids: set[int]) -> set[int]:
     """
     if not design_ids:
         return set()
-    await Design.objects.filter(owned(owner), pk__in=design_ids).aupdate(
-        lease_expires_at=expiry()
-    )
+    await Design.objects.filter(owned(owner), pk__in=design_ids).aupdate(lease_expires_at=expiry())
     lost = (
         Design.objects.filter(pk__in=design_ids)
         .exclude(lease_owner=owner)
