@@ -14,6 +14,15 @@ then watches on the socket until a terminal status); checks (pools idle, connect
 no design left unfinished). It is bounded by `--timeout`: what has not finished by then is
 reported as "not terminal".
 
+With `--rolling-restart` the run is a deploy under load: two servers share the database and
+the simulator (users alternate between them), and once the designs are under way each is
+stopped with SIGTERM, waited for (it drains: no new design, running agents get up to
+DRAIN_SECONDS, the rest are handed back to resume elsewhere) and started again on its port,
+one after the other. The users ride it out as the page does (a refused connection goes to
+the other server, a closed socket reconnects there and asks for snapshots, since without
+Redis events do not cross processes), and the simulator's request log shows which agent
+calls were made twice.
+
 Nothing here imports Django at module level, so `python -m agents.loadtest probe ...` (the
 probe process) starts fast and stays independent of the settings.
 """
@@ -23,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import math
@@ -39,6 +49,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -46,7 +57,7 @@ import httpx
 from carlos.startup import PLAIN_HTTP_LOOPBACK_ENV
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "interrupted"})
+TERMINAL_STATUSES = frozenset({"succeeded", "failed", "interrupted", "cancelled"})
 UNFINISHED_STATUSES = ("queued", "running", "awaiting_answers")
 MAX_DESIGNS = 2000
 MAX_TIMEOUT_S = 3600.0
@@ -67,6 +78,14 @@ SETTLE_TIMEOUT_S = 15.0
 SOCKET_RETRY_FIRST_S = 0.5
 SOCKET_RETRY_MAX_S = 10.0
 PROGRESS_EVERY_S = 10.0
+# --rolling-restart: the servers' durability settings, unless the environment sets them. A
+# short sweep, so a drained server's designs resume at once on the other one.
+ROLLING_ENV_DEFAULTS = {"DESIGN_SWEEP_SECONDS": "1", "DRAIN_SECONDS": "10"}
+ROLLING_LABELS = ("A", "B")
+# Without Redis, events reach only the sockets of the process running the design: a socket
+# on the other server learns of progress by asking for a snapshot this often.
+SNAPSHOT_POLL_S = 2.0
+REQUEST_LOG_PER_DESIGN = 30  # the simulator's request log keeps this many calls per design
 REQUESTS = (
     "An online bookshop for 50,000 daily users in Europe with payments and search",
     "Ingest telemetry from 5,000 IoT devices and build operations dashboards",
@@ -77,6 +96,10 @@ REQUESTS = (
 )
 _CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 _DESIGN_URL = re.compile(r"/designs/(\d+)/$")
+# In each design's request text, hence in every prompt of its agents.
+_MARKER = re.compile(r"\(load test #(\d+)\)")
+# What `manage.py serve` prints when its drain handed designs on.
+_DRAINED = re.compile(r"Drained in [\d.]+s: (\d+) design\(s\) handed on .*?, (\d+) stopped")
 _SIMULATOR_URL = re.compile(r"listening on (https?://\S+/v1)")
 
 # Cause of a failed design, from its error text (agents.pipeline.describe_error), first match.
@@ -130,10 +153,18 @@ class LoadTestOptions:
     # The simulator stands in for a remote LLM endpoint: at a nice level above 0 its CPU
     # does not preempt the server being measured on one machine (0: same priority).
     simulator_nice: int = 0
+    # Two servers, each restarted with SIGTERM while the designs run; no injected faults
+    # unless asked for, so that every failure is the restarts' doing.
+    rolling_restart: bool = False
 
     @property
     def user_count(self) -> int:
         return self.users if self.users is not None else self.designs
+
+    @property
+    def server_labels(self) -> tuple[str, ...]:
+        """The servers' names in the report: one unnamed server, or A and B."""
+        return ROLLING_LABELS if self.rolling_restart else ("",)
 
     @property
     def rates(self) -> dict[str, float]:
@@ -144,7 +175,8 @@ class LoadTestOptions:
             "stall_rate": self.stall_rate,
         }
         if all(value is None for value in explicit.values()):
-            total = 0.05 if self.fault_rate is None else self.fault_rate
+            default = 0.0 if self.rolling_restart else 0.05
+            total = default if self.fault_rate is None else self.fault_rate
             return dict.fromkeys(explicit, total / 3)
         return {key: value or 0.0 for key, value in explicit.items()}
 
@@ -276,10 +308,16 @@ class Children:
     async def start(
         self, name: str, args: Sequence[str], env: dict[str, str], **kw: Any
     ) -> asyncio.subprocess.Process:
+        """Start a child; one named as an earlier one (a restart) takes its place in the
+        stopping order."""
         process = await asyncio.create_subprocess_exec(
             *args, cwd=BASE_DIR, env=env, start_new_session=True, **kw
         )
-        self.started.append((name, process))
+        names = [known for known, _ in self.started]
+        if name in names:
+            self.started[names.index(name)] = (name, process)
+        else:
+            self.started.append((name, process))
         return process
 
     async def stop_all(self) -> dict[str, int | None]:
@@ -290,13 +328,16 @@ class Children:
         return codes
 
 
-async def stop_process(process: asyncio.subprocess.Process) -> int | None:
-    """SIGTERM (the server then closes its pools cleanly), SIGKILL if it does not exit."""
+async def stop_process(
+    process: asyncio.subprocess.Process, grace: float = CHILD_STOP_GRACE_S
+) -> int | None:
+    """SIGTERM (the server then closes its pools cleanly), SIGKILL if it does not exit
+    within `grace` seconds."""
     if process.returncode is None:
         with contextlib.suppress(ProcessLookupError):
             process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), CHILD_STOP_GRACE_S)
+            await asyncio.wait_for(process.wait(), grace)
         except TimeoutError:
             with contextlib.suppress(ProcessLookupError):
                 process.kill()
@@ -335,15 +376,37 @@ def server_env(host: str, database: Path) -> dict[str, str]:
 
 def child_env(options: LoadTestOptions, database: Path) -> dict[str, str]:
     """`server_env`, with a per-user limit (10 an hour by default) that never refuses the
-    virtual users."""
+    virtual users; for a rolling restart, a quick sweep and drain unless the environment
+    sets them."""
     per_user = math.ceil(options.designs / options.user_count)
-    return {**server_env(options.host, database), "DESIGNS_PER_HOUR": str(per_user + 10)}
+    env = {**server_env(options.host, database), "DESIGNS_PER_HOUR": str(per_user + 10)}
+    if options.rolling_restart:
+        for name, value in ROLLING_ENV_DEFAULTS.items():
+            env.setdefault(name, value)
+    return env
 
 
 def free_port(host: str) -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def log_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def log_since(path: Path, offset: int) -> str:
+    """What a child wrote to its log after `offset` (a size from `log_size`)."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            return log.read().decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -378,9 +441,17 @@ _CHECK_CODE = """
 import json
 from django.db.models import Sum
 from agents.models import AgentRun, Design
+saved = AgentRun.objects.filter(status="succeeded", finished_at__isnull=False)
 print(json.dumps({
     "designs": list(Design.objects.values_list("id", "status", "error")),
+    "texts": list(Design.objects.values_list("id", "request_text")),
+    "resumed": Design.objects.filter(attempts__gte=2).count(),
     "runs_running": AgentRun.objects.filter(status="running").count(),
+    "runs_stopped": AgentRun.objects.filter(status="stopped").count(),
+    "saved": [
+        (design, agent, at.timestamp())
+        for design, agent, at in saved.values_list("design_id", "agent", "finished_at")
+    ],
     "tokens_out": AgentRun.objects.aggregate(total=Sum("tokens_out"))["total"] or 0,
 }))
 """
@@ -412,21 +483,76 @@ async def run_manage(args: Sequence[str], env: dict[str, str], timeout: float) -
 # --- the world ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Server:
+    """One `manage.py serve` child; a restart replaces it with another on the same port."""
+
+    label: str  # "" for the only server, or "A", "B"
+    host: str
+    port: int
+    process: asyncio.subprocess.Process
+    log: Path  # every start of this server appends to it
+    pid_file: Path  # the current process's pid, for the probe to follow it across restarts
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def child_name(self) -> str:
+        return f"server {self.label}".strip()
+
+
+async def start_server(
+    label: str, host: str, port: int, env: dict[str, str], tmp: Path, children: Children
+) -> Server:
+    """`manage.py serve` on `port`, returned once its `/health` answers 200."""
+    suffix = f"-{label}" if label else ""
+    log, pid_file = tmp / f"serve{suffix}.log", tmp / f"serve{suffix}.pid"
+    with log.open("ab") as out:
+        process = await children.start(
+            f"server {label}".strip(),
+            manage_py("serve", "--host", host, "--port", str(port), "--no-simulator"),
+            env,
+            stdout=out,
+            stderr=asyncio.subprocess.STDOUT,
+        )
+    # Written whole, then renamed: the probe never reads half a pid.
+    pid_file.with_suffix(".tmp").write_text(str(process.pid))
+    pid_file.with_suffix(".tmp").replace(pid_file)
+    server = Server(label, host, port, process, log, pid_file)
+    await wait_healthy(server.base_url, process, log)
+    return server
+
+
 @dataclass
 class World:
-    """The running server and simulator of one load test."""
+    """The running servers and simulator of one load test."""
 
-    base_url: str
+    servers: list[Server]  # an entry is replaced when its server restarts
     simulator_url: str  # scheme://host:port, without /v1
-    server: asyncio.subprocess.Process
     simulator: asyncio.subprocess.Process
-    server_log: Path
-    env: dict[str, str]
+    env: dict[str, str]  # the servers' environment
     password: str
+    tmp: Path
+    draining: set[str] = field(default_factory=set)  # labels of the servers stopping now
+
+    @property
+    def base_url(self) -> str:
+        return self.servers[0].base_url
+
+    @property
+    def pids(self) -> tuple[int, ...]:
+        return tuple(server.process.pid for server in self.servers)
+
+    def answered_while_draining(self, response: httpx.Response) -> bool:
+        """Whether the server that gave this answer was draining (a restart under way)."""
+        port = response.request.url.port
+        return any(s.port == port and s.label in self.draining for s in self.servers)
 
 
 async def start_world(options: LoadTestOptions, tmp: Path, children: Children) -> World:
-    """Database and users, simulator, server; returns once `/health` answers 200."""
+    """Database and users, simulator, servers; returns once each `/health` answers 200."""
     env = child_env(options, tmp / "db.sqlite3")
     password = secrets.token_urlsafe(16)
     setup_env = {
@@ -448,26 +574,34 @@ async def start_world(options: LoadTestOptions, tmp: Path, children: Children) -
                 await setup
 
     host = loopback_host(options.host)
-    port = free_port(host)
-    server_log = tmp / "serve.log"
     server_env = {**env, "LLM_SIMULATOR_URL": f"{simulator_url}/v1"}
-    with server_log.open("wb") as log:
-        server = await children.start(
-            "server",
-            manage_py("serve", "--host", host, "--port", str(port), "--no-simulator"),
-            server_env,
-            stdout=log,
-            stderr=asyncio.subprocess.STDOUT,
-        )
-    base_url = f"http://{host}:{port}"
-    await wait_healthy(base_url, server, server_log)
-    return World(base_url, simulator_url, server, simulator, server_log, server_env, password)
+    # Side by side (each start is seconds of imports and warm-up); every one is awaited
+    # before a failure is raised, so none is left starting.
+    ports: list[int] = []
+    while len(ports) < len(options.server_labels):
+        if (port := free_port(host)) not in ports:
+            ports.append(port)
+    started = await asyncio.gather(
+        *(
+            start_server(label, host, port, server_env, tmp, children)
+            for label, port in zip(options.server_labels, ports, strict=True)
+        ),
+        return_exceptions=True,
+    )
+    servers = []
+    for result in started:
+        if isinstance(result, BaseException):
+            raise result
+        servers.append(result)
+    return World(servers, simulator_url, simulator, server_env, password, tmp)
 
 
 async def start_simulator(
     options: LoadTestOptions, env: dict[str, str], tmp: Path, children: Children
 ) -> tuple[asyncio.subprocess.Process, str]:
     rates = options.rates
+    # A rolling restart is judged on which agent calls were made twice: keep them all.
+    request_log = options.designs * REQUEST_LOG_PER_DESIGN if options.rolling_restart else 0
     args = manage_py(
         "llm_simulator",
         "--host",
@@ -494,6 +628,8 @@ async def start_simulator(
         # own doing and the two connection counts must agree at the end.
         "--keepalive-timeout",
         "0",
+        "--request-log",
+        str(request_log),
     )
     log_path = tmp / "simulator.log"
     with log_path.open("wb") as log:
@@ -587,33 +723,48 @@ def machine_cpu() -> tuple[float, float] | None:
     return float(sum(values) - idle), float(sum(values))
 
 
+def total[N: (int, float)](values: Iterable[N | None]) -> N | None:
+    """The sum of readings taken per server; None if one is missing."""
+    known = list(values)
+    if not known or any(value is None for value in known):
+        return None
+    return sum(value for value in known if value is not None)
+
+
 @dataclass
 class Mark:
     """Clock and CPU readings at a phase boundary."""
 
     at: float
-    server_cpu: float | None
-    loop_cpu: float | None  # the server's main thread, which runs the event loop
+    server_cpu: float | None  # all the servers together
+    loop_cpu: float | None  # the servers' main threads, which run their event loops
     simulator_cpu: float | None
     own_cpu: float
     machine: tuple[float, float] | None
+    server_pids: tuple[int, ...] = ()
 
 
 def mark(world: World | None) -> Mark:
     usage = resource.getrusage(resource.RUSAGE_SELF)
+    pids = world.pids if world else ()
     return Mark(
         at=time.monotonic(),
-        server_cpu=cpu_seconds(world.server.pid) if world else None,
-        loop_cpu=cpu_seconds(world.server.pid, world.server.pid) if world else None,
+        server_cpu=total(cpu_seconds(pid) for pid in pids),
+        loop_cpu=total(cpu_seconds(pid, pid) for pid in pids),
         simulator_cpu=cpu_seconds(world.simulator.pid) if world else None,
         own_cpu=usage.ru_utime + usage.ru_stime,
         machine=machine_cpu(),
+        server_pids=pids,
     )
 
 
 def cpu_between(start: Mark, end: Mark) -> dict[str, float | None]:
-    """Average cores used in a phase by the server, the simulator, this process, the machine."""
+    """Average cores used in a phase by the servers, the simulator, this process, the machine.
+
+    None for the servers across a restart: a new process's CPU time starts from zero.
+    """
     span = max(end.at - start.at, 1e-9)
+    same_servers = start.server_pids == end.server_pids
 
     def per_second(a: float | None, b: float | None) -> float | None:
         return None if a is None or b is None else round((b - a) / span, 2)
@@ -623,8 +774,8 @@ def cpu_between(start: Mark, end: Mark) -> dict[str, float | None]:
         busy = (end.machine[0] - start.machine[0]) / (end.machine[1] - start.machine[1])
         machine = round(busy * (os.cpu_count() or 1), 2)
     return {
-        "server": per_second(start.server_cpu, end.server_cpu),
-        "server_event_loop": per_second(start.loop_cpu, end.loop_cpu),
+        "server": per_second(start.server_cpu, end.server_cpu) if same_servers else None,
+        "server_event_loop": per_second(start.loop_cpu, end.loop_cpu) if same_servers else None,
         "simulator": per_second(start.simulator_cpu, end.simulator_cpu),
         "load_generator": per_second(start.own_cpu, end.own_cpu),
         "machine": machine,
@@ -645,17 +796,26 @@ def probe_main(argv: Sequence[str]) -> None:
     answered (a slow server must not get fewer samples: no coordinated omission); one that
     times out counts as PROBE_TIMEOUT_S with status 0. One line per reading goes to --out
     (`H <sent> <ms> <status>`, `S <at> <sockets> <rss kB> <probes in flight>`) until SIGTERM.
+    The server's pid is read from --pid-file at each sample, so a restarted server is
+    followed.
     """
     parser = argparse.ArgumentParser(prog="python -m agents.loadtest probe")
     parser.add_argument("--url", required=True)
-    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--pid-file", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--interval", type=float, default=0.1)
     args = parser.parse_args(argv)
-    asyncio.run(_probe(args.url, args.pid, Path(args.out), args.interval))
+    asyncio.run(_probe(args.url, Path(args.pid_file), Path(args.out), args.interval))
 
 
-async def _probe(url: str, pid: int, out_path: Path, interval: float) -> None:
+def read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+async def _probe(url: str, pid_file: Path, out_path: Path, interval: float) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -684,7 +844,9 @@ async def _probe(url: str, pid: int, out_path: Path, interval: float) -> None:
                     task.add_done_callback(outstanding.discard)
                     next_probe += interval
                 if now >= next_sample:
-                    sockets, rss = open_sockets(pid), memory_kb(pid).get("VmRSS")
+                    pid = read_pid(pid_file)
+                    sockets = None if pid is None else open_sockets(pid)
+                    rss = None if pid is None else memory_kb(pid).get("VmRSS")
                     if sockets is not None and rss is not None:
                         # Our own probes in flight hold server sockets too: report them.
                         out.write(f"S {now:.6f} {sockets} {rss} {len(outstanding)}\n")
@@ -704,16 +866,22 @@ class ProbeReadings:
     health: list[tuple[float, float, int]] = field(default_factory=list)  # start, ms, status
     # at, server sockets (less the probe's own in-flight connections), RSS in kB
     samples: list[tuple[float, int, int]] = field(default_factory=list)
+    # Probes sent while their server was restarting (draining, then down): what a deploy
+    # costs a client that does not fail over, kept out of the figures the target is about.
+    restarting: list[tuple[float, float, int]] = field(default_factory=list)
 
     @classmethod
-    def read(cls, path: Path) -> ProbeReadings:
+    def read(cls, path: Path, out_of_service: Sequence[tuple[float, float]] = ()) -> ProbeReadings:
+        """One probe's file; `out_of_service`: its server's restarts (monotonic from, to)."""
         readings = cls()
         with contextlib.suppress(OSError), path.open() as lines:
             for line in lines:
                 parts = line.split()
                 with contextlib.suppress(ValueError, IndexError):
                     if parts[0] == "H":
-                        readings.health.append((float(parts[1]), float(parts[2]), int(parts[3])))
+                        probe = (float(parts[1]), float(parts[2]), int(parts[3]))
+                        restarting = any(a <= probe[0] < b for a, b in out_of_service)
+                        (readings.restarting if restarting else readings.health).append(probe)
                     elif parts[0] == "S":
                         own = int(parts[4]) if len(parts) > 4 else 0
                         readings.samples.append(
@@ -721,12 +889,29 @@ class ProbeReadings:
                         )
         return readings
 
+    @classmethod
+    def combined(cls, parts: Iterable[ProbeReadings]) -> ProbeReadings:
+        """Several servers' readings as one (a peak is then the peak of any one server)."""
+        readings = cls()
+        for part in parts:
+            readings.health += part.health
+            readings.samples += part.samples
+            readings.restarting += part.restarting
+        return readings
+
     def health_between(self, start: float, end: float) -> dict[str, Any]:
-        window = [(ms, status) for at, ms, status in self.health if start <= at < end]
-        return {
-            **summarize([ms for ms, _ in window]),
-            "non_200": sum(1 for _, status in window if status != 200),
-        }
+        return health_summary([(ms, status) for at, ms, status in self.health if start <= at < end])
+
+    def during_restarts(self) -> dict[str, Any]:
+        return health_summary([(ms, status) for _, ms, status in self.restarting])
+
+
+def health_summary(probes: Sequence[tuple[float, int]]) -> dict[str, Any]:
+    """`summarize` of /health latencies (ms, status), with the answers other than 200."""
+    return {
+        **summarize([ms for ms, _ in probes]),
+        "non_200": sum(1 for _, status in probes if status != 200),
+    }
 
 
 # --- virtual users --------------------------------------------------------------------------
@@ -760,6 +945,8 @@ class Recorder:
     logins_ok: int = 0
     logins_failed: int = 0
     socket_events: int = 0
+    failovers: int = 0  # requests sent to another server as the user's own refused them
+    refused_while_draining: int = 0  # submits answered 503 by a server being restarted
 
 
 class PageError(Exception):
@@ -802,7 +989,11 @@ def form_fields() -> dict[str, str]:
 
 class VirtualUsers:
     """N users: log in (a few at a time), then all submit at once and watch each design to
-    its end, each with its own cookie jar and connections, as separate browsers would."""
+    its end, each with its own cookie jar and connections, as separate browsers would.
+
+    With several servers, user i uses server i % n, and the next one while its own refuses
+    connections (a restart): the servers share the database, so the session holds on both.
+    """
 
     def __init__(
         self,
@@ -825,12 +1016,28 @@ class VirtualUsers:
     def designs_of(self, user: int) -> list[DesignRun]:
         return [run for run in self.recorder.designs if run.user == user]
 
+    async def send(
+        self, client: httpx.AsyncClient, user: int, page: str, method: str, path: str, **kw: Any
+    ) -> httpx.Response:
+        """`path` on the user's server, or on the next while that one is down. A GET is also
+        sent again after a connection cut mid-request; a POST only after a refused
+        connection, which cannot have reached the server (no design submitted twice)."""
+        servers = self.world.servers
+        order = [servers[(user + step) % len(servers)] for step in range(len(servers))]
+        retry_on = httpx.TransportError if method == "GET" else httpx.ConnectError
+        for server in order[:-1]:
+            request = functools.partial(client.request, method, server.base_url + path, **kw)
+            try:
+                return await timed(self.recorder, page, request)
+            except retry_on:
+                self.recorder.failovers += 1
+        request = functools.partial(client.request, method, order[-1].base_url + path, **kw)
+        return await timed(self.recorder, page, request)
+
     async def user(self, index: int) -> None:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         timeout = httpx.Timeout(self.options.timeout)
-        async with httpx.AsyncClient(
-            base_url=self.world.base_url, timeout=timeout, limits=limits
-        ) as client:
+        async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
             try:
                 async with self.login_slots:
                     await self.log_in(client, index)
@@ -851,7 +1058,7 @@ class VirtualUsers:
     async def log_in(self, client: httpx.AsyncClient, index: int) -> None:
         for run in self.designs_of(index):
             run.stage = "logging in"
-        page = await timed(self.recorder, "login_page", lambda: client.get("/accounts/login/"))
+        page = await self.send(client, index, "login_page", "GET", "/accounts/login/")
         if page.status_code != 200:
             raise PageError(f"login page answered HTTP {page.status_code}")
         data = {
@@ -860,16 +1067,14 @@ class VirtualUsers:
             "password": self.world.password,
             "next": "/",
         }
-        answer = await timed(
-            self.recorder, "login", lambda: client.post("/accounts/login/", data=data)
-        )
+        answer = await self.send(client, index, "login", "POST", "/accounts/login/", data=data)
         if answer.status_code != 302:
             raise PageError(f"login answered HTTP {answer.status_code}, not a redirect")
 
     async def design(self, client: httpx.AsyncClient, run: DesignRun) -> None:
         try:
             run.stage = "opening the form"
-            form = await timed(self.recorder, "form", lambda: client.get("/"))
+            form = await self.send(client, run.user, "form", "GET", "/")
             if form.status_code != 200:
                 raise PageError(f"form page answered HTTP {form.status_code}")
             data = {
@@ -879,21 +1084,23 @@ class VirtualUsers:
             }
             run.stage = "submitting"
             run.submitted_at = time.monotonic()
-            answer = await timed(self.recorder, "submit", lambda: client.post("/", data=data))
-            # As a user told "busy, try again in N seconds" (an open circuit, full pools):
-            # wait as told, then send the form again.
+            answer = await self.send(client, run.user, "submit", "POST", "/", data=data)
+            # As a user told "busy, try again in N seconds" (an open circuit, full pools, a
+            # server stopping): wait as told, then send the form again.
             while answer.status_code == 503 and run.refusals < MAX_RESUBMITS:
                 run.refusals += 1
+                if self.world.answered_while_draining(answer):
+                    self.recorder.refused_while_draining += 1
                 run.stage = "waiting to submit again"
                 await asyncio.sleep(retry_after(answer))
                 run.stage = "submitting"
-                answer = await timed(self.recorder, "submit", lambda: client.post("/", data=data))
+                answer = await self.send(client, run.user, "submit", "POST", "/", data=data)
             match = _DESIGN_URL.search(answer.headers.get("location", ""))
             if answer.status_code != 302 or match is None:
                 raise PageError(f"submit answered HTTP {answer.status_code}")
             run.design_id = int(match[1])
             run.stage = "loading the design page"
-            page = await timed(self.recorder, "design_page", lambda: client.get(match[0]))
+            page = await self.send(client, run.user, "design_page", "GET", match[0])
             if page.status_code != 200:
                 raise PageError(f"design page answered HTTP {page.status_code}")
             run.stage = "watching"
@@ -906,16 +1113,22 @@ class VirtualUsers:
     async def watch(self, client: httpx.AsyncClient, run: DesignRun) -> None:
         """Follow the socket to a terminal status, reconnecting as the page script does:
         forever, 0.5 s doubling to 10 s between tries, back to 0.5 s once a socket opens;
-        only the run's deadline ends it (the design is then reported not terminal)."""
+        only the run's deadline ends it (the design is then reported not terminal). With
+        several servers each try goes to the next one (the last may be restarting), and the
+        socket asks for snapshots (another server may be running the design)."""
         from websockets.exceptions import InvalidHandshake
 
         cookie = "; ".join(f"{c.name}={c.value}" for c in client.cookies.jar)
-        url = f"{self.world.base_url.replace('http', 'ws', 1)}/ws/designs/{run.design_id}/"
+        servers = self.world.servers
+        poll_every = SNAPSHOT_POLL_S if len(servers) > 1 else None
+        target = run.user % len(servers)
         delay = SOCKET_RETRY_FIRST_S
         while True:
+            server = servers[target]
+            url = f"{server.base_url.replace('http', 'ws', 1)}/ws/designs/{run.design_id}/"
             try:
                 code, opened = await watch_socket(
-                    url, self.world.base_url, cookie, run, self.recorder
+                    url, server.base_url, cookie, run, self.recorder, poll_every
                 )
             except (InvalidHandshake, OSError) as exc:
                 code, opened = None, False
@@ -928,6 +1141,7 @@ class VirtualUsers:
             if opened:
                 delay = SOCKET_RETRY_FIRST_S
             run.reconnects += 1
+            target = (target + 1) % len(servers)
             await asyncio.sleep(delay)
             delay = min(delay * 2, SOCKET_RETRY_MAX_S)
 
@@ -938,7 +1152,12 @@ def describe(exc: BaseException) -> str:
 
 
 async def watch_socket(
-    url: str, origin: str, cookie: str, run: DesignRun, recorder: Recorder
+    url: str,
+    origin: str,
+    cookie: str,
+    run: DesignRun,
+    recorder: Recorder,
+    poll_every: float | None = None,
 ) -> tuple[int | None, bool]:
     """One socket connection: snapshot, then events until terminal.
 
@@ -946,10 +1165,17 @@ async def watch_socket(
 
     The handshake carries the session cookie and this site's Origin, as the page's does
     (the consumer sits behind AllowedHostsOriginValidator). Opening is bounded by the run's
-    deadline, not by a timeout of its own: a slow handshake under load is a figure.
+    deadline, not by a timeout of its own: a slow handshake under load is a figure. With
+    `poll_every`, the socket asks for a snapshot that often.
     """
-    from websockets.asyncio.client import connect
+    from websockets.asyncio.client import ClientConnection, connect
     from websockets.exceptions import ConnectionClosed
+
+    async def ask_for_snapshots(socket: ClientConnection, every: float) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(every)
+                await socket.send(json.dumps({"kind": "snapshot"}))
 
     started = time.perf_counter()
     opened = False
@@ -963,22 +1189,30 @@ async def watch_socket(
             ping_interval=None,  # browsers do not ping; Daphne pings them
         ) as socket:
             opened = True
-            async for message in socket:
-                event = json.loads(message)
-                run.events += 1
-                recorder.socket_events += 1
-                if event.get("kind") == "snapshot":
-                    if not snapshots:  # later ones are the server's resyncs of a quiet socket
-                        recorder.latencies["socket_snapshot"].append(
-                            (time.perf_counter() - started) * 1000
-                        )
-                    snapshots += 1
-                    state = event.get("design") or {}
-                    run.status, run.error = state.get("status"), state.get("error") or ""
-                elif event.get("kind") == "design_status":
-                    run.status, run.error = event.get("status"), event.get("error") or ""
-                if run.status in TERMINAL_STATUSES:
-                    return 1000, opened  # leaving the block closes the socket with 1000
+            poller = None
+            if poll_every is not None:
+                poller = asyncio.create_task(ask_for_snapshots(socket, poll_every))
+            try:
+                async for message in socket:
+                    event = json.loads(message)
+                    run.events += 1
+                    recorder.socket_events += 1
+                    if event.get("kind") == "snapshot":
+                        if not snapshots:  # later ones: resyncs, and answers to our asking
+                            recorder.latencies["socket_snapshot"].append(
+                                (time.perf_counter() - started) * 1000
+                            )
+                        snapshots += 1
+                        state = event.get("design") or {}
+                        run.status, run.error = state.get("status"), state.get("error") or ""
+                    elif event.get("kind") == "design_status":
+                        run.status, run.error = event.get("status"), event.get("error") or ""
+                    if run.status in TERMINAL_STATUSES:
+                        return 1000, opened  # leaving the block closes the socket with 1000
+            finally:
+                if poller is not None:
+                    poller.cancel()
+                    await asyncio.wait([poller])
             return socket.close_code, opened
     except ConnectionClosed as exc:
         return (exc.rcvd.code if exc.rcvd is not None else None), opened
@@ -1021,18 +1255,41 @@ def pool_leaks(health: dict[str, Any], simulator: dict[str, Any]) -> list[str]:
     return problems
 
 
+def merged_health(healths: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Several servers' `/health` as one, for the leak checks: each pool named after its
+    server ("A main"), the upstream connection counts added up (the simulator counts them
+    all together)."""
+    if len(healths) == 1:
+        return next(iter(healths.values()))
+    pools = {
+        f"{label} {name}": pool
+        for label, health in healths.items()
+        for name, pool in health.get("pools", {}).items()
+    }
+    http = {
+        key: total(health.get("http", {}).get(key) for health in healths.values())
+        for key in ("connections_open", "connections_num", "max_connections")
+    }
+    return {"pools": pools, "http": http}
+
+
 async def settle(world: World) -> dict[str, Any]:
-    """Poll until the pools and connections are at rest (or the settle time is up)."""
+    """Poll until the pools and connections of every server are at rest (or the settle time
+    is up)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
-            status, health = await fetch_json(client, f"{world.base_url}/health")
+            answers = {
+                server.label: await fetch_json(client, f"{server.base_url}/health")
+                for server in world.servers
+            }
             _, simulator = await fetch_json(client, f"{world.simulator_url}/_simulator/stats")
+            health = merged_health({label: answer for label, (_, answer) in answers.items()})
             problems = pool_leaks(health, simulator)
             if not problems or time.monotonic() > deadline:
                 return {
                     "problems": problems,
-                    "health_status": status,
+                    "health_status": max(status for status, _ in answers.values()),
                     "health": health,
                     "simulator": simulator,
                 }
@@ -1054,16 +1311,16 @@ async def wait_for_probe(path: Path, probe: asyncio.subprocess.Process) -> None:
 async def socket_counts(
     world: World, until_at_most: int | None = None
 ) -> tuple[int | None, int | None]:
-    """The server's sockets, and those that are not upstream connections (listener, clients,
-    internal pipes), counted without connecting to the server: the upstream figure comes
-    from the simulator. With `until_at_most`, wait (a few seconds at most) for the second
-    to come down to it, as closing sockets may still be on their way out.
+    """The servers' sockets, and those that are not upstream connections (listeners,
+    clients, internal pipes), counted without connecting to a server: the upstream figure
+    comes from the simulator. With `until_at_most`, wait (a few seconds at most) for the
+    second to come down to it, as closing sockets may still be on their way out.
     """
     deadline = time.monotonic() + 5
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
             _, stats = await fetch_json(client, f"{world.simulator_url}/_simulator/stats")
-            sockets = open_sockets(world.server.pid)
+            sockets = total(open_sockets(pid) for pid in world.pids)
             upstream = stats.get("connections_open")
             other = None if sockets is None or upstream is None else sockets - upstream
             if until_at_most is None or other is None or other <= until_at_most:
@@ -1084,7 +1341,157 @@ async def database_state(world: World) -> dict[str, Any]:
         except (LoadTestError, ValueError, IndexError) as exc:
             problem = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
             await asyncio.sleep(1)
-    return {"designs": [], "runs_running": 0, "tokens_out": 0, "error": problem}
+    return {
+        "designs": [],
+        "texts": [],
+        "resumed": None,
+        "runs_running": 0,
+        "runs_stopped": None,
+        "saved": [],
+        "tokens_out": 0,
+        "error": problem,
+    }
+
+
+# --- rolling restart ------------------------------------------------------------------------
+
+
+@dataclass
+class Restart:
+    """One server's restart: SIGTERM, its drain and exit, then a new process on its port."""
+
+    server: str
+    began: float  # monotonic: SIGTERM sent
+    exited: float
+    ready: float  # /health answered 200 again
+    exit_code: int | None
+    drained: tuple[int, int] | None  # designs handed on at a checkpoint, stopped mid-agent
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "server": self.server,
+            "drain_s": round(self.exited - self.began, 1),
+            "exit_code": self.exit_code,
+            "down_s": round(self.ready - self.exited, 1),
+            "designs_at_checkpoint": self.drained[0] if self.drained else None,
+            "designs_stopped_mid_agent": self.drained[1] if self.drained else None,
+        }
+
+
+def drain_seconds(env: dict[str, str]) -> float:
+    try:
+        return max(0.0, float(env.get("DRAIN_SECONDS", "30")))
+    except ValueError:
+        return 30.0
+
+
+async def restart_server(world: World, index: int, children: Children) -> Restart:
+    """Stop a server as a deploy does (SIGTERM; it drains, then exits; SIGKILL only past
+    DRAIN_SECONDS and the stop grace), then start it again on its port with the same
+    environment; returns once its `/health` answers 200."""
+    server = world.servers[index]
+    log_before = log_size(server.log)
+    world.draining.add(server.label)
+    began = time.monotonic()
+    try:
+        code = await stop_process(server.process, drain_seconds(world.env) + CHILD_STOP_GRACE_S)
+    finally:
+        world.draining.discard(server.label)
+    exited = time.monotonic()
+    drained = _DRAINED.findall(log_since(server.log, log_before))
+    world.servers[index] = await start_server(
+        server.label, server.host, server.port, world.env, world.tmp, children
+    )
+    return Restart(
+        server=server.label,
+        began=began,
+        exited=exited,
+        ready=time.monotonic(),
+        exit_code=code,
+        drained=(int(drained[-1][0]), int(drained[-1][1])) if drained else None,
+    )
+
+
+async def rolling_restart(
+    world: World,
+    children: Children,
+    recorder: Recorder,
+    users_done: Callable[[], bool],
+    restarts: list[Restart],
+    progress: Callable[[str], None],
+) -> None:
+    """Once a third of the designs are seen running (or every user is done), restart each
+    server in turn, appending to `restarts` as each is back."""
+    wanted = math.ceil(len(recorder.designs) / 3)
+    while not users_done():
+        if sum(1 for run in recorder.designs if run.status not in (None, "queued")) >= wanted:
+            break
+        await asyncio.sleep(0.1)
+    for index in range(len(world.servers)):
+        label = world.servers[index].label
+        progress(f"restarting server {label}: SIGTERM, drain, start again ...")
+        restart = await restart_server(world, index, children)
+        restarts.append(restart)
+        figures = restart.as_dict()
+        progress(
+            f"server {label} drained and exited {figures['exit_code']} in "
+            f"{figures['drain_s']} s; serving again {figures['down_s']} s later"
+        )
+
+
+async def request_log(world: World) -> dict[str, Any]:
+    """The simulator's log of the chat requests it received."""
+    async with httpx.AsyncClient(timeout=120) as client:
+        _, log = await fetch_json(client, f"{world.simulator_url}/_simulator/requests")
+    return log
+
+
+def repeated_calls(
+    log: dict[str, Any],
+    texts: Iterable[tuple[int, str]],
+    saved: Iterable[tuple[int, str, float]],
+) -> dict[str, Any]:
+    """Agent calls made more than once, from the simulator's request log and the answers
+    saved (each agent's succeeded runs).
+
+    A call belongs to a design by the marker of its request text in the prompt, and to an
+    agent by the agent line of its system prompt. A call for an agent after its answer was
+    saved must never happen: a resumed design re-uses the agents that finished. The other
+    repeats are agents a drain stopped mid-answer, which run again where the design resumes.
+    """
+    from agents.simulated import agent_of
+
+    design_of: dict[int, int] = {}
+    for design_id, text in texts:
+        if (found := _MARKER.search(text)) is not None:
+            design_of[int(found[1])] = design_id
+    saved_at: dict[tuple[int, str], list[float]] = {}
+    for design_id, agent, at in saved:
+        saved_at.setdefault((design_id, agent), []).append(at)
+    calls: dict[tuple[int, str], list[float]] = {}
+    unattributed = 0
+    for entry in log.get("requests") or []:
+        messages = entry.get("messages") or []
+        found = _MARKER.search(" ".join(str(m.get("content")) for m in messages))
+        agent = agent_of(SimpleNamespace(messages=messages))
+        if found is None or agent is None or int(found[1]) not in design_of:
+            unattributed += 1  # a warm-up call, or a request the simulator could not read
+            continue
+        calls.setdefault((design_of[int(found[1])], agent), []).append(entry["at"])
+    repeated = after_saved = 0
+    for key, arrivals in calls.items():
+        answers = saved_at.get(key, [])
+        repeated += max(0, len(arrivals) - max(len(answers), 1))
+        if answers:
+            after_saved += sum(1 for at in arrivals if at > max(answers))
+    return {
+        "calls": sum(len(arrivals) for arrivals in calls.values()),
+        "unattributed": unattributed,
+        "after_answer_saved": after_saved,
+        "again_after_stopped_mid_answer": max(0, repeated - after_saved),
+        "log_enabled": bool(log.get("enabled")),
+        "log_dropped": log.get("dropped"),
+    }
 
 
 # --- the run --------------------------------------------------------------------------------
@@ -1132,6 +1539,41 @@ async def run_load_test(
             loop.remove_signal_handler(signum)
 
 
+async def start_probe(
+    server: Server, options: LoadTestOptions, env: dict[str, str], tmp: Path, children: Children
+) -> tuple[asyncio.subprocess.Process, Path]:
+    """The /health probe of one server (it follows the server across restarts); returns
+    once it has answered once, so its connection is in the baseline."""
+    suffix = f"-{server.label}" if server.label else ""
+    out = tmp / f"probe{suffix}.log"
+    probe = await children.start(
+        f"probe {server.label}".strip(),
+        [
+            sys.executable,
+            "-m",
+            "agents.loadtest",
+            "probe",
+            "--url",
+            f"{server.base_url}/health",
+            "--pid-file",
+            str(server.pid_file),
+            "--out",
+            str(out),
+            "--interval",
+            str(options.probe_interval),
+        ],
+        env,
+    )
+    await wait_for_probe(out, probe)
+    return probe, out
+
+
+def peak_memory(world: World) -> dict[str, int]:
+    """VmRSS and VmHWM (kB) of the largest server."""
+    readings = [memory_kb(pid) for pid in world.pids]
+    return {key: max(r.get(key, 0) for r in readings) for key in ("VmRSS", "VmHWM")}
+
+
 async def _run(
     options: LoadTestOptions,
     tmp: Path,
@@ -1140,33 +1582,19 @@ async def _run(
     deadline: float,
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
-    progress(f"starting the simulator, the server and {options.user_count} users' database ...")
+    servers = "two servers" if options.rolling_restart else "the server"
+    progress(f"starting the simulator, {servers} and {options.user_count} users' database ...")
     world = await start_world(options, tmp, children)
     async with httpx.AsyncClient(timeout=10) as client:
         _, health_at_start = await fetch_json(client, f"{world.base_url}/health")
-    probe_out = tmp / "probe.log"
-    probe = await children.start(
-        "probe",
-        [
-            sys.executable,
-            "-m",
-            "agents.loadtest",
-            "probe",
-            "--url",
-            f"{world.base_url}/health",
-            "--pid",
-            str(world.server.pid),
-            "--out",
-            str(probe_out),
-            "--interval",
-            str(options.probe_interval),
-        ],
-        world.env,
-    )
-    await wait_for_probe(probe_out, probe)
+    probes = [await start_probe(s, options, world.env, tmp, children) for s in world.servers]
     sockets_before = await socket_counts(world)
     ready = mark(world)
-    progress(f"server ready at {world.base_url} in {ready.at - started.at:.1f} s; logging in")
+    if len(world.servers) == 1:
+        where = f"server ready at {world.base_url}"
+    else:
+        where = f"servers {' and '.join(f'{s.label} at {s.base_url}' for s in world.servers)} ready"
+    progress(f"{where} in {ready.at - started.at:.1f} s; logging in")
 
     recorder = Recorder()
     marks: dict[str, Mark] = {"start": started, "ready": ready}
@@ -1179,7 +1607,22 @@ async def _run(
         )
 
     users = VirtualUsers(world, options, recorder, logged_in)
-    pending = {asyncio.create_task(users.user(i)) for i in range(options.user_count)}
+    user_tasks = {asyncio.create_task(users.user(i)) for i in range(options.user_count)}
+    pending: set[asyncio.Task[None]] = set(user_tasks)
+    restarts: list[Restart] = []
+    restarter = None
+    if options.rolling_restart:
+        restarter = asyncio.create_task(
+            rolling_restart(
+                world,
+                children,
+                recorder,
+                lambda: all(task.done() for task in user_tasks),
+                restarts,
+                progress,
+            )
+        )
+        pending.add(restarter)
     timed_out = False
     last_progress = time.monotonic()
     try:
@@ -1188,14 +1631,16 @@ async def _run(
             if remaining <= 0:
                 timed_out = True
                 break
-            _, pending = await asyncio.wait(pending, timeout=min(remaining, 1.0))
+            done, pending = await asyncio.wait(pending, timeout=min(remaining, 1.0))
+            if restarter in done and (error := restarter.exception()) is not None:
+                raise error  # a server that did not come back: the run cannot go on
             if time.monotonic() - last_progress >= PROGRESS_EVERY_S:
                 last_progress = time.monotonic()
                 if "logins" not in marks:
                     progress(f"{recorder.logins_ok}/{options.user_count} users logged in")
                 else:
-                    done = sum(1 for run in recorder.designs if run.status in TERMINAL_STATUSES)
-                    progress(f"{done}/{options.designs} designs terminal")
+                    done_count = sum(1 for r in recorder.designs if r.status in TERMINAL_STATUSES)
+                    progress(f"{done_count}/{options.designs} designs terminal")
     finally:
         for task in pending:
             task.cancel()
@@ -1208,7 +1653,8 @@ async def _run(
     try:
         at_rest = await settle(world)
         sockets_after = await socket_counts(world, until_at_most=sockets_before[1])
-        memory = memory_kb(world.server.pid)
+        memory = peak_memory(world)
+        log = await request_log(world) if options.rolling_restart else {}
         database = await database_task
     finally:
         if not database_task.done():
@@ -1216,8 +1662,28 @@ async def _run(
             with contextlib.suppress(BaseException):
                 await database_task
     marks["checks"] = mark(world)
-    await stop_process(probe)
-    readings = ProbeReadings.read(probe_out)
+    for probe, _ in probes:
+        await stop_process(probe)
+    windows: dict[str, list[tuple[float, float]]] = {}
+    for restart in restarts:
+        windows.setdefault(restart.server, []).append((restart.began, restart.ready))
+    readings = ProbeReadings.combined(
+        ProbeReadings.read(out, windows.get(server.label, ()))
+        for server, (_, out) in zip(world.servers, probes, strict=True)
+    )
+    rolling = None
+    if options.rolling_restart:
+        rolling = {
+            "servers": [server.label for server in world.servers],
+            "settings": {name: world.env.get(name) for name in ROLLING_ENV_DEFAULTS},
+            "restarts": [restart.as_dict() for restart in restarts],
+            "designs_resumed": database["resumed"],
+            "agent_runs_stopped": database["runs_stopped"],
+            "agent_calls": repeated_calls(log, database["texts"], database["saved"]),
+            "submits_refused_while_draining": recorder.refused_while_draining,
+            "requests_failed_over": recorder.failovers,
+            "health_while_restarting": readings.during_restarts(),
+        }
     return build_report(
         options=options,
         recorder=recorder,
@@ -1229,6 +1695,7 @@ async def _run(
         sockets={"before": sockets_before, "after": sockets_after},
         memory=memory,
         timed_out=timed_out,
+        rolling=rolling,
     )
 
 
@@ -1247,8 +1714,10 @@ def build_report(
     sockets: dict[str, tuple[int | None, int | None]],
     memory: dict[str, int],
     timed_out: bool,
+    rolling: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The figures as one JSON-ready document (the table is drawn from it)."""
+    """The figures as one JSON-ready document (the table is drawn from it). `rolling`: the
+    rolling restart's figures, which add its targets."""
     runs = recorder.designs
     causes: Counter[str] = Counter()
     not_terminal: Counter[str] = Counter()  # where the unfinished ones were stuck
@@ -1316,6 +1785,7 @@ def build_report(
             "measured": f"{terminal}/{options.designs}",
             "met": all_terminal and not timed_out,
         },
+        **rolling_targets(options, rolling, succeeded),
         "zero_leaks": {
             "measured": "none" if not leak_details else f"{len(leak_details)} found",
             "met": not leak_details,
@@ -1339,6 +1809,7 @@ def build_report(
             "ttft_ms": options.ttft_ms,
             "tokens_per_second": options.tokens_per_second,
             "simulator_nice": options.simulator_nice,
+            "servers": len(options.server_labels),
             "seed": options.seed,
             "login_concurrency": options.login_concurrency,
             "cpus": os.cpu_count(),
@@ -1352,6 +1823,7 @@ def build_report(
             "terminal": terminal,
             "succeeded": succeeded,
             "failed": options.designs - succeeded,
+            "not_terminal": options.designs - terminal,
             "failures_by_cause": dict(causes.most_common()),
             "not_terminal_stages": dict(not_terminal),
             "client_errors": client_errors[:20],
@@ -1398,6 +1870,7 @@ def build_report(
                 )
             },
         },
+        **({"rolling_restart": rolling} if rolling is not None else {}),
         "leaks": {"found": bool(leak_details), "details": leak_details},
         "wall_time_s": round(marks["checks"].at - marks["start"].at, 1),
         "phases": {key: round(value, 1) for key, value in phases.items()},
@@ -1406,16 +1879,84 @@ def build_report(
     }
 
 
+def rolling_targets(
+    options: LoadTestOptions, rolling: dict[str, Any] | None, succeeded: int
+) -> dict[str, dict[str, Any]]:
+    """A rolling restart's targets: every design succeeded (unless faults were injected,
+    which fail some by design), no finished agent called again, every server back after a
+    clean drain (exit 0)."""
+    if rolling is None:
+        return {}
+    targets: dict[str, dict[str, Any]] = {}
+    if sum(options.rates.values()) == 0:
+        targets["every_design_succeeded"] = {
+            "measured": f"{succeeded}/{options.designs}",
+            "met": succeeded == options.designs,
+        }
+    calls = rolling["agent_calls"]
+    complete = calls["log_enabled"] and calls["log_dropped"] == 0 and calls["calls"] > 0
+    targets["no_completed_agent_repeated"] = {
+        "measured": calls["after_answer_saved"] if complete else "log incomplete",
+        "met": complete and calls["after_answer_saved"] == 0,
+    }
+    restarts = rolling["restarts"]
+    targets["every_restart_clean"] = {
+        "measured": ", ".join(f"{r['server']} exit {r['exit_code']}" for r in restarts) or "none",
+        "met": len(restarts) == len(rolling["servers"])
+        and all(r["exit_code"] == 0 for r in restarts),
+    }
+    return targets
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
+
+
+def format_rolling(rolling: dict[str, Any], designs: dict[str, Any]) -> list[str]:
+    """The rolling restart's lines of the table."""
+    settings = ", ".join(f"{k} {v}" for k, v in rolling["settings"].items())
+    failed = designs["terminal"] - designs["succeeded"]
+    lines = [
+        f"restarts   servers {' and '.join(rolling['servers'])} on one database ({settings}): "
+        f"{designs['succeeded']} succeeded, {failed} failed, {designs['not_terminal']} not "
+        f"terminal; {rolling['designs_resumed']} resumed (started more than once)",
+    ]
+    for restart in rolling["restarts"]:
+        handed = ""
+        if restart["designs_at_checkpoint"] is not None:
+            handed = (
+                f"; {restart['designs_at_checkpoint']} designs handed on at a checkpoint, "
+                f"{restart['designs_stopped_mid_agent']} stopped mid-agent"
+            )
+        lines.append(
+            f"  server {restart['server']}: SIGTERM to exit {restart['drain_s']} s (exit "
+            f"{restart['exit_code']}{handed}), down {restart['down_s']} s until /health 200"
+        )
+    calls = rolling["agent_calls"]
+    lines.append(
+        f"  agent calls {calls['calls']}: {calls['after_answer_saved']} for an agent after its "
+        f"answer was saved, {calls['again_after_stopped_mid_answer']} made again for agents "
+        f"stopped mid-answer ({rolling['agent_runs_stopped']} runs stopped)"
+        + (f"; request log dropped {calls['log_dropped']}" if calls["log_dropped"] else "")
+    )
+    during = rolling["health_while_restarting"]
+    lines.append(
+        f"  {rolling['submits_refused_while_draining']} submits refused (503) by a draining "
+        f"server, {rolling['requests_failed_over']} requests sent to the other server; "
+        f"/health of a restarting server: {during['count']} probes, {during['non_200']} "
+        "not 200 (left out of the /health figures below)"
+    )
+    return lines
 
 
 def format_report(report: dict[str, Any]) -> str:
     """The report as the table an operator reads."""
     setup, designs, server = report["setup"], report["designs"], report["server"]
+    rolling = report.get("rolling_restart")
     lines = [
         f"Carlos load test on {setup['host']}: {setup['designs']} designs by {setup['users']} "
-        f"users, {setup['cpus']} CPUs",
+        f"users, {setup['cpus']} CPUs"
+        + (", two servers restarted in turn (--rolling-restart)" if rolling else ""),
         f"faults {setup['fault_rate']:.1%} (HTTP 500 {setup['error_rate']:.2%}, reset "
         f"{setup['reset_rate']:.2%}, stall {setup['stall_rate']:.2%} for "
         f"{setup['stall_seconds']:g} s); simulator TTFT {setup['ttft_ms']:g} ms, "
@@ -1435,6 +1976,8 @@ def format_report(report: dict[str, Any]) -> str:
         f"{designs['socket_reconnects']} reconnects, "
         f"{designs.get('submits_refused_busy', 0)} submits refused busy (503) and sent again"
     )
+    if rolling:
+        lines += ["", *format_rolling(rolling, designs)]
     lines += ["", f"{'latency':<28} {'count':>6} {'p50 ms':>10} {'p99 ms':>10} {'max ms':>10}"]
     rows = [(page.replace("_", " "), stats) for page, stats in report["latency"].items()]
     health = report["health"]
@@ -1450,10 +1993,21 @@ def format_report(report: dict[str, Any]) -> str:
         )
     lines.append(f"  /health non-200 answers: {health['whole_run']['non_200']}")
     cores = server["cpu_cores_during_designs"]
+    if setup.get("servers", 1) > 1:
+        sockets = (
+            f"servers    peak sockets {server['peak_sockets']} in one (both: before "
+            f"{server['sockets_before']}, after {server['sockets_after']}), peak RSS "
+            f"{server['peak_rss_mb']} MB in one; cpu of restarted servers is not compared"
+        )
+    else:
+        sockets = (
+            f"server     peak sockets {server['peak_sockets']} (before "
+            f"{server['sockets_before']}, after {server['sockets_after']}), peak RSS "
+            f"{server['peak_rss_mb']} MB"
+        )
     lines += [
         "",
-        f"server     peak sockets {server['peak_sockets']} (before {server['sockets_before']}, "
-        f"after {server['sockets_after']}), peak RSS {server['peak_rss_mb']} MB",
+        sockets,
         "cpu cores during designs: "
         + ", ".join(
             f"{k.replace('_', ' ')} {v if v is not None else '-'}" for k, v in cores.items()
@@ -1478,6 +2032,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines += ["", "targets"]
     labels = {
         "every_design_terminal": "every design terminal",
+        "every_design_succeeded": "every design succeeded",
+        "no_completed_agent_repeated": "completed agents called again",
+        "every_restart_clean": "restarts drained, exit 0",
         "zero_leaks": "zero leaks",
         "health_p99_under_100ms": "/health p99 < 100 ms (designs)",
     }
@@ -1491,7 +2048,7 @@ def format_report(report: dict[str, Any]) -> str:
 def main(argv: Iterable[str]) -> None:
     arguments = list(argv)
     if arguments[:1] != ["probe"]:
-        sys.exit("usage: python -m agents.loadtest probe --url URL --pid PID --out FILE")
+        sys.exit("usage: python -m agents.loadtest probe --url URL --pid-file FILE --out FILE")
     probe_main(arguments[1:])
 
 

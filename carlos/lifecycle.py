@@ -8,6 +8,7 @@ hypercorn). The pools stay ignorant of designs; this is where the two meet.
 from __future__ import annotations
 
 from agents.tasks import DrainReport, drain, start_supervisor
+from pools.runtime import get_pool
 
 
 async def listening() -> None:
@@ -17,6 +18,8 @@ async def listening() -> None:
 
 
 async def stopping() -> DrainReport:
-    """Before the pools close: take no new design, let running agents finish for up to
-    DRAIN_SECONDS, then hand every unfinished design back to resume elsewhere."""
+    """Before the pools close: take no new design (readiness fails meanwhile), let running
+    agents finish for up to DRAIN_SECONDS, then hand every unfinished design back to resume
+    elsewhere."""
+    get_pool().stopping = True
     return await drain()

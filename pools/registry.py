@@ -183,6 +183,9 @@ class PoolRegistry:
         self._initialized = False
         self._closed = False
         self.warmup_error: str | None = None
+        # Set by the server when it begins to stop: readiness fails, so a load balancer
+        # sends no new work here while the running calls finish.
+        self.stopping = False
         self._cluster_waiting: Counter[str] = Counter()
 
     @property
@@ -546,6 +549,8 @@ class PoolRegistry:
         """
         if self._closed:
             return "pools closed"
+        if self.stopping:
+            return "the server is stopping: it finishes what runs and takes no new work"
         if not self._initialized:
             return "pools not initialized"
         if self.warmup_error:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import signal
 import sqlite3
 import time
@@ -36,7 +35,7 @@ from agents.options import AGENTS, DEFAULT_OPTIONS
 from agents.simulated import agent_of
 from pools.simulator_process import SimulatorProcess, start_simulator
 from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
-from tests.test_multi_instance import POSTGRES_URL, REDIS_URL, SERVICES_PROBLEM
+from tests.test_multi_instance import POSTGRES_URL, REDIS_URL, SERVICES_PROBLEM, submit
 
 DESIGNS = 10
 LEASE_SECONDS = 3.0
@@ -109,21 +108,6 @@ def simulator() -> Iterator[SimulatorProcess]:
         yield process
     finally:
         process.stop()
-
-
-async def submit(client: httpx.AsyncClient, text: str) -> int:
-    response = await client.post(
-        "/",
-        data={
-            "request_text": text,
-            **DEFAULT_OPTIONS,
-            "csrfmiddlewaretoken": client.cookies["csrftoken"],
-        },
-    )
-    assert response.status_code == 302, response.text[:500]
-    found = re.fullmatch(r"/designs/(\d+)/", response.headers["location"])
-    assert found, response.headers["location"]
-    return int(found[1])
 
 
 def wait_until(condition, what: str, servers: list[Server]) -> None:
@@ -300,6 +284,8 @@ def test_ctrl_c_drains_hands_designs_back_and_the_next_start_finishes_them(
                 await asyncio.sleep(0.5)  # some text on the way
                 os.killpg(server.process.pid, signal.SIGINT)  # a terminal's Ctrl-C
                 await asyncio.sleep(0.2)
+                health = await client.get("/health")
+                assert health.status_code == 503, health.text  # a balancer sends no more
                 refused = await client.post(
                     "/",
                     data={

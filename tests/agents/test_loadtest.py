@@ -1,4 +1,5 @@
-"""`manage.py loadtest`: a small real run, its report, its refusals and its clean stop.
+"""`manage.py loadtest`: a small real run, its report, its refusals and its clean stop; a
+small rolling restart of two servers under load.
 
 The runs go through the real command in a child process, which starts its own server,
 simulator and database as it does for an operator; only the simulator is made fast.
@@ -19,15 +20,26 @@ import httpx
 import pytest
 from django.core.management import CommandError, call_command
 
-from agents.loadtest import PAGES, failure_cause, percentile, pool_leaks, retry_after
+from agents.loadtest import (
+    PAGES,
+    failure_cause,
+    format_report,
+    percentile,
+    pool_leaks,
+    repeated_calls,
+    retry_after,
+)
+from agents.options import AGENTS
 
 ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--ttft-ms", "5", "--tokens-per-second", "3000", "--stall-seconds", "1"]
 
 
-def loadtest_process(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+def loadtest_process(
+    tmp_path: Path, *args: str, env_extra: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """The command as an operator runs it; TMPDIR shows whether its folder was removed."""
-    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONUNBUFFERED": "1", **(env_extra or {})}
     env.pop("DJANGO_SETTINGS_MODULE", None)  # manage.py's own default, as for an operator
     return subprocess.Popen(
         [sys.executable, str(ROOT / "manage.py"), "loadtest", *args],
@@ -95,6 +107,95 @@ def test_small_run_reports_every_design_terminal_and_no_leak(tmp_path):
 
     assert "loadtest: server ready at http://127.0.0.1:" in err
     assert leftovers(tmp_path) == []  # the database and logs went with the run
+
+
+def test_rolling_restart_of_two_servers_loses_no_design_and_repeats_no_finished_agent(tmp_path):
+    # Fast enough to stay well under a minute, slow enough that designs are still running
+    # when the first server drains; a short drain, as an operator could set it.
+    pacing = ["--ttft-ms", "20", "--tokens-per-second", "1000"]
+    process = loadtest_process(
+        tmp_path,
+        *("--designs", "6", "--users", "2", "--rolling-restart", "--timeout", "100", "--json"),
+        *pacing,
+        env_extra={"DRAIN_SECONDS": "1"},
+    )
+    out, err = process.communicate(timeout=110)
+    assert process.returncode == 0, err
+
+    report = json.loads(out)
+    designs = report["designs"]
+    assert (designs["submitted"], designs["succeeded"], designs["not_terminal"]) == (6, 6, 0)
+    assert designs["client_errors"] == [] and designs["logins_failed"] == 0
+    assert report["setup"]["fault_rate"] == 0 and report["setup"]["servers"] == 2
+
+    rolling = report["rolling_restart"]
+    assert rolling["settings"] == {"DESIGN_SWEEP_SECONDS": "1", "DRAIN_SECONDS": "1"}
+    assert [r["server"] for r in rolling["restarts"]] == ["A", "B"]
+    for restart in rolling["restarts"]:
+        assert restart["exit_code"] == 0, restart
+        assert 0 <= restart["drain_s"] < 1 + 20  # the drain, then the pools closed
+        assert restart["down_s"] > 0
+    assert isinstance(rolling["designs_resumed"], int) and rolling["designs_resumed"] >= 0
+    calls = rolling["agent_calls"]
+    assert calls["log_enabled"] and calls["log_dropped"] == 0
+    assert calls["calls"] >= 6 * len(AGENTS)
+    assert calls["after_answer_saved"] == 0
+    assert calls["again_after_stopped_mid_answer"] >= 0
+    assert rolling["health_while_restarting"]["count"] > 0
+
+    targets = report["targets"]
+    assert targets["every_design_succeeded"] == {"measured": "6/6", "met": True}
+    assert targets["no_completed_agent_repeated"] == {"measured": 0, "met": True}
+    assert targets["every_restart_clean"] == {"measured": "A exit 0, B exit 0", "met": True}
+    assert targets["every_design_terminal"] == {"measured": "6/6", "met": True}
+    assert targets["zero_leaks"] == {"measured": "none", "met": True}  # both servers checked
+    assert report["setup"]["children_exit"] == {
+        "probe A": 0,
+        "probe B": 0,
+        "server A": 0,
+        "server B": 0,
+        "simulator": 0,
+    }
+
+    text = format_report(report)
+    assert "6 succeeded, 0 failed, 0 not terminal" in text
+    assert f"{rolling['designs_resumed']} resumed" in text
+    assert "0 for an agent after its answer was saved" in text
+    assert "server A: SIGTERM to exit" in text and "server B: SIGTERM to exit" in text
+    assert "restarting server A" in err and "restarting server B" in err
+    assert leftovers(tmp_path) == []
+
+
+def test_repeated_calls_tell_finished_agents_from_agents_stopped_mid_answer():
+    def call(number: int, agent: str, at: float) -> dict:
+        messages = [
+            {"role": "system", "content": f"AGENT: {agent}\nYou are an agent."},
+            {"role": "user", "content": f"<request>\nA shop (load test #{number})\n</request>"},
+        ]
+        return {"at": at, "messages": messages}
+
+    log = {
+        "enabled": True,
+        "dropped": 0,
+        "requests": [
+            call(0, "requirements", 1.0),
+            call(0, "carlos", 2.0),  # stopped mid-answer by a drain ...
+            call(0, "carlos", 5.0),  # ... and made again where the design resumed
+            call(1, "requirements", 1.5),
+            call(1, "requirements", 4.0),  # after its answer was saved at 3.0: a defect
+            {"at": 0.5, "messages": [{"role": "user", "content": "warm-up"}]},
+        ],
+    }
+    texts = [(10, "A shop (load test #0)"), (11, "A shop (load test #1)")]
+    saved = [(10, "requirements", 1.8), (10, "carlos", 6.0), (11, "requirements", 3.0)]
+    assert repeated_calls(log, texts, saved) == {
+        "calls": 5,
+        "unattributed": 1,
+        "after_answer_saved": 1,
+        "again_after_stopped_mid_answer": 1,
+        "log_enabled": True,
+        "log_dropped": 0,
+    }
 
 
 def test_interrupted_run_stops_its_children_and_removes_its_folder(tmp_path):

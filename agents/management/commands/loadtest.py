@@ -4,7 +4,8 @@ Why: the product's promises under load (every design ends, nothing leaks, `/heal
 fast) are only worth the figures that back them. The command starts its own world on
 loopback (a throwaway SQLite database, the offline simulator and `manage.py serve` as child
 processes), drives it as browsers would, checks for leaks and prints the figures; the work
-is in `agents.loadtest`.
+is in `agents.loadtest`. With `--rolling-restart` it runs two servers and restarts each in
+turn while the designs run, as a deploy would.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Command(BaseCommand):
             "--fault-rate",
             type=float,
             default=None,
-            help="Split equally into HTTP 500s, connection resets and stalls (default 0.05).",
+            help="Split equally into HTTP 500s, connection resets and stalls (default 0.05; "
+            "0 with --rolling-restart).",
         )
         for kind, what in (
             ("error", "answered HTTP 500 (retried by the pools)"),
@@ -138,6 +140,16 @@ class Command(BaseCommand):
             help="Keep the run's folder (database, server, simulator and probe logs) and print "
             "where it is.",
         )
+        parser.add_argument(
+            "--rolling-restart",
+            action="store_true",
+            help="Run two servers on the same database (users alternate between them) and, "
+            "once a third of the designs run, restart each in turn with SIGTERM: it drains "
+            "(DRAIN_SECONDS, default here 10) and its unfinished designs resume on the other "
+            "(DESIGN_SWEEP_SECONDS, default here 1). Reports designs resumed, agent calls "
+            "repeated (from the simulator's request log) and each restart's drain and "
+            "downtime. No faults are injected unless a rate is given.",
+        )
         parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
         parser.add_argument(
             "--check",
@@ -164,6 +176,7 @@ class Command(BaseCommand):
                 keep=options["keep"],
                 login_concurrency=options["login_concurrency"],
                 simulator_nice=options["simulator_nice"],
+                rolling_restart=options["rolling_restart"],
             ).validated()
         except LoadTestError as exc:
             raise CommandError(str(exc)) from exc
