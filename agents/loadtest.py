@@ -83,7 +83,8 @@ PROGRESS_EVERY_S = 10.0
 ROLLING_ENV_DEFAULTS = {"DESIGN_SWEEP_SECONDS": "1", "DRAIN_SECONDS": "10"}
 ROLLING_LABELS = ("A", "B")
 # Without Redis, events reach only the sockets of the process running the design: a socket
-# on the other server learns of progress by asking for a snapshot this often.
+# on the other server learns of progress by asking for a snapshot when it has been quiet
+# this long (a socket on the running server hears every token and never asks).
 SNAPSHOT_POLL_S = 2.0
 REQUEST_LOG_PER_DESIGN = 30  # the simulator's request log keeps this many calls per design
 REQUESTS = (
@@ -497,10 +498,6 @@ class Server:
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
-
-    @property
-    def child_name(self) -> str:
-        return f"server {self.label}".strip()
 
 
 async def start_server(
@@ -1166,16 +1163,22 @@ async def watch_socket(
     The handshake carries the session cookie and this site's Origin, as the page's does
     (the consumer sits behind AllowedHostsOriginValidator). Opening is bounded by the run's
     deadline, not by a timeout of its own: a slow handshake under load is a figure. With
-    `poll_every`, the socket asks for a snapshot that often.
+    `poll_every`, the socket asks for a snapshot whenever it has heard nothing (nor asked)
+    for that long.
     """
     from websockets.asyncio.client import ClientConnection, connect
     from websockets.exceptions import ConnectionClosed
 
+    heard = time.monotonic()  # the last message; read by the poller
+
     async def ask_for_snapshots(socket: ClientConnection, every: float) -> None:
+        asked = 0.0
         with contextlib.suppress(ConnectionClosed):
             while True:
-                await asyncio.sleep(every)
-                await socket.send(json.dumps({"kind": "snapshot"}))
+                await asyncio.sleep(max(0.0, max(heard, asked) + every - time.monotonic()))
+                if time.monotonic() - max(heard, asked) >= every:
+                    asked = time.monotonic()
+                    await socket.send(json.dumps({"kind": "snapshot"}))
 
     started = time.perf_counter()
     opened = False
@@ -1194,6 +1197,7 @@ async def watch_socket(
                 poller = asyncio.create_task(ask_for_snapshots(socket, poll_every))
             try:
                 async for message in socket:
+                    heard = time.monotonic()
                     event = json.loads(message)
                     run.events += 1
                     recorder.socket_events += 1
@@ -1901,7 +1905,7 @@ def rolling_targets(
     }
     restarts = rolling["restarts"]
     targets["every_restart_clean"] = {
-        "measured": ", ".join(f"{r['server']} exit {r['exit_code']}" for r in restarts) or "none",
+        "measured": ", ".join(f"{r['server']} {r['exit_code']}" for r in restarts) or "none",
         "met": len(restarts) == len(rolling["servers"])
         and all(r["exit_code"] == 0 for r in restarts),
     }
@@ -1936,7 +1940,8 @@ def format_rolling(rolling: dict[str, Any], designs: dict[str, Any]) -> list[str
     lines.append(
         f"  agent calls {calls['calls']}: {calls['after_answer_saved']} for an agent after its "
         f"answer was saved, {calls['again_after_stopped_mid_answer']} made again for agents "
-        f"stopped mid-answer ({rolling['agent_runs_stopped']} runs stopped)"
+        f"stopped mid-answer ({rolling['agent_runs_stopped']} agent runs stopped by the drains; "
+        "those still waiting for a pool slot had made no call)"
         + (f"; request log dropped {calls['log_dropped']}" if calls["log_dropped"] else "")
     )
     during = rolling["health_while_restarting"]
@@ -2034,7 +2039,7 @@ def format_report(report: dict[str, Any]) -> str:
         "every_design_terminal": "every design terminal",
         "every_design_succeeded": "every design succeeded",
         "no_completed_agent_repeated": "completed agents called again",
-        "every_restart_clean": "restarts drained, exit 0",
+        "every_restart_clean": "restart exit codes all 0",
         "zero_leaks": "zero leaks",
         "health_p99_under_100ms": "/health p99 < 100 ms (designs)",
     }
