@@ -102,6 +102,7 @@ async def run_here(design_id: int) -> None:
     finally:
         if _working.get(design_id) is current:
             del _working[design_id]
+        _stop_keeper_when_idle()
 
 
 async def _release_queued(design_id: int) -> None:
@@ -109,11 +110,22 @@ async def _release_queued(design_id: int) -> None:
 
 
 def _keep_leases_on_this_loop() -> None:
-    """One lease keeper per loop that runs designs (started with its first design)."""
+    """One lease keeper per loop that runs designs (started with its first design, stopped
+    with its last)."""
     loop = asyncio.get_running_loop()
     keeper = _keepers.get(loop)
     if keeper is None or keeper.done():
         _keepers[loop] = loop.create_task(_keep_leases(), name="design lease keeper")
+
+
+def _stop_keeper_when_idle() -> None:
+    """The keeper lives while designs run on its loop: the last one to end stops it."""
+    loop = asyncio.get_running_loop()
+    if any(task.get_loop() is loop for task in _working.values()):
+        return
+    keeper = _keepers.pop(loop, None)
+    if keeper is not None:
+        keeper.cancel()
 
 
 async def _keep_leases() -> None:
