@@ -79,6 +79,7 @@ class DesignAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
         "attempts",
         "created_at",
         "finished_at",
+        "trace_id",
     )
     list_display_links = ("id", "title")
     # Filters through the runs: e.g. designs where an agent ran on a temporary connection.
@@ -90,10 +91,17 @@ class DesignAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
         "runs__pool",
         "runs__overflow",
     )
-    search_fields = ("request_text",)
+    # A trace id pasted from the tracing system finds its design.
+    search_fields = ("request_text", "trace_parent")
     date_hierarchy = "created_at"
     list_select_related = ("owner",)
     inlines = (AgentRunInline, DesignRetryInline)
+    readonly_fields = ("trace_id",)
+
+    @admin.display(description="trace id")
+    def trace_id(self, design: Design) -> str:
+        """The design's OpenTelemetry trace id (blank while telemetry is off)."""
+        return design.trace_id
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         """With `agents.delete_design`, a design that has ended may be deleted, with its runs

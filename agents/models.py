@@ -12,6 +12,7 @@ from django.db import models
 from django.utils import timezone
 
 from agents.options import AGENT_POOLS, AGENTS, Agent
+from pools.telemetry import trace_id_of
 
 __all__ = ["AGENTS", "AGENT_POOLS", "Agent", "AgentRun", "Design", "DesignRetry"]
 
@@ -61,6 +62,9 @@ class Design(models.Model):
     lease_expires_at = models.DateTimeField(null=True, blank=True, db_index=True)
     # How many times a process took the design over after the one running it died.
     takeovers = models.PositiveSmallIntegerField(default=0)
+    # The W3C traceparent of the design's first root span (OpenTelemetry): every later start
+    # (a resume, a take-over, a retry) continues that trace. Empty while telemetry is off.
+    trace_parent = models.CharField(max_length=55, blank=True)
 
     class Meta:
         ordering = ("-created_at", "-id")
@@ -77,6 +81,11 @@ class Design(models.Model):
     @property
     def is_terminal(self) -> bool:
         return self.status in self.TERMINAL_STATUSES
+
+    @property
+    def trace_id(self) -> str:
+        """The OpenTelemetry trace id of the design (32 hex digits), or "" without one."""
+        return trace_id_of(self.trace_parent)
 
     def _outputs(self) -> models.QuerySet[AgentRun]:
         return self.runs.filter(status=AgentRun.Status.SUCCEEDED)

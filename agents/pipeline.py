@@ -12,6 +12,13 @@ did not finish, so no finished answer is paid for twice. The process works on a 
 while it holds its lease (agents.leases): the pipeline ends SUCCEEDED or FAILED; when it is
 stopped (the task cancelled, the server draining) it saves what the running agents streamed
 and hands the design back QUEUED, to resume here or on another instance.
+
+Each start of a design is traced (OpenTelemetry, tracer `carlos.pipeline`; no-ops while
+telemetry is off): a root span `design`, a span per stage (`stage requirements`, `stage
+designs`...) and one per agent called (`invoke_agent <agent>`), under which the pool engine
+puts its `chat <model>` spans (`pools.telemetry`). The first start stores the root's
+traceparent on the design; every later start (a resume, a take-over, a retry) is a child of
+it, so a design is one trace however often it starts.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -33,12 +40,16 @@ from django.db import DatabaseError
 from django.db.models import F, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, StatusCode
+from opentelemetry.trace import Status as SpanStatus
 
 from agents import leases, prompts
 from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, ANALYST_AGENTS, DESIGN_AGENTS, validate_options
 from agents.redaction import RedactSecrets, redact
 from agents.schemas import ReportInvalid, validate_report
+from pools import telemetry
 from pools.exceptions import (
     CircuitOpen,
     PoolClosed,
@@ -124,6 +135,60 @@ class AgentFailed(Exception):
         super().__init__(f"{agent}: {message}")
         self.agent = agent
         self.message = message
+
+
+# -- tracing -------------------------------------------------------------------------------
+
+tracer = trace.get_tracer(telemetry.PIPELINE_TRACER_NAME)
+DESIGN_ID = "carlos.design.id"
+DESIGN_ATTEMPT = "carlos.design.attempt"
+DESIGN_STATUS = "carlos.design.status"  # succeeded | failed | queued (stopped) | lost
+STAGE = "carlos.stage"
+ROUND = "carlos.round"
+AGENT_POOL = "carlos.pool"
+AGENT_RUN_ID = "carlos.agent_run.id"
+STOPPED = "carlos.stopped"  # why a span ended without an outcome: Drained, DesignLost...
+CHECKPOINT_REUSED = "checkpoint reused"
+# Ends of a run that are no failure of the design: the design's status says what happened.
+_STOPS = (Drained, DesignLost)
+
+
+def _record_end(span: Span, exc: BaseException) -> None:
+    """A failure (an agent failed, a crash) is an error status naming only what the user is
+    told (never an endpoint's words); a stop (drain, cancellation, lost lease) is no error."""
+    if isinstance(exc, _STOPS) or not isinstance(exc, Exception):
+        span.set_attribute(STOPPED, type(exc).__name__)
+        return
+    if isinstance(exc, AgentFailed):
+        cause = exc.__cause__ or exc
+        span.set_attribute(telemetry.ERROR_TYPE, type(cause).__name__)
+        span.set_status(SpanStatus(StatusCode.ERROR, exc.message))
+    else:
+        span.set_attribute(telemetry.ERROR_TYPE, type(exc).__name__)
+        span.set_status(SpanStatus(StatusCode.ERROR, describe_error(exc)))
+
+
+@contextlib.contextmanager
+def _span(name: str, attributes: dict[str, Any]) -> Iterator[Span]:
+    """An INTERNAL span, current for the block (and the tasks it starts), its end recorded."""
+    with tracer.start_as_current_span(
+        name,
+        kind=SpanKind.INTERNAL,
+        attributes=attributes,
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as span:
+        try:
+            yield span
+        except BaseException as exc:
+            if span.is_recording():
+                _record_end(span, exc)
+            raise
+
+
+def _stage(name: str, round_number: int) -> contextlib.AbstractContextManager[Span]:
+    """The span of one stage of the pipeline; the agents it runs are its children."""
+    return _span(f"stage {name}", {STAGE: name, ROUND: round_number})
 
 
 # What users are told about an endpoint's answer, by HTTP status: the endpoint's own text
@@ -387,30 +452,34 @@ class DesignPipeline:
 
     async def run(self) -> None:
         brief = self.brief
-        requirements = await self.call("requirements", 0, prompts.requirements_messages(brief))
+        with _stage("requirements", 0):
+            requirements = await self.call("requirements", 0, prompts.requirements_messages(brief))
         limit = max_revisions()
         round_number = 0
         previous: dict[str, str] = {}
         required_changes: str | None = None
         while True:
-            designs = await self._designs(
-                requirements.text, round_number, previous, required_changes
-            )
-            analyses = await self._analyses(requirements.text, designs, round_number)
+            with _stage("designs", round_number):
+                designs = await self._designs(
+                    requirements.text, round_number, previous, required_changes
+                )
+            with _stage("analyses", round_number):
+                analyses = await self._analyses(requirements.text, designs, round_number)
             final_round = round_number >= limit
-            audit = await self.call(
-                "auditor",
-                round_number,
-                prompts.auditor_messages(
-                    brief,
-                    requirements.text,
-                    designs,
-                    analyses,
+            with _stage("audit", round_number):
+                audit = await self.call(
+                    "auditor",
                     round_number,
-                    final_round=final_round,
-                ),
-                check=prompts.parse_verdict,
-            )
+                    prompts.auditor_messages(
+                        brief,
+                        requirements.text,
+                        designs,
+                        analyses,
+                        round_number,
+                        final_round=final_round,
+                    ),
+                    check=prompts.parse_verdict,
+                )
             verdict = prompts.parse_verdict(audit.text)
             await self._update(verdict=verdict)
             if verdict != prompts.VERDICT_NEEDS_REVISION or final_round:
@@ -419,18 +488,20 @@ class DesignPipeline:
             previous = designs
             required_changes = prompts.parse_required_changes(audit.text)
             await self._update(revisions=round_number)
-        recommender = await self.call(
-            "recommender",
-            round_number,
-            prompts.recommender_messages(brief, designs, analyses, audit.text),
-            check=prompts.parse_recommendation,
-        )
+        with _stage("recommendation", round_number):
+            recommender = await self.call(
+                "recommender",
+                round_number,
+                prompts.recommender_messages(brief, designs, analyses, audit.text),
+                check=prompts.parse_recommendation,
+            )
         choice = prompts.parse_recommendation(recommender.text)
         await self._update(recommendation=choice)
         chosen = designs["carlos" if choice == prompts.RECOMMEND_CARLOS else "ronei"]
-        await self.call(
-            "terraform", round_number, prompts.terraform_messages(brief, choice, chosen)
-        )
+        with _stage("terraform", round_number):
+            await self.call(
+                "terraform", round_number, prompts.terraform_messages(brief, choice, chosen)
+            )
 
     async def _designs(
         self,
@@ -499,12 +570,42 @@ class DesignPipeline:
         check: Callable[[str], object] | None = None,
     ) -> AgentOutput:
         """One agent: a run row, a streamed call on its pool, validation, the finished row;
-        or the stored output when the agent already finished in an earlier start."""
+        or the stored output when the agent already finished in an earlier start (an event
+        on the stage's span, where a called agent has a span of its own)."""
         stored = self.checkpoints.get((agent, round_number))
         if stored is not None:
+            trace.get_current_span().add_event(
+                CHECKPOINT_REUSED,
+                {telemetry.GEN_AI_AGENT_NAME: agent, ROUND: round_number, AGENT_RUN_ID: stored.pk},
+            )
             return AgentOutput(run=stored, text=stored.output_text, json=stored.output_json)
         if leases.draining():
             raise Drained(f"the server is stopping; {agent} starts where the design resumes")
+        pool_name = AGENT_POOLS[agent]
+        attributes = {
+            telemetry.GEN_AI_OPERATION_NAME: telemetry.OPERATION_INVOKE_AGENT,
+            telemetry.GEN_AI_AGENT_NAME: agent,
+            telemetry.GEN_AI_PROVIDER_NAME: telemetry.PROVIDER_BY_ENDPOINT_KIND.get(
+                self.registry.config.endpoint.kind, telemetry.PROVIDER_OPENAI
+            ),
+            ROUND: round_number,
+            AGENT_POOL: pool_name,
+        }
+        with _span(f"invoke_agent {agent}", attributes) as span:
+            return await self._run_agent(
+                span, agent, round_number, messages, json_report=json_report, check=check
+            )
+
+    async def _run_agent(
+        self,
+        span: Span,
+        agent: str,
+        round_number: int,
+        messages: prompts.Messages,
+        *,
+        json_report: bool,
+        check: Callable[[str], object] | None,
+    ) -> AgentOutput:
         pool_name = AGENT_POOLS[agent]
         pool_config = self.registry.config.pools[pool_name]
         run = await AgentRun.objects.acreate(
@@ -518,6 +619,7 @@ class DesignPipeline:
             status=AgentRun.Status.RUNNING,
             started_at=timezone.now(),
         )
+        span.set_attribute(AGENT_RUN_ID, run.pk)
         await self.events.send(
             {
                 "kind": "agent_started",
@@ -757,6 +859,32 @@ async def run_design(design_id: int, *, owner: str | None = None) -> None:
             )
         )
     design = await Design.objects.aget(pk=design_id)
+    # The design's trace: a new one at its first start, the stored one at every later start.
+    with tracer.start_as_current_span(
+        "design",
+        context=telemetry.context_from_traceparent(design.trace_parent),
+        kind=SpanKind.INTERNAL,
+        attributes={DESIGN_ID: design.pk, DESIGN_ATTEMPT: design.attempts},
+        record_exception=False,
+        set_status_on_exception=False,
+    ) as root:
+        await _remember_trace(design, root)
+        await _run_claimed(design, owner, root)
+
+
+async def _remember_trace(design: Design, root: Span) -> None:
+    """Store the first root span's traceparent on the design: later starts continue it."""
+    if design.trace_parent:
+        return
+    traceparent = telemetry.traceparent_of(root)
+    if traceparent:
+        await Design.objects.filter(pk=design.pk, trace_parent="").aupdate(trace_parent=traceparent)
+        design.trace_parent = traceparent
+
+
+async def _run_claimed(design: Design, owner: str, root: Span) -> None:
+    """The pipeline of a design this process just claimed, under its root span `root`."""
+    design_id = design.pk
     events = EventPublisher(design_id)
     await events.design_status(design)
     checkpoints = await _checkpoints(design)
@@ -771,20 +899,35 @@ async def run_design(design_id: int, *, owner: str | None = None) -> None:
     finish = _Finisher(design, events, owner)
     try:
         await pipeline.run()
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
+        _end_root(root, Status.QUEUED, exc)
         await complete_even_if_cancelled(finish.stopped())
         raise
-    except Drained:
+    except Drained as exc:
+        _end_root(root, Status.QUEUED, exc)
         await finish.stopped()
     except DesignLost as lost:
+        _end_root(root, "lost", lost)
         logger.info("design %s: stopped here: %s", design_id, lost)
     except AgentFailed as failure:
+        _end_root(root, Status.FAILED, failure)
         await finish.ended(Status.FAILED, error=failure.message, failed_agent=failure.agent)
     except Exception as exc:
+        _end_root(root, Status.FAILED, exc)
         logger.exception("design %s: pipeline crashed", design_id)
         await finish.ended(Status.FAILED, error=f"internal error: {describe_error(exc)}")
     else:
+        _end_root(root, Status.SUCCEEDED)
         await finish.ended(Status.SUCCEEDED)
+
+
+def _end_root(root: Span, status: str, exc: BaseException | None = None) -> None:
+    """How this start of the design ended, on its root span (an error status when FAILED)."""
+    if not root.is_recording():
+        return
+    root.set_attribute(DESIGN_STATUS, str(status))
+    if exc is not None:
+        _record_end(root, exc)
 
 
 @dataclass

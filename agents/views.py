@@ -433,6 +433,8 @@ def _design_page(
         "can_act": can_act,
         "page_data": page_data,
         "show_owner": design.owner_id != request.user.pk,
+        # The design's OpenTelemetry trace, for staff to look it up in their tracing system.
+        "trace_id": design.trace_id if request.user.is_staff else "",
         "busy": busy,
         "problem": problem,
         **(_allowance_context(quota) if quota is not None else {}),

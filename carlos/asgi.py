@@ -23,7 +23,7 @@ from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
 from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
-from carlos import lifecycle  # noqa: E402
+from carlos import lifecycle, telemetry  # noqa: E402
 from carlos.admission import RequestGate  # noqa: E402
 from carlos.socket_origins import SiteOriginValidator  # noqa: E402
 from pools.endpoints import HealthEndpoints  # noqa: E402
@@ -52,7 +52,9 @@ application = PoolLifespan(
                     StaticFiles(django_asgi_app),
                     limit=settings.MAX_CONCURRENT_REQUESTS,
                     max_waiting=settings.MAX_WAITING_REQUESTS,
-                )
+                ),
+                # Operators see where traces and metrics go (the key masked).
+                sections={"telemetry": telemetry.describe},
             ),
             # Sessions authenticate the socket; the Origin check (scheme, host and port: this
             # site's own pages, or DJANGO_WS_ALLOWED_ORIGINS) stops other sites and other
@@ -60,6 +62,8 @@ application = PoolLifespan(
             "websocket": SiteOriginValidator(AuthMiddlewareStack(URLRouter(websocket_urlpatterns))),
         }
     ),
+    on_starting=lifecycle.starting,
     on_started=lifecycle.listening,
     on_stopping=lifecycle.stopping,
+    on_stopped=lifecycle.stopped,
 )

@@ -162,13 +162,33 @@ else:
         }
     }
 
+# A line written while a span is current (a design's agents and calls, with telemetry on) ends
+# with its ids, ` [trace=<32 hex> span=<16 hex>]`, to find in the tracing backend; else nothing.
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"trace_context": {"()": "carlos.telemetry.TraceContextFilter"}},
+    "formatters": {
+        "plain": {
+            "format": "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_context)s",
+            "defaults": {"trace_context": ""},
+        }
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": "plain",
+            "filters": ["trace_context"],
+        }
+    },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
-    "loggers": {"httpx": {"level": "WARNING"}, "httpcore": {"level": "WARNING"}},
+    "loggers": {
+        "httpx": {"level": "WARNING"},
+        "httpcore": {"level": "WARNING"},
+        # The telemetry exporters' HTTP clients: a line per export otherwise.
+        "urllib3": {"level": "WARNING"},
+        "azure": {"level": "WARNING"},
+    },
 }
 
 # --- LLM endpoint and pools ---------------------------------------------------------------

@@ -311,3 +311,155 @@ def format_report(summary: dict[str, Any]) -> str:
         mark = "met" if check["met"] else "MISSED"
         lines.append(f"  {name:<22} {check['value']:>9}  target {check['target']:<8} {mark}")
     return "\n".join(lines)
+
+
+# -- telemetry overhead ------------------------------------------------------------------------
+async def _pooled_against_reused(
+    base_url: str, ca_file: str, rounds: int, size: int, seed: int
+) -> dict[str, float]:
+    """Medians (ms) of a pooled call and of the same call on one reused SDK client, which no
+    instrumentation sees, interleaved in shuffled pairs: the reused client is the control that
+    drift on the machine moves alike."""
+    shuffle = random.Random(seed).shuffle
+    registry = build_registry(base_url, ca_file, size)
+    reused = AsyncOpenAI(
+        base_url=base_url,
+        api_key="benchmark",
+        http_client=httpx.AsyncClient(verify=ca_file),
+        max_retries=0,
+    )
+    try:
+        await registry.initialize()
+
+        async def pooled() -> None:
+            async with registry.get_main_llm() as llm:
+                await llm.ainvoke(MESSAGES, max_tokens=8)
+
+        variants: dict[str, Callable[[], Awaitable[None]]] = {
+            "pooled": pooled,
+            "reused": lambda: _complete(reused, "gpt-4o"),
+        }
+        for call in variants.values():  # warm: the first calls build clients and connections
+            for _ in range(5):
+                await call()
+        latencies: dict[str, list[float]] = {name: [] for name in variants}
+        order = list(variants)
+        for _ in range(rounds):
+            shuffle(order)
+            for name in order:
+                latencies[name].append(await _timed(variants[name]))
+    finally:
+        await reused.close()
+        await registry.close()
+    return {name: statistics.median(values) for name, values in latencies.items()}
+
+
+async def run_telemetry_overhead(
+    base_url: str,
+    ca_file: str,
+    enable: Callable[[], Any],
+    *,
+    rounds: int = 400,
+    size: int = 10,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """What exporting telemetry costs a pooled call: pooled against reused (the control),
+    first with telemetry off (the API's no-ops), then after `enable()` has set up the SDK and
+    its exporters. The overhead is the pooled/reused ratio with telemetry on over the ratio
+    with it off, so that drift between the two phases cancels out."""
+    off = await _pooled_against_reused(base_url, ca_file, rounds, size, seed)
+    enable()
+    on = await _pooled_against_reused(base_url, ca_file, rounds, size, seed + 1)
+    ratio_off = off["pooled"] / off["reused"]
+    ratio_on = on["pooled"] / on["reused"]
+    overhead = ratio_on / ratio_off - 1
+    return {
+        "rounds": rounds,
+        "off": {name: round(value, 3) for name, value in off.items()},
+        "on": {name: round(value, 3) for name, value in on.items()},
+        "pooled_vs_reused_off": round(ratio_off, 4),
+        "pooled_vs_reused_on": round(ratio_on, 4),
+        "overhead": round(overhead, 4),
+        "overhead_us_per_call": round((ratio_on - ratio_off) * on["reused"] * 1000, 1),
+        "target": {"value": round(overhead, 4), "target": "<= 0.05", "met": overhead <= 0.05},
+    }
+
+
+def format_telemetry_overhead(summary: dict[str, Any]) -> str:
+    off, on = summary["off"], summary["on"]
+    lines = [
+        f"Telemetry overhead, {summary['rounds']} interleaved rounds per phase "
+        "(pooled call vs one reused SDK client, which no instrumentation sees):",
+        "",
+        f"{'telemetry':<10} {'pooled ms':>10} {'reused ms':>10} {'pooled/reused':>14}",
+        f"{'off':<10} {off['pooled']:>10.3f} {off['reused']:>10.3f} "
+        f"{summary['pooled_vs_reused_off']:>14.3f}",
+        f"{'on':<10} {on['pooled']:>10.3f} {on['reused']:>10.3f} "
+        f"{summary['pooled_vs_reused_on']:>14.3f}",
+        "",
+        f"overhead per pooled call: {summary['overhead'] * 100:+.1f} % "
+        f"({summary['overhead_us_per_call']:+.0f} µs); target <= 5 %: "
+        + ("met" if summary["target"]["met"] else "MISSED"),
+    ]
+    export = summary.get("export")
+    if export:
+        lines.append(
+            f"exported to {export['endpoint']}: {export['spans_exported']} spans, "
+            f"{export['spans_dropped']} dropped, {export['spans_failed']} failed; "
+            f"the sink received {export['sink']['spans']} spans in "
+            f"{export['sink']['requests']} requests"
+        )
+    return "\n".join(lines)
+
+
+SINK_READY = "OTLP sink listening on "
+
+
+def serve_otlp_sink() -> None:
+    """A minimal OTLP/HTTP collector for the benchmark, run in a child process (so its work
+    is not on the measured process's CPU): it accepts every export, counts the spans and
+    requests, and says so at GET /stats."""
+    import json
+    import sys
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+        ExportTraceServiceRequest,
+    )
+
+    counts = {"requests": 0, "spans": 0, "bytes": 0}
+
+    class Sink(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            counts["requests"] += 1
+            counts["bytes"] += len(body)
+            if self.path.endswith("/v1/traces"):
+                request = ExportTraceServiceRequest()
+                request.ParseFromString(body)
+                counts["spans"] += sum(
+                    len(scope.spans)
+                    for resource in request.resource_spans
+                    for scope in resource.scope_spans
+                )
+            self._reply(b"", "application/x-protobuf")
+
+        def do_GET(self) -> None:
+            self._reply(json.dumps(counts).encode(), "application/json")
+
+        def _reply(self, content: bytes, kind: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(content)))
+            self.end_headers()
+            self.wfile.write(content)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    sys.stdout.write(f"{SINK_READY}http://127.0.0.1:{server.server_address[1]}\n")
+    sys.stdout.flush()
+    server.serve_forever()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from importlib import import_module
 from typing import Any
 from urllib.parse import parse_qs
@@ -37,6 +37,8 @@ Scope = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+# Extra sections of the operators' view: name -> a cheap, synchronous describer.
+Sections = Mapping[str, Callable[[], Any]]
 
 READINESS_PATH = "/health"
 LIVENESS_PATH = "/health/live"
@@ -56,11 +58,13 @@ _session_lookups = 0
 logger = logging.getLogger("pools")
 
 
-async def readiness(query: dict[str, list[str]], connection: Scope) -> tuple[int, dict[str, Any]]:
+async def readiness(
+    query: dict[str, list[str]], connection: Scope, sections: Sections | None = None
+) -> tuple[int, dict[str, Any]]:
     """The design note's health JSON, live; 503 when the pools cannot serve (not
     initialized, closed, or the main deployment's circuit is open). Operators get the
-    details too; `scope=cluster` (operators only) adds every instance's last report when
-    the pools are coordinated through Redis."""
+    details too, and the application's `sections`; `scope=cluster` (operators only) adds
+    every instance's last report when the pools are coordinated through Redis."""
     registry = get_pool()
     scope = query.get("scope", ["instance"])[-1]
     if scope not in {"instance", "cluster"}:
@@ -76,6 +80,12 @@ async def readiness(query: dict[str, list[str]], connection: Scope) -> tuple[int
         return (503 if reason else 200), public_view(body)
     if reason:
         body["reason"] = reason
+    for name, describe in (sections or {}).items():
+        try:
+            body[name] = describe()
+        except Exception as exc:  # a probe answers whatever a section does
+            logger.exception("/health could not describe %s", name)
+            body[name] = {"error": type(exc).__name__}
     if scope == "cluster":
         try:
             body["cluster_view"] = await registry.cluster_stats()
@@ -84,7 +94,9 @@ async def readiness(query: dict[str, list[str]], connection: Scope) -> tuple[int
     return (503 if reason else 200), body
 
 
-async def liveness(query: dict[str, list[str]], connection: Scope) -> tuple[int, dict[str, Any]]:
+async def liveness(
+    query: dict[str, list[str]], connection: Scope, sections: Sections | None = None
+) -> tuple[int, dict[str, Any]]:
     """The process answers: 200 even during an LLM outage, so nothing restarts a healthy app."""
     return 200, {"status": "alive"}
 
@@ -153,10 +165,14 @@ _HANDLERS = {READINESS_PATH: readiness, LIVENESS_PATH: liveness}
 
 
 class HealthEndpoints:
-    """ASGI middleware: answer the probes, pass everything else to `app`."""
+    """ASGI middleware: answer the probes, pass everything else to `app`.
 
-    def __init__(self, app: ASGIApp) -> None:
+    `sections` (name -> describer) are added to the operators' view of /health.
+    """
+
+    def __init__(self, app: ASGIApp, *, sections: Sections | None = None) -> None:
         self.app = app
+        self.sections = dict(sections or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = _HANDLERS.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -168,7 +184,7 @@ class HealthEndpoints:
             await _respond(send, 405, {"error": "only GET"}, [(b"allow", b"GET, HEAD")])
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        status, body = await handler(query, scope)
+        status, body = await handler(query, scope, self.sections)
         await _respond(send, status, body, head=method == "HEAD")
 
 

@@ -9,6 +9,8 @@ within the call's deadline. A stream is never retried once it has delivered text
 verified: an answer that ends without a finish reason is `TruncatedResponse`, never a whole
 answer. Streams are tracked so that leaving the `async with` block closes any still open: a
 connection is never handed to the next caller while a response is still arriving on it.
+Each call is one OpenTelemetry span with its retries, 429 pauses and queueing as events, and
+the GenAI client metrics (`pools.telemetry`; no-ops while telemetry is off).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from pools.exceptions import (
 )
 from pools.resilience import CircuitBreaker, RetryPolicy, classify
 from pools.slots import Slot, SlotPool
+from pools.telemetry import call_telemetry
 
 Messages = Iterable[ChatCompletionMessageParam]
 
@@ -73,6 +76,8 @@ class Guard:
     default_output_tokens: int = 1000
     limiter: DeploymentLimiter | None = None
     adaptive: bool = True  # False: this pool obeys the pause but not the learned limit
+    # What every call span and metric of the pool shares (pools.telemetry, filled lazily).
+    telemetry_attributes: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.limiter is None:
@@ -181,7 +186,9 @@ class _Call:
     loop goes on) or lets it propagate. Leaving cleanly records a success and ends the loop.
     """
 
-    def __init__(self, handle: LLMHandle, messages: list[Any], kwargs: dict[str, Any]) -> None:
+    def __init__(
+        self, handle: LLMHandle, messages: list[Any], kwargs: dict[str, Any], *, stream: bool
+    ) -> None:
         self.handle = handle
         self.messages = messages
         self.loop = asyncio.get_running_loop()
@@ -192,6 +199,8 @@ class _Call:
         self.retries = 0  # retries of failures (MAX_RETRIES bounds these)
         self.rate_limited = 0  # 429s waited out (the deadline bounds these)
         self.done = False
+        # The call's span (a child of the caller's current span) and metrics; ends once.
+        self.telemetry = call_telemetry(handle, kwargs, stream=stream)
 
     def __aiter__(self) -> _Call:
         return self
@@ -204,7 +213,18 @@ class _Call:
     def left(self) -> float:
         return self.deadline - self.loop.time()
 
+    @property
+    def all_retries(self) -> int:
+        """Retries of failures and 429s waited out: what `LLMResult.retries` reports."""
+        return self.retries + self.rate_limited
+
     async def admit(self) -> Permit:
+        arrived = self.loop.time()
+        permit = await self._admit()
+        self.telemetry.queued((self.loop.time() - arrived) * 1000)
+        return permit
+
+    async def _admit(self) -> Permit:
         guard = self.handle._guard
         budget = guard.budget
         if budget is not None and budget.limited:
@@ -286,8 +306,10 @@ class _Attempt:
             wait = failure.retry_after
             if wait == 0 and call.rate_limited > 1:
                 wait = None  # "now" did not work: back off instead of hammering
-            limiter.pause(wait, _pause_reason(failure.retry_after))
+            paused = limiter.pause(wait, _pause_reason(failure.retry_after))
             handle._pool.record_retry()
+            call.telemetry.rate_limited(paused)
+            call.telemetry.retry(exc, call.all_retries, paused)
             return True  # the next admission waits out the pause, or says it cannot
         if call.retries >= handle._pool.config.max_retries:
             return False
@@ -296,6 +318,7 @@ class _Attempt:
             return False  # no time left for another attempt within the call's deadline
         call.retries += 1
         handle._pool.record_retry()
+        call.telemetry.retry(exc, call.all_retries, delay)
         await asyncio.sleep(delay)
         return True
 
@@ -323,6 +346,8 @@ class LLMStream:
         self._iterator: AsyncIterator[str] | None = None
         self.usage: TokenUsage | None = None
         self.finish_reason: str | None = None
+        self.response_id: str | None = None  # from the chunk with usage or a finish reason
+        self.response_model: str | None = None
         self.first_token_ms: float | None = None
         self._network_stream: Any = None
         self.deadline_extensions = 0  # deadlines that passed while data waited unread
@@ -402,19 +427,27 @@ class LLMStream:
             self.usage = TokenUsage(
                 usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
             )
+            self._identify(chunk)
         parts = []
         for choice in chunk.get("choices") or ():
             if choice.get("finish_reason"):
                 self.finish_reason = choice["finish_reason"]
+                self._identify(chunk)
             content = (choice.get("delta") or {}).get("content")
             if content:
                 parts.append(content)
         return "".join(parts)
 
+    def _identify(self, chunk: dict[str, Any]) -> None:
+        """The response's id and model, from a chunk read once per answer (not per token)."""
+        self.response_id = chunk.get("id") or self.response_id
+        self.response_model = chunk.get("model") or self.response_model
+
     async def _chunks(self) -> AsyncIterator[str]:
         handle = self._handle
         config = handle._pool.config
-        call = _Call(handle, self._messages, self._kwargs)
+        call = _Call(handle, self._messages, self._kwargs, stream=True)
+        telemetry = call.telemetry
         characters = 0
         try:
             async for attempt in call:
@@ -423,7 +456,8 @@ class LLMStream:
                     watch = _SilenceWatch(call.deadline, config.call_timeout)
                     try:
                         watch.expect("first_token", config.first_token_timeout)
-                        reads, attempt.headers = await watch.read(self._open())
+                        with telemetry.current():  # the request carries the call's traceparent
+                            reads, attempt.headers = await watch.read(self._open())
                         watch.data_waiting = functools.partial(_data_waiting, self._network_stream)
                         buffer = bytearray()
                         while True:
@@ -452,17 +486,31 @@ class LLMStream:
                     finally:
                         watch.close()
                         self.deadline_extensions += watch.extensions
-                        self.retries = call.retries + call.rate_limited
-        except asyncio.CancelledError:
-            raise
+                        self.retries = call.all_retries
         except Exception as exc:
             handle._failed(exc)
+            telemetry.failed(exc, retries=call.all_retries, ttft_ms=self.first_token_ms)
             raise
-        else:  # read to the end (a stream closed early is neither completed nor failed)
+        except BaseException as exc:  # cancelled, or closed early: neither completed nor failed
+            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "closed"
+            telemetry.stopped(outcome, retries=call.all_retries, ttft_ms=self.first_token_ms)
+            raise
+        else:  # read to the end
             latency_ms = (time.perf_counter() - call.started) * 1000
             handle._completed(latency_ms, self.first_token_ms, self.usage)
+            telemetry.completed(
+                response_model=self.response_model,
+                response_id=self.response_id,
+                finish_reason=self.finish_reason,
+                usage=self.usage,
+                ttft_ms=self.first_token_ms,
+                retries=call.all_retries,
+            )
         finally:
-            await self._release()
+            try:
+                await self._release()
+            finally:
+                telemetry.stopped("closed", retries=call.all_retries)  # if it has not ended
 
     def _verify(self, delivered: bool, characters: int) -> None:
         """A whole answer ends with a finish reason and has text (or says why it has none)."""
@@ -525,48 +573,67 @@ class LLMHandle:
     async def ainvoke(self, messages: Messages, **kwargs: Any) -> LLMResult:
         """The whole completion at once, with its token usage."""
         config = self._pool.config
-        call = _Call(self, list(messages), kwargs)
+        call = _Call(self, list(messages), kwargs, stream=False)
+        telemetry = call.telemetry
         try:
-            async for attempt in call:
-                async with attempt:
-                    raw = await _within(
-                        self.client.chat.completions.with_raw_response.create(
-                            model=self.model,
-                            temperature=self.temperature,
-                            messages=call.messages,
-                            **kwargs,
-                        ),
-                        call.deadline,
-                        "total",
-                        config.call_timeout,
-                    )
-                    attempt.headers = raw.headers
-                    completion = raw.parse()
-                    choice = completion.choices[0] if completion.choices else None
-                    text = (choice.message.content or "") if choice else ""
-                    finish_reason = choice.finish_reason if choice else None
-                    if not text and finish_reason in ("stop", None):
-                        raise EmptyResponse("the model finished without any text")
-                    usage = completion.usage
-                    attempt.usage = call.usage_or_estimate(
-                        TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
-                        len(text),
-                    )
-        except asyncio.CancelledError:
-            raise
+            with telemetry.current():
+                result, response_id = await self._invoke(call, config.call_timeout, kwargs)
         except Exception as exc:
             self._failed(exc)
+            telemetry.failed(exc, retries=call.all_retries)
             raise
+        except BaseException:  # cancelled
+            telemetry.stopped("cancelled", retries=call.all_retries)
+            raise
+        self._completed(result.latency_ms, None, result.usage)
+        telemetry.completed(
+            response_model=result.model,
+            response_id=response_id,
+            finish_reason=result.finish_reason,
+            usage=result.usage,
+            ttft_ms=None,
+            retries=result.retries,
+        )
+        return result
+
+    async def _invoke(
+        self, call: _Call, call_timeout: float, kwargs: dict[str, Any]
+    ) -> tuple[LLMResult, str | None]:
+        """The attempts of one `ainvoke`: the result and the response's id."""
+        async for attempt in call:
+            async with attempt:
+                raw = await _within(
+                    self.client.chat.completions.with_raw_response.create(
+                        model=self.model,
+                        temperature=self.temperature,
+                        messages=call.messages,
+                        **kwargs,
+                    ),
+                    call.deadline,
+                    "total",
+                    call_timeout,
+                )
+                attempt.headers = raw.headers
+                completion = raw.parse()
+                choice = completion.choices[0] if completion.choices else None
+                text = (choice.message.content or "") if choice else ""
+                finish_reason = choice.finish_reason if choice else None
+                if not text and finish_reason in ("stop", None):
+                    raise EmptyResponse("the model finished without any text")
+                usage = completion.usage
+                attempt.usage = call.usage_or_estimate(
+                    TokenUsage(usage.prompt_tokens, usage.completion_tokens) if usage else None,
+                    len(text),
+                )
         result = LLMResult(
             text=text,
             usage=attempt.usage or TokenUsage(),
             model=completion.model,
             finish_reason=finish_reason,
             latency_ms=(time.perf_counter() - call.started) * 1000,
-            retries=call.retries + call.rate_limited,
+            retries=call.all_retries,
         )
-        self._completed(result.latency_ms, None, result.usage)
-        return result
+        return result, completion.id
 
     def astream(self, messages: Messages, **kwargs: Any) -> LLMStream:
         """Text chunks as they arrive; the stream holds the connection until read or closed."""

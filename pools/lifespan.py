@@ -19,20 +19,25 @@ logger = logging.getLogger("pools")
 class PoolLifespan:
     """ASGI middleware: warm the pools on `lifespan.startup`, close them on shutdown.
 
-    `on_started` runs once the pools are warm, `on_stopping` before they close (the
-    application's own start and drain: see carlos.lifecycle).
+    `on_starting` (synchronous) runs first, `on_started` once the pools are warm,
+    `on_stopping` before they close and `on_stopped` after (the application's own start,
+    drain and last words, telemetry's flush: see carlos.lifecycle).
     """
 
     def __init__(
         self,
         app: Any,
         *,
+        on_starting: Callable[[], Any] | None = None,
         on_started: Callable[[], Awaitable[Any]] | None = None,
         on_stopping: Callable[[], Awaitable[Any]] | None = None,
+        on_stopped: Callable[[], Awaitable[Any]] | None = None,
     ) -> None:
         self.app = app
+        self.on_starting = on_starting
         self.on_started = on_started
         self.on_stopping = on_stopping
+        self.on_stopped = on_stopped
         self.sampler: SnapshotSampler | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -42,6 +47,11 @@ class PoolLifespan:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
+                if self.on_starting is not None:
+                    try:
+                        self.on_starting()
+                    except Exception:  # telemetry is worth a log line, not a refusal
+                        logger.exception("the application's start-up step failed")
                 registry = get_pool()
                 metrics_for(registry)
                 try:
@@ -68,5 +78,10 @@ class PoolLifespan:
                         logger.exception("stopping the pool snapshot sampler failed")
                     self.sampler = None
                 await shut_down(get_pool())
+                if self.on_stopped is not None:
+                    try:
+                        await self.on_stopped()
+                    except Exception:
+                        logger.exception("the application's last shutdown step failed")
                 await send({"type": "lifespan.shutdown.complete"})
                 return

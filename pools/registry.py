@@ -26,6 +26,7 @@ import httpcore
 import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
+from pools import telemetry
 from pools.adaptive import DeploymentLimiter, LimitSettings
 from pools.budget import RateBudget
 from pools.config import PoolConfig, PoolsConfig
@@ -187,6 +188,8 @@ class PoolRegistry:
         # sends no new work here while the running calls finish.
         self.stopping = False
         self._cluster_waiting: Counter[str] = Counter()
+        # The pools' gauges and counters as OpenTelemetry instruments, and errors by kind.
+        telemetry.watch_registry(self)
 
     @property
     def config(self) -> PoolsConfig:

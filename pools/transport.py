@@ -29,6 +29,7 @@ import httpx
 from httpcore._async.http11 import AsyncHTTP11Connection, HTTPConnectionState
 
 from pools.config import EndpointConfig, HttpLimits
+from pools.telemetry import inject_trace_context
 
 # The pool a connection is opened for; set around each call so the ledger can attribute it.
 current_pool: contextvars.ContextVar[str] = contextvars.ContextVar("current_pool", default="")
@@ -489,7 +490,8 @@ def build_http_client(
     max_keepalive_connections: int,
     on_response: typing.Callable[[httpx.Response], typing.Awaitable[None]] | None = None,
 ) -> httpx.AsyncClient:
-    """An `httpx.AsyncClient` whose every TCP connection is recorded in `ledger`."""
+    """An `httpx.AsyncClient` whose every TCP connection is recorded in `ledger`, and whose
+    every request carries the current span's W3C `traceparent` (`pools.telemetry`)."""
     transport = httpx.AsyncHTTPTransport(
         verify=ssl_context_for(endpoint),
         limits=httpx.Limits(
@@ -504,11 +506,14 @@ def build_http_client(
     if not hasattr(pool, "_network_backend"):
         raise RuntimeError("this httpcore version has no _network_backend; pin httpcore 1.0.x")
     pool._network_backend = _CountingBackend(AsyncioBackend(), ledger)
+    event_hooks: dict[str, list[typing.Any]] = {"request": [inject_trace_context]}
+    if on_response:
+        event_hooks["response"] = [on_response]
     return httpx.AsyncClient(
         transport=transport,
         timeout=http_timeout(limits),
         trust_env=False,
-        event_hooks={"response": [on_response]} if on_response else None,
+        event_hooks=event_hooks,
     )
 
 

@@ -31,6 +31,7 @@ from agents.options import ANALYST_AGENTS, DESIGN_AGENTS
 from agents.pipeline import create_design
 from agents.simulated import agent_of, carlos_responder, in_process_endpoint
 from agents.tasks import start_design
+from carlos import telemetry
 from pools import runtime
 from pools.config import parse_config
 from pools.registry import PoolRegistry
@@ -236,14 +237,19 @@ class Command(BaseCommand):
         tps = options["tokens_per_second"]
         if tps is None:
             tps = REAL_TOKENS_PER_SECOND / options["scale"]
-        report = async_to_sync(self._benchmark)(
-            owner,
-            options["designs"],
-            options["scale"],
-            tps,
-            options["brief"],
-            options["inline_simulator"],
-        )
+        telemetry.setup()  # exported as by the server when OTEL_* / Application Insights say
+        try:
+            report = async_to_sync(self._benchmark)(
+                owner,
+                options["designs"],
+                options["scale"],
+                tps,
+                options["brief"],
+                options["inline_simulator"],
+            )
+        finally:
+            telemetry.shutdown()
+        report["telemetry"] = telemetry.describe()
         if options["json"]:
             self.stdout.write(json.dumps(report, indent=2))
         else:
@@ -429,6 +435,22 @@ def render_report(report: dict[str, Any]) -> str:
         f"  CPU time           {report['cpu_time_s']:.2f} s for {report['chunks_streamed']:,} "
         f"streamed chunks ({report['cpu_us_per_chunk']} us per chunk, simulator included)",
     ]
+    exported = report.get("telemetry") or {}
+    if exported.get("enabled"):
+        spans = {
+            name: counts
+            for name, counts in (exported.get("spans") or {}).items()
+            if isinstance(counts, dict)
+        }
+        lines.append(
+            "  telemetry          on: traces to "
+            + ", ".join(
+                f"{name} ({counts['exported']} spans exported, {counts['dropped']} dropped)"
+                for name, counts in spans.items()
+            )
+        )
+    else:
+        lines.append("  telemetry          off")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 The same pipeline as the web pages, with a line per agent as it starts and finishes (its
 timing and pool), then the result as a readable report or one JSON document. With no LLM
 endpoint configured it starts the offline simulator in-process, so it works standalone.
+Telemetry is exported as by the server, when the environment says where (carlos.telemetry).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from agents.pipeline import create_design
 from agents.simulated import in_process_endpoint
 from agents.tasks import run_here
 from agents.terraform import deployment_steps, split_terraform
+from carlos import telemetry
 from pools.runtime import get_pool
 from pools.simulator import SimulatorConfig
 
@@ -101,10 +103,13 @@ class Command(BaseCommand):
         chosen = {key: options[key] for key in OPTION_FIELDS if options[key]}
         progress = self.stderr if options["json"] else self.stdout
         progress.style_func = None  # progress lines are information, not errors
+        telemetry.setup(instance=get_pool().instance)  # when OTEL_* / Application Insights say
         try:
             design = async_to_sync(self._run)(owner, request_text, chosen, options, progress)
         except ValueError as exc:
             raise CommandError(str(exc)) from exc
+        finally:
+            telemetry.shutdown()  # the design's trace sent, within a bound
         runs = list(AgentRun.objects.filter(design=design).order_by("id"))
         if options["json"]:
             result = json.dumps(design_document(design, runs), indent=2, ensure_ascii=False)

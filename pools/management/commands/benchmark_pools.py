@@ -1,18 +1,41 @@
-"""`manage.py benchmark_pools`: the pool against the alternatives, measured over TLS."""
+"""`manage.py benchmark_pools`: the pool against the alternatives, measured over TLS.
+
+With `--telemetry otlp`, what exporting traces and metrics costs a pooled call instead.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import os
+import subprocess
+import sys
 import tempfile
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from pools.benchmark import format_report, run_benchmark
-from pools.simulator_process import start_simulator
+from pools.benchmark import (
+    SINK_READY,
+    format_report,
+    format_telemetry_overhead,
+    run_benchmark,
+    run_telemetry_overhead,
+)
+from pools.simulator_process import die_with_parent, start_simulator
+
+# Variables that would send the benchmark's telemetry anywhere but the endpoint it names.
+OTHER_DESTINATIONS = (
+    "OTEL_SDK_DISABLED",
+    "OTEL_TRACES_EXPORTER",
+    "OTEL_METRICS_EXPORTER",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "APPLICATIONINSIGHTS_CONNECTION_STRING",
+)
 
 
 class Command(BaseCommand):
@@ -20,7 +43,8 @@ class Command(BaseCommand):
         "Benchmark the LLM pool against a fresh SDK client per call, one reused client and the "
         "original per-slot design, interleaved, over TLS to the offline simulator running in a "
         "child process with an emulated network round trip. Prints median and p90 latency, the "
-        "ratios and whether each target is met."
+        "ratios and whether each target is met. With --telemetry otlp, measure instead what "
+        "exporting traces and metrics over OTLP costs a pooled call (target <= 5 %)."
     )
 
     def add_arguments(self, parser) -> None:
@@ -44,10 +68,28 @@ class Command(BaseCommand):
             help="Also measure acquire + release with cluster coordination through this Redis "
             "(default $REDIS_URL, else redis://127.0.0.1:6379/15).",
         )
+        parser.add_argument(
+            "--telemetry",
+            choices=["off", "otlp"],
+            default="off",
+            help="otlp: measure the cost of telemetry export instead. Pooled calls against "
+            "one reused SDK client (which no instrumentation sees), interleaved, first with "
+            "telemetry off, then with the SDK set up (carlos.telemetry) exporting over OTLP "
+            "to --telemetry-endpoint, or to a local sink the benchmark starts in a child "
+            "process. Use --rtt-ms 0 for the zero-delay figure. Default: off.",
+        )
+        parser.add_argument(
+            "--telemetry-endpoint",
+            metavar="URL",
+            help="With --telemetry otlp: the OTLP/HTTP collector's base URL (like "
+            "OTEL_EXPORTER_OTLP_ENDPOINT, e.g. http://127.0.0.1:4318) instead of a local sink.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["rounds"] < 5:
             raise CommandError("--rounds must be at least 5")
+        if options["telemetry_endpoint"] and options["telemetry"] != "otlp":
+            raise CommandError("--telemetry-endpoint needs --telemetry otlp")
         with tempfile.TemporaryDirectory() as tmp:
             ca_file = str(Path(tmp) / "simulator-ca.pem")
             simulator = start_simulator(
@@ -55,6 +97,9 @@ class Command(BaseCommand):
             )
             base_url = simulator.base_url
             try:
+                if options["telemetry"] == "otlp":
+                    self._telemetry(base_url, ca_file, options)
+                    return
                 report = asyncio.run(
                     run_benchmark(
                         base_url,
@@ -76,3 +121,62 @@ class Command(BaseCommand):
                 f"pool size {options['size']}"
             )
             self.stdout.write(format_report(summary))
+
+    def _telemetry(self, base_url: str, ca_file: str, options: dict[str, Any]) -> None:
+        from carlos import telemetry
+
+        sink = None
+        endpoint = options["telemetry_endpoint"]
+        if not endpoint:
+            sink = subprocess.Popen(
+                [sys.executable, "-c", "from pools.benchmark import serve_otlp_sink as s; s()"],
+                cwd=settings.BASE_DIR,
+                stdout=subprocess.PIPE,
+                text=True,
+                preexec_fn=die_with_parent,
+            )
+            assert sink.stdout is not None
+            line = sink.stdout.readline()
+            if not line.startswith(SINK_READY):
+                sink.kill()
+                raise CommandError(f"the OTLP sink did not start: {line.strip()!r}")
+            endpoint = line.removeprefix(SINK_READY).strip()
+
+        def enable() -> None:
+            for name in OTHER_DESTINATIONS:
+                os.environ.pop(name, None)
+            os.environ["OTEL_EXPORTER_OTLP_ENDPOINT"] = endpoint
+            if not telemetry.setup(instance="benchmark").installed:
+                raise CommandError(f"telemetry could not be set up: {telemetry.describe()}")
+
+        try:
+            summary = asyncio.run(
+                run_telemetry_overhead(
+                    base_url, ca_file, enable, rounds=options["rounds"], size=options["size"]
+                )
+            )
+            telemetry.shutdown(timeout=30)
+            described = telemetry.describe()
+            spans = described.get("spans", {}).get("otlp", {})
+            summary["export"] = {
+                "endpoint": endpoint,
+                "spans_exported": spans.get("exported"),
+                "spans_dropped": spans.get("dropped"),
+                "spans_failed": spans.get("failed"),
+            }
+            if sink is not None:
+                with urllib.request.urlopen(f"{endpoint}/stats", timeout=10) as reply:
+                    summary["export"]["sink"] = json.loads(reply.read())
+        finally:
+            if sink is not None:
+                sink.terminate()
+                sink.wait(timeout=10)
+        summary["setup"] = {"tls": True, "rtt_ms": options["rtt_ms"], "pool_size": options["size"]}
+        if options["json"]:
+            self.stdout.write(json.dumps(summary, indent=2))
+        else:
+            self.stdout.write(
+                f"TLS to the offline simulator, emulated RTT {options['rtt_ms']} ms, "
+                f"pool size {options['size']}"
+            )
+            self.stdout.write(format_telemetry_overhead(summary))

@@ -154,11 +154,67 @@ def cluster_totals(
     return dict(sorted(totals.items()))
 
 
+DESTINATIONS = {"otlp": "OTLP", "azure_monitor": "Azure Monitor"}
+
+
+def telemetry_state(section: Any) -> str:
+    """For the status line: "; telemetry on", "; telemetry off (why)", or nothing when
+    /health gave no operator details."""
+    if not isinstance(section, dict):
+        return ""
+    if section.get("enabled"):
+        return "; telemetry on"
+    return f"; telemetry off ({section.get('reason') or 'not configured'})"
+
+
+def telemetry_lines(section: dict[str, Any] | None) -> list[str]:
+    """/health's `telemetry` section (operators only), when on, as lines: where traces and
+    metrics go, the Azure key as the server masked it, what became of the spans."""
+    if not isinstance(section, dict) or not section.get("enabled"):
+        return []
+    lines = [
+        f"Telemetry: on, service {section.get('service_name', '?')} "
+        f"(instance {section.get('service_instance_id', '?')})"
+    ]
+    for signal in ("traces", "metrics"):
+        where = section.get(signal)
+        if isinstance(where, dict):
+            targets = ", ".join(
+                f"{DESTINATIONS.get(name, name)} {url}"
+                for name, url in where.items()
+                if name != "interval_s"
+            )
+            if "interval_s" in where:
+                targets += f" (every {where['interval_s']:g} s)"
+        else:
+            targets = "off"
+        lines.append(f"  {signal}: {targets}")
+    azure = section.get("azure_monitor")
+    if isinstance(azure, dict):
+        lines.append(
+            f"  Azure Monitor: ingestion endpoint {azure.get('ingestion_endpoint')}, "
+            f"instrumentation key {azure.get('instrumentation_key')}"
+        )
+    spans = section.get("spans") or {}
+    for name, counts in spans.items():
+        if isinstance(counts, dict):
+            lines.append(
+                f"  spans to {DESTINATIONS.get(name, name)}: {counts.get('exported', 0)} "
+                f"exported, {counts.get('failed', 0)} failed, {counts.get('dropped', 0)} "
+                f"dropped (queue full), {counts.get('waiting', 0)} waiting "
+                f"(at most {spans.get('queue_limit', '?')})"
+            )
+    for name, error in (section.get("errors") or {}).items():
+        lines.append(f"  {name}: {error}")
+    return lines
+
+
 class Command(BaseCommand):
     help = (
         "Show the LLM pools as a table. By default the live numbers of a running server, read "
         "from its /health endpoint (slots in use, free, temporary connections, queued callers, "
-        "counters since start). With --history 1h, what the saved snapshots say about that "
+        "counters since start), and whether telemetry is exported and where. With --history "
+        "1h, what the saved snapshots say about that "
         "window instead (needs no running server, only the database). With --cluster, every "
         "instance of a Redis-coordinated cluster and the cluster's totals. Exit status: 0 healthy, "
         "1 server unreachable, 2 pools degraded."
@@ -228,10 +284,13 @@ class Command(BaseCommand):
                 f"Carlos at {options['url']}: {status}"
                 + (f" ({body['reason']})" if body.get("reason") else "")
                 + f"; LLM endpoint {endpoint.get('kind', '?')} {endpoint.get('url', '')}"
+                + telemetry_state(body.get("telemetry"))
             )
             if body.get("warmup_error"):
                 self.stdout.write(f"Warm-up error: {body['warmup_error']}")
             self.stdout.write(table(rows, LIVE_COLUMNS) if rows else "No pools.")
+            for line in telemetry_lines(body.get("telemetry")):
+                self.stdout.write(line)
         if status != "healthy":
             raise CommandError(
                 f"the pools are {status}: {body.get('reason', 'see /health')}", returncode=2

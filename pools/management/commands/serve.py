@@ -110,6 +110,9 @@ class Command(BaseCommand):
             )
         registry = get_pool()
         metrics_for(registry)  # histograms count from the first call, not the first scrape
+        from carlos import lifecycle
+
+        lifecycle.starting()  # telemetry export, when configured, before the first request
         simulator = None
         if registry.config.endpoint.kind == "simulator" and not options["no_simulator"]:
             simulator = self._start_simulator(registry.config.endpoint.base_url, options)
@@ -178,7 +181,8 @@ class Command(BaseCommand):
 
     async def _shut_down(self, registry: PoolRegistry) -> None:
         """Drain the running designs (carlos.lifecycle), stop the snapshot sampler (saving
-        the last interval), then stop what still runs on the LLM loop and close the pools."""
+        the last interval), then stop what still runs on the LLM loop and close the pools;
+        last, flush the telemetry export."""
         from carlos import lifecycle
 
         report = await lifecycle.stopping()
@@ -194,6 +198,7 @@ class Command(BaseCommand):
             except Exception:
                 logger.exception("stopping the pool snapshot sampler failed")
         await shut_down(registry)
+        await lifecycle.stopped()  # the last spans and metrics, within a bound
 
     def _start_simulator(self, base_url: str, options: dict[str, Any]) -> SimulatorProcess:
         parts = urlsplit(base_url)
