@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,16 +112,7 @@ class Command(BaseCommand):
                 )
             finally:
                 simulator.stop()
-        summary = report.summary()
-        summary["setup"] = {"tls": True, "rtt_ms": options["rtt_ms"], "pool_size": options["size"]}
-        if options["json"]:
-            self.stdout.write(json.dumps(summary, indent=2))
-        else:
-            self.stdout.write(
-                f"TLS to the offline simulator, emulated RTT {options['rtt_ms']} ms, "
-                f"pool size {options['size']}"
-            )
-            self.stdout.write(format_report(summary))
+        self._write(report.summary(), format_report, options)
 
     def _telemetry(self, base_url: str, ca_file: str, options: dict[str, Any]) -> None:
         from carlos import telemetry
@@ -171,12 +163,21 @@ class Command(BaseCommand):
             if sink is not None:
                 sink.terminate()
                 sink.wait(timeout=10)
+        self._write(summary, format_telemetry_overhead, options)
+
+    def _write(
+        self,
+        summary: dict[str, Any],
+        formatter: Callable[[dict[str, Any]], str],
+        options: dict[str, Any],
+    ) -> None:
+        """The summary with its set-up, as JSON or as the text report `formatter` makes."""
         summary["setup"] = {"tls": True, "rtt_ms": options["rtt_ms"], "pool_size": options["size"]}
         if options["json"]:
             self.stdout.write(json.dumps(summary, indent=2))
-        else:
-            self.stdout.write(
-                f"TLS to the offline simulator, emulated RTT {options['rtt_ms']} ms, "
-                f"pool size {options['size']}"
-            )
-            self.stdout.write(format_telemetry_overhead(summary))
+            return
+        self.stdout.write(
+            f"TLS to the offline simulator, emulated RTT {options['rtt_ms']} ms, "
+            f"pool size {options['size']}"
+        )
+        self.stdout.write(formatter(summary))
