@@ -46,15 +46,18 @@ class LeaseSettings:
 
     @classmethod
     def current(cls) -> LeaseSettings:
-        defaults = cls()
+        """From the settings, each bounded; a setting left out keeps the default above."""
+        default = cls()
+
+        def setting(name: str, fallback: float) -> float:
+            return float(getattr(settings, name, fallback))
+
         return cls(
-            lease_seconds=max(1.0, float(getattr(settings, "DESIGN_LEASE_SECONDS", 30.0))),
-            sweep_seconds=max(0.1, float(getattr(settings, "DESIGN_SWEEP_SECONDS", 10.0))),
-            max_takeovers=max(0, int(getattr(settings, "DESIGN_MAX_TAKEOVERS", 3))),
-            drain_seconds=max(0.0, float(getattr(settings, "DRAIN_SECONDS", 30.0))),
-            questions_timeout=max(
-                0.0, float(getattr(settings, "QUESTIONS_TIMEOUT", defaults.questions_timeout))
-            ),
+            lease_seconds=max(1.0, setting("DESIGN_LEASE_SECONDS", default.lease_seconds)),
+            sweep_seconds=max(0.1, setting("DESIGN_SWEEP_SECONDS", default.sweep_seconds)),
+            max_takeovers=max(0, int(setting("DESIGN_MAX_TAKEOVERS", default.max_takeovers))),
+            drain_seconds=max(0.0, setting("DRAIN_SECONDS", default.drain_seconds)),
+            questions_timeout=max(0.0, setting("QUESTIONS_TIMEOUT", default.questions_timeout)),
         )
 
 

@@ -278,18 +278,19 @@ async def test_a_drain_past_its_time_stops_agents_keeping_their_text(
 
 
 async def test_cancelling_a_running_design_ends_it_cancelled_keeping_what_it_made(
-    simulator_factory, make_registry, install_registry, owner, recorder
+    simulator_factory, make_registry, install_registry, owner, recorder, monkeypatch
 ):
+    monkeypatch.setattr(pipeline, "PARTIAL_SAVE_INTERVAL_S", 0.05)
     simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=60)
     install_registry(make_registry(simulator))
     design = await create_design(owner, REQUEST)
     task = start_design(design.pk)
 
-    async def carlos_running() -> bool:
-        return await AgentRun.objects.filter(design=design, agent="carlos").aexists()
+    async def carlos_writing() -> bool:
+        run = await AgentRun.objects.filter(design=design, agent="carlos").afirst()
+        return run is not None and bool(run.output_text)
 
-    await until(carlos_running, "carlos started")
-    await asyncio.sleep(0.2)
+    await until(carlos_writing, "carlos wrote")
     assert await cancel_design(design.pk)
     await asyncio.gather(task, return_exceptions=True)
 
