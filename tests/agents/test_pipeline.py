@@ -529,7 +529,10 @@ async def test_a_stopped_design_keeps_the_text_its_agent_had_streamed_and_goes_b
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    await asyncio.sleep(0.1)  # the last events reach the collector
+    for _ in range(2000):  # until the hand-back's status event arrives (a fail-safe limit only)
+        if events and events[-1]["kind"] == "design_status":
+            break
+        await asyncio.sleep(0.005)
     collector.cancel()
 
     design = await reload(design)
