@@ -12,7 +12,7 @@ from django.db import models
 from django.utils import timezone
 
 from agents.options import AGENT_POOLS, AGENTS, Agent
-from pools.telemetry import trace_id_of
+from pools.engine.telemetry import trace_id_of
 
 __all__ = ["AGENTS", "AGENT_POOLS", "Agent", "AgentRun", "Design", "DesignRetry"]
 

@@ -16,7 +16,7 @@ and hands the design back QUEUED, to resume here or on another instance.
 Each start of a design is traced (OpenTelemetry, tracer `carlos.pipeline`; no-ops while
 telemetry is off): a root span `design`, a span per stage (`stage requirements`, `stage
 designs`...) and one per agent called (`invoke_agent <agent>`), under which the pool engine
-puts its `chat <model>` spans (`pools.telemetry`). The first start stores the root's
+puts its `chat <model>` spans (`pools.engine.telemetry`). The first start stores the root's
 traceparent on the design; every later start (a resume, a take-over, a retry) is a child of
 it, so a design is one trace however often it starts.
 """
@@ -49,8 +49,8 @@ from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, ANALYST_AGENTS, DESIGN_AGENTS, validate_options
 from agents.redaction import RedactSecrets, redact
 from agents.schemas import ReportInvalid, validate_report
-from pools import telemetry
-from pools.exceptions import (
+from pools.engine import telemetry
+from pools.engine.exceptions import (
     CircuitOpen,
     PoolClosed,
     PoolError,
@@ -59,7 +59,7 @@ from pools.exceptions import (
     RateBudgetExceeded,
     RateLimited,
 )
-from pools.registry import PoolRegistry
+from pools.engine.registry import PoolRegistry
 from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")

@@ -31,8 +31,8 @@ from agents.options import (
 )
 from agents.prompts import DESIGN_SECTIONS, QUESTIONS_AGENT
 from pools import runtime
-from pools.config import parse_config
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 from pools.simulator import LLMSimulator, Responder, SimulatorConfig
 from pools.simulator.responders import ChatRequest, default_responder, message_text
 

@@ -1,4 +1,4 @@
-"""Running designs as tasks on the LLM loop (`pools.runtime.llm_loop`), independent of any
+"""Running designs as tasks on the LLM loop (`carlos.serving.llm_loop`), independent of any
 browser, and keeping them alive across restarts and crashes.
 
 A view or consumer starts a design and returns; the design streams on the LLM loop, apart
@@ -38,8 +38,9 @@ from agents.pipeline import (
     complete_even_if_cancelled,
     run_design,
 )
-from pools.resilience import BreakerState
-from pools.runtime import get_pool, llm_loop
+from carlos.serving import llm_loop
+from pools.engine.resilience import BreakerState
+from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")
 

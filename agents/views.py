@@ -41,8 +41,9 @@ from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_que
 from agents.rendering import present_run
 from agents.terraform import split_terraform
 from carlos.admission import outside_the_gate
-from pools.exceptions import CircuitOpen, PoolError
-from pools.runtime import get_pool, llm_loop
+from carlos.serving import llm_loop
+from pools.engine.exceptions import CircuitOpen, PoolError
+from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")
 

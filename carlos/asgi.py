@@ -25,9 +25,9 @@ from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 from agents.routing import websocket_urlpatterns  # noqa: E402
 from carlos import lifecycle, telemetry  # noqa: E402
 from carlos.admission import RequestGate  # noqa: E402
+from carlos.lifespan import PoolLifespan  # noqa: E402
 from carlos.socket_origins import SiteOriginValidator  # noqa: E402
 from pools.endpoints import HealthEndpoints  # noqa: E402
-from pools.lifespan import PoolLifespan  # noqa: E402
 
 
 class StaticFiles(ASGIStaticFilesHandler):

@@ -65,6 +65,7 @@ INSTALLED_APPS = [
     "axes",  # login throttling: the block at the end of this file
     "pools",
     "agents",
+    "carlos",  # the server's commands: serve
 ]
 
 MIDDLEWARE = [

@@ -1,7 +1,7 @@
 """OpenTelemetry export: the SDK, set up from the standard environment variables, once a process.
 
-The instrumentation (`pools.telemetry`, `agents.pipeline`) uses only the OpenTelemetry API, so
-until `setup()` installs the SDK's providers its spans and instruments are the API's no-ops.
+The instrumentation (`pools.engine.telemetry`, `agents.pipeline`) uses only the OpenTelemetry
+API, so until `setup()` installs the SDK's providers its spans and instruments are the API's no-ops.
 `setup()` installs them when a standard variable names a destination, and does nothing else:
 
 - OTLP over HTTP/protobuf, to any collector or vendor: OTEL_EXPORTER_OTLP_ENDPOINT (a base

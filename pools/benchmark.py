@@ -25,8 +25,8 @@ from typing import Any
 import httpx
 from openai import AsyncOpenAI
 
-from pools.config import parse_config
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 
 MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
 

@@ -32,9 +32,9 @@ import httpx
 import openai
 from openai import AsyncOpenAI
 
-from pools.config import parse_config
-from pools.exceptions import PoolError, RateLimited
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.exceptions import PoolError, RateLimited
+from pools.engine.registry import PoolRegistry
 
 MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
 MODEL = "gpt-4o"

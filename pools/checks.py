@@ -2,7 +2,7 @@
 
 from django.core.checks import Error, Tags, register
 
-from pools.config import ConfigErrors
+from pools.engine.config import ConfigErrors
 from pools.runtime import load_config
 
 

@@ -10,7 +10,7 @@ header, so not on `ALLOWED_HOSTS` either: orchestrators probe by address.
 Who asks decides how much is shown. Anyone gets the design note's public shape (`status`,
 and per pool the slot numbers and counters); the operator details (endpoint, model and
 deployment names, breakers, limits, the instance, the `reason` of a 503, the cluster view)
-need /metrics' access rule (`pools.metrics.operator_allowed`) or a staff user's session. The
+need /metrics' access rule (`pools.access.operator_allowed`) or a staff user's session. The
 session is read only for a request that carries its cookie and passes nothing cheaper, so the
 orchestrators' probes never touch the database.
 """
@@ -30,7 +30,7 @@ from django.http import HttpRequest
 from django.http.cookie import parse_cookie
 from redis.exceptions import RedisError
 
-from pools.metrics import operator_allowed
+from pools.access import operator_allowed
 from pools.runtime import get_pool
 
 Scope = MutableMapping[str, Any]

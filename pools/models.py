@@ -27,7 +27,7 @@ class PoolSnapshot(models.Model):
     available = models.PositiveIntegerField(help_text="Pooled slots free.")
     overflow_in_use = models.PositiveIntegerField(help_text="Temporary connections in use.")
     waiting = models.PositiveIntegerField(help_text="Callers queued for a slot.")
-    # The pool's deployment at that moment (`pools.adaptive`): pools on one model share its
+    # The pool's deployment at that moment (`pools.engine.adaptive`): pools on one model share its
     # limiter, so these repeat under each of them. Empty in rows from before the limiter.
     concurrency_limit = models.PositiveIntegerField(
         null=True,

@@ -8,7 +8,7 @@ unsaved rows are retried at the next interval instead of killing the task.
 
 Besides the moment's gauges, each row keeps the interval's peaks (slots in use, callers
 queued for a slot and for the deployment; `PeakTracker`), the deployment's concurrency limit
-and 429 pause (`pools.adaptive`), and the 429s seen since the previous row.
+and 429 pause (`pools.engine.adaptive`), and the 429s seen since the previous row.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from pools.events import EventKind, PoolEvent
-from pools.intervals import IntervalRecorder, PoolInterval
+from pools.engine.events import EventKind, PoolEvent
+from pools.engine.intervals import IntervalRecorder, PoolInterval
+from pools.engine.registry import PoolRegistry
 from pools.models import LIMIT_REASON_LENGTH, PoolSnapshot
-from pools.registry import PoolRegistry
 
 logger = logging.getLogger("pools")
 

@@ -4,7 +4,8 @@ from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_GET
 
-from pools.metrics import CONTENT_TYPE, metrics_for, scrape_allowed
+from pools.access import scrape_allowed
+from pools.engine.metrics import CONTENT_TYPE, metrics_for
 from pools.runtime import get_pool
 
 

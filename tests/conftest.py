@@ -10,9 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from carlos import serving
 from pools import runtime
-from pools.config import parse_config
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 from pools.simulator import LLMSimulator, SimulatorConfig
 
 SimulatorFactory = Callable[..., Awaitable[LLMSimulator]]
@@ -23,8 +24,8 @@ def stopped_llm_loop() -> Iterator[None]:
     """After each test, the LLM loop stops as a server's does (what still runs there is
     cancelled), so no test's designs or clients reach into the next test."""
     yield
-    if runtime.llm_loop().running:
-        asyncio.run(runtime.llm_loop().stop())
+    if serving.llm_loop().running:
+        asyncio.run(serving.llm_loop().stop())
 
 
 @pytest.fixture

@@ -33,7 +33,7 @@ from psycopg import sql
 
 from agents.options import AGENTS, DEFAULT_OPTIONS
 from agents.simulated import agent_of
-from pools.simulator_process import SimulatorProcess, start_simulator
+from pools.simulator.process import SimulatorProcess, start_simulator
 from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
 from tests.test_multi_instance import POSTGRES_URL, REDIS_URL, SERVICES_PROBLEM, submit
 

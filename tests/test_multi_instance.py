@@ -48,9 +48,9 @@ from psycopg import sql
 
 from agents.options import AGENTS, DEFAULT_OPTIONS
 from pools.admin import chart_data
-from pools.config import parse_config
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 from pools.models import PoolSnapshot
-from pools.registry import PoolRegistry
 from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,7 +164,7 @@ def test_admin_chart_shows_the_cluster_or_one_instance(two_instances):
     assert 'data-scope="cluster total of 2 instances"' in page
 
 
-# == found in the engine (pools/registry.py) and fixed ===========================================
+# == found in the engine (pools/engine/registry.py) and fixed ============================
 @needs_redis
 async def test_the_wait_for_a_cluster_lease_counts_as_waiting():
     prefix = f"test-{uuid.uuid4().hex[:8]}"

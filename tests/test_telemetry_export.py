@@ -41,8 +41,8 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from opentelemetry.trace import SpanKind
 
 from carlos import telemetry
-from pools.lifespan import PoolLifespan
-from pools.simulator_process import start_simulator
+from carlos.lifespan import PoolLifespan
+from pools.simulator.process import start_simulator
 from tests.servers import child_env, manage, serving, stop
 
 # Distinctive, so that finding it anywhere is a leak (the all-zero GUID would match masks).

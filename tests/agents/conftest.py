@@ -14,7 +14,7 @@ from django.contrib.auth import get_user_model
 
 from agents.simulated import agent_of, carlos_responder
 from pools import runtime
-from pools.registry import PoolRegistry
+from pools.engine.registry import PoolRegistry
 from pools.simulator import ChatRequest, LLMSimulator
 
 # Small but real latency, so parallel calls genuinely overlap in time.

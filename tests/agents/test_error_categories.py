@@ -15,7 +15,7 @@ import pytest
 
 from agents.pipeline import describe_error, error_detail
 from agents.redaction import REDACTED, redact
-from pools.exceptions import (
+from pools.engine.exceptions import (
     CircuitOpen,
     DeadlineExceeded,
     PoolTimeout,

@@ -24,10 +24,10 @@ from agents import tasks
 from agents.models import AgentRun, Design
 from agents.options import ANALYST_AGENTS, DEFAULT_OPTIONS
 from agents.pipeline import create_design
-from pools import runtime
-from pools.config import parse_config
-from pools.registry import POOL_UPKEEP, PoolRegistry
-from pools.resilience import BreakerState
+from carlos import serving
+from pools.engine.config import parse_config
+from pools.engine.registry import POOL_UPKEEP, PoolRegistry
+from pools.engine.resilience import BreakerState
 from pools.simulator import ChatRequest, LLMSimulator
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder
 from tests.conftest import probe
@@ -159,7 +159,7 @@ async def assert_settled(
             last = [run for run in runs if run.agent == design.failed_agent][-1]
             assert (last.status, last.error) == (AgentRun.Status.FAILED, design.error)
         assert tasks.running_task(design.pk) is None
-    assert await runtime.llm_loop().run(tasks_left_running()) == []
+    assert await serving.llm_loop().run(tasks_left_running()) == []
     for name, pool in registry.pools.items():
         stats = pool.stats()
         held = (stats["in_use"], stats["overflow_in_use"], stats["waiting"])
@@ -330,7 +330,7 @@ async def test_a_total_outage_opens_the_breaker_health_says_so_and_recovery_clos
         pools={name: {"MODEL": "gpt-4o"} for name in POOL_NAMES},
         resilience={"BREAKER_FAILURES": 3},
     )
-    await runtime.warm_up(registry)  # on the LLM loop, as the server does
+    await serving.warm_up(registry)  # on the LLM loop, as the server does
     assert (await probe("/health")).status_code == 200
 
     sim.config.error_rate = 1.0
@@ -393,7 +393,7 @@ async def test_a_call_cancelled_at_any_point_leaves_no_connection_behind(
     # Two engine guards: a call cancelled while httpcore 1.0.9 releases its finished response
     # leaves the connection ACTIVE for good (encode/httpcore#1115), which the registry closes
     # when a call ends badly; and asyncio's happy eyeballs leaked the socket of a call
-    # cancelled as it connected, so pools.transport does not use them.
+    # cancelled as it connected, so pools.engine.transport does not use them.
     sim = await simulator_factory(responder=_always_unavailable)
     registry = fault_registry(sim, pools={"main": {"MAX_RETRIES": 0}})
 

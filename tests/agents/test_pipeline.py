@@ -28,7 +28,7 @@ from agents.pipeline import (
 from agents.simulated import carlos_responder
 from agents.tasks import retry_design, start_design, wait_design
 from agents.terraform import split_terraform
-from pools import runtime
+from carlos import serving
 from pools.simulator import tokenize
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder, user_prompt
 
@@ -616,7 +616,7 @@ async def test_shutting_down_hands_running_designs_back_and_closes_their_connect
     task = start_design(design.pk)
     await wait_for_running(design, "carlos")
 
-    await runtime.shut_down(carlos_registry)
+    await serving.shut_down(carlos_registry)
 
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -625,7 +625,7 @@ async def test_shutting_down_hands_running_designs_back_and_closes_their_connect
     runs = await runs_of(design)
     assert one(runs, "requirements").status == AgentRun.Status.SUCCEEDED
     assert not [run for run in runs if run.status == AgentRun.Status.RUNNING]
-    assert not runtime.llm_loop().running and carlos_registry.closed
+    assert not serving.llm_loop().running and carlos_registry.closed
     assert carlos_registry.stats()["http"]["connections_open"] == 0
     for _ in range(500):  # the server sees the closes (a fail-safe limit only)
         if carlos_simulator.stats.connections_open == 0:

@@ -790,8 +790,8 @@ async def test_a_refused_key_is_shown_as_a_category_and_no_fragment_of_it_anywhe
 ) -> None:
     """Reproduces: "Incorrect API key provided: sk-********1234." on the design page, in the
     zip and in the log."""
-    from pools.config import parse_config
-    from pools.registry import PoolRegistry
+    from pools.engine.config import parse_config
+    from pools.engine.registry import PoolRegistry
 
     simulator = await simulator_factory(api_key="sk-the-right-key-0000")
     endpoint = {"BASE_URL": simulator.base_url, "API_KEY": WRONG_KEY}

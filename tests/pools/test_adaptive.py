@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from pools.adaptive import DeploymentLimiter, LimitSettings, Outcome
-from pools.exceptions import RateLimited
+from pools.engine.adaptive import DeploymentLimiter, LimitSettings, Outcome
+from pools.engine.exceptions import RateLimited
 
 
 def limiter(**settings) -> DeploymentLimiter:

@@ -13,8 +13,8 @@ from django.test import Client
 from django.utils import timezone
 
 from agents.models import AgentRun, Design
-from pools.adaptive import Outcome
 from pools.admin import MAX_POINTS, chart_data
+from pools.engine.adaptive import Outcome
 from pools.models import PoolSnapshot
 from pools.sampler import SnapshotSampler
 

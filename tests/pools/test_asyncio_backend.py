@@ -18,15 +18,15 @@ import httpx
 import pytest
 import trustme
 
-from pools.config import parse_config
-from pools.simulator import LLMSimulator
-from pools.transport import (
+from pools.engine.config import parse_config
+from pools.engine.transport import (
     _READ_BUFFER_HIGH,
     AsyncioBackend,
     ConnectionLedger,
     build_http_client,
     current_pool,
 )
+from pools.simulator import LLMSimulator
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 

@@ -6,10 +6,10 @@ import time
 
 import pytest
 
-from pools.budget import RateBudget, estimate_tokens, parse_reset
-from pools.config import ConfigErrors, parse_config
-from pools.exceptions import RateBudgetExceeded
-from pools.registry import PoolRegistry
+from pools.engine.budget import RateBudget, estimate_tokens, parse_reset
+from pools.engine.config import ConfigErrors, parse_config
+from pools.engine.exceptions import RateBudgetExceeded
+from pools.engine.registry import PoolRegistry
 
 HELLO = [{"role": "user", "content": "Design a cache"}]
 

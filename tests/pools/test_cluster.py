@@ -15,9 +15,9 @@ import openai
 import pytest
 import redis
 
-from pools.config import parse_config
-from pools.exceptions import CircuitOpen, PoolTimeout, RateBudgetExceeded
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.exceptions import CircuitOpen, PoolTimeout, RateBudgetExceeded
+from pools.engine.registry import PoolRegistry
 from tests.conftest import probe
 
 REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
@@ -134,7 +134,7 @@ async def test_a_429_seen_by_one_instance_pauses_every_instance(instances):
 
 
 async def test_the_learned_limit_is_one_limit_for_the_cluster(instances):
-    from pools.adaptive import Outcome
+    from pools.engine.adaptive import Outcome
 
     _, (first, second) = await instances()
     for registry in (first, second):
@@ -241,8 +241,8 @@ async def test_unreachable_redis_falls_back_to_local_limits_and_resumes(simulato
 
 HOLDER = """
 import asyncio, sys
-from pools.config import parse_config
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 from tests.pools.test_cluster import cluster_raw
 
 async def main():

@@ -6,7 +6,7 @@ import pytest
 from django.core.checks import Tags, run_checks
 from django.test import override_settings
 
-from pools.config import ConfigErrors, parse_config
+from pools.engine.config import ConfigErrors, parse_config
 from pools.runtime import get_pool
 
 

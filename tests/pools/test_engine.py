@@ -10,8 +10,8 @@ import openai
 import pytest
 from asgiref.sync import async_to_sync
 
-from pools.exceptions import PoolClosed, PoolExhausted, PoolTimeout, UnknownPool
-from pools.registry import PoolRegistry
+from pools.engine.exceptions import PoolClosed, PoolExhausted, PoolTimeout, UnknownPool
+from pools.engine.registry import PoolRegistry
 from tests.conftest import registry_config
 
 HELLO = [{"role": "user", "content": "Design a small web app"}]
@@ -336,7 +336,7 @@ def test_one_registry_serves_several_loops_at_once(simulator_thread):
 
 
 async def test_events_report_every_grant_call_and_refusal(make_registry, simulator_factory):
-    from pools.events import EventKind
+    from pools.engine.events import EventKind
 
     simulator = await simulator_factory(ttft_ms=50)
     registry = make_registry(simulator, {"main": {"size": 1, "max_overflow": 0, "max_waiting": 0}})

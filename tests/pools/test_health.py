@@ -11,7 +11,7 @@ from django.contrib.auth import get_user_model
 from django.test import AsyncClient, override_settings
 
 from pools import runtime
-from pools.registry import PoolRegistry
+from pools.engine.registry import PoolRegistry
 from tests.conftest import probe, registry_config
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -132,7 +132,7 @@ async def test_a_start_up_outage_makes_health_503_and_clears_by_itself(
     back, until some design happened to succeed (never, behind a readiness-gated balancer)."""
     import socket
 
-    from pools import registry as registry_module
+    from pools.engine import registry as registry_module
 
     monkeypatch.setattr(registry_module, "REPROBE_FIRST_S", 0.05)
     with socket.socket() as unused:

@@ -11,9 +11,9 @@ from django.test import AsyncClient, AsyncRequestFactory, override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
 from pools import runtime, views
-from pools.adaptive import Outcome
-from pools.exceptions import PoolExhausted
-from pools.metrics import limit_reason_label, metrics_for
+from pools.engine.adaptive import Outcome
+from pools.engine.exceptions import PoolExhausted
+from pools.engine.metrics import limit_reason_label, metrics_for
 
 HELLO = [{"role": "user", "content": "hello"}]
 

@@ -14,9 +14,9 @@ import openai
 import pytest
 
 from pools import runtime
-from pools.config import parse_config
-from pools.exceptions import MalformedResponse, RateLimited, TruncatedResponse
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.exceptions import MalformedResponse, RateLimited, TruncatedResponse
+from pools.engine.registry import PoolRegistry
 from tests.conftest import probe
 
 HELLO = [{"role": "user", "content": "Design a queue"}]
@@ -213,7 +213,7 @@ async def test_connections_the_server_closed_while_idle_are_replaced(pools, monk
     """Reproduces: servers close idle keep-alive connections (uvicorn after 5 s); the warmed
     connections died, the next call paid the handshake, and connections_open still counted
     them."""
-    from pools import registry as registry_module
+    from pools.engine import registry as registry_module
 
     monkeypatch.setattr(registry_module, "KEEP_WARM_INTERVAL_S", 0.05)
     registry, sim = await pools(keepalive_timeout_s=0.3)

@@ -10,16 +10,16 @@ import openai
 import pytest
 
 from pools import runtime
-from pools.config import parse_config
-from pools.exceptions import (
+from pools.engine.config import parse_config
+from pools.engine.exceptions import (
     CircuitOpen,
     DeadlineExceeded,
     EmptyResponse,
     MalformedResponse,
     TruncatedResponse,
 )
-from pools.registry import PoolRegistry
-from pools.resilience import (
+from pools.engine.registry import PoolRegistry
+from pools.engine.resilience import (
     CircuitBreaker,
     Failure,
     RetryPolicy,

@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from carlos.lifespan import PoolLifespan
+from carlos.serving import GC_YOUNG_THRESHOLD
 from pools import runtime
-from pools.lifespan import PoolLifespan
 from tests.servers import (
     HOST,
     ROOT,
@@ -89,7 +90,7 @@ async def test_lifespan_warms_and_closes(installed_registry, simulator):
     try:
         await asyncio.wait_for(task, 10)
         assert gc.get_freeze_count() > 0  # start-up objects are out of the collector's way
-        assert gc.get_threshold()[0] == runtime.GC_YOUNG_THRESHOLD
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
     finally:
         gc.unfreeze()
         gc.set_threshold(*thresholds)
@@ -102,8 +103,8 @@ async def test_pool_over_tls_reuses_its_connections(make_registry, simulator_fac
     simulator = await simulator_factory(tls=True)
     ca_file = tmp_path / "ca.pem"
     simulator.write_ca_pem(ca_file)
-    from pools.config import parse_config
-    from pools.registry import PoolRegistry
+    from pools.engine.config import parse_config
+    from pools.engine.registry import PoolRegistry
 
     registry = PoolRegistry(
         parse_config(

@@ -15,10 +15,10 @@ from asgiref.sync import sync_to_async
 from django.db import connection
 from django.test import override_settings
 
-from pools.adaptive import Outcome
-from pools.events import EventKind, PoolEvent
-from pools.intervals import IntervalRecorder, Reservoir, parse_duration, percentile
-from pools.lifespan import PoolLifespan
+from carlos.lifespan import PoolLifespan
+from pools.engine.adaptive import Outcome
+from pools.engine.events import EventKind, PoolEvent
+from pools.engine.intervals import IntervalRecorder, Reservoir, parse_duration, percentile
 from pools.models import PoolSnapshot
 from pools.sampler import SnapshotSampler
 

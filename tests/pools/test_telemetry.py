@@ -29,8 +29,8 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
-from pools.config import parse_config
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 from pools.simulator.responders import count_prompt_tokens, tokenize
 
 HELLO = [{"role": "user", "content": "Design a queue for the billing service"}]
@@ -358,7 +358,7 @@ def test_with_no_provider_set_a_call_takes_the_shared_do_nothing_path() -> None:
     script = """
 from opentelemetry import context, trace
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
-from pools import telemetry
+from pools.engine import telemetry
 assert not telemetry.telemetry_on()
 assert telemetry.call_telemetry(None, {}, stream=True) is telemetry.OFF
 remote = NonRecordingSpan(SpanContext(1, 2, is_remote=True, trace_flags=TraceFlags(1)))

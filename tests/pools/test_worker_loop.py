@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from pools.worker_loop import WorkerLoop
+from carlos.worker_loop import WorkerLoop
 
 
 @pytest.fixture

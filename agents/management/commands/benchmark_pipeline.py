@@ -33,11 +33,11 @@ from agents.simulated import agent_of, carlos_responder, in_process_endpoint
 from agents.tasks import start_design
 from carlos import telemetry
 from pools import runtime
-from pools.config import parse_config
-from pools.registry import PoolRegistry
+from pools.engine.config import parse_config
+from pools.engine.registry import PoolRegistry
 from pools.runtime import get_pool
 from pools.simulator import ChatRequest, SimulatorConfig, tokenize
-from pools.simulator_process import start_simulator
+from pools.simulator.process import start_simulator
 
 BENCHMARK_USERNAME = "benchmark"
 TARGET_RATIO = 1.15

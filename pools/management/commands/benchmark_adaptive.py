@@ -9,7 +9,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError
 
 from pools.benchmark_adaptive import Scenario, format_report, run_benchmark, summarise
-from pools.simulator_process import start_simulator
+from pools.simulator.process import start_simulator
 
 
 class Command(BaseCommand):

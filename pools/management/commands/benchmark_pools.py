@@ -26,7 +26,7 @@ from pools.benchmark import (
     run_benchmark,
     run_telemetry_overhead,
 )
-from pools.simulator_process import die_with_parent, start_simulator
+from pools.simulator.process import die_with_parent, start_simulator
 
 # Variables that would send the benchmark's telemetry anywhere but the endpoint it names.
 OTHER_DESTINATIONS = (

@@ -15,7 +15,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db.models import Avg, Count, Max, Sum
 from django.utils import timezone
 
-from pools.intervals import parse_duration
+from pools.engine.intervals import parse_duration
 from pools.models import PoolSnapshot
 
 TEXT_KEYS = {"pool", "model"}

@@ -8,7 +8,7 @@ from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
-from pools.intervals import parse_duration
+from pools.engine.intervals import parse_duration
 from pools.models import PoolSnapshot
 
 

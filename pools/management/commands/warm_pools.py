@@ -16,9 +16,9 @@ import httpx
 import openai
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from pools.config import ConfigError, EndpointConfig, PoolsConfig
-from pools.exceptions import PoolError
-from pools.registry import PoolRegistry
+from pools.engine.config import ConfigError, EndpointConfig, PoolsConfig
+from pools.engine.exceptions import PoolError
+from pools.engine.registry import PoolRegistry
 from pools.runtime import load_config
 
 PING = [{"role": "user", "content": "ping"}]

@@ -39,10 +39,10 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-from pools.events import EventKind, PoolEvent
+from pools.engine.events import EventKind, PoolEvent
 
 if TYPE_CHECKING:
-    from pools.registry import PoolRegistry
+    from pools.engine.registry import PoolRegistry
 
 logger = logging.getLogger("pools")
 
@@ -209,7 +209,7 @@ def error_type(exc: BaseException) -> str:
 
 
 def call_telemetry(handle: Any, kwargs: Mapping[str, Any], *, stream: bool) -> CallTelemetry:
-    """The telemetry of a call starting now (`pools.handle._Call`): its span, a child of the
+    """The telemetry of a call starting now (`pools.engine.handle._Call`): its span, a child of the
     current span, and its metrics; with telemetry off, the shared do-nothing one."""
     if not telemetry_on():
         return OFF
@@ -480,7 +480,7 @@ def trace_id_of(traceparent: str) -> str:
 
 # -- the pools' gauges and counters -------------------------------------------------------------
 # Read from `PoolRegistry.stats()` at collection time, the same figures `/metrics`
-# (pools.metrics) and the snapshots show: instrument name -> (key in the pool's stats, unit,
+# (pools.engine.metrics) and the snapshots show: instrument name -> (key in the pool's stats, unit,
 # description).
 POOL_GAUGES = {
     "carlos.pool.size": ("total", "{slot}", "Configured slots of the pool."),
@@ -516,7 +516,7 @@ POOL_COUNTERS = {
     ),
     "carlos.pool.retries": ("requests_retries", "{retry}", "Attempts the pool's calls retried."),
 }
-# The pool's deployment limiter (pools.adaptive), under each pool on it.
+# The pool's deployment limiter (pools.engine.adaptive), under each pool on it.
 POOL_CONCURRENCY_GAUGES = {
     "carlos.pool.concurrency_limit": (
         "limit",

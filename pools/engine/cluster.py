@@ -31,8 +31,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from pools.budget import BucketLevels, BucketOperation
-from pools.config import ClusterConfig as ClusterSettings
+from pools.engine.budget import BucketLevels, BucketOperation
+from pools.engine.config import ClusterConfig as ClusterSettings
 
 logger = logging.getLogger("pools")
 
@@ -69,7 +69,7 @@ return #KEYS
 
 # KEYS[1] the deployment's budget hash. ARGV: rpm, tpm, operation, requests, tokens.
 # Refills both buckets from the time elapsed (Redis's clock, so every process agrees), applies
-# the operation (see `pools.budget.SharedBuckets`), and returns {wait_ms, requests, tokens}.
+# the operation (see `pools.engine.budget.SharedBuckets`), and returns {wait_ms, requests, tokens}.
 # A bucket idle for a minute is full again, so the hash may expire after that.
 _BUDGET = """
 local t = redis.call('TIME')
@@ -287,7 +287,7 @@ class ClusterCoordinator:
             state.watcher = asyncio.get_running_loop().create_task(self._watch_limits(state))
         await self._heartbeat()
 
-    # -- shared pause and learned limit (pools.adaptive.SharedLimit) ----------------------------
+    # -- shared pause and learned limit (pools.engine.adaptive.SharedLimit) ----------------
     def publish(self, deployment: str, limit: float, pause_s: float, reason: str) -> None:
         """Tell the other instances of a 429 pause or of this instance's new limit.
 
@@ -457,7 +457,7 @@ class ClusterCoordinator:
         requests: float = 0,
         tokens: float = 0,
     ) -> BucketLevels | None:
-        """`pools.budget.SharedBuckets` on Redis: one round trip, None while Redis is away."""
+        """`budget.SharedBuckets` on Redis: one round trip, None while Redis is away."""
         if not self.redis_available:
             return None
         try:

@@ -26,16 +26,16 @@ import httpcore
 import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
-from pools import telemetry
-from pools.adaptive import DeploymentLimiter, LimitSettings
-from pools.budget import RateBudget
-from pools.config import PoolConfig, PoolsConfig
-from pools.events import EventBus, EventKind, PoolEvent
-from pools.exceptions import CircuitOpen, PoolClosed, PoolError, PoolTimeout, UnknownPool
-from pools.handle import Guard, LLMHandle
-from pools.resilience import BreakerState, CircuitBreaker, RetryPolicy
-from pools.slots import SlotPool
-from pools.transport import (
+from pools.engine import telemetry
+from pools.engine.adaptive import DeploymentLimiter, LimitSettings
+from pools.engine.budget import RateBudget
+from pools.engine.config import PoolConfig, PoolsConfig
+from pools.engine.events import EventBus, EventKind, PoolEvent
+from pools.engine.exceptions import CircuitOpen, PoolClosed, PoolError, PoolTimeout, UnknownPool
+from pools.engine.handle import Guard, LLMHandle
+from pools.engine.resilience import BreakerState, CircuitBreaker, RetryPolicy
+from pools.engine.slots import SlotPool
+from pools.engine.transport import (
     ConnectionLedger,
     build_http_client,
     close_stranded_connections,
@@ -47,7 +47,7 @@ from pools.transport import (
 
 logger = logging.getLogger("pools")
 
-# One retry layer: the pool's (pools.handle), so the SDK must not retry on its own.
+# One retry layer: the pool's (pools.engine.handle), so the SDK must not retry on its own.
 SDK_MAX_RETRIES = 0
 CLOSE_OTHER_LOOP_TIMEOUT_S = 5.0
 
@@ -135,7 +135,7 @@ class PoolRegistry:
                 )
         self.cluster = None
         if config.cluster is not None:
-            from pools.cluster import ClusterCoordinator  # needs redis only when configured
+            from pools.engine.cluster import ClusterCoordinator  # needs redis only when configured
 
             self.cluster = ClusterCoordinator(config.cluster)
             self.cluster.stats_provider = self._instance_stats
@@ -278,7 +278,7 @@ class PoolRegistry:
 
     async def _cluster_lease(self, pool: SlotPool, timeout: float | None, waited_ms: float):
         """A cluster-wide lease for one more call of `pool`, waiting while the cluster is full."""
-        from pools.cluster import ClusterCircuitOpen, ClusterFull
+        from pools.engine.cluster import ClusterCircuitOpen, ClusterFull
 
         config = pool.config
         wait = (config.timeout if timeout is None else timeout) - waited_ms / 1000

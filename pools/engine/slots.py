@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from pools.config import PoolConfig
-from pools.exceptions import PoolClosed, PoolExhausted, PoolTimeout
+from pools.engine.config import PoolConfig
+from pools.engine.exceptions import PoolClosed, PoolExhausted, PoolTimeout
 
 logger = logging.getLogger("pools")
 

@@ -3,14 +3,14 @@
 `ainvoke` returns the whole answer with its token usage; `astream` yields text as the
 endpoint produces it. Both run through one driver (`_Call`): each attempt passes the rate
 budget, the circuit breaker and the deployment's limiter (its 429 pause and learned
-concurrency limit, `pools.adaptive`); the pool's deadlines (first token, idle gap between
+concurrency limit, `pools.engine.adaptive`); the pool's deadlines (first token, idle gap between
 chunks, whole call) are enforced; what may pass is retried with backoff, a 429 is waited out
 within the call's deadline. A stream is never retried once it has delivered text, and is
 verified: an answer that ends without a finish reason is `TruncatedResponse`, never a whole
 answer. Streams are tracked so that leaving the `async with` block closes any still open: a
 connection is never handed to the next caller while a response is still arriving on it.
 Each call is one OpenTelemetry span with its retries, 429 pauses and queueing as events, and
-the GenAI client metrics (`pools.telemetry`; no-ops while telemetry is off).
+the GenAI client metrics (`pools.engine.telemetry`; no-ops while telemetry is off).
 """
 
 from __future__ import annotations
@@ -28,18 +28,18 @@ import openai
 from openai import AsyncOpenAI
 from openai.types.chat import ChatCompletionMessageParam
 
-from pools.adaptive import DeploymentLimiter, LimitSettings, Outcome, Permit
-from pools.budget import RateBudget, estimate_tokens
-from pools.events import EventBus, EventKind, PoolEvent
-from pools.exceptions import (
+from pools.engine.adaptive import DeploymentLimiter, LimitSettings, Outcome, Permit
+from pools.engine.budget import RateBudget, estimate_tokens
+from pools.engine.events import EventBus, EventKind, PoolEvent
+from pools.engine.exceptions import (
     DeadlineExceeded,
     EmptyResponse,
     MalformedResponse,
     TruncatedResponse,
 )
-from pools.resilience import CircuitBreaker, RetryPolicy, classify
-from pools.slots import Slot, SlotPool
-from pools.telemetry import call_telemetry
+from pools.engine.resilience import CircuitBreaker, RetryPolicy, classify
+from pools.engine.slots import Slot, SlotPool
+from pools.engine.telemetry import call_telemetry
 
 Messages = Iterable[ChatCompletionMessageParam]
 
@@ -76,7 +76,7 @@ class Guard:
     default_output_tokens: int = 1000
     limiter: DeploymentLimiter | None = None
     adaptive: bool = True  # False: this pool obeys the pause but not the learned limit
-    # What every call span and metric of the pool shares (pools.telemetry, filled lazily).
+    # What every call span and metric of the pool shares (pools.engine.telemetry, filled lazily).
     telemetry_attributes: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:

@@ -6,7 +6,7 @@ traffic this process cannot see (other processes, other apps on the same key). A
 would overdraw waits for the refill when that is short enough, and is refused otherwise.
 
 With several processes on one deployment, per-process budgets would multiply by the number
-of processes; a `SharedBuckets` store (Redis, see `pools.cluster`) then holds the buckets for
+of processes; a `SharedBuckets` store (Redis, see `pools.engine.cluster`) then holds the buckets for
 all of them. When the store cannot be reached the process falls back to its own buckets.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from pools.exceptions import RateBudgetExceeded
+from pools.engine.exceptions import RateBudgetExceeded
 
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pools.exceptions import ConfigError
+from pools.engine.exceptions import ConfigError
 
 EndpointKind = Literal["azure", "openai", "simulator"]
 

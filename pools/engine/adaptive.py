@@ -21,7 +21,7 @@ shared by the pools of one deployment:
   trip: only an attempt sent after the last decrease can cause another.
 
 Plain asyncio and a `threading.Lock`: one limiter serves every event loop of the process,
-and each waiter is woken on its own loop. With Redis (see `pools.cluster`) the pause and the
+and each waiter is woken on its own loop. With Redis (see `pools.engine.cluster`) the pause and the
 limit are the cluster's: `SharedLimit` carries them between instances.
 """
 
@@ -40,8 +40,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
-from pools.exceptions import RateLimited
-from pools.slots import wake_on_its_loop
+from pools.engine.exceptions import RateLimited
+from pools.engine.slots import wake_on_its_loop
 
 
 class Outcome(StrEnum):
@@ -98,7 +98,7 @@ class LimitChange:
 
 
 class SharedLimit(Protocol):
-    """The cluster's pause and limit for a deployment (Redis, see `pools.cluster`).
+    """The cluster's pause and limit for a deployment (Redis, see `pools.engine.cluster`).
 
     `publish` tells the others this process's new limit or pause; `current` returns the
     cluster's last known (limit, seconds of pause left), or None when there is no store.

@@ -9,8 +9,9 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pools.metrics import metrics_for
-from pools.runtime import get_pool, shut_down, tune_gc_for_serving, warm_up
+from carlos.serving import shut_down, tune_gc_for_serving, warm_up
+from pools.engine.metrics import metrics_for
+from pools.runtime import get_pool
 from pools.sampler import SnapshotSampler, start_sampler
 
 logger = logging.getLogger("pools")

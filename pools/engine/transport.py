@@ -28,8 +28,8 @@ import httpcore
 import httpx
 from httpcore._async.http11 import AsyncHTTP11Connection, HTTPConnectionState
 
-from pools.config import EndpointConfig, HttpLimits
-from pools.telemetry import inject_trace_context
+from pools.engine.config import EndpointConfig, HttpLimits
+from pools.engine.telemetry import inject_trace_context
 
 # The pool a connection is opened for; set around each call so the ledger can attribute it.
 current_pool: contextvars.ContextVar[str] = contextvars.ContextVar("current_pool", default="")
@@ -491,7 +491,7 @@ def build_http_client(
     on_response: typing.Callable[[httpx.Response], typing.Awaitable[None]] | None = None,
 ) -> httpx.AsyncClient:
     """An `httpx.AsyncClient` whose every TCP connection is recorded in `ledger`, and whose
-    every request carries the current span's W3C `traceparent` (`pools.telemetry`)."""
+    every request carries the current span's W3C `traceparent` (`pools.engine.telemetry`)."""
     transport = httpx.AsyncHTTPTransport(
         verify=ssl_context_for(endpoint),
         limits=httpx.Limits(

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from pools.events import EventBus, EventKind, PoolEvent
+from pools.engine.events import EventBus, EventKind, PoolEvent
 
 # Samples kept per pool and per measure between two drains; beyond it a uniform sample
 # (reservoir) stands for the whole interval. 1024 samples give p95 within about 1% rank.

@@ -22,12 +22,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
+from carlos.serving import shut_down, tune_gc_for_serving, warm_up
 from carlos.startup import refuse_to_start_wrong
-from pools.metrics import metrics_for
-from pools.registry import PoolRegistry
-from pools.runtime import get_pool, shut_down, tune_gc_for_serving, warm_up
+from pools.engine.metrics import metrics_for
+from pools.engine.registry import PoolRegistry
+from pools.runtime import get_pool
 from pools.sampler import SnapshotSampler, start_sampler
-from pools.simulator_process import SimulatorDidNotStart, SimulatorProcess, start_simulator
+from pools.simulator.process import SimulatorDidNotStart, SimulatorProcess, start_simulator
 
 logger = logging.getLogger("pools")
 

@@ -4,7 +4,7 @@ There is exactly one retry layer: the pool's (the SDK is built with `max_retries
 every attempt is seen by the breaker and counted in the stats. A call is retried only on
 failures that may pass (connection errors, timeouts, 408/409/5xx, a cut, malformed or empty
 answer before any text), never once the user has seen tokens of a stream, and never when
-cancelled. A 429 is no failure here: it pauses the deployment (`pools.adaptive`) and the
+cancelled. A 429 is no failure here: it pauses the deployment (`pools.engine.adaptive`) and the
 call waits its turn within its deadline.
 
 The breaker counts only what says the deployment is unhealthy: 5xx, connection failures,
@@ -27,7 +27,7 @@ from typing import Any
 
 import openai
 
-from pools.exceptions import (
+from pools.engine.exceptions import (
     BadResponse,
     CircuitOpen,
     DeadlineExceeded,
@@ -149,7 +149,7 @@ class CircuitBreaker:
         self.times_opened = 0
         self.last_reason = ""
         # Told of every opening (state, seconds, reason) and closing, outside the lock: how
-        # other processes learn of it (see pools.cluster).
+        # other processes learn of it (see pools.engine.cluster).
         self.on_change: Callable[[BreakerState, float, str], None] | None = None
 
     def _notify(self, state: BreakerState, seconds: float, reason: str) -> None:
