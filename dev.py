@@ -2,7 +2,8 @@
 """Set everything up, then run Carlos or its tests. Needs nothing but Python 3.
 
     python3 dev.py run     # the product: migrations, simulator, pools warmed, http://127.0.0.1:8000/
-    python3 dev.py test    # ruff, then the whole test suite (extra arguments go to pytest)
+    python3 dev.py test    # ruff, mypy on the engine, then the whole test suite (extra
+                           # arguments go to pytest)
 
 It finds Python 3.13 (this interpreter, `python3.13` on PATH, or pyenv), makes `.venv`,
 installs the pinned dependencies from `requirements.lock`, and re-installs only when
@@ -101,9 +102,10 @@ def main(argv: list[str]) -> int:
                 return server.wait()
             except KeyboardInterrupt:
                 continue
-    lint = subprocess.run([python, "-m", "ruff", "check", "."], cwd=ROOT, env=env)
-    if lint.returncode:
-        return lint.returncode
+    for check in (["ruff", "check", "."], ["mypy", "pools/engine"]):
+        done = subprocess.run([python, "-m", *check], cwd=ROOT, env=env)
+        if done.returncode:
+            return done.returncode
     return subprocess.run([python, "-m", "pytest", *argv[1:]], cwd=ROOT, env=env).returncode
 
 

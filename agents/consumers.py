@@ -1,9 +1,9 @@
 """The live feed of one design: a snapshot on connect, then the pipeline's events as they happen.
 
-The pipeline publishes to the group `design-<id>` (see `agents.pipeline.EventPublisher`);
-this consumer only relays, so a browser that disconnects never affects the design. The
-group is joined before the snapshot is read: an event published in between is then sent
-twice (harmless, the page applies events idempotently) rather than lost.
+The pipeline publishes to the design's group (`agents.events.design_group`; the events are
+typed in `agents.events`); this consumer only relays, so a browser that disconnects never
+affects the design. The group is joined before the snapshot is read: an event published in
+between is then sent twice (harmless, the page applies events idempotently) rather than lost.
 
 Every way a socket ends releases what it holds, before the close is sent and again when the
 consumer stops for any reason: its timers (resync, session check) are cancelled and it leaves
@@ -51,9 +51,17 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils.crypto import constant_time_compare
 
-from agents import leases
 from agents.access import visible_designs
-from agents.models import AgentRun, Design
+from agents.events import (
+    DesignStatus,
+    Event,
+    Pong,
+    Snapshot,
+    SocketError,
+    as_json,
+    design_group,
+    snapshot,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +84,8 @@ RESYNC_AFTER_S = 15.0
 # sockets took SQLite lock calls from 1,172 to 1,540 per 120 s; at 300 s that is about 6 %.
 SESSION_RECHECK_S = 300.0
 TASK_PREFIX = "design-socket"
-TERMINAL_STATUSES = Design.TERMINAL_STATUSES
-
-
-def group_name(design_id: int) -> str:
-    return f"design-{design_id}"
+# The events that say where the design stands (a finished design needs no resync).
+STATE_EVENTS = frozenset({Snapshot.kind, DesignStatus.kind})
 
 
 def sessions_group_name(user_pk: Any) -> str:
@@ -112,54 +117,6 @@ def session_still_valid(session_key: str, user_pk: Any) -> bool:
         constant_time_compare(session_hash, expected)
         for expected in (user.get_session_auth_hash(), *user.get_session_auth_fallback_hash())
     )
-
-
-def run_state(run: AgentRun) -> dict[str, Any]:
-    """A run as the page's timeline shows it."""
-    return {
-        "id": run.pk,
-        "agent": run.agent,
-        "round": run.round,
-        "status": run.status,
-        "pool": run.pool,
-        "model": run.model,
-        "overflow": run.overflow,
-        "wait_ms": run.wait_ms,
-        "ttft_ms": run.ttft_ms,
-        "duration_ms": run.duration_ms,
-        "tokens_in": run.tokens_in,
-        "tokens_out": run.tokens_out,
-        "tokens_estimated": run.tokens_estimated,
-        "error": run.error,
-    }
-
-
-def design_state(design: Design, queue_place: int | None = None) -> dict[str, Any]:
-    """The design's own fields the page keeps live (status, verdict, cause of failure, its
-    place in line while queued)."""
-    return {
-        "id": design.pk,
-        "status": design.status,
-        "verdict": design.verdict,
-        "recommendation": design.recommendation,
-        "revisions": design.revisions,
-        "error": design.error,
-        "failed_agent": design.failed_agent,
-        "queue_place": queue_place,
-    }
-
-
-async def snapshot(design_id: int) -> dict[str, Any] | None:
-    """The design and all its runs (a resume's and those before it), as one `snapshot` event."""
-    design = await Design.objects.filter(pk=design_id).afirst()
-    if design is None:
-        return None
-    runs = design.runs.order_by("id")
-    return {
-        "kind": "snapshot",
-        "design": design_state(design, await leases.queue_place(design)),
-        "runs": [run_state(run) async for run in runs],
-    }
 
 
 class DesignConsumer(AsyncJsonWebsocketConsumer):
@@ -201,13 +158,13 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
         # Sessions first: a logout from here on reaches this socket.
         self.sessions_group = sessions_group_name(user.pk)
         await self.channel_layer.group_add(self.sessions_group, self.channel_name)
-        self.group = group_name(self.design_id)
+        self.group = design_group(self.design_id)
         await self.channel_layer.group_add(self.group, self.channel_name)
         state = await snapshot(self.design_id)
         if state is None:  # deleted in between
             await self._close(CLOSE_NOT_FOUND)
             return
-        await self.send_json(state)
+        await self.send_event(state)
         self._session_watch = self._start(self._recheck_session_periodically(), "session")
         if self._resync is None:
             self._resync = self._start(self._resync_while_quiet(), "resync")
@@ -225,13 +182,20 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
         if not task.cancelled() and task.exception() is not None:
             logger.warning("%s failed: %r", task.get_name(), task.exception())
 
+    async def send_event(self, event: Event) -> None:
+        """One of the consumer's own events (a snapshot, a pong)."""
+        await self.send_json(as_json(event))
+
     async def send_json(self, content: Any, close: bool = False) -> None:
+        """Every event the page receives passes here, its own and those relayed (already
+        JSON): what the design's state says decides whether the socket keeps resyncing."""
         if self._closing:
             return  # a message already queued when the socket closed
         self._last_sent = time.monotonic()
-        if content.get("kind") in {"snapshot", "design_status"}:
-            status = (content.get("design") or content).get("status")
-            self._finished = status in TERMINAL_STATUSES
+        kind = content.get("kind")
+        if kind in STATE_EVENTS:
+            design = content["design"] if kind == Snapshot.kind else content
+            self._finished = bool(design.get("terminal"))
             if not self._finished and self._resync is not None and self._resync.done():
                 self._resync = self._start(self._resync_while_quiet(), "resync")
         await super().send_json(content, close)
@@ -246,7 +210,7 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
             if state is None:
                 await self._close(CLOSE_NOT_FOUND)
                 return
-            await self.send_json(state)
+            await self.send_event(state)
 
     async def _recheck_session_periodically(self) -> None:
         while not self._closing:
@@ -284,7 +248,7 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
         self._closing = True
         await self._release()
         if error is not None:
-            await super().send_json({"kind": "error", "error": error})
+            await super().send_json(as_json(SocketError(error=error)))
         await self.close(code=code, reason=error[:120] if error else None)
 
     async def _release(self) -> None:
@@ -337,17 +301,18 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
         """`ping` keeps proxies from idling the socket out; `snapshot` re-syncs the page."""
         kind = content.get("kind") if isinstance(content, dict) else None
         if kind == "ping":
-            await self.send_json({"kind": "pong"})
-        elif kind == "snapshot":
+            await self.send_event(Pong())
+        elif kind == Snapshot.kind:
             state = await snapshot(self.design_id)
             if state is not None:
-                await self.send_json(state)
+                await self.send_event(state)
         else:
             await self._close(CLOSE_BAD_MESSAGE, "unknown message; send ping or snapshot")
 
     async def design_event(self, message: dict[str, Any]) -> None:
-        """Relay one pipeline event as it is: no database work per event, or a busy database
-        would slow this socket's queue until the channel layer drops messages."""
+        """Relay one pipeline event as it was published (`agents.events.publish`): no
+        database work and no parsing per event, or a busy database would slow this socket's
+        queue until the channel layer drops messages."""
         await self.send_json(message["event"])
 
 

@@ -27,6 +27,7 @@ from django.db.models import F, Q
 from django.utils import timezone
 
 from agents.models import AgentRun, Design
+from pools.engine.typed_settings import parse, setting, setting_keys
 
 Status = Design.Status
 ACTIVE = tuple(Design.ACTIVE_STATUSES)
@@ -36,29 +37,19 @@ _draining = threading.Event()
 
 @dataclass(frozen=True)
 class LeaseSettings:
-    """The durability settings (carlos/settings.py documents each)."""
+    """The durability settings (carlos/settings.py documents each); each field's key is its
+    Django setting, a value out of bounds becomes the nearest bound."""
 
-    lease_seconds: float = 30.0
-    sweep_seconds: float = 10.0
-    max_takeovers: int = 3
-    drain_seconds: float = 30.0
-    questions_timeout: float = 24 * 3600.0
+    lease_seconds: float = setting(30.0, key="DESIGN_LEASE_SECONDS", low=1.0, clamp=True)
+    sweep_seconds: float = setting(10.0, key="DESIGN_SWEEP_SECONDS", low=0.1, clamp=True)
+    max_takeovers: int = setting(3, key="DESIGN_MAX_TAKEOVERS", low=0, clamp=True)
+    drain_seconds: float = setting(30.0, key="DRAIN_SECONDS", low=0.0, clamp=True)
+    questions_timeout: float = setting(24 * 3600.0, key="QUESTIONS_TIMEOUT", low=0.0, clamp=True)
 
     @classmethod
     def current(cls) -> LeaseSettings:
-        """From the settings, each bounded; a setting left out keeps the default above."""
-        default = cls()
-
-        def setting(name: str, fallback: float) -> float:
-            return float(getattr(settings, name, fallback))
-
-        return cls(
-            lease_seconds=max(1.0, setting("DESIGN_LEASE_SECONDS", default.lease_seconds)),
-            sweep_seconds=max(0.1, setting("DESIGN_SWEEP_SECONDS", default.sweep_seconds)),
-            max_takeovers=max(0, int(setting("DESIGN_MAX_TAKEOVERS", default.max_takeovers))),
-            drain_seconds=max(0.0, setting("DRAIN_SECONDS", default.drain_seconds)),
-            questions_timeout=max(0.0, setting("QUESTIONS_TIMEOUT", default.questions_timeout)),
-        )
+        """From the settings; one left out or None keeps the default above."""
+        return parse(cls, {key: getattr(settings, key, None) for key in setting_keys(cls)})
 
 
 def this_instance() -> str:

@@ -1,4 +1,4 @@
-"""The request form's options and the agent roster, shared by the pipeline, the web and the CLI.
+"""The request form's options, shared by the pipeline, the web and the CLI.
 
 The original product collected five options and then silently dropped them; keeping them as
 enumerations with one validator means every caller stores the same keys and values, and the
@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from django.db import models
+
+from agents.specs import AGENT_SPECS, Stage
 
 
 class Scenario(models.TextChoices):
@@ -110,39 +112,12 @@ OPTION_GUIDANCE: dict[str, dict[str, str]] = {
 }
 
 
-class Agent(models.TextChoices):
-    REQUIREMENTS = "requirements", "Requirements analyst"
-    CARLOS = "carlos", "Carlos (lead architect)"
-    RONEI = "ronei", "Ronei (rival architect)"
-    SECURITY = "security", "Security analyst"
-    COST = "cost", "Cost analyst"
-    RELIABILITY = "reliability", "Reliability analyst"
-    AUDITOR = "auditor", "Auditor"
-    RECOMMENDER = "recommender", "Recommender"
-    TERRAFORM = "terraform", "Terraform coder"
-
-
-# Pipeline order; parallel stages are listed together.
-AGENTS: tuple[str, ...] = tuple(Agent.values)
-DESIGN_AGENTS: tuple[str, ...] = (Agent.CARLOS.value, Agent.RONEI.value)
-ANALYST_AGENTS: tuple[str, ...] = (
-    Agent.SECURITY.value,
-    Agent.COST.value,
-    Agent.RELIABILITY.value,
-)
-
-# Which pool serves each agent, as in the original (ANCHORS.md section 1).
-AGENT_POOLS: dict[str, str] = {
-    "requirements": "mini",
-    "carlos": "main",
-    "ronei": "ronei",
-    "security": "mini",
-    "cost": "mini",
-    "reliability": "mini",
-    "auditor": "main",
-    "recommender": "main",
-    "terraform": "main",
-}
+# The shipped roster as constants, for callers that want a fixed list (tests, reports); the
+# pipeline and the pages read agents.specs, where a test may register an extra agent.
+AGENTS: tuple[str, ...] = tuple(spec.key for spec in AGENT_SPECS)
+DESIGN_AGENTS: tuple[str, ...] = tuple(s.key for s in AGENT_SPECS if s.stage == Stage.DESIGNS)
+ANALYST_AGENTS: tuple[str, ...] = tuple(s.key for s in AGENT_SPECS if s.stage == Stage.ANALYSES)
+AGENT_POOLS: dict[str, str] = {spec.key: spec.pool for spec in AGENT_SPECS}
 
 
 def validate_options(raw: Mapping[str, Any] | None) -> dict[str, str]:

@@ -5,8 +5,9 @@ dropped the form's options on the way. Here each call is exactly [system, user]:
 message is assembled from the request, all the options, the answered clarifications and only
 the outputs that agent reads, so prompt size is bounded by the inputs, never by history.
 
-Each system prompt starts with `AGENT: <name>`, a stable marker that logs and the offline
-simulator use to tell the agents apart. The strict output formats (verdict, recommendation,
+Each system prompt starts with `AGENT: <key>` (the agent's key in agents.specs, which names
+the builder here that each agent is prompted with), a stable marker that logs and the
+offline simulator use to tell the agents apart. The strict output formats (verdict, recommendation,
 numbered questions) are parsed here too, next to the instructions that ask for them.
 """
 
@@ -241,6 +242,19 @@ def analyst_messages(
     agent: str, brief: Brief, requirements: str, designs: Mapping[str, str], round_number: int
 ) -> Messages:
     role, task = _ANALYSTS[agent]
+    return analyst_prompt(agent, role, task, brief, requirements, designs, round_number)
+
+
+def analyst_prompt(
+    agent: str,
+    role: str,
+    task: str,
+    brief: Brief,
+    requirements: str,
+    designs: Mapping[str, str],
+    round_number: int,
+) -> Messages:
+    """Any analyst's prompt: its role and task, both designs, and its spec's JSON schema."""
     system = _system(
         agent,
         role,
@@ -442,3 +456,18 @@ def parse_questions(text: str) -> list[str]:
         if match and match[1].strip(_DECORATION):
             questions.append(match[1].strip())
     return questions[:MAX_QUESTIONS]
+
+
+# -- the prompts' fixed wording, for code that reads prompts back (the offline simulator) ------
+
+AGENT_MARKER = "AGENT:"
+REQUEST_OPEN = "<request>"
+REQUEST_CLOSE = "</request>"
+OPTIONS_HEADING = "## Options"
+CLARIFICATION_QUESTION = "Q:"
+CLARIFICATION_ANSWER = "A:"
+SKIPPED_ANSWER = "(skipped by the user: state a reasonable assumption instead)"
+REVIEW_ROUND = "Review round:"
+REVISION_ROUND = "Revision round:"
+REQUIRED_CHANGES_SECTION = "Auditor's required changes"
+RECOMMENDED_DESIGN = "Recommended design:"

@@ -21,7 +21,7 @@ from django.utils.safestring import SafeString, mark_safe
 from markdown_it import MarkdownIt
 from markdown_it.token import Token
 
-from agents.options import ANALYST_AGENTS, Agent
+from agents.specs import Output, find_spec
 from agents.terraform import deployment_steps, split_terraform
 
 if TYPE_CHECKING:
@@ -99,8 +99,7 @@ def render_markdown(text: str) -> SafeString:
     return mark_safe(sanitize_html(_parser.render(text)))  # sanitised just above
 
 
-# Agents asked to answer in labelled lines ("VERDICT: ...", "STRENGTHS:" then a list).
-LABELLED_AGENTS = frozenset({Agent.AUDITOR, Agent.RECOMMENDER})
+# A labelled answer's lines ("VERDICT: ...", "STRENGTHS:" then a list): Output.LABELLED.
 _LABEL_LINE = re.compile(r"^([A-Z][A-Z /&-]{1,40}):[ \t]*(.*)$", re.MULTILINE)
 
 
@@ -122,22 +121,25 @@ def separate_labels(text: str) -> str:
 def present_run(run: AgentRun) -> dict[str, Any]:
     """What an agent's tab shows for a finished run, with every piece of model text made safe.
 
-    `kind` picks the template: "markdown" (architects, auditor, recommender, requirements),
-    "analysis" (the analysts' JSON as a readable summary plus the raw JSON) or "terraform"
-    (the four files, each copyable, plus the rest of the answer).
+    The agent's spec decides: `kind` "analysis" for a JSON report (shown by the spec's
+    template as a readable summary, plus the raw JSON), "terraform" (the four files, each
+    copyable, plus the rest of the answer), else "markdown" (an agent no spec declares any
+    more is shown as markdown too).
     """
-    if run.agent in ANALYST_AGENTS:
+    spec = find_spec(run.agent)
+    output = spec.output if spec is not None else Output.MARKDOWN
+    if output == Output.JSON:
         report = run.output_json if isinstance(run.output_json, dict) else None
         return {
             "kind": "analysis",
-            "template": f"agents/analysis/{run.agent}.html",
+            "template": spec.template,
             "report": report,
             "raw_json": json.dumps(report, indent=2) if report is not None else "",
             "json_error": run.json_error,
             "raw_text": run.output_text,
             "summary_html": render_markdown(report.get("summary", "")) if report else "",
         }
-    if run.agent == Agent.TERRAFORM:
+    if output == Output.TERRAFORM:
         files = split_terraform(run.output_text)
         return {
             "kind": "terraform",
@@ -147,6 +149,6 @@ def present_run(run: AgentRun) -> dict[str, Any]:
             "raw_text": run.output_text,
         }
     text = run.output_text
-    if run.agent in LABELLED_AGENTS:
+    if output == Output.LABELLED:
         text = separate_labels(text)
     return {"kind": "markdown", "html": render_markdown(text)}

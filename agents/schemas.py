@@ -1,7 +1,8 @@
-"""The JSON the three analysts must return, declared once and used to prompt and to validate.
+"""The JSON the analysts must return, declared once and used to prompt and to validate.
 
 Each analyst reviews both designs, so the recommender can compare them on the same scale:
 a report holds one assessment for Carlos's design, one for Ronei's, and a short summary.
+Which agent answers with which report is its spec's `schema` (agents.specs).
 """
 
 from __future__ import annotations
@@ -12,19 +13,23 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from agents.specs import spec_for
 
-class _Schema(BaseModel):
+
+class ReportSchema(BaseModel):
+    """The base of every report: a new analyst's schema derives from it too."""
+
     # Extra keys a model adds are dropped rather than failing an otherwise good report.
     model_config = ConfigDict(extra="ignore")
 
 
-class SecurityFinding(_Schema):
+class SecurityFinding(ReportSchema):
     severity: Literal["critical", "high", "medium", "low"]
     title: str = Field(min_length=1)
     recommendation: str = Field(min_length=1)
 
 
-class SecurityAssessment(_Schema):
+class SecurityAssessment(ReportSchema):
     score: int = Field(ge=0, le=100, description="0 (insecure) to 100 (exemplary)")
     findings: list[SecurityFinding]
     frameworks: list[str] = Field(description="Compliance frameworks the design supports")
@@ -34,13 +39,13 @@ class SecurityAssessment(_Schema):
     network_segmentation: bool
 
 
-class SecurityReport(_Schema):
+class SecurityReport(ReportSchema):
     carlos: SecurityAssessment
     ronei: SecurityAssessment
     summary: str = Field(min_length=1)
 
 
-class CostItem(_Schema):
+class CostItem(ReportSchema):
     service: str = Field(min_length=1)
     sku: str
     quantity: float = Field(ge=0)
@@ -48,7 +53,7 @@ class CostItem(_Schema):
     category: Literal["compute", "data", "networking", "security", "operations", "other"]
 
 
-class CostAssessment(_Schema):
+class CostAssessment(ReportSchema):
     monthly_usd: float = Field(ge=0)
     annual_usd: float = Field(ge=0)
     services: list[CostItem] = Field(min_length=1)
@@ -57,13 +62,13 @@ class CostAssessment(_Schema):
     confidence: Literal["low", "medium", "high"]
 
 
-class CostReport(_Schema):
+class CostReport(ReportSchema):
     carlos: CostAssessment
     ronei: CostAssessment
     summary: str = Field(min_length=1)
 
 
-class ReliabilityAssessment(_Schema):
+class ReliabilityAssessment(ReportSchema):
     estimated_sla_percent: float = Field(ge=90, le=100)
     single_points_of_failure: list[str]
     rto_hours: float = Field(ge=0, description="Recovery time objective")
@@ -75,17 +80,10 @@ class ReliabilityAssessment(_Schema):
     backup: list[str]
 
 
-class ReliabilityReport(_Schema):
+class ReliabilityReport(ReportSchema):
     carlos: ReliabilityAssessment
     ronei: ReliabilityAssessment
     summary: str = Field(min_length=1)
-
-
-ANALYST_SCHEMAS: dict[str, type[_Schema]] = {
-    "security": SecurityReport,
-    "cost": CostReport,
-    "reliability": ReliabilityReport,
-}
 
 
 class ReportInvalid(ValueError):
@@ -96,8 +94,8 @@ _FENCE = re.compile(r"\A```(?:json)?\s*\n(.*)\n```\Z", re.DOTALL)
 
 
 def schema_text(agent: str) -> str:
-    """The JSON schema of `agent`'s report, compact, for its system prompt."""
-    return json.dumps(ANALYST_SCHEMAS[agent].model_json_schema(), separators=(",", ":"))
+    """The JSON schema of `agent`'s report (its spec's schema), compact, for its prompt."""
+    return json.dumps(spec_for(agent).schema_class.model_json_schema(), separators=(",", ":"))
 
 
 def validate_report(agent: str, text: str) -> dict:
@@ -111,7 +109,7 @@ def validate_report(agent: str, text: str) -> dict:
     except json.JSONDecodeError as exc:
         raise ReportInvalid(f"not valid JSON: {exc}") from exc
     try:
-        report = ANALYST_SCHEMAS[agent].model_validate(data)
+        report = spec_for(agent).schema_class.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in error['loc']) or '(root)'}: {error['msg']}"

@@ -33,16 +33,17 @@ from django.views.decorators.http import require_GET, require_http_methods, requ
 
 from agents import leases, tasks
 from agents.access import may_act_on, may_delete, may_view_every_design, visible_designs
-from agents.consumers import run_state
+from agents.events import as_json, design_state, run_state
 from agents.forms import ClarificationForm, DesignRequestForm
 from agents.models import AgentRun, Design, DesignRetry
-from agents.options import AGENT_POOLS, AGENTS, OPTION_FIELDS, Agent, option_label
+from agents.options import OPTION_FIELDS, option_label
 from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
 from agents.rendering import present_run
+from agents.specs import Stage, only_in_stage, pools_in_use, registered
 from agents.terraform import split_terraform
 from carlos.admission import outside_the_gate
 from carlos.serving import llm_loop
-from pools.engine.exceptions import CircuitOpen, PoolError
+from pools.engine.exceptions import PoolError
 from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")
@@ -54,17 +55,6 @@ DESIGNS_PER_PAGE = 20
 # both pass.
 _submission_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
 
-TAB_LABELS: dict[str, str] = {
-    "requirements": "Requirements",
-    "carlos": "Carlos",
-    "ronei": "Ronei",
-    "security": "Security",
-    "cost": "Cost",
-    "reliability": "Reliability",
-    "auditor": "Audit",
-    "recommender": "Recommendation",
-    "terraform": "Terraform",
-}
 RETRYABLE = frozenset(tasks.RETRYABLE_STATUSES)
 CANCELLABLE = frozenset(tasks.CANCELLABLE_STATUSES)
 # What the design forms are posted as; anything else Django would read as an empty form.
@@ -137,51 +127,20 @@ def busy_from(refusal: PoolError) -> Busy:
     return Busy(f"{type(refusal).__name__}: {refusal}", _whole_seconds(hint))
 
 
-def _budget_wait(budget: dict[str, Any] | None, tokens: int) -> float:
-    """Seconds until a rate budget snapshot has room for one more call of `tokens`."""
-    if not budget:
-        return 0.0
-    waits = [0.0]
-    if budget["rpm"] and budget["requests_available"] is not None:
-        waits.append((1 - budget["requests_available"]) * 60 / budget["rpm"])
-    if budget["tpm"] and budget["tokens_available"] is not None:
-        needed = min(tokens, budget["tpm"]) - budget["tokens_available"]
-        waits.append(needed * 60 / budget["tpm"])
-    return max(waits)
-
-
 def pools_busy() -> Busy | None:
     """Why the pools would refuse a design started now, or None if they can take it.
 
     The pipeline runs in the background, where a refusal can only fail the design after the
-    user has left the form; so the views ask first, for every pool an agent uses: its
-    circuit breaker, a capped pool whose queue is full (MAX_WAITING), its rate budget.
+    user has left the form; so the views ask the engine first (`PoolRegistry.refusal`), for
+    every pool an agent uses: its circuit breaker, a capped pool whose queue is full
+    (MAX_WAITING), its rate budget.
     """
     if leases.draining():
         return Busy("this server is stopping; it takes no new design", DRAINING_RETRY_AFTER_S)
-    registry = get_pool()
-    if registry.closed:
-        return Busy("the pools are shut down", BUSY_RETRY_AFTER_S)
-    pools = registry.stats()["pools"]
-    resilience = registry.config.resilience
-    for name in dict.fromkeys(AGENT_POOLS.values()):
-        if name not in pools:
-            continue  # a configuration error, which the design reports when it fails
-        try:
-            registry.breaker_for(name).check()
-        except CircuitOpen as exc:
-            return busy_from(exc)
-        pool = pools[name]
-        full = pool["in_use"] >= pool["total"] + pool["overflow_limit"]
-        if full and pool["max_waiting"] is not None and pool["waiting"] >= pool["max_waiting"]:
-            return Busy(
-                f"pool {name!r} is full and {pool['waiting']} caller(s) already wait",
-                _whole_seconds(pool["timeout_s"]),
-            )
-        wait = _budget_wait(pool["rate_budget"], resilience.default_output_tokens)
-        if wait > resilience.rate_limit_max_wait:
-            return Busy(f"the rate budget of {pool['model']!r} is used up", _whole_seconds(wait))
-    return None
+    refusal = get_pool().refusal(pools_in_use())
+    if refusal is None:
+        return None
+    return Busy(refusal.reason, _whole_seconds(refusal.retry_after_s))
 
 
 def _busy_response(response: HttpResponse, busy: Busy | None) -> HttpResponse:
@@ -366,14 +325,14 @@ def _tabs(runs: list[AgentRun]) -> list[Tab]:
         if run.status == AgentRun.Status.SUCCEEDED:
             succeeded[run.agent] = run
     tabs = []
-    for agent in AGENTS:
-        output = succeeded.get(agent)
+    for spec in registered():
+        output = succeeded.get(spec.key)
         tabs.append(
             Tab(
-                agent=agent,
-                label=TAB_LABELS[agent],
-                title=str(Agent(agent).label),
-                run=latest.get(agent),
+                agent=spec.key,
+                label=spec.tab,
+                title=spec.label,
+                run=latest.get(spec.key),
                 output=output,
                 presented=present_run(output) if output else None,
             )
@@ -412,25 +371,23 @@ def _design_page(
     awaiting = design.status == Design.Status.AWAITING_ANSWERS
     if answers_form is None and awaiting and can_act:
         answers_form = ClarificationForm(questions)
+    state = design_state(design, queue_place)
     page_data = {
         "id": design.pk,
-        "status": design.status,
-        "terminal": sorted(Design.TERMINAL_STATUSES),
+        "terminal": state.terminal,
         "socket": f"/ws/designs/{design.pk}/",
         "runs": f"/designs/{design.pk}/runs/",
-        "labels": TAB_LABELS,
     }
     context = {
         "design": design,
-        "runs": [run_state(run) | {"label": TAB_LABELS[run.agent]} for run in runs],
+        "state": state,
+        "runs": [run_state(run) for run in runs],
         "tabs": _tabs(runs),
         "options": _option_rows(design),
         "answers_form": answers_form,
         "answered": [item for item in design.clarifications if item.get("answer")],
         "pending_questions": questions if awaiting and not can_act else [],
-        "retryable": design.status in RETRYABLE,
         "cancellable": design.status in CANCELLABLE,
-        "queue_place": queue_place,
         "can_act": can_act,
         "page_data": page_data,
         "show_owner": design.owner_id != request.user.pk,
@@ -471,7 +428,7 @@ async def run_output(request: HttpRequest, design_id: int, run_id: int) -> JsonR
     html = render_to_string(
         "agents/_run_output.html", {"design": design, "run": run, "presented": presented}
     )
-    return JsonResponse(run_state(run) | {"html": html})
+    return JsonResponse(as_json(run_state(run)) | {"html": html})
 
 
 @login_required
@@ -643,7 +600,7 @@ def _terraform_files(run: AgentRun | None) -> dict[str, str]:
 async def terraform_zip(request: HttpRequest, design_id: int) -> HttpResponse:
     """The Terraform coder's files (main, variables, outputs, versions) as a zip."""
     design = await _visible_design(request, design_id)
-    files = _terraform_files(await design.aoutput(Agent.TERRAFORM))
+    files = _terraform_files(await design.aoutput(only_in_stage(Stage.TERRAFORM).key))
     if not files:
         raise Http404("This design has no Terraform yet.")
     buffer = io.BytesIO()
@@ -707,20 +664,20 @@ async def download_package(request: HttpRequest, design_id: int) -> HttpResponse
     for run in runs:
         if run.status == AgentRun.Status.SUCCEEDED:
             outputs[run.agent] = run  # later rounds replace earlier ones
-    files = _terraform_files(outputs.get(Agent.TERRAFORM))
+    files = _terraform_files(outputs.get(only_in_stage(Stage.TERRAFORM).key))
     folder = f"design-{design.pk}-{slugify(design.title)[:40]}".rstrip("-")
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(f"{folder}/README.md", _package_readme(design, runs, files))
-        for position, agent in enumerate(AGENTS, start=1):
-            run = outputs.get(agent)
+        for position, spec in enumerate(registered(), start=1):
+            run = outputs.get(spec.key)
             if run is None:
                 continue
-            stem = f"{folder}/{position:02d}-{agent}"
+            stem = f"{folder}/{position:02d}-{spec.key}"
             if run.output_json is not None:
                 archive.writestr(f"{stem}.json", json.dumps(run.output_json, indent=2) + "\n")
             else:
-                title = f"# {Agent(agent).label} (round {run.round})\n\n"
+                title = f"# {spec.label} (round {run.round})\n\n"
                 archive.writestr(f"{stem}.md", title + run.output_text.rstrip() + "\n")
         for name, content in files.items():
             archive.writestr(f"{folder}/terraform/{name}", content)

@@ -4,6 +4,7 @@ Everything that differs between machines comes from the environment (or a local 
 file) through django-environ; `.env.example` lists every variable.
 """
 
+import os
 from pathlib import Path
 
 import environ
@@ -199,63 +200,69 @@ LLM_SIMULATOR_HOST = env("LLM_SIMULATOR_HOST", default="127.0.0.1")
 LLM_SIMULATOR_PORT = env.int("LLM_SIMULATOR_PORT", default=8765)
 
 
-def _pool_env(name: str, model: str, temperature: float) -> dict:
+# The pools' defaults live in pools/engine/config.py, on its config dataclasses: CARLOS_POOLS
+# holds only what the environment sets. Values stay text here so that a typo becomes a
+# system-check error naming the variable, not a traceback while settings load.
+_POOL_KEYS = (
+    "SIZE",
+    "MAX_OVERFLOW",
+    "TIMEOUT",
+    "MAX_WAITING",
+    "FIRST_TOKEN_TIMEOUT",
+    "IDLE_TIMEOUT",
+    "CALL_TIMEOUT",
+    "MAX_RETRIES",
+    "ADAPTIVE",
+    "MIN_CONCURRENCY",
+    "MAX_CONCURRENCY",
+)
+_HTTP_KEYS = (
+    "MAX_CONNECTIONS",
+    "MAX_KEEPALIVE_CONNECTIONS",
+    "KEEPALIVE_EXPIRY",
+    "CONNECT_TIMEOUT",
+    "READ_TIMEOUT",
+)
+
+
+def _set_in_env(**variables: str) -> dict[str, str]:
+    """`{key: value}` for each `key=VARIABLE` whose variable the environment sets."""
+    return {key: env.str(name) for key, name in variables.items() if name in env}
+
+
+def _pool_env(name: str, model_variable: str) -> dict[str, str]:
     """One pool's settings, each overridable as POOL_<NAME>_<KEY> (e.g. POOL_MAIN_SIZE)."""
     prefix = f"POOL_{name.upper()}_"
-    return {
-        "MODEL": model,
-        "TEMPERATURE": temperature,
-        "SIZE": env.str(f"{prefix}SIZE", default=None),
-        "MAX_OVERFLOW": env.str(f"{prefix}MAX_OVERFLOW", default=None),
-        "TIMEOUT": env.str(f"{prefix}TIMEOUT", default="30"),
-        "MAX_WAITING": env.str(f"{prefix}MAX_WAITING", default=None),
-        "FIRST_TOKEN_TIMEOUT": env.str(f"{prefix}FIRST_TOKEN_TIMEOUT", default="30"),
-        "IDLE_TIMEOUT": env.str(f"{prefix}IDLE_TIMEOUT", default="30"),
-        "CALL_TIMEOUT": env.str(f"{prefix}CALL_TIMEOUT", default="180"),
-        "MAX_RETRIES": env.str(f"{prefix}MAX_RETRIES", default="2"),
-        "ADAPTIVE": env.str(f"{prefix}ADAPTIVE", default="1"),
-        "MIN_CONCURRENCY": env.str(f"{prefix}MIN_CONCURRENCY", default="1"),
-        "MAX_CONCURRENCY": env.str(f"{prefix}MAX_CONCURRENCY", default=None),
-    }
+    return _set_in_env(MODEL=model_variable, **{key: prefix + key for key in _POOL_KEYS})
 
 
 CARLOS_POOLS = {
     "ENDPOINT": {
-        "AZURE_ENDPOINT": env("AZURE_OPENAI_ENDPOINT", default=""),
-        "AZURE_API_KEY": env("AZURE_OPENAI_API_KEY", default=""),
-        "AZURE_API_VERSION": env("AZURE_OPENAI_API_VERSION", default="2024-10-21"),
-        "BASE_URL": env("LLM_BASE_URL", default=""),
-        "API_KEY": env("LLM_API_KEY", default=""),
         "SIMULATOR_URL": env(
             "LLM_SIMULATOR_URL", default=f"http://{LLM_SIMULATOR_HOST}:{LLM_SIMULATOR_PORT}/v1"
         ),
-        "CA_BUNDLE": env("LLM_CA_BUNDLE", default=""),
+        **_set_in_env(
+            AZURE_ENDPOINT="AZURE_OPENAI_ENDPOINT",
+            AZURE_API_KEY="AZURE_OPENAI_API_KEY",
+            AZURE_API_VERSION="AZURE_OPENAI_API_VERSION",
+            BASE_URL="LLM_BASE_URL",
+            API_KEY="LLM_API_KEY",
+            CA_BUNDLE="LLM_CA_BUNDLE",
+        ),
     },
-    # The design note's single size knob: main and mini get it, ronei half of it.
-    # Numbers stay strings here so that a typo becomes a system-check error naming the
-    # variable, not a traceback while settings load.
-    "SIZE": env.str("POOL_SIZE", default="10"),
-    "HTTP": {
-        "MAX_CONNECTIONS": env.str("HTTP_MAX_CONNECTIONS", default="100"),
-        "MAX_KEEPALIVE_CONNECTIONS": env.str("HTTP_MAX_KEEPALIVE_CONNECTIONS", default="20"),
-        "KEEPALIVE_EXPIRY": env.str("HTTP_KEEPALIVE_EXPIRY", default="120"),
-        "CONNECT_TIMEOUT": env.str("HTTP_CONNECT_TIMEOUT", default="5"),
-        "READ_TIMEOUT": env.str("HTTP_READ_TIMEOUT", default="60"),
-    },
+    # The design note's single size knob (POOL_SIZE): main and mini get it, ronei half of it;
+    # requests/tokens per minute per deployment, e.g. "gpt-4o=600/150000,gpt-4o-mini=1000".
+    **_set_in_env(SIZE="POOL_SIZE", RATE_LIMITS="LLM_RATE_LIMITS"),
+    "HTTP": _set_in_env(**{key: f"HTTP_{key}" for key in _HTTP_KEYS}),
     "CLUSTER": {
         "REDIS_URL": REDIS_URL,
         "PREFIX": REDIS_PREFIX,
-        "LEASE_SECONDS": env.str("POOL_LEASE_SECONDS", default="10"),
-        "REDIS_TIMEOUT": env.str("REDIS_TIMEOUT", default="0.25"),
+        **_set_in_env(LEASE_SECONDS="POOL_LEASE_SECONDS", REDIS_TIMEOUT="REDIS_TIMEOUT"),
     },
-    # Requests/tokens per minute per deployment, e.g. "gpt-4o=600/150000,gpt-4o-mini=1000".
-    "RATE_LIMITS": env.str("LLM_RATE_LIMITS", default=""),
     "POOLS": {
-        "main": _pool_env("main", env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"), 0.7),
-        "ronei": _pool_env("ronei", env("AZURE_OPENAI_DEPLOYMENT_NAME", default="gpt-4o"), 0.9),
-        "mini": _pool_env(
-            "mini", env("AZURE_OPENAI_MINI_DEPLOYMENT_NAME", default="gpt-4o-mini"), 0.7
-        ),
+        "main": _pool_env("main", "AZURE_OPENAI_DEPLOYMENT_NAME"),
+        "ronei": _pool_env("ronei", "AZURE_OPENAI_DEPLOYMENT_NAME"),
+        "mini": _pool_env("mini", "AZURE_OPENAI_MINI_DEPLOYMENT_NAME"),
     },
 }
 
@@ -306,15 +313,16 @@ DESIGN_MAX_REVISIONS = env.int("DESIGN_MAX_REVISIONS", default=1)
 # and resumed from their last finished agent. A design whose process died
 # DESIGN_MAX_TAKEOVERS times ends failed. Instances need clocks in step (NTP) to well
 # within the lease time.
-DESIGN_LEASE_SECONDS = env.float("DESIGN_LEASE_SECONDS", default=30.0)
-DESIGN_SWEEP_SECONDS = env.float("DESIGN_SWEEP_SECONDS", default=10.0)
-DESIGN_MAX_TAKEOVERS = env.int("DESIGN_MAX_TAKEOVERS", default=3)
+# None when the environment leaves one out: agents.leases.LeaseSettings holds the defaults.
+DESIGN_LEASE_SECONDS = env.float("DESIGN_LEASE_SECONDS", default=None)
+DESIGN_SWEEP_SECONDS = env.float("DESIGN_SWEEP_SECONDS", default=None)
+DESIGN_MAX_TAKEOVERS = env.int("DESIGN_MAX_TAKEOVERS", default=None)
 # On SIGTERM or Ctrl-C, how long running agents may take to finish before the server stops
 # them, saves what they streamed and hands their designs on to resume.
-DRAIN_SECONDS = env.float("DRAIN_SECONDS", default=30.0)
+DRAIN_SECONDS = env.float("DRAIN_SECONDS", default=None)
 # A design waiting for answers to its clarifying questions goes on without them after this
 # many seconds (24 h), the questions marked skipped.
-QUESTIONS_TIMEOUT = env.float("QUESTIONS_TIMEOUT", default=24 * 3600.0)
+QUESTIONS_TIMEOUT = env.float("QUESTIONS_TIMEOUT", default=None)
 
 # --- Pool history and Prometheus metrics (pools app, issue 4) ------------------------------
 # Each server process saves one PoolSnapshot row per pool every POOL_SNAPSHOT_INTERVAL
@@ -340,7 +348,6 @@ METRICS_ALLOWED_IPS = env.list("METRICS_ALLOWED_IPS", default=[])
 # guesses per cool-off either way. A good login wipes nothing (with the address counted, a
 # guesser's own good login would wipe its guesses at others' accounts). The address is the
 # connection's (REMOTE_ADDR), or behind a TLS proxy the one it appended to X-Forwarded-For.
-import os  # noqa: E402
 from datetime import timedelta  # noqa: E402
 
 AUTHENTICATION_BACKENDS = [

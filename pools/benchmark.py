@@ -26,6 +26,7 @@ import httpx
 from openai import AsyncOpenAI
 
 from pools.engine.config import parse_config
+from pools.engine.intervals import percentile
 from pools.engine.registry import PoolRegistry
 
 MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
@@ -45,7 +46,10 @@ class BenchmarkReport:
         return statistics.median(self.latencies_ms[name])
 
     def p90(self, name: str) -> float:
-        return _percentile(self.latencies_ms[name], 0.9)
+        value = percentile(self.latencies_ms[name], 90)
+        if value is None:  # as `median` refuses an empty list
+            raise statistics.StatisticsError(f"no latencies for {name}")
+        return value
 
     def summary(self) -> dict[str, Any]:
         variants = {
@@ -93,12 +97,6 @@ class BenchmarkReport:
 
 def _meets(value: float, op: str, limit: float) -> bool:
     return {"<=": value <= limit, ">=": value >= limit, "<": value < limit}[op]
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(fraction * (len(ordered) - 1))))
-    return ordered[index]
 
 
 class _OriginalPool:
@@ -216,7 +214,7 @@ async def run_benchmark(
             for name in order:
                 report.latencies_ms[name].append(await _timed(variants[name]))
         report.connections = {
-            "pooled": registry.stats()["http"]["connections_num"],
+            "pooled": registry.stats().http.connections_num,
             "fresh": rounds,
         }
 

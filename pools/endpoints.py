@@ -75,7 +75,7 @@ async def readiness(
     if scope == "cluster" and registry.cluster is None:
         return 400, {"error": "scope=cluster needs REDIS_URL (no cluster)"}
     reason = registry.unavailable_reason()
-    body = {"status": "degraded" if reason else "healthy", **registry.stats()}
+    body = {"status": "degraded" if reason else "healthy", **registry.stats().as_json()}
     if not operator:
         return (503 if reason else 200), public_view(body)
     if reason:

@@ -28,6 +28,7 @@ from django.utils import timezone
 from pools.engine.events import EventKind, PoolEvent
 from pools.engine.intervals import IntervalRecorder, PoolInterval
 from pools.engine.registry import PoolRegistry
+from pools.engine.stats import DeploymentStats, PoolStats
 from pools.models import LIMIT_REASON_LENGTH, PoolSnapshot
 
 logger = logging.getLogger("pools")
@@ -39,54 +40,44 @@ DEFAULT_PEAK_TICK_S = 1.0
 # Rows kept for a retry while the database is down (about 100 intervals of three pools);
 # the oldest are dropped past it, so an outage cannot grow memory without bound.
 MAX_PENDING_ROWS = 300
-COUNTER_KEYS = (
-    "requests_num",
-    "requests_overflow",
-    "requests_queued",
-    "requests_wait_ms",
-    "requests_timeouts",
-    "requests_refused",
-    "requests_errors",
-    "requests_retries",
-    "requests_rate_limited",
-    "usage_ms",
-    "connections_num",
-    "connections_closed",
-    "connections_errors",
-)
 
 
-def gauges(pool_stats: dict[str, Any]) -> dict[str, Any]:
-    """The moment's fields of a row, from one pool's entry in `registry.stats()`/`/health`
-    (the deployment's fields stay empty when it has no "concurrency", as an older server's)."""
-    concurrency = pool_stats.get("concurrency") or {}
-    paused_s = concurrency.get("paused_s")
+def gauges(stats: PoolStats) -> dict[str, Any]:
+    """The moment's fields of a row, from one pool's stats (the registry's, or a /health
+    answer's read back; the deployment's fields stay empty without "concurrency", as an
+    older server's)."""
     return {
-        "size": int(pool_stats["total"]),
-        "in_use": int(pool_stats["in_use"]),
-        "available": int(pool_stats["available"]),
-        "overflow_in_use": int(pool_stats["overflow_in_use"]),
-        "waiting": int(pool_stats["waiting"]),
-        "concurrency_limit": _whole(concurrency.get("limit")),
-        "limit_reason": limit_reason(concurrency),
-        "deployment_in_flight": _whole(concurrency.get("in_flight")),
-        "deployment_waiting": _whole(concurrency.get("waiting")),
-        "paused_s": None if paused_s is None else round(float(paused_s), 3),
+        "size": stats.total,
+        "in_use": stats.in_use,
+        "available": stats.available,
+        "overflow_in_use": stats.overflow_in_use,
+        "waiting": stats.waiting,
+        "limit_reason": limit_reason(stats.concurrency),
+        **_deployment_gauges(stats.concurrency),
     }
 
 
-def limit_reason(concurrency: dict[str, Any]) -> str:
+def _deployment_gauges(deployment: DeploymentStats | None) -> dict[str, Any]:
+    if deployment is None:
+        return dict.fromkeys(
+            ("concurrency_limit", "deployment_in_flight", "deployment_waiting", "paused_s")
+        )
+    return {
+        "concurrency_limit": _whole(deployment.limit),
+        "deployment_in_flight": _whole(deployment.in_flight),
+        "deployment_waiting": _whole(deployment.waiting),
+        "paused_s": round(float(deployment.paused_s), 3),
+    }
+
+
+def limit_reason(deployment: DeploymentStats | None) -> str:
     """Why the deployment's limit last changed, cut to the row's column."""
-    reason = str((concurrency.get("last_change") or {}).get("reason") or "")
+    reason = deployment.last_change.reason if deployment is not None else ""
     return reason[:LIMIT_REASON_LENGTH]
 
 
-def _whole(value: Any) -> int | None:
-    return None if value is None else max(0, int(value))
-
-
-def counters(pool_stats: dict[str, Any]) -> dict[str, float]:
-    return {key: pool_stats[key] for key in COUNTER_KEYS if key in pool_stats}
+def _whole(value: float) -> int:
+    return max(0, int(value))
 
 
 class PeakTracker:
@@ -165,8 +156,7 @@ class SnapshotSampler:
         self.peaks = PeakTracker(registry)
         # Each pool's 429 counter at the last row: a row holds the increase since.
         self._rate_limited = {
-            name: int(pool.stats().get("requests_rate_limited", 0))
-            for name, pool in registry.pools.items()
+            name: pool.stats().requests_rate_limited for name, pool in registry.pools.items()
         }
         self.cycles = 0  # intervals whose rows were saved
         self.failures = 0  # intervals whose write failed
@@ -237,7 +227,7 @@ class SnapshotSampler:
         self.peaks.sample()
         intervals = self.recorder.drain()
         peaks = self.peaks.drain()
-        pools = self.registry.stats()["pools"]
+        pools = self.registry.stats().pools
         now = timezone.now()
         rows = []
         for name, interval in intervals.items():
@@ -248,8 +238,8 @@ class SnapshotSampler:
             rows.append(row)
         return rows
 
-    def _rate_limited_since(self, name: str, pool_stats: dict[str, Any]) -> int:
-        count = int(pool_stats.get("requests_rate_limited", 0))
+    def _rate_limited_since(self, name: str, stats: PoolStats) -> int:
+        count = stats.requests_rate_limited
         before = self._rate_limited.get(name, 0)
         self._rate_limited[name] = count
         return count - before if count >= before else count  # a smaller count: a new registry
@@ -293,11 +283,11 @@ class SnapshotSampler:
 def snapshot_from(
     instance: str,
     taken_at: Any,
-    pool_stats: dict[str, Any],
+    stats: PoolStats,
     interval: PoolInterval,
     peaks: dict[str, int] | None = None,
 ) -> PoolSnapshot:
-    moment = gauges(pool_stats)
+    moment = gauges(stats)
     peaks = peaks or {}
     # A peak is never below the row's own moment (a queue may have formed since the last look).
     in_use_peak = max(peaks.get("in_use_peak", 0), moment["in_use"])
@@ -329,7 +319,7 @@ def snapshot_from(
         tokens_in=interval.tokens_in,
         tokens_out=interval.tokens_out,
         error_kinds=interval.error_kinds,
-        counters=counters(pool_stats),
+        counters=stats.counters(),
     )
 
 

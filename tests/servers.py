@@ -1,24 +1,19 @@
 """Real `manage.py serve` processes for the tests that need the whole server, not a test client.
 
-One copy of what those tests share: a free loopback port, the child's environment, the start,
-the wait for `/health`, and a stop that leaves nothing running whatever the test did. What a
-test asserts about a server (its output, its exit status, a deliberate SIGKILL) stays in the
-test: `Server` hands out the process and its log, and `stop` does nothing to a process that
-has already exited.
+One copy of what those tests share: the child's environment, the start, the wait for
+`/health`, and a stop that leaves nothing running whatever the test did. The process work
+itself (free port, command line, SIGTERM then SIGKILL) is `carlos.processes`, as for the load
+test. What a test asserts about a server (its output, its exit status, a deliberate SIGKILL)
+stays in the test: `Server` hands out the process and its log, and `stop` does nothing to a
+process that has already exited.
 """
 
 from __future__ import annotations
 
-import http.client
 import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -27,18 +22,12 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
+from carlos import processes
+from carlos.processes import LOOPBACK, ROOT, free_port, manage_py, start_serve, stop, tail
+
+HOST = LOOPBACK
 START_LIMIT_S = 90.0  # fail-safe limits, not timing assertions: a broken build must not hang
-STOP_GRACE_S = 20.0
 TAIL_LINES = 80
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on now (the kernel's pick), for a child to bind."""
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
 
 
 def child_env(database_url: str, **extra: str) -> dict[str, str]:
@@ -64,7 +53,7 @@ def manage(
     """`manage.py <args>` run to its end, output captured; with `check`, a failure fails the
     test showing that output."""
     done = subprocess.run(
-        [sys.executable, "manage.py", *args],
+        manage_py(*args),
         cwd=ROOT,
         env=dict(env),
         capture_output=True,
@@ -93,36 +82,19 @@ class Server:
 
     def tail(self, lines: int = TAIL_LINES) -> str:
         """The end of the server's output, for failure messages."""
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        return tail(self.log, lines)
 
 
 def start(env: Mapping[str, str], log: Path, *options: str, name: str = "serve") -> Server:
     """`manage.py serve --port <free port> <options>` in a child process, stdout and stderr
-    (in order) in `log`. The child leads a process group of its own, so that `stop` can take
-    whatever it started with it if it has to be killed."""
+    (in order) in `log`, leading a process group of its own (see `carlos.processes`)."""
     port = free_port()
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "manage.py", "serve", "--port", str(port), *options],
-            cwd=ROOT,
-            env=dict(env),
-            stdout=output,
-            stderr=subprocess.STDOUT,
-            process_group=0,
-        )
-    return Server(name, port, process, log)
+    return Server(name, port, start_serve(dict(env), log, port, *options), log)
 
 
 def health_status(server: Server, timeout: float = 2) -> int | str:
-    """The status of one GET /health, or why there was none."""
-    try:
-        with urllib.request.urlopen(f"{server.base}/health", timeout=timeout) as response:
-            return response.status
-    except urllib.error.HTTPError as error:
-        return error.code
-    except (OSError, http.client.HTTPException) as error:
-        return f"{type(error).__name__}: {error}"
+    """The status of one GET /health of `server`, or why there was none."""
+    return processes.health_status(server.base, timeout)
 
 
 def wait_healthy(*servers: Server, limit: float = START_LIMIT_S) -> None:
@@ -152,34 +124,6 @@ def wait_healthy(*servers: Server, limit: float = START_LIMIT_S) -> None:
             )
         if pending:
             time.sleep(0.1)
-
-
-def stop(*processes: subprocess.Popen[Any], grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM to every process still running (each shuts down cleanly, as in production, and
-    all at once), then SIGKILL to whatever runs after `grace` seconds, with its process group
-    when it leads one. Processes that already exited are only reaped."""
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for process in processes:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            kill(process)
-            process.wait(timeout=10)
-
-
-def kill(process: subprocess.Popen[Any]) -> None:
-    """SIGKILL to a process not yet reaped (so its pid is still its own), and to the process
-    group it leads, if it leads one (one `start` made), so no child of it is left behind."""
-    try:
-        if os.getpgid(process.pid) == process.pid:
-            os.killpg(process.pid, signal.SIGKILL)
-            return
-    except ProcessLookupError:
-        return
-    process.kill()
 
 
 @contextmanager

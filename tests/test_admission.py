@@ -13,6 +13,7 @@ from django.urls import reverse
 from carlos import asgi
 from carlos.admission import BUSY_RETRY_AFTER_S, RequestGate, outside_the_gate
 from pools.endpoints import HealthEndpoints
+from tests.helpers.waiting import eventually
 
 
 class SlowApp:
@@ -40,22 +41,22 @@ def client(app: Any) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://testserver")
 
 
-async def until(condition: Any) -> None:
-    for _ in range(1000):  # a fail-safe limit only
-        if condition():
-            return
-        await asyncio.sleep(0.001)
-    raise AssertionError("never happened")
+def in_line(gate: RequestGate, *, logins: bool = False) -> int:
+    """How many requests wait in the gate's line (pages' or logins'), as the gate counts."""
+    line = gate._gate()
+    return line.logins.waiting if logins else line.waiting
 
 
 async def test_requests_past_the_limit_wait_their_turn_in_order():
     app = SlowApp()
-    async with client(RequestGate(app, limit=2, max_waiting=10)) as http:
+    gate = RequestGate(app, limit=2, max_waiting=10)
+    async with client(gate) as http:
         requests = []
         for n in range(5):
             requests.append(asyncio.create_task(http.get(f"/page/{n}")))
-            await asyncio.sleep(0.01)  # arrive in this order
-        await until(lambda: app.inside == 2)
+            # Each arrives (inside, or in line) before the next is sent.
+            await eventually(lambda n=n: app.inside + in_line(gate) == n + 1)
+        assert app.inside == 2
         assert app.order == ["/page/0", "/page/1"]
         app.release.set()
         answers = await asyncio.gather(*requests)
@@ -64,27 +65,30 @@ async def test_requests_past_the_limit_wait_their_turn_in_order():
     assert app.order == [f"/page/{n}" for n in range(5)]
 
 
-async def test_a_full_line_is_refused_with_503_and_retry_after():
+@pytest.mark.parametrize("method, path", [("GET", "/page"), ("POST", "/login/")])
+async def test_a_full_line_is_refused_with_503_and_retry_after(method: str, path: str):
+    """Pages and logins alike: one place, one in line, and the next is refused at once."""
     app = SlowApp()
-    async with client(RequestGate(app, limit=1, max_waiting=1)) as http:
-        inside = asyncio.create_task(http.get("/inside"))
-        await until(lambda: app.inside == 1)
-        waiting = asyncio.create_task(http.get("/waiting"))
-        await asyncio.sleep(0.02)
-        refused = await http.get("/refused")
+    gate = RequestGate(app, limit=1, max_waiting=1, login_paths={"/login/"}, logins=1)
+    async with client(gate) as http:
+        inside = asyncio.create_task(http.request(method, path))
+        await eventually(lambda: app.inside == 1)
+        waiting = asyncio.create_task(http.request(method, path))
+        await eventually(lambda: in_line(gate, logins=path == "/login/") == 1)
+        refused = await http.request(method, path)
         assert refused.status_code == 503
         assert refused.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
         assert "busy" in refused.text
         app.release.set()
         assert [(await inside).status_code, (await waiting).status_code] == [200, 200]
-    assert app.order == ["/inside", "/waiting"]
+    assert app.order == [path, path]
 
 
 async def test_health_is_answered_while_every_place_is_taken(installed_registry):
     app = SlowApp()
     async with client(HealthEndpoints(RequestGate(app, limit=1, max_waiting=0))) as http:
         page = asyncio.create_task(http.get("/slow"))
-        await until(lambda: app.inside == 1)
+        await eventually(lambda: app.inside == 1)
         assert (await http.get("/health/live")).status_code == 200
         assert (await http.get("/other")).status_code == 503
         app.release.set()
@@ -117,8 +121,40 @@ async def test_a_request_waiting_on_a_model_steps_out_of_line_and_back():
 
 
 async def test_outside_a_gated_request_stepping_out_does_nothing():
-    async with outside_the_gate({"type": "http"}):
-        pass
+    """A scope the gate never saw, and a login POST (a line of its own, no page place), step
+    out without freeing a page's place: a page past the only place is still refused."""
+    scope = {"type": "http", "path": "/"}
+    async with outside_the_gate(scope):
+        ran = True
+    assert ran and scope == {"type": "http", "path": "/"}
+
+    pages = SlowApp()
+    stepped_out, answer = asyncio.Event(), asyncio.Event()
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        if scope["path"] != "/login/":
+            await pages(scope, receive, send)
+            return
+        async with outside_the_gate(scope):
+            stepped_out.set()
+            await answer.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    gate = RequestGate(app, limit=1, max_waiting=0, login_paths={"/login/"}, logins=1)
+    async with client(gate) as http:
+        first = asyncio.create_task(http.get("/first"))
+        await eventually(lambda: pages.inside == 1)
+        login = asyncio.create_task(http.post("/login/"))
+        await stepped_out.wait()
+        second = asyncio.create_task(http.get("/second"))
+        await eventually(lambda: second.done() or pages.inside == 2)
+        assert second.done() and second.result().status_code == 503  # the place stayed taken
+        answer.set()
+        pages.release.set()
+        assert [(await login).status_code, (await first).status_code] == [200, 200]
+        assert (await http.get("/third")).status_code == 200  # and no place was lost either
+    assert pages.order == ["/first", "/third"]
 
 
 async def test_other_scopes_pass_through():
@@ -147,30 +183,15 @@ async def test_logins_wait_in_a_line_of_their_own_and_pages_pass_them():
     gate = RequestGate(app, limit=1, max_waiting=10, login_paths={"/login/"}, logins=2)
     async with client(gate) as http:
         logins = [asyncio.create_task(http.post("/login/")) for _ in range(5)]
-        await until(lambda: app.inside == 2)
+        await eventually(lambda: app.inside == 2)
         page = asyncio.create_task(http.get("/page"))
-        await until(lambda: app.inside == 3)  # the page is in, three logins still wait
+        await eventually(lambda: app.inside == 3)  # the page is in, three logins still wait
         assert app.order == ["/login/", "/login/", "/page"]
         assert sum(not login.done() for login in logins) == 5
         app.release.set()
         assert (await page).status_code == 200
         assert [answer.status_code for answer in await asyncio.gather(*logins)] == [200] * 5
     assert app.most_inside == 3  # two logins and the page, never more
-
-
-async def test_a_full_login_line_is_refused_with_503_and_retry_after():
-    app = SlowApp()
-    gate = RequestGate(app, limit=1, max_waiting=1, login_paths={"/login/"}, logins=1)
-    async with client(gate) as http:
-        inside = asyncio.create_task(http.post("/login/"))
-        await until(lambda: app.inside == 1)
-        waiting = asyncio.create_task(http.post("/login/"))
-        await asyncio.sleep(0.02)
-        refused = await http.post("/login/")
-        assert refused.status_code == 503
-        assert refused.headers["retry-after"] == str(BUSY_RETRY_AFTER_S)
-        app.release.set()
-        assert [(await inside).status_code, (await waiting).status_code] == [200, 200]
 
 
 @pytest.mark.parametrize("limit, max_waiting, logins", [(0, 1, 1), (1, -1, 1), (1, 1, 0)])

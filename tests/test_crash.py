@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from django.conf import settings
 from psycopg import sql
 
 from agents.options import AGENTS, DEFAULT_OPTIONS
@@ -102,7 +103,8 @@ def simulator() -> Iterator[SimulatorProcess]:
             "--tokens-per-second=300",
             "--request-log=2000",
             "--responder=agents.simulated.carlos_responder",
-        ]
+        ],
+        manage_py=settings.BASE_DIR / "manage.py",
     )
     try:
         yield process

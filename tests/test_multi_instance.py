@@ -28,7 +28,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -44,20 +43,28 @@ import redis
 from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.test import Client
-from psycopg import sql
 
 from agents.options import AGENTS, DEFAULT_OPTIONS
 from pools.admin import chart_data
 from pools.engine.config import parse_config
 from pools.engine.registry import PoolRegistry
 from pools.models import PoolSnapshot
+from tests.helpers import services
+from tests.helpers.services import (
+    POSTGRES_URL,
+    forget_keys,
+    postgres_problem,
+    redis_problem,
+    run_prefix,
+    throwaway_database,
+)
+from tests.helpers.waiting import eventually
 from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
-REDIS_URL = os.environ.get("TEST_CLUSTER_REDIS_URL", "redis://127.0.0.1:6379/14")
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
+REDIS_URL = services.CLUSTER_REDIS_URL
 # This run's own keys (REDIS_PREFIX): test runs sharing the machine's Redis never meet.
-PREFIX = f"test-cluster-{uuid.uuid4().hex[:8]}"
+PREFIX = run_prefix("test-cluster")
 LEASE_SECONDS = 2.0
 CAPACITY = {"main": 3, "ronei": 2, "mini": 3}  # 8 in all; no overflow anywhere
 USERNAME, PASSWORD = "cluster-user", f"pw-{uuid.uuid4().hex}"
@@ -66,26 +73,11 @@ DESIGN_LIMIT_S = 90.0
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 
 
-def redis_problem() -> str | None:
-    try:
-        redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping()
-    except redis.RedisError as exc:
-        return f"no Redis at {REDIS_URL} ({exc}); .ci/run starts one"
-    return None
-
-
-def postgres_problem() -> str | None:
-    try:
-        psycopg.connect(f"{POSTGRES_URL}/postgres", connect_timeout=2).close()
-    except psycopg.Error as exc:
-        return f"no PostgreSQL at {POSTGRES_URL} ({exc}); .ci/run starts one"
-    return None
-
-
-REDIS_PROBLEM = redis_problem()
+REDIS_PROBLEM = redis_problem(REDIS_URL)
 SERVICES_PROBLEM = REDIS_PROBLEM or postgres_problem()
-needs_redis = pytest.mark.skipif(REDIS_PROBLEM is not None, reason=REDIS_PROBLEM or "")
+needs_redis = services.needs_redis(REDIS_URL)
 needs_services = pytest.mark.skipif(SERVICES_PROBLEM is not None, reason=SERVICES_PROBLEM or "")
+__all__ = ["POSTGRES_URL", "REDIS_URL", "SERVICES_PROBLEM", "submit"]  # tests/test_crash.py
 
 
 # == the admin chart: the cluster summed per time bucket, or one instance =========================
@@ -167,7 +159,7 @@ def test_admin_chart_shows_the_cluster_or_one_instance(two_instances):
 # == found in the engine (pools/engine/registry.py) and fixed ============================
 @needs_redis
 async def test_the_wait_for_a_cluster_lease_counts_as_waiting():
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    prefix = run_prefix()
     raw = {
         "ENDPOINT": {"SIMULATOR_URL": "http://127.0.0.1:9/v1"},  # no call is made
         "POOLS": {"main": {"SIZE": 1, "MAX_OVERFLOW": 0, "TIMEOUT": 20}},
@@ -182,28 +174,21 @@ async def test_the_wait_for_a_cluster_lease_counts_as_waiting():
     try:
         async with holder.acquire("main"):
             caller = asyncio.create_task(second_caller())
-            while waiter.stats()["pools"]["main"]["cluster_waiting"] == 0:
-                await asyncio.sleep(0.01)
+            await eventually(
+                lambda: waiter.stats().pools["main"].cluster_waiting,
+                what="the second caller waits for a cluster lease",
+            )
             await asyncio.sleep(0.3)  # the second caller waits at least this long
         waited_ms = await caller
         assert waited_ms >= 300
-        assert waiter.stats()["pools"]["main"]["requests_wait_ms"] >= 300
+        assert waiter.stats().pools["main"].requests_wait_ms >= 300
     finally:
         await holder.close()
         await waiter.close()
-        client = redis.Redis.from_url(REDIS_URL)
-        for key in client.scan_iter(f"{prefix}:*"):
-            client.delete(key)
+        forget_keys(REDIS_URL, prefix)
 
 
 # == the real cluster ===========================================================================
-def forget_cluster_keys() -> None:
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{PREFIX}:*"):
-        client.delete(key)
-    client.close()
-
-
 def instance_of(server: Server) -> str:
     """The server's name in the cluster, as its /health reports it."""
     return httpx.get(f"{server.base}/health", timeout=5).json()["cluster"]["instance"]
@@ -247,10 +232,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     if SERVICES_PROBLEM:
         pytest.skip(SERVICES_PROBLEM)
     folder = tmp_path_factory.mktemp("cluster")
-    database = f"carlos_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(database)))
-    forget_cluster_keys()
+    with contextlib.ExitStack() as cleanup:
+        database_url = cleanup.enter_context(throwaway_database())
+        cleanup.callback(forget_keys, REDIS_URL, PREFIX)
+        yield from run_cluster(database_url, folder)
+
+
+def run_cluster(database_url: str, folder: Path) -> Iterator[Cluster]:
+    """The simulator and instances A and B on `database_url`; stopped when the caller ends."""
+    forget_keys(REDIS_URL, PREFIX)
     simulator = subprocess.Popen(
         [
             sys.executable,
@@ -275,7 +265,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         found = re.search(r"listening on (http://\S+)/v1", line)
         assert found, f"the simulator said {line!r}"
         env = child_env(
-            f"{POSTGRES_URL}/{database}",
+            database_url,
             REDIS_URL=REDIS_URL,
             REDIS_PREFIX=PREFIX,
             POOL_LEASE_SECONDS=str(LEASE_SECONDS),
@@ -299,11 +289,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield state
     finally:
         stop(*(server.process for server in servers.values()), simulator)
-        with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(database))
-            )
-        forget_cluster_keys()
 
 
 # -- a user's browser, in code ------------------------------------------------------------------
@@ -342,14 +327,17 @@ async def design_statuses(cluster: Cluster, ids: list[int]) -> dict[int, str]:
 
 async def wait_statuses(cluster: Cluster, ids: list[int], wanted: set[str]) -> dict[int, str]:
     """Poll the database until every design is in one of `wanted` (fail-safe limit only)."""
-    deadline = time.monotonic() + DESIGN_LIMIT_S
-    while True:
-        statuses = await design_statuses(cluster, ids)
-        if len(statuses) == len(ids) and set(statuses.values()) <= wanted:
-            return statuses
-        if time.monotonic() > deadline:
-            pytest.fail(f"designs never reached {wanted}: {statuses}")
-        await asyncio.sleep(0.1)
+    latest: dict[int, str] = {}
+
+    async def arrived() -> dict[int, str] | None:
+        latest.clear()
+        latest.update(await design_statuses(cluster, ids))
+        done = len(latest) == len(ids) and set(latest.values()) <= wanted
+        return dict(latest) if done else None
+
+    return await eventually(
+        arrived, DESIGN_LIMIT_S, what=f"designs reach {wanted}", state=lambda: latest, interval=0.1
+    )
 
 
 TERMINAL = {"succeeded", "failed", "interrupted"}
@@ -597,10 +585,12 @@ async def test_a_killed_instance_gives_its_capacity_back(cluster: Cluster):
         orphans = [await submit(on_a, f"Orphan {index}") for index in range(4)]
     # All four have started (a design starts on A's LLM loop just after its submit answers).
     await wait_statuses(cluster, orphans, {"running"})
-    deadline = time.monotonic() + DESIGN_LIMIT_S
-    while len(held_leases(dead)["mini"]) < CAPACITY["mini"]:
-        assert time.monotonic() < deadline, "A never held the mini pool's capacity"
-        await asyncio.sleep(0.05)
+    await eventually(
+        lambda: len(held_leases(dead)["mini"]) == CAPACITY["mini"],
+        DESIGN_LIMIT_S,
+        what="A holds the mini pool's capacity",
+        interval=0.05,
+    )
 
     first.process.send_signal(signal.SIGKILL)  # no release, no goodbye
     first.process.wait()
@@ -615,11 +605,12 @@ async def test_a_killed_instance_gives_its_capacity_back(cluster: Cluster):
     # B's designs need mini leases, so they finish only once A's have expired.
     async with browser(second) as on_b:
         ids = [await submit(on_b, f"Survivor {index}") for index in range(3)]
-        expired_at = None
-        while expired_at is None:
-            if not any(held_leases(dead).values()):
-                expired_at = redis_ms()
-            await asyncio.sleep(0.02)
+        expired_at = await eventually(
+            lambda: not any(held_leases(dead).values()) and redis_ms(),
+            DESIGN_LIMIT_S,
+            what="the dead instance's leases expire",
+            interval=0.02,
+        )
         statuses = await wait_statuses(cluster, ids, TERMINAL)
         assert set(statuses.values()) == {"succeeded"}, statuses
         print(
@@ -638,13 +629,13 @@ async def test_a_killed_instance_gives_its_capacity_back(cluster: Cluster):
         print(f"(b) B's longest requirements step (waiting for A's leases): {longest}")
 
         # The dead instance's heartbeat expires too: the survivor then lists only itself.
-        deadline = time.monotonic() + START_LIMIT_S
-        while True:
+        async def only_the_survivor_listed() -> bool:
             view = (await health(second, "cluster"))["cluster_view"]
-            if set(view["instances"]) == {survivor}:
-                break
-            assert time.monotonic() < deadline, view["instances"].keys()
-            await asyncio.sleep(0.1)
+            return set(view["instances"]) == {survivor}
+
+        await eventually(
+            only_the_survivor_listed, START_LIMIT_S, what="B lists only itself", interval=0.1
+        )
         print(f"(b) B lists only itself {(redis_ms() - killed_at) / 1000:.2f} s after the kill")
 
         # A's orphans: B's sweeper took them over once their design leases expired and

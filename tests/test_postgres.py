@@ -13,47 +13,25 @@ import json
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from agents.options import AGENT_POOLS, AGENTS
+from tests.helpers.services import needs_postgres, throwaway_database
 
 ROOT = Path(__file__).resolve().parents[1]
-POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgres://postgres@127.0.0.1:5432")
-
-
-def postgres_problem() -> str | None:
-    try:
-        psycopg.connect(f"{POSTGRES_URL}/postgres", connect_timeout=2).close()
-    except psycopg.Error as exc:
-        return f"no PostgreSQL at {POSTGRES_URL} ({exc}); .ci/run starts one"
-    return None
-
-
-PROBLEM = postgres_problem()
-pytestmark = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
+pytestmark = needs_postgres()
 
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
     """A fresh, migrated PostgreSQL database (its URL); dropped after the module."""
-    name = f"carlos_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    url = f"{POSTGRES_URL}/{name}"
-    try:
+    with throwaway_database() as url:
         manage(url, "migrate", "--verbosity", "0")
         yield url
-    finally:
-        with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
 
 
 def manage(database_url: str, *args: str) -> str:

@@ -29,6 +29,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from django.conf import settings
+from google.protobuf.message import Message
 from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
     ExportMetricsServiceRequest,
     ExportMetricsServiceResponse,
@@ -43,6 +45,7 @@ from opentelemetry.trace import SpanKind
 from carlos import telemetry
 from carlos.lifespan import PoolLifespan
 from pools.simulator.process import start_simulator
+from tests.helpers.waiting import eventually_sync
 from tests.servers import child_env, manage, serving, stop
 
 # Distinctive, so that finding it anywhere is a leak (the all-zero GUID would match masks).
@@ -148,19 +151,17 @@ class Receiver:
         return f"http://127.0.0.1:{self.port}"
 
     def traces(self) -> list[ExportTraceServiceRequest]:
-        requests = []
-        for item in list(self.received):
-            if item.path.endswith("/v1/traces"):
-                request = ExportTraceServiceRequest()
-                request.ParseFromString(item.body)
-                requests.append(request)
-        return requests
+        return self._parsed("/v1/traces", ExportTraceServiceRequest)
 
     def metrics(self) -> list[ExportMetricsServiceRequest]:
+        return self._parsed("/v1/metrics", ExportMetricsServiceRequest)
+
+    def _parsed[M: Message](self, path: str, message: type[M]) -> list[M]:
+        """The OTLP requests received on `path`, decoded from protobuf."""
         requests = []
         for item in list(self.received):
-            if item.path.endswith("/v1/metrics"):
-                request = ExportMetricsServiceRequest()
+            if item.path.endswith(path):
+                request = message()
                 request.ParseFromString(item.body)
                 requests.append(request)
         return requests
@@ -175,10 +176,12 @@ class Receiver:
 
     def wait_for(self, condition: Callable[[], Any], limit: float = 20) -> None:
         """Readiness, not timing: poll until `condition()` holds (fails after `limit` s)."""
-        deadline = time.monotonic() + limit
-        while not condition():
-            assert time.monotonic() < deadline, f"receiver got: {[r.path for r in self.received]}"
-            time.sleep(0.05)
+        eventually_sync(
+            condition,
+            limit,
+            what="the receiver got what was sent",
+            state=lambda: f"receiver got: {[r.path for r in self.received]}",
+        )
 
 
 def envelopes_in(body: bytes) -> list[dict[str, Any]]:
@@ -499,10 +502,8 @@ def test_a_collector_that_never_answers_never_holds_a_span_up(clean_env, silent)
     tracer = built.tracer_provider.get_tracer("carlos.pools")
     with tracer.start_as_current_span("first"):
         pass
-    deadline = time.monotonic() + 20
-    while not silent.accepted_at:  # the exporter is now stuck in its first request
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    # The exporter is then stuck in its first request.
+    eventually_sync(lambda: silent.accepted_at, 20, what="the first export", interval=0.01)
 
     started = time.monotonic()
     for number in range(5000):
@@ -534,10 +535,12 @@ def test_a_collector_that_refuses_counts_failed_spans(clean_env):
         with tracer.start_as_current_span("chat gpt-4o"):
             pass
     processor = built.span_processors["otlp"]
-    deadline = time.monotonic() + 20
-    while processor.counts.as_dict()["failed"] < 3:
-        assert time.monotonic() < deadline, processor.counts.as_dict()
-        time.sleep(0.05)
+    eventually_sync(
+        lambda: processor.counts.as_dict()["failed"] >= 3,
+        20,
+        what="three failed spans",
+        state=processor.counts.as_dict,
+    )
     assert processor.counts.as_dict()["exported"] == 0
     built.shutdown(timeout=2)
 
@@ -679,7 +682,9 @@ def migrated(tmp_path_factory) -> str:
 @pytest.fixture
 def llm_simulator() -> Iterator[Any]:
     """`manage.py llm_simulator` in a child, keeping a log of the requests it received."""
-    simulator = start_simulator(["--port", "0", "--request-log", "500"])
+    simulator = start_simulator(
+        ["--port", "0", "--request-log", "500"], manage_py=settings.BASE_DIR / "manage.py"
+    )
     try:
         yield simulator
     finally:

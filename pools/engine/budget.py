@@ -184,8 +184,10 @@ class RateBudget:
             for bucket in (self._requests, self._tokens):
                 if bucket is not None:
                     bucket.refill()
-            requests = shared.requests if shared else (self._requests and self._requests.level)
-            tokens = shared.tokens if shared else (self._tokens and self._tokens.level)
+            requests = self._requests.level if self._requests else 0.0
+            tokens = self._tokens.level if self._tokens else 0.0
+            if shared:
+                requests, tokens = shared.requests, shared.tokens
             return {
                 "rpm": self.rpm,
                 "tpm": self.tpm,

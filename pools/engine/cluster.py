@@ -489,7 +489,8 @@ class ClusterCoordinator:
     async def cluster_stats(self) -> dict[str, Any]:
         """Every live instance's last published stats, and the leases held per pool."""
         client = self._state().client
-        instances = sorted(await client.smembers(self._instances_key))
+        members = await client.smembers(self._instances_key)  # text: decode_responses
+        instances = sorted(m if isinstance(m, str) else m.decode() for m in members)
         values = await client.mget([self._instance_key(i) for i in instances]) if instances else []
         live = {i: json.loads(v) for i, v in zip(instances, values, strict=True) if v}
         gone = [i for i in instances if i not in live]

@@ -19,7 +19,8 @@ import asyncio
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -257,6 +258,45 @@ class _Call:
     def usage_or_estimate(self, usage: TokenUsage | None, characters: int) -> TokenUsage:
         return usage if usage is not None else estimated_usage(self.messages, characters)
 
+    @contextmanager
+    def reporting(
+        self, *, stream: bool, ttft_ms: Callable[[], float | None] = lambda: None
+    ) -> Iterator[None]:
+        """Report a call that did not complete: a failure to the pool (error counter, FAILED
+        event) and the span; a cancellation, or a stream closed early, to the span only."""
+        try:
+            yield
+        except Exception as exc:
+            self.handle._failed(exc)
+            self.telemetry.failed(exc, retries=self.all_retries, ttft_ms=ttft_ms())
+            raise
+        except BaseException as exc:  # neither completed nor failed
+            closed = stream and not isinstance(exc, asyncio.CancelledError)
+            outcome = "closed" if closed else "cancelled"
+            self.telemetry.stopped(outcome, retries=self.all_retries, ttft_ms=ttft_ms())
+            raise
+
+    def completed(
+        self,
+        latency_ms: float,
+        usage: TokenUsage | None,
+        *,
+        ttft_ms: float | None,
+        response_model: str | None,
+        response_id: str | None,
+        finish_reason: str | None,
+    ) -> None:
+        """Report a completed call: the COMPLETED event, and the span and metrics."""
+        self.handle._completed(latency_ms, ttft_ms, usage)
+        self.telemetry.completed(
+            response_model=response_model,
+            response_id=response_id,
+            finish_reason=finish_reason,
+            usage=usage,
+            ttft_ms=ttft_ms,
+            retries=self.all_retries,
+        )
+
 
 class _Attempt:
     """One attempt of a `_Call`; the caller fills in what it learned before leaving."""
@@ -343,7 +383,7 @@ class LLMStream:
         self._kwargs = kwargs
         self._response: Any = None  # the SDK's streaming-response context manager
         self._request: Any = None
-        self._iterator: AsyncIterator[str] | None = None
+        self._iterator: AsyncGenerator[str] | None = None
         self.usage: TokenUsage | None = None
         self.finish_reason: str | None = None
         self.response_id: str | None = None  # from the chunk with usage or a finish reason
@@ -443,68 +483,60 @@ class LLMStream:
         self.response_id = chunk.get("id") or self.response_id
         self.response_model = chunk.get("model") or self.response_model
 
-    async def _chunks(self) -> AsyncIterator[str]:
+    async def _chunks(self) -> AsyncGenerator[str]:
         handle = self._handle
         config = handle._pool.config
         call = _Call(handle, self._messages, self._kwargs, stream=True)
         telemetry = call.telemetry
         characters = 0
         try:
-            async for attempt in call:
-                async with attempt:
-                    self.usage, self.finish_reason = None, None
-                    watch = _SilenceWatch(call.deadline, config.call_timeout)
-                    try:
-                        watch.expect("first_token", config.first_token_timeout)
-                        with telemetry.current():  # the request carries the call's traceparent
-                            reads, attempt.headers = await watch.read(self._open())
-                        watch.data_waiting = functools.partial(_data_waiting, self._network_stream)
-                        buffer = bytearray()
-                        while True:
-                            try:
-                                data = await watch.read(self._next_bytes(reads))
-                            except StopAsyncIteration:
-                                break  # read to the end: the connection is reusable
-                            buffer += data.replace(b"\r\n", b"\n")
-                            for text in self._events(buffer):
-                                if self.first_token_ms is None:
-                                    self.first_token_ms = (
-                                        time.perf_counter() - call.started
-                                    ) * 1000
-                                    attempt.first_text_at = time.monotonic()
-                                attempt.delivered = True
-                                characters += len(text)
-                                yield text
-                            if attempt.delivered:  # before any text, first-token holds
-                                watch.expect("idle", config.idle_timeout)
-                        self._verify(attempt.delivered, characters)
-                        self.usage = call.usage_or_estimate(self.usage, characters)
-                        attempt.usage = self.usage
-                    except Exception:
-                        await self._close_response()
-                        raise
-                    finally:
-                        watch.close()
-                        self.deadline_extensions += watch.extensions
-                        self.retries = call.all_retries
-        except Exception as exc:
-            handle._failed(exc)
-            telemetry.failed(exc, retries=call.all_retries, ttft_ms=self.first_token_ms)
-            raise
-        except BaseException as exc:  # cancelled, or closed early: neither completed nor failed
-            outcome = "cancelled" if isinstance(exc, asyncio.CancelledError) else "closed"
-            telemetry.stopped(outcome, retries=call.all_retries, ttft_ms=self.first_token_ms)
-            raise
-        else:  # read to the end
-            latency_ms = (time.perf_counter() - call.started) * 1000
-            handle._completed(latency_ms, self.first_token_ms, self.usage)
-            telemetry.completed(
+            with call.reporting(stream=True, ttft_ms=lambda: self.first_token_ms):
+                async for attempt in call:
+                    async with attempt:
+                        self.usage, self.finish_reason = None, None
+                        watch = _SilenceWatch(call.deadline, config.call_timeout)
+                        try:
+                            watch.expect("first_token", config.first_token_timeout)
+                            with telemetry.current():  # the request carries the call's traceparent
+                                reads, attempt.headers = await watch.read(self._open())
+                            watch.data_waiting = functools.partial(
+                                _data_waiting, self._network_stream
+                            )
+                            buffer = bytearray()
+                            while True:
+                                try:
+                                    data = await watch.read(self._next_bytes(reads))
+                                except StopAsyncIteration:
+                                    break  # read to the end: the connection is reusable
+                                buffer += data.replace(b"\r\n", b"\n")
+                                for text in self._events(buffer):
+                                    if self.first_token_ms is None:
+                                        self.first_token_ms = (
+                                            time.perf_counter() - call.started
+                                        ) * 1000
+                                        attempt.first_text_at = time.monotonic()
+                                    attempt.delivered = True
+                                    characters += len(text)
+                                    yield text
+                                if attempt.delivered:  # before any text, first-token holds
+                                    watch.expect("idle", config.idle_timeout)
+                            self._verify(attempt.delivered, characters)
+                            self.usage = call.usage_or_estimate(self.usage, characters)
+                            attempt.usage = self.usage
+                        except Exception:
+                            await self._close_response()
+                            raise
+                        finally:
+                            watch.close()
+                            self.deadline_extensions += watch.extensions
+                            self.retries = call.all_retries
+            call.completed(  # read to the end
+                (time.perf_counter() - call.started) * 1000,
+                self.usage,
+                ttft_ms=self.first_token_ms,
                 response_model=self.response_model,
                 response_id=self.response_id,
                 finish_reason=self.finish_reason,
-                usage=self.usage,
-                ttft_ms=self.first_token_ms,
-                retries=call.all_retries,
             )
         finally:
             try:
@@ -574,25 +606,15 @@ class LLMHandle:
         """The whole completion at once, with its token usage."""
         config = self._pool.config
         call = _Call(self, list(messages), kwargs, stream=False)
-        telemetry = call.telemetry
-        try:
-            with telemetry.current():
-                result, response_id = await self._invoke(call, config.call_timeout, kwargs)
-        except Exception as exc:
-            self._failed(exc)
-            telemetry.failed(exc, retries=call.all_retries)
-            raise
-        except BaseException:  # cancelled
-            telemetry.stopped("cancelled", retries=call.all_retries)
-            raise
-        self._completed(result.latency_ms, None, result.usage)
-        telemetry.completed(
+        with call.reporting(stream=False), call.telemetry.current():
+            result, response_id = await self._invoke(call, config.call_timeout, kwargs)
+        call.completed(
+            result.latency_ms,
+            result.usage,
+            ttft_ms=None,
             response_model=result.model,
             response_id=response_id,
             finish_reason=result.finish_reason,
-            usage=result.usage,
-            ttft_ms=None,
-            retries=result.retries,
         )
         return result
 

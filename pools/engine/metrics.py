@@ -1,6 +1,6 @@
 """Prometheus metrics for the pools, served at /metrics.
 
-Gauges and counters are read from `registry.stats()` at scrape time by a custom collector,
+Gauges and counters are read from `registry.stats()` (typed) at scrape time by a custom collector,
 so they can never drift from /health (the deployment's concurrency limit, its queue and its
 429 pause included, under each pool on the deployment); histograms (acquire wait, call
 latency, time to first token) and the token and error counters are fed by the engine's event
@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import (
@@ -27,6 +27,7 @@ from prometheus_client.registry import Collector
 
 from pools.engine.events import EventKind, PoolEvent
 from pools.engine.registry import PoolRegistry
+from pools.engine.stats import DeploymentStats, PoolStats
 
 logger = logging.getLogger("pools")
 
@@ -39,63 +40,100 @@ WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 6
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2.5, 5, 10, 30)
 
-_GAUGES = {
-    "size": ("total", "Configured slots of the pool."),
-    "in_use": ("in_use", "Slots in use, temporary (overflow) connections included."),
-    "available": ("available", "Pooled slots free."),
-    "overflow_in_use": ("overflow_in_use", "Temporary connections in use."),
-    "waiting": ("waiting", "Callers queued for a slot."),
+_GAUGES: dict[str, tuple[Callable[[PoolStats], float], str]] = {
+    "size": (lambda pool: pool.total, "Configured slots of the pool."),
+    "in_use": (
+        lambda pool: pool.in_use,
+        "Slots in use, temporary (overflow) connections included.",
+    ),
+    "available": (lambda pool: pool.available, "Pooled slots free."),
+    "overflow_in_use": (lambda pool: pool.overflow_in_use, "Temporary connections in use."),
+    "waiting": (lambda pool: pool.waiting, "Callers queued for a slot."),
 }
-_COUNTERS = {
-    "requests": ("requests_num", 1, "Slots granted."),
-    "overflow_requests": ("requests_overflow", 1, "Slots granted on a temporary connection."),
-    "queued_requests": ("requests_queued", 1, "Callers that had to queue for a slot."),
-    "timeouts": ("requests_timeouts", 1, "Queued callers that gave up (PoolTimeout)."),
-    "exhausted": ("requests_refused", 1, "Callers refused at once (PoolExhausted)."),
-    "usage_seconds": ("usage_ms", 1000, "Time slots were held."),
-    "connections_opened": ("connections_num", 1, "TCP connections opened for the pool."),
-    "connections_closed": ("connections_closed", 1, "TCP connections of the pool closed."),
-    "connection_errors": ("connections_errors", 1, "TCP connections that failed to open."),
+_COUNTERS: dict[str, tuple[Callable[[PoolStats], float], int, str]] = {
+    "requests": (lambda pool: pool.requests_num, 1, "Slots granted."),
+    "overflow_requests": (
+        lambda pool: pool.requests_overflow,
+        1,
+        "Slots granted on a temporary connection.",
+    ),
+    "queued_requests": (
+        lambda pool: pool.requests_queued,
+        1,
+        "Callers that had to queue for a slot.",
+    ),
+    "timeouts": (
+        lambda pool: pool.requests_timeouts,
+        1,
+        "Queued callers that gave up (PoolTimeout).",
+    ),
+    "exhausted": (
+        lambda pool: pool.requests_refused,
+        1,
+        "Callers refused at once (PoolExhausted).",
+    ),
+    "usage_seconds": (lambda pool: pool.usage_ms, 1000, "Time slots were held."),
+    "connections_opened": (
+        lambda pool: pool.connections_num,
+        1,
+        "TCP connections opened for the pool.",
+    ),
+    "connections_closed": (
+        lambda pool: pool.connections_closed,
+        1,
+        "TCP connections of the pool closed.",
+    ),
+    "connection_errors": (
+        lambda pool: pool.connections_errors,
+        1,
+        "TCP connections that failed to open.",
+    ),
     "rate_limited": (
-        "requests_rate_limited",
+        lambda pool: pool.requests_rate_limited,
         1,
         "429 answers to the pool's calls (each pauses the deployment; the call waits, retries).",
     ),
 }
 # The pool's deployment (`pools.engine.adaptive`): the pools on one model share its limiter, so
 # these repeat, the same, under each of them.
-_CONCURRENCY_GAUGES = {
+_CONCURRENCY_GAUGES: dict[str, tuple[Callable[[DeploymentStats], float], str]] = {
     "concurrency_limit": (
-        "limit",
+        lambda deployment: deployment.limit,
         "Attempts the pool's deployment may have in flight: its learned concurrency limit.",
     ),
-    "concurrency_limit_floor": ("floor", "Lowest concurrency limit of the pool's deployment."),
+    "concurrency_limit_floor": (
+        lambda deployment: deployment.floor,
+        "Lowest concurrency limit of the pool's deployment.",
+    ),
     "concurrency_limit_ceiling": (
-        "ceiling",
+        lambda deployment: deployment.ceiling,
         "Highest concurrency limit of the pool's deployment (where it starts).",
     ),
     "deployment_in_flight": (
-        "in_flight",
+        lambda deployment: deployment.in_flight,
         "Attempts in flight to the pool's deployment, from every pool on it.",
     ),
     "deployment_waiting": (
-        "waiting",
+        lambda deployment: deployment.waiting,
         "Calls queued for the pool's deployment (its concurrency limit or 429 pause), "
         "each holding its slot.",
     ),
     "deployment_paused_seconds": (
-        "paused_s",
+        lambda deployment: deployment.paused_s,
         "Seconds left of the 429 pause of the pool's deployment (0: dispatch is open).",
     ),
 }
-_CONCURRENCY_COUNTERS = {
+_CONCURRENCY_COUNTERS: dict[str, tuple[Callable[[DeploymentStats], float], str]] = {
     "concurrency_limit_decreases": (
-        "decreases",
+        lambda deployment: deployment.decreases,
         "Times the concurrency limit of the pool's deployment came down.",
     ),
-    "deployment_pauses": ("pauses", "429 pauses of the pool's deployment."),
+    "deployment_pauses": (
+        lambda deployment: deployment.pauses,
+        "429 pauses of the pool's deployment.",
+    ),
     "deployment_queue_timeouts": (
-        "timeouts",
+        lambda deployment: deployment.timeouts,
         "Calls whose deadline passed in the queue of the pool's deployment.",
     ),
 }
@@ -121,7 +159,7 @@ def limit_reason_label(reason: str) -> str:
 
 
 class _StatsCollector(Collector):
-    """Gauges and counters from `registry.stats()` at scrape time."""
+    """Gauges and counters from `registry.stats()` at scrape time, by attribute."""
 
     def __init__(self, registry: weakref.ref[PoolRegistry]) -> None:
         self._registry = registry
@@ -130,34 +168,34 @@ class _StatsCollector(Collector):
         registry = self._registry()
         if registry is None:
             return
-        stats = registry.stats()
+        pools = registry.stats().pools
         up = GaugeMetricFamily(
             "carlos_pools_up", "1 when the pools are initialized and not closed, else 0."
         )
         up.add_metric([], 1.0 if registry.usable else 0.0)
         yield up
-        for name, (key, documentation) in _GAUGES.items():
+        family: GaugeMetricFamily | CounterMetricFamily
+        for name, (gauge, documentation) in _GAUGES.items():
             family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-            for pool, values in stats["pools"].items():
-                family.add_metric([pool], float(values[key]))
+            for pool, stats in pools.items():
+                family.add_metric([pool], float(gauge(stats)))
             yield family
-        for name, (key, divisor, documentation) in _COUNTERS.items():
+        for name, (counter, divisor, documentation) in _COUNTERS.items():
             family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-            for pool, values in stats["pools"].items():
-                family.add_metric([pool], float(values.get(key, 0)) / divisor)
+            for pool, stats in pools.items():
+                family.add_metric([pool], float(counter(stats)) / divisor)
             yield family
-        yield from _concurrency(stats["pools"])
+        yield from _concurrency(pools)
 
 
-def _concurrency(pools: dict[str, dict]) -> Iterator[Metric]:
+def _concurrency(pools: dict[str, PoolStats]) -> Iterator[Metric]:
     """The deployment limiter's figures under each pool (none for a pool without them)."""
-    limited = {
-        pool: values["concurrency"] for pool, values in pools.items() if values.get("concurrency")
-    }
-    for name, (key, documentation) in _CONCURRENCY_GAUGES.items():
+    limited = {pool: stats.concurrency for pool, stats in pools.items() if stats.concurrency}
+    family: GaugeMetricFamily | CounterMetricFamily
+    for name, (gauge, documentation) in _CONCURRENCY_GAUGES.items():
         family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-        for pool, concurrency in limited.items():
-            family.add_metric([pool], float(concurrency[key]))
+        for pool, deployment in limited.items():
+            family.add_metric([pool], float(gauge(deployment)))
         yield family
     adaptive = GaugeMetricFamily(
         f"{PREFIX}_adaptive",
@@ -165,13 +203,13 @@ def _concurrency(pools: dict[str, dict]) -> Iterator[Metric]:
         "only obey the 429 pause.",
         labels=["pool"],
     )
-    for pool, concurrency in limited.items():
-        adaptive.add_metric([pool], 1.0 if concurrency.get("pool_adaptive", True) else 0.0)
+    for pool, deployment in limited.items():
+        adaptive.add_metric([pool], 1.0 if deployment.pool_adaptive else 0.0)
     yield adaptive
-    for name, (key, documentation) in _CONCURRENCY_COUNTERS.items():
+    for name, (counter, documentation) in _CONCURRENCY_COUNTERS.items():
         family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-        for pool, concurrency in limited.items():
-            family.add_metric([pool], float(concurrency.get(key, 0)))
+        for pool, deployment in limited.items():
+            family.add_metric([pool], float(counter(deployment)))
         yield family
     change = InfoMetricFamily(
         f"{PREFIX}_concurrency_limit_change",
@@ -185,11 +223,11 @@ def _concurrency(pools: dict[str, dict]) -> Iterator[Metric]:
         "start when it never did).",
         labels=["pool"],
     )
-    for pool, concurrency in limited.items():
-        last = concurrency.get("last_change") or {}
-        change.add_metric([pool], {"reason": limit_reason_label(str(last.get("reason", "")))})
-        if last.get("at") is not None:
-            changed_at.add_metric([pool], float(last["at"]))
+    for pool, deployment in limited.items():
+        last = deployment.last_change
+        change.add_metric([pool], {"reason": limit_reason_label(last.reason)})
+        if last.at is not None:
+            changed_at.add_metric([pool], float(last.at))
     yield change
     yield changed_at
 

@@ -17,33 +17,57 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpcore
 import httpx
 from openai import AsyncAzureOpenAI, AsyncOpenAI
 
 from pools.engine import telemetry
-from pools.engine.adaptive import DeploymentLimiter, LimitSettings
+from pools.engine.adaptive import DeploymentLimiter
+from pools.engine.admission import (
+    Refusal,
+    StrandedCloser,
+    attributed_to,
+    deployment_unready,
+    limit_settings,
+    refusal_for,
+    take_lease,
+    take_slot,
+)
 from pools.engine.budget import RateBudget
-from pools.engine.config import PoolConfig, PoolsConfig
+from pools.engine.config import PoolsConfig
 from pools.engine.events import EventBus, EventKind, PoolEvent
-from pools.engine.exceptions import CircuitOpen, PoolClosed, PoolError, PoolTimeout, UnknownPool
+from pools.engine.exceptions import PoolClosed, PoolError, UnknownPool
 from pools.engine.handle import Guard, LLMHandle
 from pools.engine.resilience import BreakerState, CircuitBreaker, RetryPolicy
-from pools.engine.slots import SlotPool
+from pools.engine.slots import Slot, SlotPool
+from pools.engine.stats import (
+    BreakerStats,
+    BudgetStats,
+    ClusterStats,
+    DeploymentStats,
+    EndpointStats,
+    HttpStats,
+    PoolStats,
+    RegistryStats,
+)
 from pools.engine.transport import (
     ConnectionLedger,
     build_http_client,
-    close_stranded_connections,
     current_pool,
     http_timeout,
     live_connections,
     open_idle_connections,
 )
+
+if TYPE_CHECKING:
+    import httpx2
+
+    from pools.engine.cluster import ClusterCoordinator
 
 logger = logging.getLogger("pools")
 
@@ -83,32 +107,6 @@ async def _close_clients(clients: _LoopClients) -> None:
     await clients.sdk.close()
 
 
-def pool_capacity(pool: PoolConfig, max_connections: int) -> int:
-    """Calls one pool can run at once: its size plus its overflow cap (or what HTTP leaves)."""
-    overflow = pool.max_overflow
-    if overflow is None:
-        overflow = max(0, max_connections - pool.size)
-    return pool.size + overflow
-
-
-def limit_settings(config: PoolsConfig, model: str) -> LimitSettings:
-    """The limiter of deployment `model`: bounds summed over its adaptive pools."""
-    pools = [pool for pool in config.pools.values() if pool.model == model and pool.adaptive]
-    max_connections = config.http.max_connections
-    floor = max(1, sum(pool.min_concurrency for pool in pools))
-    ceiling = sum(pool.max_concurrency or pool_capacity(pool, max_connections) for pool in pools)
-    resilience = config.resilience
-    return LimitSettings(
-        floor=floor,
-        ceiling=max(floor, min(ceiling, max_connections)) if pools else max_connections,
-        adaptive=bool(pools),
-        backoff_ratio=resilience.limit_backoff_ratio,
-        latency_tolerance=resilience.limit_latency_tolerance,
-        pause_backoff_base=resilience.backoff_base,
-        pause_backoff_max=resilience.backoff_max,
-    )
-
-
 class PoolRegistry:
     """Every named pool of the process, as configured by one `PoolsConfig`."""
 
@@ -133,7 +131,7 @@ class PoolRegistry:
                     window=resilience.breaker_window,
                     cooldown=resilience.breaker_cooldown,
                 )
-        self.cluster = None
+        self.cluster: ClusterCoordinator | None = None
         if config.cluster is not None:
             from pools.engine.cluster import ClusterCoordinator  # needs redis only when configured
 
@@ -201,108 +199,93 @@ class PoolRegistry:
         return max(self._config.http.max_keepalive_connections, self._config.total_slots)
 
     # -- the design note's API -------------------------------------------------------------
-    def get_main_llm(self, timeout: float | None = None):
+    def get_main_llm(self, timeout: float | None = None) -> AbstractAsyncContextManager[LLMHandle]:
         return self.acquire("main", timeout)
 
-    def get_ronei_llm(self, timeout: float | None = None):
+    def get_ronei_llm(self, timeout: float | None = None) -> AbstractAsyncContextManager[LLMHandle]:
         return self.acquire("ronei", timeout)
 
-    def get_mini_llm(self, timeout: float | None = None):
+    def get_mini_llm(self, timeout: float | None = None) -> AbstractAsyncContextManager[LLMHandle]:
         return self.acquire("mini", timeout)
 
     @asynccontextmanager
     async def acquire(self, name: str, timeout: float | None = None) -> AsyncIterator[LLMHandle]:
-        """Hold one slot of pool `name` for the block; released on any exit, even cancellation."""
+        """Hold one slot of pool `name` for the block; released on any exit, even cancellation.
+
+        Taken in this order and given back in the reverse: the slot, the cluster-wide lease,
+        the handle's connection, the pool's name for the connections opened in the block.
+        """
+        pool = self._open_pool(name)
+        guard = self._guards[name]
+        async with AsyncExitStack() as held:
+            slot = await self._admit(held, pool, guard.breaker, timeout)
+            self.events.emit(
+                PoolEvent(
+                    name,
+                    EventKind.ACQUIRED,
+                    wait_ms=slot.wait_ms,
+                    overflow=slot.overflow,
+                    queued=slot.queued,
+                )
+            )
+            handle = await held.enter_async_context(self._handle_on_connection(pool, slot, guard))
+            held.enter_context(attributed_to(name))
+            yield handle
+
+    def _open_pool(self, name: str) -> SlotPool:
         pool = self.pools.get(name)
         if pool is None:
             raise UnknownPool(f"no pool named {name!r}; configured: {sorted(self.pools)}")
         if self._closed:
             raise PoolClosed("the pool engine is closed")
-        guard = self._guards[name]
-        lease = None
+        return pool
+
+    async def _admit(
+        self,
+        held: AsyncExitStack,
+        pool: SlotPool,
+        breaker: CircuitBreaker,
+        timeout: float | None,
+    ) -> Slot:
+        """The breaker's consent, a slot, a cluster lease; their release goes on `held`.
+
+        A refusal (`PoolError`) gives back what was taken, then is published as REFUSED.
+        """
         try:
-            guard.breaker.check()  # fail fast while the upstream cools down: hold no slot
-            slot = await pool.acquire(timeout)
-            if self.cluster is not None:
-                leasing = time.perf_counter()
-                try:
-                    lease = await self._cluster_lease(pool, timeout, slot.wait_ms)
-                except BaseException:
-                    pool.release(slot)
-                    raise
-                # Waiting for the cluster is waiting too: in wait_ms, counters, events.
-                pool.record_wait(slot, (time.perf_counter() - leasing) * 1000)
+            async with AsyncExitStack() as taken:
+                breaker.check()  # fail fast while the upstream cools down: hold no slot
+                slot = await take_slot(taken, pool, timeout)
+                if self.cluster is not None:
+                    await take_lease(
+                        taken, self.cluster, pool, slot, timeout, self._cluster_waiting
+                    )
+                held.push_async_exit(taken.pop_all())
         except PoolError as exc:
-            self.events.emit(PoolEvent(name, EventKind.REFUSED, error=type(exc).__name__))
+            self.events.emit(PoolEvent(pool.name, EventKind.REFUSED, error=type(exc).__name__))
             raise
-        self.events.emit(
-            PoolEvent(
-                name,
-                EventKind.ACQUIRED,
-                wait_ms=slot.wait_ms,
-                overflow=slot.overflow,
-                queued=slot.queued,
-            )
-        )
-        token = current_pool.set(name)
-        temporary: httpx.AsyncClient | None = None
-        handle: LLMHandle | None = None
-        ended_badly = False
-        try:
-            clients = self._clients()
+        return slot
+
+    @asynccontextmanager
+    async def _handle_on_connection(
+        self, pool: SlotPool, slot: Slot, guard: Guard
+    ) -> AsyncIterator[LLMHandle]:
+        """The slot's handle: on this loop's client, or on a temporary connection for an
+        overflow slot. Leaving closes its streams, then the temporary connection, or after a
+        failure or cancellation the connections it may have stranded."""
+        clients = self._clients()
+        async with AsyncExitStack() as connection:
             sdk = clients.sdk
             if slot.overflow:
                 temporary = self._build_http(max_connections=1, keepalive=1)
-                sdk = sdk.copy(http_client=temporary)
+                connection.push_async_callback(temporary.aclose)
+                sdk = sdk.copy(http_client=_sdk_client(temporary))
+            else:
+                connection.push_async_exit(StrandedCloser(clients.http))
             handle = LLMHandle(pool, slot, sdk, guard)
-            try:
-                yield handle
-            except BaseException:
-                ended_badly = True
-                raise
-        finally:
-            current_pool.reset(token)
-            try:
-                if handle is not None:
-                    await handle._close_streams()
-                if temporary is not None:
-                    await temporary.aclose()
-                elif ended_badly:  # a cancelled call may have stranded its connection
-                    await close_stranded_connections(clients.http)
-            finally:
-                try:
-                    if lease is not None:
-                        await self.cluster.release(lease)
-                finally:
-                    pool.release(slot)
+            connection.push_async_callback(handle._close_streams)
+            yield handle
 
-    async def _cluster_lease(self, pool: SlotPool, timeout: float | None, waited_ms: float):
-        """A cluster-wide lease for one more call of `pool`, waiting while the cluster is full."""
-        from pools.engine.cluster import ClusterCircuitOpen, ClusterFull
-
-        config = pool.config
-        wait = (config.timeout if timeout is None else timeout) - waited_ms / 1000
-        loop = asyncio.get_running_loop()
-        self._cluster_waiting[pool.name] += 1
-        try:
-            return await self.cluster.acquire_waiting(
-                pool.name, config.size + pool.overflow_limit, config.model, loop.time() + wait
-            )
-        except ClusterFull:
-            raise PoolTimeout(
-                f"no cluster-wide slot in pool {pool.name!r} within {max(wait, 0):g}s "
-                f"(capacity {config.size + pool.overflow_limit} across all instances)"
-            ) from None
-        except ClusterCircuitOpen as exc:
-            raise CircuitOpen(
-                f"the circuit for deployment {config.model!r} is open ({exc.reason}); "
-                f"retry in {exc.retry_after:.1f}s",
-                retry_after=exc.retry_after,
-            ) from None
-        finally:
-            self._cluster_waiting[pool.name] -= 1
-
-    def _breaker_listener(self, model: str):
+    def _breaker_listener(self, model: str) -> Callable[[BreakerState, float, str], None]:
         """Publish a local breaker's opening and closing to the other instances."""
 
         def changed(state: BreakerState, seconds: float, reason: str) -> None:
@@ -310,10 +293,13 @@ class PoolRegistry:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 return
+            cluster = self.cluster
+            if cluster is None:
+                return
             if state is BreakerState.OPEN:
-                work = self.cluster.publish_open(model, seconds, reason)
+                work = cluster.publish_open(model, seconds, reason)
             else:
-                work = self.cluster.publish_closed(model)
+                work = cluster.publish_closed(model)
             task = loop.create_task(work)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
@@ -321,7 +307,8 @@ class PoolRegistry:
         return changed
 
     def _instance_stats(self) -> dict[str, Any]:
-        stats = self.stats()
+        """What this instance reports to the cluster (`/health?scope=cluster`), as JSON."""
+        stats = self.stats().as_json()
         return {"pools": stats["pools"], "http": stats["http"], "at": time.time()}
 
     async def cluster_stats(self) -> dict[str, Any]:
@@ -561,24 +548,25 @@ class PoolRegistry:
                 f"the LLM endpoint could not be reached at warm-up ({self.warmup_error}); "
                 "probing again in the background"
             )
-        reasons = []
-        for model, breaker in self.breakers.items():
-            pools = [name for name, pool in self.pools.items() if pool.config.model == model]
-            if breaker.state is BreakerState.OPEN:
-                snapshot = breaker.snapshot()
-                reasons.append(
-                    f"circuit open for deployment {model!r} (pools {', '.join(pools)}) after "
-                    f"{snapshot['last_reason']}; retry in {snapshot['retry_in_s']:.0f}s"
-                )
-                continue
-            paused = self.limiters[model].paused_for()
-            longest_wait = max(self.pools[name].config.call_timeout for name in pools)
-            if paused > longest_wait:
-                reasons.append(
-                    f"deployment {model!r} (pools {', '.join(pools)}) is rate limited for "
-                    f"{paused:.0f}s, longer than its calls may wait ({longest_wait:g}s)"
-                )
+        reasons = [
+            reason
+            for model, breaker in self.breakers.items()
+            if (reason := deployment_unready(model, breaker, self.limiters[model], self.pools))
+        ]
         return "; ".join(reasons) or None
+
+    def refusal(self, pool_names: Iterable[str]) -> Refusal | None:
+        """Why new work using the pools `pool_names` would be refused now, or None: the
+        engine closed, or one pool's breaker, full queue or rate budget
+        (`pools.engine.admission.refusal_for`)."""
+        if self._closed:
+            return Refusal("the pools are shut down")
+        return refusal_for(
+            pool_names,
+            lambda name: self._pool_stats(name, pool) if (pool := self.pools.get(name)) else None,
+            self.breaker_for,
+            self._config.resilience,
+        )
 
     def _clear_warmup_error(self, event: PoolEvent) -> None:
         """A call that succeeds proves the endpoint reachable after all."""
@@ -622,60 +610,69 @@ class PoolRegistry:
 
     def _build_sdk(self, http: httpx.AsyncClient) -> AsyncOpenAI:
         endpoint = self._config.endpoint
-        timeout = http_timeout(self._config.http)
+        # openai 3 annotates httpx2's client and timeout; httpx's, which the transport builds
+        # on, are what it is given and work alike.
+        client = _sdk_client(http)
+        timeout = cast("httpx2.Timeout", http_timeout(self._config.http))
         if endpoint.kind == "azure":
             return AsyncAzureOpenAI(
                 azure_endpoint=endpoint.base_url,
                 api_key=endpoint.api_key,
                 api_version=endpoint.api_version,
-                http_client=http,
+                http_client=client,
                 timeout=timeout,
                 max_retries=SDK_MAX_RETRIES,
             )
         return AsyncOpenAI(
             base_url=endpoint.base_url,
             api_key=endpoint.api_key,
-            http_client=http,
+            http_client=client,
             timeout=timeout,
             max_retries=SDK_MAX_RETRIES,
         )
 
     # -- stats --------------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> RegistryStats:
         """Everything /health and the commands show; never a key or a credential."""
         http = self._config.http
         with self._loops_lock:
             loops = len(self._loops)
-        return {
-            "initialized": self._initialized,
-            "closed": self._closed,
-            "endpoint": {
-                "kind": self._config.endpoint.kind,
-                "url": self._config.endpoint.public_url,
-            },
-            "warmup_error": self.warmup_error,
-            "cluster": self.cluster.snapshot() if self.cluster is not None else None,
-            "http": {
-                "max_connections": http.max_connections,
-                "max_keepalive_connections": self.keepalive_connections,
-                "keepalive_expiry_s": http.keepalive_expiry,
-                "event_loops": loops,
+        return RegistryStats(
+            initialized=self._initialized,
+            closed=self._closed,
+            endpoint=EndpointStats(
+                kind=self._config.endpoint.kind, url=self._config.endpoint.public_url
+            ),
+            warmup_error=self.warmup_error,
+            cluster=ClusterStats(**self.cluster.snapshot()) if self.cluster is not None else None,
+            http=HttpStats(
+                max_connections=http.max_connections,
+                max_keepalive_connections=self.keepalive_connections,
+                keepalive_expiry_s=http.keepalive_expiry,
+                event_loops=loops,
                 **self.ledger.totals(),
-            },
-            "pools": {
-                name: {
-                    **pool.stats(),
-                    **self.ledger.for_pool(name),
-                    "cluster_waiting": self._cluster_waiting[name],
-                    "breaker": self._guards[name].breaker.snapshot(),
-                    "concurrency": {
-                        **self.limiters[pool.config.model].snapshot(),
-                        "pool_adaptive": pool.config.adaptive,
-                    },
-                    "rate_budget": budget.snapshot()
-                    if (budget := self._guards[name].budget)
-                    else None,
+            ),
+            pools={name: self._pool_stats(name, pool) for name, pool in self.pools.items()},
+        )
+
+    def _pool_stats(self, name: str, pool: SlotPool) -> PoolStats:
+        guard = self._guards[name]
+        budget = guard.budget
+        return PoolStats.of(
+            pool.stats(),
+            **self.ledger.for_pool(name),
+            cluster_waiting=self._cluster_waiting[name],
+            breaker=BreakerStats(**guard.breaker.snapshot()),
+            concurrency=DeploymentStats.from_json(
+                {
+                    **self.limiters[pool.config.model].snapshot(),
+                    "pool_adaptive": pool.config.adaptive,
                 }
-                for name, pool in self.pools.items()
-            },
-        }
+            ),
+            rate_budget=BudgetStats(**budget.snapshot()) if budget is not None else None,
+        )
+
+
+def _sdk_client(http: httpx.AsyncClient) -> httpx2.AsyncClient:
+    """The client as openai 3's annotations name it (httpx2's); httpx's works alike."""
+    return cast("httpx2.AsyncClient", http)

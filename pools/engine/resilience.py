@@ -104,8 +104,9 @@ class RetryPolicy:
         exponential backoff with jitter."""
         if failure.retry_after is not None:
             return min(failure.retry_after, self.retry_after_cap)
-        ceiling = min(self.backoff_max, self.backoff_base * 2 ** (attempt - 1))
-        return ceiling * (0.5 + 0.5 * (rng or random).random())  # jitter in [50%, 100%]
+        ceiling = min(self.backoff_max, self.backoff_base * 2.0 ** (attempt - 1))
+        jitter = rng.random() if rng else random.random()
+        return ceiling * (0.5 + 0.5 * jitter)  # jitter in [50%, 100%]
 
 
 class BreakerState(StrEnum):
@@ -131,7 +132,7 @@ class CircuitBreaker:
         failure_rate: float = 0.5,
         window: int = 20,
         cooldown: float = 30.0,
-        clock: Any = time.monotonic,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.name = name
         self.failures_to_open = failures_to_open

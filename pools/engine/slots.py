@@ -23,6 +23,7 @@ from typing import Any
 
 from pools.engine.config import PoolConfig
 from pools.engine.exceptions import PoolClosed, PoolExhausted, PoolTimeout
+from pools.engine.stats import SLOT_COUNTERS, SlotStats, rounded_counter
 
 logger = logging.getLogger("pools")
 
@@ -93,21 +94,7 @@ class SlotPool:
         self._waiters: deque[_Waiter] = deque()
         self._closed = False
         self._burst_warned = False
-        self.counters: dict[str, float] = dict.fromkeys(
-            (
-                "requests_num",
-                "requests_overflow",
-                "requests_queued",
-                "requests_wait_ms",
-                "requests_timeouts",
-                "requests_refused",
-                "requests_errors",
-                "requests_retries",
-                "requests_rate_limited",
-                "usage_ms",
-            ),
-            0,
-        )
+        self.counters: dict[str, float] = dict.fromkeys(SLOT_COUNTERS, 0)
 
     # -- configuration ------------------------------------------------------------------
     @property
@@ -287,25 +274,24 @@ class SlotPool:
             return self._pooled_in_use + self._overflow_in_use, len(self._waiters)
 
     # -- stats ----------------------------------------------------------------------------------
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> SlotStats:
         """psycopg_pool-style numbers; `in_use` includes temporary connections."""
         with self._lock:
             config = self._config
-            counters = {
-                key: round(value, 3) if isinstance(value, float) else int(value)
-                for key, value in self.counters.items()
+            counters: dict[str, Any] = {
+                key: rounded_counter(value) for key, value in self.counters.items()
             }
-            return {
-                "model": config.model,
-                "temperature": config.temperature,
-                "total": config.size,
-                "in_use": self._pooled_in_use + self._overflow_in_use,
-                "available": max(0, config.size - self._pooled_in_use),
-                "overflow_in_use": self._overflow_in_use,
-                "waiting": len(self._waiters),
-                "max_overflow": config.max_overflow,
-                "overflow_limit": self.overflow_limit,
-                "max_waiting": config.max_waiting,
-                "timeout_s": config.timeout,
+            return SlotStats(
+                model=config.model,
+                temperature=config.temperature,
+                total=config.size,
+                in_use=self._pooled_in_use + self._overflow_in_use,
+                available=max(0, config.size - self._pooled_in_use),
+                overflow_in_use=self._overflow_in_use,
+                waiting=len(self._waiters),
+                max_overflow=config.max_overflow,
+                overflow_limit=self.overflow_limit,
+                max_waiting=config.max_waiting,
+                timeout_s=config.timeout,
                 **counters,
-            }
+            )

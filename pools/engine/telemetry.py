@@ -28,8 +28,9 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import AbstractContextManager, nullcontext
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from openai import AsyncAzureOpenAI
@@ -40,6 +41,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from pools.engine.events import EventKind, PoolEvent
+from pools.engine.stats import DeploymentStats, PoolStats
 
 if TYPE_CHECKING:
     from pools.engine.registry import PoolRegistry
@@ -60,6 +62,7 @@ meter = metrics.get_meter(METER_NAME)
 # provider named by OTEL_PYTHON_*_PROVIDER (loaded by the getters), takes the public path.
 _MISSING = object()
 _trace_api: Any = trace
+_metrics_api: ModuleType | None
 try:
     from opentelemetry.metrics import _internal as _metrics_api
 except ImportError:  # pragma: no cover - another API version
@@ -140,8 +143,8 @@ QUEUED_EVENT_MIN_MS = 1.0
 
 # -- GenAI client metrics ------------------------------------------------------------------
 # Bucket boundaries as the GenAI semantic conventions advise.
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
-DURATION_BUCKETS += (40.96, 81.92, 163.84, 327.68)
+DURATION_BUCKETS: tuple[float, ...] = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+DURATION_BUCKETS += (5.12, 10.24, 20.48, 40.96, 81.92, 163.84, 327.68)
 TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
 TTFT_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48)
 
@@ -188,7 +191,7 @@ def base_attributes(handle: Any) -> dict[str, Any]:
     Cached on the pool's guard (one per pool, as long-lived as the registry).
     """
     guard = handle._guard
-    cached = guard.telemetry_attributes
+    cached: dict[str, Any] | None = guard.telemetry_attributes
     if cached is None:
         address, port = server_of(handle.client)
         cached = guard.telemetry_attributes = {
@@ -480,56 +483,60 @@ def trace_id_of(traceparent: str) -> str:
 
 # -- the pools' gauges and counters -------------------------------------------------------------
 # Read from `PoolRegistry.stats()` at collection time, the same figures `/metrics`
-# (pools.engine.metrics) and the snapshots show: instrument name -> (key in the pool's stats, unit,
-# description).
-POOL_GAUGES = {
-    "carlos.pool.size": ("total", "{slot}", "Configured slots of the pool."),
+# (pools.engine.metrics) and the snapshots show: instrument name -> (its reader of the pool's
+# typed stats, unit, description).
+POOL_GAUGES: dict[str, tuple[Callable[[PoolStats], float], str, str]] = {
+    "carlos.pool.size": (lambda pool: pool.total, "{slot}", "Configured slots of the pool."),
     "carlos.pool.in_use": (
-        "in_use",
+        lambda pool: pool.in_use,
         "{slot}",
         "Slots in use, temporary (overflow) connections included.",
     ),
-    "carlos.pool.available": ("available", "{slot}", "Pooled slots free."),
+    "carlos.pool.available": (lambda pool: pool.available, "{slot}", "Pooled slots free."),
     "carlos.pool.overflow_in_use": (
-        "overflow_in_use",
+        lambda pool: pool.overflow_in_use,
         "{connection}",
         "Temporary connections in use.",
     ),
-    "carlos.pool.waiting": ("waiting", "{caller}", "Callers queued for a slot."),
+    "carlos.pool.waiting": (lambda pool: pool.waiting, "{caller}", "Callers queued for a slot."),
 }
-POOL_COUNTERS = {
-    "carlos.pool.requests": ("requests_num", "{request}", "Slots granted."),
+POOL_COUNTERS: dict[str, tuple[Callable[[PoolStats], float], str, str]] = {
+    "carlos.pool.requests": (lambda pool: pool.requests_num, "{request}", "Slots granted."),
     "carlos.pool.refusals": (
-        "requests_refused",
+        lambda pool: pool.requests_refused,
         "{request}",
         "Callers refused at once (PoolExhausted).",
     ),
     "carlos.pool.timeouts": (
-        "requests_timeouts",
+        lambda pool: pool.requests_timeouts,
         "{request}",
         "Queued callers that gave up (PoolTimeout).",
     ),
     "carlos.pool.rate_limited": (
-        "requests_rate_limited",
+        lambda pool: pool.requests_rate_limited,
         "{response}",
         "429 answers to the pool's calls (each pauses the deployment; the call waits, retries).",
     ),
-    "carlos.pool.retries": ("requests_retries", "{retry}", "Attempts the pool's calls retried."),
+    "carlos.pool.retries": (
+        lambda pool: pool.requests_retries,
+        "{retry}",
+        "Attempts the pool's calls retried.",
+    ),
 }
 # The pool's deployment limiter (pools.engine.adaptive), under each pool on it.
-POOL_CONCURRENCY_GAUGES = {
+POOL_CONCURRENCY_GAUGES: dict[str, tuple[Callable[[DeploymentStats], float], str, str]] = {
     "carlos.pool.concurrency_limit": (
-        "limit",
+        lambda deployment: deployment.limit,
         "{request}",
         "Attempts the pool's deployment may have in flight: its learned concurrency limit.",
     ),
     "carlos.pool.deployment_in_flight": (
-        "in_flight",
+        lambda deployment: deployment.in_flight,
         "{request}",
         "Attempts in flight to the pool's deployment, from every pool on it.",
     ),
     "carlos.pool.deployment_paused": (
-        "paused_s",
+        lambda deployment: deployment.paused_s,
         "s",
         "Seconds left of the 429 pause of the pool's deployment (0: dispatch is open).",
     ),
@@ -562,40 +569,37 @@ def watch_registry(registry: PoolRegistry) -> None:
     registry.events.subscribe(_observe_event)
 
 
-def _pool_stats() -> Iterator[tuple[str, dict[str, Any]]]:
+def _pool_stats() -> Iterator[tuple[str, PoolStats]]:
     for registry in list(_registries):
         try:
-            stats = registry.stats()
+            pools = registry.stats().pools
         except Exception:  # a metric must never break the exporter's collection
             logger.exception("pool stats for telemetry failed")
             continue
-        yield from stats["pools"].items()
+        yield from pools.items()
 
 
-def _from_stats(key: str) -> Any:
+def _from_stats(read: Callable[[PoolStats], float]) -> Any:
+    def observe(options: CallbackOptions) -> Iterable[Observation]:
+        return [Observation(float(read(stats)), {POOL_NAME: pool}) for pool, stats in _pool_stats()]
+
+    return observe
+
+
+def _from_concurrency(read: Callable[[DeploymentStats], float]) -> Any:
     def observe(options: CallbackOptions) -> Iterable[Observation]:
         return [
-            Observation(float(values.get(key, 0)), {POOL_NAME: pool})
-            for pool, values in _pool_stats()
+            Observation(float(read(stats.concurrency)), {POOL_NAME: pool})
+            for pool, stats in _pool_stats()
+            if stats.concurrency
         ]
 
     return observe
 
 
-def _from_concurrency(key: str) -> Any:
-    def observe(options: CallbackOptions) -> Iterable[Observation]:
-        return [
-            Observation(float(values["concurrency"][key]), {POOL_NAME: pool})
-            for pool, values in _pool_stats()
-            if values.get("concurrency")
-        ]
-
-    return observe
-
-
-for _name, (_key, _unit, _description) in POOL_GAUGES.items():
-    meter.create_observable_gauge(_name, [_from_stats(_key)], _unit, _description)
-for _name, (_key, _unit, _description) in POOL_CONCURRENCY_GAUGES.items():
-    meter.create_observable_gauge(_name, [_from_concurrency(_key)], _unit, _description)
-for _name, (_key, _unit, _description) in POOL_COUNTERS.items():
-    meter.create_observable_counter(_name, [_from_stats(_key)], _unit, _description)
+for _name, (_read, _unit, _description) in POOL_GAUGES.items():
+    meter.create_observable_gauge(_name, [_from_stats(_read)], _unit, _description)
+for _name, (_read_deployment, _unit, _description) in POOL_CONCURRENCY_GAUGES.items():
+    meter.create_observable_gauge(_name, [_from_concurrency(_read_deployment)], _unit, _description)
+for _name, (_read, _unit, _description) in POOL_COUNTERS.items():
+    meter.create_observable_counter(_name, [_from_stats(_read)], _unit, _description)

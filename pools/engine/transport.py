@@ -363,7 +363,7 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 
 
 async def _connected(
-    connecting: typing.Awaitable[tuple[asyncio.BaseTransport, AsyncioStream]],
+    connecting: typing.Awaitable[tuple[asyncio.Transport, AsyncioStream]],
     timeout: float | None,
     socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None,
 ) -> AsyncioStream:
@@ -545,6 +545,7 @@ async def close_stranded_connections(client: httpx.AsyncClient) -> int:
         state = getattr(http11, "_h11_state", None)
         if (
             state is not None
+            and http11 is not None
             and http11._state.name == "ACTIVE"
             and state.our_state in _FINISHED
             and state.their_state in _FINISHED

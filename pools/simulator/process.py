@@ -6,6 +6,10 @@ never leaves an orphaned simulator holding its port. It runs in a session of its
 terminal's Ctrl-C (SIGINT to the whole foreground process group) reaches the parent only: the
 parent stops the simulator itself once it has shut down, and the designs still running until
 then keep their endpoint instead of failing with connection errors.
+
+Django-free like the rest of the package: a caller inside the project passes its `manage.py`
+(`settings.BASE_DIR / "manage.py"`), so the child is `manage.py llm_simulator` with the
+settings as defaults; without one it is `python -m pools.simulator`.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-from django.conf import settings
+from pathlib import Path
 
 PR_SET_PDEATHSIG = 1  # prctl(2)
 _READY = re.compile(r"listening on (https?://\S+/v1)")
@@ -59,19 +62,38 @@ def die_with_parent() -> None:
         pass  # not Linux: the parent's own shutdown still stops the child
 
 
-def start_simulator(
-    arguments: Sequence[str], env: Mapping[str, str] | None = None
-) -> SimulatorProcess:
-    """`manage.py llm_simulator ARGUMENTS` in a child; returns once it listens (blocking).
+# The folder `pools` is in, so `python -m pools.simulator` finds it from any directory.
+_IMPORT_ROOT = str(Path(__file__).resolve().parents[2])
 
-    Call it at start-up or through `asyncio.to_thread`, never on a running event loop.
+
+def simulator_command(manage_py: str | os.PathLike[str] | None) -> list[str]:
+    """How to run the simulator: through `manage_py` (settings as defaults) or on its own."""
+    if manage_py is None:
+        return [sys.executable, "-m", "pools.simulator"]
+    return [sys.executable, os.fspath(manage_py), "llm_simulator"]
+
+
+def start_simulator(
+    arguments: Sequence[str],
+    *,
+    manage_py: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+) -> SimulatorProcess:
+    """The simulator with ARGUMENTS in a child; returns once it listens (blocking).
+
+    `manage_py`: the project's manage.py, or None for `python -m pools.simulator` (see the
+    module docstring). Call it at start-up or through `asyncio.to_thread`, never on a running
+    event loop.
     """
-    command = [sys.executable, str(settings.BASE_DIR / "manage.py"), "llm_simulator", *arguments]
+    child_env = {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}
+    if manage_py is None:
+        path = child_env.get("PYTHONPATH")
+        child_env["PYTHONPATH"] = os.pathsep.join(filter(None, [_IMPORT_ROOT, path]))
     process = subprocess.Popen(
-        command,
+        [*simulator_command(manage_py), *arguments],
         stdout=subprocess.PIPE,
         text=True,
-        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        env=child_env,
         start_new_session=True,  # out of the terminal's Ctrl-C: see the module docstring
         preexec_fn=die_with_parent,
     )

@@ -1,6 +1,6 @@
 // Carlos pages: tabs, copy buttons, the request form's counter and the design's live feed.
-// Model text arrives as plain text (textContent only); rendered HTML comes from the server,
-// already sanitised, when an agent finishes.
+// Model text arrives as plain text (textContent only); rendered HTML (a finished agent's output,
+// the design's status line, timeline rows) comes from the server, escaped and sanitised there.
 (() => {
   "use strict";
   document.documentElement.classList.add("js");
@@ -131,28 +131,12 @@
   window.addEventListener("load", () => drawDiagrams(document));
 
   // --- live design feed ----------------------------------------------------------------------
-  const statusBadge = document.getElementById("design-status");
+  // The server sends the design's status line, its failure text and each timeline row
+  // rendered (agents/events.py, the page's own templates, escaped there): they are swapped
+  // in whole, so this script knows no status labels and no table columns.
   const connection = document.getElementById("connection");
   const timeline = document.querySelector("#timeline tbody");
-  const STATUS_LABELS = {
-    queued: "Queued", awaiting_answers: "Awaiting answers", running: "Running",
-    succeeded: "Succeeded", failed: "Failed", interrupted: "Interrupted", cancelled: "Cancelled",
-  };
-  const FAILURE_TITLES = {
-    interrupted: "This design was interrupted", cancelled: "This design was cancelled",
-    failed: "This design failed",
-  };
-  let status = page.status;
-  const isTerminal = (value) => page.terminal.includes(value);
-
-  const ms = (value) => (value === null || value === undefined ? "" : `${Math.round(value)} ms`);
-  const badge = (className, text) => {
-    const span = document.createElement("span");
-    span.className = `badge ${className}`;
-    span.textContent = text;
-    return span;
-  };
-  const slug = (text) => text.toLowerCase().replace(/[^a-z0-9]+/g, "-");
+  let terminal = page.terminal;
 
   const panelOf = (agent) => document.getElementById(`panel-${agent}`);
   const dotOf = (agent) => document.querySelector(`#tab-${agent} .dot`);
@@ -163,63 +147,30 @@
     if (dot) dot.className = `dot ${state}`;
   };
 
+  const fragment = (html) => {
+    const template = document.createElement("template");
+    template.innerHTML = html; // rendered and escaped by the server
+    return template.content;
+  };
+
   const setStatus = (design) => {
-    status = design.status;
-    statusBadge.className = `badge ${status}`;
-    statusBadge.dataset.status = status;
-    statusBadge.textContent = STATUS_LABELS[status] || status;
-    const place = document.getElementById("queue-place");
-    const queued = status === "queued" && design.queue_place;
-    place.hidden = !queued;
-    place.textContent = !queued ? "" : design.queue_place === 1 ? "next to start" : `${design.queue_place} in line`;
+    terminal = design.terminal;
+    document.getElementById("design-state").replaceChildren(fragment(design.status_html));
+    document.getElementById("failure-text").replaceChildren(fragment(design.failure_html));
+    document.getElementById("design-failure").hidden = !design.retryable;
     const cancelForm = document.getElementById("cancel-form");
     if (cancelForm) {
-      cancelForm.hidden = isTerminal(status);
-      document.getElementById("delete-form").hidden = !isTerminal(status);
-    }
-    const verdict = document.getElementById("design-verdict");
-    verdict.replaceChildren(...(design.verdict ? [badge(slug(design.verdict), `Audit: ${design.verdict}`)] : []));
-    const recommendation = document.getElementById("design-recommendation");
-    const choice = design.recommendation
-      ? design.recommendation.charAt(0) + design.recommendation.slice(1).toLowerCase() : "";
-    recommendation.replaceChildren(...(choice ? [badge("recommend", `Recommended: ${choice}`)] : []));
-    const failure = document.getElementById("design-failure");
-    const failed = status in FAILURE_TITLES;
-    failure.hidden = !failed;
-    if (failed) {
-      document.getElementById("failure-title").textContent = FAILURE_TITLES[status];
-      document.getElementById("failure-agent").textContent =
-        design.failed_agent ? ` at the ${design.failed_agent} agent` : "";
-      document.getElementById("failure-cause").textContent = design.error || "No cause was recorded.";
+      cancelForm.hidden = terminal;
+      document.getElementById("delete-form").hidden = !terminal;
     }
   };
 
   const timelineRow = (run) => {
-    const key = String(run.run_id ?? run.id); // one row per run: a resumed agent gets a new one
-    let row = timeline.querySelector(`tr[data-key="${key}"]`);
-    if (!row) {
-      row = document.createElement("tr");
-      row.dataset.key = key;
-      for (let i = 0; i < 10; i += 1) row.append(document.createElement("td"));
-      [1, 4, 5, 6, 7].forEach((i) => row.children[i].classList.add("num"));
-      timeline.append(row);
-    }
-    const cells = row.children;
-    const set = (index, value) => {
-      if (value !== undefined) cells[index].textContent = value;
-    };
-    set(0, page.labels[run.agent] || run.agent);
-    set(1, String(run.round));
-    set(2, run.pool);
-    set(3, run.model);
-    if ("wait_ms" in run) set(4, ms(run.wait_ms));
-    if ("ttft_ms" in run) set(5, ms(run.ttft_ms));
-    if ("duration_ms" in run) set(6, ms(run.duration_ms));
-    if ("tokens_in" in run) {
-      set(7, `${run.tokens_estimated ? "≈" : ""}${run.tokens_in} / ${run.tokens_out}`);
-    }
-    if ("overflow" in run) set(8, run.overflow ? "yes" : "no");
-    cells[9].replaceChildren(badge(run.status, run.status));
+    // One row per run: a resumed agent gets a new one.
+    const row = fragment(run.row_html).querySelector("tr");
+    const shown = timeline.querySelector(`tr[data-key="${run.run_id}"]`);
+    if (shown) shown.replaceWith(row);
+    else timeline.append(row);
   };
 
   const liveParts = (agent) => {
@@ -254,7 +205,7 @@
     parts.body.innerHTML = run.html; // rendered and sanitised by the server
     parts.body.hidden = false;
     parts.live.hidden = true;
-    parts.panel.dataset.runId = String(run.id);
+    parts.panel.dataset.runId = String(run.run_id);
     setAgentState(agent, run.status);
     drawDiagrams(parts.body);
   };
@@ -287,8 +238,8 @@
         if (panel.dataset.state !== "running" || panel.dataset.round !== String(run.round)) {
           startAgent(run, true);
         }
-      } else if (run.status === "succeeded" && panel.dataset.runId !== String(run.id)) {
-        loadRun(run.agent, run.id);
+      } else if (run.status === "succeeded" && panel.dataset.runId !== String(run.run_id)) {
+        loadRun(run.agent, run.run_id);
       } else if (run.status === "failed" || run.status === "stopped") {
         setAgentState(run.agent, run.status);
       }
@@ -298,7 +249,7 @@
   const handle = (event) => {
     switch (event.kind) {
       case "snapshot": applySnapshot(event); break;
-      case "agent_started": startAgent(event, false); timelineRow({ ...event, status: "running" }); break;
+      case "agent_started": startAgent(event, false); timelineRow(event); break;
       case "tokens": {
         const parts = liveParts(event.agent);
         if (parts && parts.panel.dataset.round === String(event.round)) {
@@ -310,7 +261,7 @@
       case "agent_finished": finishAgent(event); break;
       case "design_status":
         setStatus(event);
-        if (isTerminal(event.status) && socket) socket.close(1000, "design finished");
+        if (terminal && socket) socket.close(1000, "design finished");
         break;
       default: break;
     }
@@ -343,7 +294,7 @@
         connection.textContent = "The live view stopped; reload the page to follow again.";
         return;
       }
-      if (isTerminal(status)) {
+      if (terminal) {
         connection.textContent = "";
         return;
       }
@@ -353,5 +304,5 @@
       retryDelay = Math.min(retryDelay * 2, 10000);
     });
   };
-  if (!isTerminal(status)) connect();
+  if (!terminal) connect();
 })();

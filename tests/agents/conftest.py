@@ -89,3 +89,13 @@ async def carlos_registry(carlos_simulator, make_registry, install_registry) -> 
 @pytest.fixture
 async def owner(transactional_db) -> AsyncIterator[Any]:
     yield await get_user_model().objects.acreate_user("ada", password="not-used-here")
+
+
+@pytest.fixture
+def alice(client: Any) -> Any:
+    """A logged-in user of the test client."""
+    from tests.agents.pages import make_user
+
+    user = make_user("alice")
+    client.force_login(user)
+    return user

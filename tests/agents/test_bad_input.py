@@ -78,80 +78,66 @@ def alice(client: Client) -> Any:
 
 
 # --- the request form --------------------------------------------------------------------
+FORM = "application/x-www-form-urlencoded"
+
+
+def refused(
+    name: str, body: bytes, message: str, *, content_type: str = FORM, status: int = 400
+) -> Any:
+    """A bad POST of the request form, the answer it must get, and the message it shows."""
+    return pytest.param(body, content_type, status, message, id=name)
 
 
 @pytest.mark.parametrize(
     ("body", "content_type", "status", "message"),
     [
-        pytest.param(
-            urlencoded(VALID | {"request_text": ""}),
-            "application/x-www-form-urlencoded",
-            400,
-            "the request cannot be empty",
-            id="empty",
-        ),
-        pytest.param(
+        refused("empty", urlencoded(VALID | {"request_text": ""}), "the request cannot be empty"),
+        refused(
+            "whitespace",
             urlencoded(VALID | {"request_text": " \n\t\r\n "}),
-            "application/x-www-form-urlencoded",
-            400,
             "the request cannot be empty",
-            id="whitespace",
         ),
-        pytest.param(
+        refused(
+            "one-megabyte",
             urlencoded(VALID | {"request_text": "x" * MEGABYTE}),
-            "application/x-www-form-urlencoded",
-            400,
             "Your request is 1,048,576 characters long; the limit is 4,000.",
-            id="one-megabyte",
         ),
-        pytest.param(
+        refused(
+            "invalid-utf8-raw-bytes",
             b"request_text=caf\xc3\x28+\xff\xfe&" + urlencoded(DEFAULT_OPTIONS),
-            "application/x-www-form-urlencoded",
-            400,
             "The form data is not valid utf-8 text",
-            id="invalid-utf8-raw-bytes",
         ),
-        pytest.param(
+        refused(
+            "invalid-utf8-percent-escaped",
             b"request_text=caf%C3%28+%FF&" + urlencoded(DEFAULT_OPTIONS),
-            "application/x-www-form-urlencoded",
-            400,
             "The form data is not valid utf-8 text",
-            id="invalid-utf8-percent-escaped",
         ),
-        pytest.param(
+        refused(
+            "nul-character",
             urlencoded(VALID | {"request_text": "two\x00parts"}),
-            "application/x-www-form-urlencoded",
-            400,
             "Null characters are not allowed.",
-            id="nul-character",
         ),
-        pytest.param(
+        refused(
+            "unknown-option-value",
             urlencoded(VALID | {"cloud": "oracle"}),
-            "application/x-www-form-urlencoded",
-            400,
             "Select a valid choice. oracle is not one of the available choices.",
-            id="unknown-option-value",
         ),
-        pytest.param(
-            urlencoded({"request_text": "A helpdesk"}),
-            "application/x-www-form-urlencoded",
-            400,
-            "This field is required.",
-            id="missing-options",
+        refused(
+            "missing-options", urlencoded({"request_text": "A helpdesk"}), "This field is required."
         ),
-        pytest.param(
+        refused(
+            "json-instead-of-a-form",
             b'{"request_text": "A helpdesk for 300 staff", "cloud": "aws"}',
-            "application/json",
-            415,
             "Send the form as application/x-www-form-urlencoded or multipart/form-data.",
-            id="json-instead-of-a-form",
+            content_type="application/json",
+            status=415,
         ),
-        pytest.param(
+        refused(
+            "text-plain",
             b"request_text=A helpdesk",
-            "text/plain",
-            415,
             "Send the form as application/x-www-form-urlencoded",
-            id="text-plain",
+            content_type="text/plain",
+            status=415,
         ),
     ],
 )

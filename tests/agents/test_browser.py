@@ -109,6 +109,7 @@ def test_user_designs_and_watches_it_live(server: str, page: Any) -> None:
 
     finished = page.locator('#design-status[data-status="succeeded"]')
     finished.wait_for(timeout=DESIGN_DEADLINE_MS)
+    assert finished.inner_text() == "Succeeded"  # the label in the fragment the server sent
 
     # Whatever started after the page connected streamed live: started, tokens, finished.
     # (The simulator is fast, so the first agents may be done before the page loads; those
@@ -150,6 +151,9 @@ def test_user_designs_and_watches_it_live(server: str, page: Any) -> None:
     page.click("#tab-timeline")
     assert page.locator("#timeline tbody tr").count() >= len(agents)
     assert page.locator("#timeline tbody .badge.running").count() == 0
+    # The rows were swapped in as the server rendered them: one per run it reported.
+    rows = [f for f in frames if f["kind"] in ("agent_started", "agent_finished")]
+    assert rows and all(f["row_html"].startswith(f'<tr data-key="{f["run_id"]}">') for f in rows)
 
     # Mermaid (served from static, strict mode) drew Carlos's diagram.
     page.click("#tab-carlos")

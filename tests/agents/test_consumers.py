@@ -23,6 +23,7 @@ from django.utils import timezone
 
 from agents import consumers
 from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
+from agents.events import AgentFinished, Tokens, as_json, from_json, live_run, publish
 from agents.models import AgentRun, Design
 from tests.agents.sockets import (
     closed_with,
@@ -52,6 +53,18 @@ async def make_user(username: str, *, staff: bool = False, viewer: bool = False)
 
 async def make_design(owner: Any, **fields: Any) -> Design:
     return await Design.objects.acreate(owner=owner, request_text="A data lake", **fields)
+
+
+async def succeeded_run(design: Design, duration_ms: float, **fields: Any) -> AgentRun:
+    """A run of the design that succeeded after `duration_ms`."""
+    now = timezone.now()
+    return await AgentRun.objects.acreate(
+        design=design,
+        status="succeeded",
+        started_at=now - timedelta(milliseconds=duration_ms),
+        finished_at=now,
+        **fields,
+    )
 
 
 async def test_anonymous_socket_is_closed_4403() -> None:
@@ -172,25 +185,13 @@ async def test_snapshot_on_connect_has_the_design_and_every_run() -> None:
     design = await make_design(
         owner, status=Design.Status.RUNNING, attempts=2, revisions=0, verdict=""
     )
-    now = timezone.now()
     earlier = await AgentRun.objects.acreate(  # stopped by a restart; the resume redid it
         design=design, agent="requirements", attempt=1, status="stopped", pool="mini", model="m"
     )
-    finished = await AgentRun.objects.acreate(
-        design=design,
-        agent="requirements",
-        attempt=2,
-        status="succeeded",
-        pool="mini",
-        model="gpt-4o-mini",
-        started_at=now - timedelta(seconds=2),
-        finished_at=now,
-        ttft_ms=80.0,
-        wait_ms=0.5,
-        tokens_in=100,
-        tokens_out=400,
-        output_text="## Requirements",
-    )
+    finished = await succeeded_run(
+        design, 2000, agent="requirements", attempt=2, pool="mini", model="gpt-4o-mini",
+        ttft_ms=80.0, wait_ms=0.5, tokens_in=100, tokens_out=400, output_text="## Requirements",
+    )  # fmt: skip
     running = await AgentRun.objects.acreate(
         design=design, agent="carlos", attempt=2, status="running", pool="main", model="gpt-4o"
     )
@@ -199,10 +200,12 @@ async def test_snapshot_on_connect_has_the_design_and_every_run() -> None:
     assert connected
     snapshot = await communicator.receive_json_from(timeout=5)
     assert snapshot["kind"] == "snapshot"
-    assert snapshot["design"]["id"] == design.pk
-    assert snapshot["design"]["status"] == "running"
-    assert snapshot["design"]["queue_place"] is None
-    assert [(run["id"], run["agent"], run["status"]) for run in snapshot["runs"]] == [
+    state = snapshot["design"]
+    assert (state["design_id"], state["status"]) == (design.pk, "running")
+    assert state["queue_place"] is None
+    assert (state["terminal"], state["retryable"]) == (False, False)
+    assert 'data-status="running">Running</span>' in state["status_html"]
+    assert [(run["run_id"], run["agent"], run["status"]) for run in snapshot["runs"]] == [
         (earlier.pk, "requirements", "stopped"),
         (finished.pk, "requirements", "succeeded"),
         (running.pk, "carlos", "running"),
@@ -210,6 +213,10 @@ async def test_snapshot_on_connect_has_the_design_and_every_run() -> None:
     first = snapshot["runs"][1]
     assert first["duration_ms"] == pytest.approx(2000, abs=1)
     assert (first["ttft_ms"], first["wait_ms"], first["tokens_out"]) == (80.0, 0.5, 400)
+    # Each run comes with its timeline row, rendered as the page renders it.
+    assert first["row_html"].startswith(f'<tr data-key="{finished.pk}">')
+    assert "<td>Requirements</td>" in first["row_html"] and "2000 ms" in first["row_html"]
+    assert from_json(snapshot) == from_json(json.loads(json.dumps(snapshot)))
     await communicator.disconnect()
 
 
@@ -234,34 +241,25 @@ async def test_group_events_are_forwarded_as_published() -> None:
     await communicator.connect()
     await communicator.receive_json_from(timeout=5)  # snapshot
     layer = get_channel_layer()
-    tokens = {"kind": "tokens", "agent": "carlos", "round": 0, "text": "## 1. Overview\n"}
-    await layer.group_send(f"design-{design.pk}", {"type": "design.event", "event": tokens})
-    assert await communicator.receive_json_from(timeout=5) == tokens
+    tokens = Tokens(agent="carlos", round=0, text="## 1. Overview\n")
+    await publish(layer, design.pk, tokens)
+    received = await communicator.receive_json_from(timeout=5)
+    assert received == {"kind": "tokens", "agent": "carlos", "round": 0, "text": "## 1. Overview\n"}
+    assert from_json(received) == tokens
 
-    run = await AgentRun.objects.acreate(
-        design=design, agent="carlos", attempt=1, status="succeeded", pool="main", model="gpt-4o"
-    )
-    finished = {
-        "kind": "agent_finished",
-        "run_id": run.pk,  # the pipeline names the run it finished
-        "agent": "carlos",
-        "round": 0,
-        "status": "succeeded",
-        "duration_ms": 2500.0,
-        "ttft_ms": 110.0,
-        "wait_ms": 0.2,
-        "pool": "main",
-        "overflow": False,
-        "tokens_in": 500,
-        "tokens_out": 1500,
-        "error": "",
-    }
-    await layer.group_send(f"design-{design.pk}", {"type": "design.event", "event": finished})
-    assert await communicator.receive_json_from(timeout=5) == finished
+    run = await succeeded_run(
+        design, 2500, agent="carlos", attempt=1, pool="main", model="gpt-4o",
+        ttft_ms=110.0, wait_ms=0.2, tokens_in=500, tokens_out=1500,
+    )  # fmt: skip
+    finished = live_run(run, AgentFinished)
+    await publish(layer, design.pk, finished)
+    received = await communicator.receive_json_from(timeout=5)
+    assert received == as_json(finished) and from_json(received) == finished
+    assert received["kind"] == "agent_finished" and received["run_id"] == run.pk
+    assert received["duration_ms"] == pytest.approx(2500) and received["tokens_out"] == 1500
 
     # Another design's events do not leak into this socket.
-    other = {"kind": "tokens", "agent": "ronei", "round": 0, "text": "secret"}
-    await layer.group_send(f"design-{design.pk + 1}", {"type": "design.event", "event": other})
+    await publish(layer, design.pk + 1, Tokens(agent="ronei", round=0, text="secret"))
     assert await communicator.receive_nothing(timeout=0.2)
     await communicator.disconnect()
 
@@ -324,10 +322,7 @@ async def test_a_socket_closed_for_a_bad_message_stops_resyncing_and_leaves_its_
     assert code == 4413
     assert await leftovers(members) == []
     # Neither the pipeline's events nor resyncs reach the closed socket any more.
-    event = {"kind": "tokens", "agent": "carlos", "round": 0, "text": "late"}
-    await get_channel_layer().group_send(
-        f"design-{design.pk}", {"type": "design.event", "event": event}
-    )
+    await publish(get_channel_layer(), design.pk, Tokens(agent="carlos", round=0, text="late"))
     assert await communicator.receive_nothing(timeout=0.5)
     await communicator.disconnect()
 
@@ -396,11 +391,9 @@ async def session_ended(communicator: WebsocketCommunicator) -> bool:
 
 
 async def still_follows(communicator: WebsocketCommunicator, design: Design) -> None:
-    event = {"kind": "tokens", "agent": "carlos", "round": 0, "text": "still here"}
-    await get_channel_layer().group_send(
-        f"design-{design.pk}", {"type": "design.event", "event": event}
-    )
-    assert await communicator.receive_json_from(timeout=5) == event
+    event = Tokens(agent="carlos", round=0, text="still here")
+    await publish(get_channel_layer(), design.pk, event)
+    assert await communicator.receive_json_from(timeout=5) == as_json(event)
 
 
 async def test_logout_closes_that_sessions_socket_and_no_other() -> None:

@@ -31,6 +31,7 @@ from pools.engine.resilience import BreakerState
 from pools.simulator import ChatRequest, LLMSimulator
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder
 from tests.conftest import probe
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -98,19 +99,20 @@ async def run_designs(owner: Any, count: int) -> list[int]:
     return [design.pk for design in designs]
 
 
-async def until(
-    condition: Callable[[], Any],
-    what: str,
-    state: Callable[[], Any] = str,
-    limit: float = SETTLE_LIMIT_S,
+async def open_sockets_agree(
+    registry: PoolRegistry, simulator: LLMSimulator, what: str, limit: float = SETTLE_LIMIT_S
 ) -> None:
-    """Poll until `condition()` holds; fail (not time) if it never does within the limit."""
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + limit
-    while not condition():
-        if loop.time() > give_up:
-            raise AssertionError(f"never happened: {what} ({state()})")
-        await asyncio.sleep(0.01)
+    """Wait until the client's open sockets are the server's: none left behind on either."""
+
+    def sockets() -> tuple[int, int]:
+        return registry.stats().http.connections_open, simulator.stats.connections_open
+
+    await eventually(
+        lambda: len(set(sockets())) == 1,
+        limit,
+        what=what,
+        state=lambda: f"client, server: {sockets()}",
+    )
 
 
 async def finish(design_id: int) -> None:
@@ -129,6 +131,15 @@ async def tasks_left_running() -> list[str]:
         for task in asyncio.all_tasks()
         if task is not current and not task.get_name().startswith(POOL_UPKEEP)
     ]
+
+
+async def one_design_after_the_cooldown(
+    registry: PoolRegistry, simulator: LLMSimulator, owner: Any, what: str
+) -> None:
+    """Once no breaker is open (`what` has happened), one more design runs and succeeds."""
+    await eventually(lambda: no_breaker_open(registry), SETTLE_LIMIT_S, what=what)
+    [after] = await assert_settled(registry, simulator, await run_designs(owner, 1))
+    assert after.status == Design.Status.SUCCEEDED, after.error
 
 
 def breaker_states(registry: PoolRegistry) -> dict[str, BreakerState]:
@@ -162,21 +173,14 @@ async def assert_settled(
     assert await serving.llm_loop().run(tasks_left_running()) == []
     for name, pool in registry.pools.items():
         stats = pool.stats()
-        held = (stats["in_use"], stats["overflow_in_use"], stats["waiting"])
+        held = (stats.in_use, stats.overflow_in_use, stats.waiting)
         assert held == (0, 0, 0), f"pool {name}: in use, temporary, waiting = {held}"
 
-    def sockets() -> tuple[int, int]:
-        return registry.stats()["http"]["connections_open"], simulator.stats.connections_open
-
-    await until(
-        lambda: len(set(sockets())) == 1,
-        "the client's open sockets match the server's",
-        lambda: f"client, server: {sockets()}",
-    )
+    await open_sockets_agree(registry, simulator, "the client's open sockets match the server's")
     # Temporary connections are closed after their call: what stays open is keep-alive
     # connections of the shared client, which never has more requests at once than slots.
     slots = sum(pool.config.size for pool in registry.pools.values())
-    assert sockets()[0] <= slots
+    assert registry.stats().http.connections_open <= slots
     return designs
 
 
@@ -200,8 +204,8 @@ async def test_ten_percent_5xx_is_absorbed_by_the_retries(
 
     assert sim.stats.status_counts.get(500, 0) > 0  # the faults really happened
     pools = [pool.stats() for pool in registry.pools.values()]
-    assert sum(stats["requests_retries"] for stats in pools) >= sim.stats.status_counts[500]
-    assert sum(stats["requests_overflow"] for stats in pools) > 0
+    assert sum(stats.requests_retries for stats in pools) >= sim.stats.status_counts[500]
+    assert sum(stats.requests_overflow for stats in pools) > 0
     assert [design.status for design in designs] == [Design.Status.SUCCEEDED] * 3
     assert set(breaker_states(registry).values()) == {BreakerState.CLOSED}
 
@@ -221,9 +225,9 @@ async def test_a_429_storm_is_waited_out_and_every_design_succeeds(
     assert sim.stats.status_counts.get(429, 0) > 0  # the upstream really pushed back
     assert [design.status for design in designs] == [Design.Status.SUCCEEDED] * 2
     assert set(breaker_states(registry).values()) == {BreakerState.CLOSED}
-    limits = {pool: stats["concurrency"] for pool, stats in registry.stats()["pools"].items()}
-    assert limits["mini"]["limit"] < limits["mini"]["ceiling"]  # it learned to send less
-    assert limits["mini"]["drops"] > 0
+    limits = {pool: stats.concurrency for pool, stats in registry.stats().pools.items()}
+    assert limits["mini"].limit < limits["mini"].ceiling  # it learned to send less
+    assert limits["mini"].drops > 0
 
 
 async def test_connections_reset_mid_stream_fail_designs_without_retrying_seen_text(
@@ -265,18 +269,16 @@ async def test_stalls_past_the_deadlines_fail_fast_then_the_breaker_recovers(
     # No first token at all: retried (nothing was shown), then the breaker opens.
     sim.config.stall_rate = 0
     sim.config.ttft_ms = 3000
-    retries_before = mini.stats()["requests_retries"]
+    retries_before = mini.stats().requests_retries
     [design] = await assert_settled(registry, sim, await run_designs(owner, 1))
     assert (design.status, design.failed_agent) == (Design.Status.FAILED, "requirements")
     assert design.error == "DeadlineExceeded: no first token within 1s"
-    assert mini.stats()["requests_retries"] - retries_before == 2
+    assert mini.stats().requests_retries - retries_before == 2
     assert breaker_states(registry)["mini"] is BreakerState.OPEN
 
     # Healthy again: after the cooldown the first call is the probe, and it closes the circuit.
     sim.config.ttft_ms = FAST_TTFT_MS
-    await until(lambda: no_breaker_open(registry), "the cooldown has passed")
-    [after] = await assert_settled(registry, sim, await run_designs(owner, 1))
-    assert after.status == Design.Status.SUCCEEDED, after.error
+    await one_design_after_the_cooldown(registry, sim, owner, "the cooldown has passed")
     assert set(breaker_states(registry).values()) == {BreakerState.CLOSED}
 
 
@@ -292,11 +294,12 @@ async def test_upstream_killed_and_restarted_mid_run(
     analysts_streaming = AgentRun.objects.filter(
         design=design, agent__in=ANALYST_AGENTS, status=AgentRun.Status.RUNNING
     )
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + SETTLE_LIMIT_S
-    while not (sim.stats.in_flight and await analysts_streaming.aexists()):
-        assert loop.time() < give_up and not task.done(), "the analysts never started"
-        await asyncio.sleep(0.005)
+
+    async def analysts_stream() -> bool:
+        assert not task.done(), "the design ended before its analysts streamed"
+        return bool(sim.stats.in_flight) and await analysts_streaming.aexists()
+
+    await eventually(analysts_stream, SETTLE_LIMIT_S, what="the analysts stream", interval=0.005)
     await sim.stop()
     await asyncio.sleep(0.2)  # long enough for every retry (backoff 10-20 ms) to find it down
     await sim.start()
@@ -313,9 +316,7 @@ async def test_upstream_killed_and_restarted_mid_run(
     assert {"requirements", "carlos", "ronei"} <= finished  # what was done before is kept
 
     # The restarted upstream (same port) serves the next design on fresh connections.
-    await until(lambda: no_breaker_open(registry), "the breakers have cooled down")
-    [after] = await assert_settled(registry, sim, await run_designs(owner, 1))
-    assert after.status == Design.Status.SUCCEEDED, after.error
+    await one_design_after_the_cooldown(registry, sim, owner, "the breakers have cooled down")
     assert set(breaker_states(registry).values()) == {BreakerState.CLOSED}
 
 
@@ -352,9 +353,7 @@ async def test_a_total_outage_opens_the_breaker_health_says_so_and_recovery_clos
     assert sim.stats.chat_requests == calls
 
     sim.config.error_rate = 0.0
-    await until(lambda: no_breaker_open(registry), "the cooldown has passed")
-    [after] = await assert_settled(registry, sim, await run_designs(owner, 1))
-    assert after.status == Design.Status.SUCCEEDED, after.error
+    await one_design_after_the_cooldown(registry, sim, owner, "the cooldown has passed")
     assert breaker_states(registry)["main"] is BreakerState.CLOSED
     assert (await probe("/health")).status_code == 200
 
@@ -375,7 +374,9 @@ async def test_the_first_designs_after_a_gpt4o_outage_succeed(
     assert breaker_states(registry)["main"] is BreakerState.OPEN
 
     recorder.overrides.clear()  # the deployment is back
-    await until(lambda: no_breaker_open(registry), "the cooldown has passed")
+    await eventually(
+        lambda: no_breaker_open(registry), SETTLE_LIMIT_S, what="the cooldown has passed"
+    )
     designs = []
     for _ in range(2):
         designs += await assert_settled(registry, sim, await run_designs(owner, 1))
@@ -410,16 +411,8 @@ async def test_a_call_cancelled_at_any_point_leaves_no_connection_behind(
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
-    def sockets() -> tuple[int, int]:
-        return registry.stats()["http"]["connections_open"], sim.stats.connections_open
-
-    assert registry.pools["main"].stats()["in_use"] == 0
-    await until(
-        lambda: len(set(sockets())) == 1,
-        "every cancelled call's connection is closed",
-        lambda: f"client, server: {sockets()}",
-        limit=2,
-    )
+    assert registry.pools["main"].stats().in_use == 0
+    await open_sockets_agree(registry, sim, "every cancelled call's connection is closed", 2)
 
 
 # --- the pools refuse: the web pages answer 503 with Retry-After ------------------------------
@@ -471,7 +464,7 @@ async def test_a_full_capped_pool_refuses_the_form_with_503_and_keeps_the_text(
     [design] = await assert_settled(registry, sim, [design.pk])
     assert design.status == Design.Status.SUCCEEDED, design.error
     # Two temporary connections were ours; the analysts' own were closed after their calls.
-    assert registry.pools["mini"].stats()["requests_overflow"] >= 3
+    assert registry.pools["mini"].stats().requests_overflow >= 3
 
 
 async def test_a_refusal_inside_the_clarifying_questions_call_is_a_503(
@@ -555,7 +548,7 @@ async def test_a_spent_rate_budget_fails_the_design_then_refuses_with_503(
     assert design.status == Design.Status.FAILED
     assert design.failed_agent in ANALYST_AGENTS
     assert design.error.startswith("RateBudgetExceeded: the rate budget of deployment")
-    assert registry.stats()["pools"]["mini"]["rate_budget"]["refused"] >= 1
+    assert registry.stats().pools["mini"].rate_budget.refused >= 1
 
     await async_client.aforce_login(owner)
     form = design_form()

@@ -7,6 +7,7 @@ a lease owner name that is not this process's, written as that process would wri
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
 import pytest
@@ -16,12 +17,14 @@ from agents import leases, pipeline, tasks
 from agents.models import AgentRun, Design
 from agents.options import AGENTS
 from agents.pipeline import create_design
-from agents.tasks import DesignSupervisor, cancel_design, start_design
+from agents.tasks import DesignSupervisor, DrainReport, cancel_design, start_design
+from tests.helpers.waiting import eventually
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 REQUEST = "A ticketing system for 300 venues with seat maps and a resale market"
 OTHER = "other-host:4242:feedbeef"
+SETTLE_LIMIT_S = 30.0  # a fail-safe limit for what happens in the background, not a timing check
 
 
 async def reload(design: Design) -> Design:
@@ -32,12 +35,26 @@ async def runs_of(design: Design) -> list[AgentRun]:
     return [run async for run in AgentRun.objects.filter(design=design).order_by("id")]
 
 
-async def until(condition, what: str, limit: float = 30.0) -> None:
-    """Poll `condition` (async, no arguments); a fail-safe limit only, not a timing check."""
-    deadline = asyncio.get_running_loop().time() + limit
-    while not await condition():
-        assert asyncio.get_running_loop().time() < deadline, f"never: {what}"
-        await asyncio.sleep(0.01)
+def has_written(design: Design, agent: str) -> Callable[[], Awaitable[bool]]:
+    """Whether `agent`'s run of `design` has saved some text yet (a condition to wait for)."""
+
+    async def written() -> bool:
+        run = await AgentRun.objects.filter(design=design, agent=agent).afirst()
+        return run is not None and bool(run.output_text)
+
+    return written
+
+
+async def drained(design: Design, seconds: float) -> tuple[DrainReport, Design]:
+    """Drain this process (up to `seconds`); its report and the design, handed back to the
+    queue with no lease."""
+    try:
+        report = await tasks.drain(seconds)
+    finally:
+        leases.end_draining()
+    design = await reload(design)
+    assert (design.status, design.lease_owner) == (Design.Status.QUEUED, "")
+    return report, design
 
 
 async def left_by_a_dead_process(owner, *, expired: bool = True, finished=("requirements",)):
@@ -183,7 +200,7 @@ async def test_a_process_that_lost_the_lease_stops_and_writes_nothing_more(
             design=design, agent="carlos", status="running"
         ).aexists()
 
-    await until(carlos_running, "carlos started")
+    await eventually(carlos_running, SETTLE_LIMIT_S, what="carlos started")
     # Another process took the design over (this one stalled past its lease).
     await Design.objects.filter(pk=design.pk).aupdate(
         lease_owner=OTHER, lease_expires_at=timezone.now() + timedelta(seconds=60)
@@ -230,15 +247,9 @@ async def test_a_drain_lets_running_agents_finish_then_hands_the_design_back(
     async def designs_running() -> bool:
         return await AgentRun.objects.filter(design=design, agent="ronei").aexists()
 
-    await until(designs_running, "the architects started")
-    try:
-        report = await tasks.drain(30)
-    finally:
-        leases.end_draining()
-
+    await eventually(designs_running, SETTLE_LIMIT_S, what="the architects started")
+    report, design = await drained(design, 30)
     assert (report.finished, report.stopped) == (1, 0)
-    design = await reload(design)
-    assert (design.status, design.lease_owner) == (Design.Status.QUEUED, "")
     runs = await runs_of(design)
     assert [(r.agent, r.status) for r in runs] == [
         ("requirements", "succeeded"),
@@ -251,25 +262,14 @@ async def test_a_drain_lets_running_agents_finish_then_hands_the_design_back(
 async def test_a_drain_past_its_time_stops_agents_keeping_their_text(
     simulator_factory, make_registry, install_registry, owner, recorder, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "PARTIAL_SAVE_INTERVAL_S", 0.05)
+    monkeypatch.setattr("agents.pipeline.live.PARTIAL_SAVE_INTERVAL_S", 0.05)
     simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=60)
     install_registry(make_registry(simulator))
     design = await create_design(owner, REQUEST)
     start_design(design.pk)
-
-    async def carlos_writing() -> bool:
-        run = await AgentRun.objects.filter(design=design, agent="carlos").afirst()
-        return run is not None and bool(run.output_text)
-
-    await until(carlos_writing, "carlos wrote")
-    try:
-        report = await tasks.drain(0.2)
-    finally:
-        leases.end_draining()
-
+    await eventually(has_written(design, "carlos"), SETTLE_LIMIT_S, what="carlos wrote")
+    report, design = await drained(design, 0.2)
     assert (report.finished, report.stopped) == (0, 1)
-    design = await reload(design)
-    assert (design.status, design.lease_owner) == (Design.Status.QUEUED, "")
     carlos = await AgentRun.objects.aget(design=design, agent="carlos")
     assert carlos.status == AgentRun.Status.STOPPED and carlos.partial
 
@@ -280,17 +280,12 @@ async def test_a_drain_past_its_time_stops_agents_keeping_their_text(
 async def test_cancelling_a_running_design_ends_it_cancelled_keeping_what_it_made(
     simulator_factory, make_registry, install_registry, owner, recorder, monkeypatch
 ):
-    monkeypatch.setattr(pipeline, "PARTIAL_SAVE_INTERVAL_S", 0.05)
+    monkeypatch.setattr("agents.pipeline.live.PARTIAL_SAVE_INTERVAL_S", 0.05)
     simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=60)
     install_registry(make_registry(simulator))
     design = await create_design(owner, REQUEST)
     task = start_design(design.pk)
-
-    async def carlos_writing() -> bool:
-        run = await AgentRun.objects.filter(design=design, agent="carlos").afirst()
-        return run is not None and bool(run.output_text)
-
-    await until(carlos_writing, "carlos wrote")
+    await eventually(has_written(design, "carlos"), SETTLE_LIMIT_S, what="carlos wrote")
     assert await cancel_design(design.pk)
     await asyncio.gather(task, return_exceptions=True)
 

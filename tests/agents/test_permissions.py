@@ -17,7 +17,7 @@ from django.test import Client
 
 from agents.models import Design
 from agents.options import DEFAULT_OPTIONS
-from tests.agents.test_views import add_run, finished_design, make_design, make_user
+from tests.agents.pages import add_run, finished_design, make_design, make_user
 
 pytestmark = pytest.mark.django_db
 

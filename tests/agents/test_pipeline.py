@@ -14,7 +14,8 @@ import time
 import pytest
 from channels.layers import get_channel_layer
 
-from agents import leases, pipeline, prompts
+from agents import leases, prompts
+from agents.events import DESIGN_EVENT, as_json, design_group, from_json
 from agents.models import AgentRun, Design
 from agents.options import AGENT_POOLS, AGENTS, OPTION_FIELDS, option_label
 from agents.pipeline import (
@@ -67,15 +68,16 @@ async def collect_events(design_id: int) -> tuple[asyncio.Task[None], list[dict]
     """Join the design's group as the WebSocket consumer would; collect until terminal."""
     layer = get_channel_layer()
     channel = await layer.new_channel()
-    await layer.group_add(f"design-{design_id}", channel)
+    await layer.group_add(design_group(design_id), channel)
     events: list[dict] = []
 
     async def drain() -> None:
         while True:
             message = await layer.receive(channel)
-            assert message["type"] == "design.event"
-            events.append(message["event"])
+            assert message["type"] == DESIGN_EVENT
             event = message["event"]
+            assert as_json(from_json(event)) == event  # one of the typed events, exactly
+            events.append(event)
             if event["kind"] == "design_status" and event["status"] in Design.TERMINAL_STATUSES:
                 return
 
@@ -506,7 +508,7 @@ async def test_a_stopped_design_keeps_the_text_its_agent_had_streamed_and_goes_b
     """Defect: an agent streaming at shutdown was stored with 0 characters, and the design
     ended INTERRUPTED. Now the text streams into its run in batches, is saved whole when the
     agent stops, and the design goes back QUEUED with its lease released, to resume."""
-    monkeypatch.setattr(pipeline, "PARTIAL_SAVE_INTERVAL_S", 0.05)
+    monkeypatch.setattr("agents.pipeline.live.PARTIAL_SAVE_INTERVAL_S", 0.05)
     simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=150)
     install_registry(make_registry(simulator))
     design = await create_design(owner, REQUEST)
@@ -626,7 +628,7 @@ async def test_shutting_down_hands_running_designs_back_and_closes_their_connect
     assert one(runs, "requirements").status == AgentRun.Status.SUCCEEDED
     assert not [run for run in runs if run.status == AgentRun.Status.RUNNING]
     assert not serving.llm_loop().running and carlos_registry.closed
-    assert carlos_registry.stats()["http"]["connections_open"] == 0
+    assert carlos_registry.stats().http.connections_open == 0
     for _ in range(500):  # the server sees the closes (a fail-safe limit only)
         if carlos_simulator.stats.connections_open == 0:
             break

@@ -1,12 +1,15 @@
-"""Model output is untrusted: whatever it contains, the rendered HTML must not execute."""
+"""Model output is untrusted: whatever it contains, the rendered HTML must not execute; and
+each run is presented the way its agent's spec says."""
 
 from __future__ import annotations
 
+import json
 from html.parser import HTMLParser
 
 import pytest
 
-from agents.rendering import render_markdown, sanitize_html, separate_labels
+from agents.models import AgentRun
+from agents.rendering import present_run, render_markdown, sanitize_html, separate_labels
 
 
 class _Elements(HTMLParser):
@@ -136,3 +139,34 @@ def test_labelled_lines_become_separate_paragraphs() -> None:
     # The label after a list starts a new block instead of joining the list's last item.
     assert "<li>Managed services</li>\n</ul>\n<p><strong>Required changes</strong></p>" in html
     assert "<li>Add a WAF</li>" in html
+
+
+def present(agent: str, text: str = "", report: dict | None = None) -> dict:
+    return present_run(AgentRun(agent=agent, output_text=text, output_json=report))
+
+
+def test_each_run_is_presented_as_its_agent_spec_says() -> None:
+    audit = present("auditor", "VERDICT: APPROVED\nSUMMARY: Sound.\nSTRENGTHS:\n- Managed")
+    assert audit["kind"] == "markdown"
+    assert "<strong>Verdict:</strong> APPROVED" in audit["html"]  # labelled lines apart
+
+    design = present("carlos", "VERDICT: not a label line for an architect")
+    assert design["kind"] == "markdown" and "<strong>" not in design["html"]
+
+    report = {"carlos": {}, "ronei": {}, "summary": "Both **fine**."}
+    security = present("security", json.dumps(report), report)
+    assert (security["kind"], security["template"]) == ("analysis", "agents/analysis/security.html")
+    assert "<strong>fine</strong>" in security["summary_html"]
+    assert json.loads(security["raw_json"]) == report
+    invalid = present("cost", "not JSON")
+    assert (invalid["kind"], invalid["report"]) == ("analysis", None)
+    assert invalid["raw_text"] == "not JSON"
+
+    terraform = present("terraform", "### main.tf\n```hcl\nresource {}\n```")
+    assert terraform["kind"] == "terraform"
+    assert terraform["files"] == [{"name": "main.tf", "content": "resource {}\n"}]
+
+    # A run of an agent no spec declares any more (a retired agent) still shows, as text.
+    retired = present("retired", "# Old\n<script>alert(1)</script>")
+    assert retired["kind"] == "markdown"
+    assert_inert(retired["html"])

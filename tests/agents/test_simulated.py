@@ -208,8 +208,10 @@ def test_the_recommendation_follows_the_priority(priority, expected):
 
 @pytest.mark.parametrize("cloud", ["azure", "aws", "gcp"])
 @pytest.mark.parametrize("choice", ["CARLOS", "RONEI"])
-def test_terraform_is_four_parseable_files_for_the_recommended_design(cloud, choice):
-    b = brief(cloud=cloud, scenario="microservices")
+@pytest.mark.parametrize("scenario", ["web_app", "data_pipeline", "microservices"])
+def test_terraform_is_four_parseable_files_for_the_recommended_design(cloud, choice, scenario):
+    """Every template combination (cloud, architect, workload's messaging) parses as HCL."""
+    b = brief(cloud=cloud, scenario=scenario)
     text = ask(prompts.terraform_messages(b, choice, "the design"))
     files = split_terraform(text)
     assert list(files) == ["versions.tf", "variables.tf", "main.tf", "outputs.tf"]

@@ -10,6 +10,7 @@ import pytest
 
 from pools.engine.adaptive import DeploymentLimiter, LimitSettings, Outcome
 from pools.engine.exceptions import RateLimited
+from tests.helpers.waiting import eventually
 
 
 def limiter(**settings) -> DeploymentLimiter:
@@ -21,8 +22,8 @@ async def test_a_healthy_deployment_admits_up_to_the_ceiling_without_waiting():
     permits = [await asyncio.wait_for(gate.acquire(time.monotonic(), 5), 1) for _ in range(8)]
     assert gate.snapshot()["in_flight"] == 8 and gate.limit == 8
     waiting = asyncio.create_task(gate.acquire(time.monotonic(), 5))
-    await asyncio.sleep(0.02)
-    assert not waiting.done() and gate.snapshot()["waiting"] == 1
+    await eventually(lambda: gate.snapshot()["waiting"] == 1, what="the ninth caller waits")
+    assert not waiting.done()
     gate.release(permits[0], Outcome.SUCCESS)
     permits[0] = await asyncio.wait_for(waiting, 1)
     for permit in permits:
@@ -165,7 +166,7 @@ async def test_a_cancelled_waiter_leaves_no_trace_and_loses_no_permit():
     gate = limiter(ceiling=1)
     held = await gate.acquire(time.monotonic(), 5)
     waiter = asyncio.create_task(gate.acquire(time.monotonic(), 5))
-    await asyncio.sleep(0.01)
+    await eventually(lambda: gate.snapshot()["waiting"] == 1, what="the waiter waits")
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter

@@ -13,23 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers.browser import chromium_page, needs_chromium
 from tests.servers import child_env, manage, serving
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 USERNAME = "pool-staff"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 SCREENSHOT = Path("/tmp/carlos-admin-pool-chart.png")
+FAILED_SCREENSHOT = Path("/tmp/carlos-admin-pool-chart-failed.png")
 
 # An hour of history for two pools, one row a minute: main fills up and overflows at the
 # end while 429s cut its deployment's limit from 100 to 7, mini stays idle. The staff user
@@ -75,57 +67,48 @@ def served_admin(tmp_path):
         database.unlink(missing_ok=True)
 
 
-@pytest.mark.skipif(
-    not CHROMIUM.exists(), reason="Debian chromium is not installed at /usr/bin/chromium"
-)
+@needs_chromium
 def test_staff_logs_in_and_sees_the_pool_chart(served_admin):
-    from playwright.sync_api import sync_playwright
-
     base = served_admin
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 1000})
-            page.goto(f"{base}/admin/pools/poolsnapshot/")
-            assert "/admin/login/" in page.url  # anonymous: sent to log in first
-            page.fill("#id_username", USERNAME)
-            page.fill("#id_password", PASSWORD)
-            page.click("input[type=submit]")
-            page.wait_for_url("**/admin/pools/poolsnapshot/")
+    with chromium_page(failure_screenshot=FAILED_SCREENSHOT, viewport=(1280, 1000)) as page:
+        page.goto(f"{base}/admin/pools/poolsnapshot/")
+        assert "/admin/login/" in page.url  # anonymous: sent to log in first
+        page.fill("#id_username", USERNAME)
+        page.fill("#id_password", PASSWORD)
+        page.click("input[type=submit]")
+        page.wait_for_url("**/admin/pools/poolsnapshot/")
 
-            chart = page.locator("#pool-history-chart svg.pool-chart")
-            chart.wait_for()
-            page.screenshot(path=str(SCREENSHOT), full_page=True)
-            assert page.locator("#pool-history-chart h2").inner_text() == "Pools over time"
-            panels = chart.locator('g.pool-panel[data-panel="slots"]')
-            assert panels.count() == 2
-            assert chart.locator("g.pool-panel").count() == 6  # slots, calls, times per pool
-            assert panels.nth(0).get_attribute("data-pool") == "main"
-            assert panels.nth(0).get_attribute("data-y-max") == "20"  # 14 in use at the peak
-            # The browser lays the lines out: each has a real drawn length.
-            for series in ("in_use", "waiting", "deployment_waiting", "limit", "size"):
-                line = panels.nth(0).locator(f'polyline[data-series="{series}"]')
-                assert len(line.get_attribute("points").split()) == 60
-                assert line.evaluate("element => element.getTotalLength()") > 100
-            assert "limit 7 (429)" in panels.nth(0).inner_html()
-            for kind, series in (("calls", "requests"), ("times", "latency_p95")):
-                panel = chart.locator(f'g.pool-panel[data-pool="main"][data-panel="{kind}"]')
-                line = panel.locator(f'polyline[data-series="{series}"]')
-                assert line.evaluate("element => element.getTotalLength()") > 100
-            # It scales to the column it is in, keeping its proportions (760 x 684).
-            box = chart.bounding_box()
-            assert box is not None and box["width"] >= 300
-            assert box["height"] == pytest.approx(box["width"] * 684 / 760, abs=2)
-            assert "120 pool snapshots" in page.inner_text("#changelist")
-            # The list shows each row's limit and why it last changed.
-            assert page.locator("td.field-concurrency_limit").first.inner_text() == "7"
-            assert page.locator("td.field-limit_reason").first.inner_text() == "429"
+        chart = page.locator("#pool-history-chart svg.pool-chart")
+        chart.wait_for()
+        page.screenshot(path=str(SCREENSHOT), full_page=True)
+        assert page.locator("#pool-history-chart h2").inner_text() == "Pools over time"
+        panels = chart.locator('g.pool-panel[data-panel="slots"]')
+        assert panels.count() == 2
+        assert chart.locator("g.pool-panel").count() == 6  # slots, calls, times per pool
+        assert panels.nth(0).get_attribute("data-pool") == "main"
+        assert panels.nth(0).get_attribute("data-y-max") == "20"  # 14 in use at the peak
+        # The browser lays the lines out: each has a real drawn length.
+        for series in ("in_use", "waiting", "deployment_waiting", "limit", "size"):
+            line = panels.nth(0).locator(f'polyline[data-series="{series}"]')
+            assert len(line.get_attribute("points").split()) == 60
+            assert line.evaluate("element => element.getTotalLength()") > 100
+        assert "limit 7 (429)" in panels.nth(0).inner_html()
+        for kind, series in (("calls", "requests"), ("times", "latency_p95")):
+            panel = chart.locator(f'g.pool-panel[data-pool="main"][data-panel="{kind}"]')
+            line = panel.locator(f'polyline[data-series="{series}"]')
+            assert line.evaluate("element => element.getTotalLength()") > 100
+        # It scales to the column it is in, keeping its proportions (760 x 684).
+        box = chart.bounding_box()
+        assert box is not None and box["width"] >= 300
+        assert box["height"] == pytest.approx(box["width"] * 684 / 760, abs=2)
+        assert "120 pool snapshots" in page.inner_text("#changelist")
+        # The list shows each row's limit and why it last changed.
+        assert page.locator("td.field-concurrency_limit").first.inner_text() == "7"
+        assert page.locator("td.field-limit_reason").first.inner_text() == "429"
 
-            # The pool filter redraws the chart for that pool only.
-            page.click("#changelist-filter >> text=mini")
-            page.wait_for_url("**pool=mini**")
-            panels = page.locator('#pool-history-chart g.pool-panel[data-panel="slots"]')
-            assert panels.count() == 1
-            assert panels.nth(0).get_attribute("data-pool") == "mini"
-        finally:
-            browser.close()
+        # The pool filter redraws the chart for that pool only.
+        page.click("#changelist-filter >> text=mini")
+        page.wait_for_url("**pool=mini**")
+        panels = page.locator('#pool-history-chart g.pool-panel[data-panel="slots"]')
+        assert panels.count() == 1
+        assert panels.nth(0).get_attribute("data-pool") == "mini"

@@ -12,6 +12,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import httpcore
 import httpx
@@ -27,6 +28,7 @@ from pools.engine.transport import (
     current_pool,
 )
 from pools.simulator import LLMSimulator
+from tests.helpers.waiting import eventually
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -80,10 +82,14 @@ async def read_exactly(stream: httpcore.AsyncNetworkStream, size: int) -> bytes:
     return bytes(received)
 
 
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.01)
+@contextlib.asynccontextmanager
+async def connected(port: int, **options: Any) -> AsyncIterator[httpcore.AsyncNetworkStream]:
+    """A stream from AsyncioBackend to the local `port`, closed however the block ends."""
+    stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, **options)
+    try:
+        yield stream
+    finally:
+        await stream.aclose()
 
 
 def closed_port() -> int:
@@ -116,19 +122,15 @@ def tls_client_context(tls_ca: trustme.CA) -> ssl.SSLContext:
 
 
 async def test_write_and_read_round_trip() -> None:
-    async with serving(echo) as port:
-        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port, timeout=5)
-        try:
-            await stream.write(b"hello, ", timeout=5)
-            await stream.write(b"world", timeout=5)
-            assert await read_exactly(stream, 12) == b"hello, world"
-            assert stream.get_extra_info("server_addr")[1] == port
-            assert stream.get_extra_info("client_addr")[0] == "127.0.0.1"
-            assert stream.get_extra_info("socket").fileno() >= 0
-            assert stream.get_extra_info("ssl_object") is None
-            assert stream.get_extra_info("is_readable") is False
-        finally:
-            await stream.aclose()
+    async with serving(echo) as port, connected(port, timeout=5) as stream:
+        await stream.write(b"hello, ", timeout=5)
+        await stream.write(b"world", timeout=5)
+        assert await read_exactly(stream, 12) == b"hello, world"
+        assert stream.get_extra_info("server_addr")[1] == port
+        assert stream.get_extra_info("client_addr")[0] == "127.0.0.1"
+        assert stream.get_extra_info("socket").fileno() >= 0
+        assert stream.get_extra_info("ssl_object") is None
+        assert stream.get_extra_info("is_readable") is False
 
 
 async def test_read_returns_empty_bytes_once_the_peer_closes() -> None:
@@ -136,16 +138,12 @@ async def test_read_returns_empty_bytes_once_the_peer_closes() -> None:
         writer.write(b"bye")
         await writer.drain()
 
-    async with serving(say_goodbye) as port:
-        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port)
-        try:
-            assert await read_exactly(stream, 3) == b"bye"
-            assert await stream.read(100, timeout=5) == b""
-            assert await stream.read(100, timeout=5) == b""  # and it stays at EOF
-            with pytest.raises(httpcore.WriteError):
-                await stream.write(b"too late")
-        finally:
-            await stream.aclose()
+    async with serving(say_goodbye) as port, connected(port) as stream:
+        assert await read_exactly(stream, 3) == b"bye"
+        assert await stream.read(100, timeout=5) == b""
+        assert await stream.read(100, timeout=5) == b""  # and it stays at EOF
+        with pytest.raises(httpcore.WriteError):
+            await stream.write(b"too late")
 
 
 async def test_read_times_out_with_read_timeout() -> None:
@@ -157,17 +155,13 @@ async def test_read_times_out_with_read_timeout() -> None:
         await writer.drain()
         await reader.read()
 
-    async with serving(answer_late) as port:
-        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port)
-        try:
-            started = time.monotonic()
-            with pytest.raises(httpcore.ReadTimeout):
-                await stream.read(100, timeout=0.05)
-            assert time.monotonic() - started < 1
-            go.set()
-            assert await stream.read(100, timeout=5) == b"late"  # still usable afterwards
-        finally:
-            await stream.aclose()
+    async with serving(answer_late) as port, connected(port) as stream:
+        started = time.monotonic()
+        with pytest.raises(httpcore.ReadTimeout):
+            await stream.read(100, timeout=0.05)
+        assert time.monotonic() - started < 1
+        go.set()
+        assert await stream.read(100, timeout=5) == b"late"  # still usable afterwards
 
 
 async def test_each_read_keeps_its_own_deadline() -> None:
@@ -179,22 +173,18 @@ async def test_each_read_keeps_its_own_deadline() -> None:
             writer.write(await send.get())
             await writer.drain()
 
-    async with serving(send_on_demand) as port:
-        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port)
-        try:
-            send.put_nowait(b"a")
-            assert await stream.read(100, timeout=30) == b"a"  # leaves a timer 30 s out
-            started = time.monotonic()
-            with pytest.raises(httpcore.ReadTimeout):
-                await stream.read(100, timeout=0.1)
-            assert time.monotonic() - started < 2
+    async with serving(send_on_demand) as port, connected(port) as stream:
+        send.put_nowait(b"a")
+        assert await stream.read(100, timeout=30) == b"a"  # leaves a timer 30 s out
+        started = time.monotonic()
+        with pytest.raises(httpcore.ReadTimeout):
+            await stream.read(100, timeout=0.1)
+        assert time.monotonic() - started < 2
 
-            send.put_nowait(b"b")
-            assert await stream.read(100, timeout=0.2) == b"b"  # leaves a timer 0.2 s out
-            asyncio.get_running_loop().call_later(0.5, send.put_nowait, b"c")
-            assert await stream.read(100, timeout=None) == b"c"  # outlives that timer
-        finally:
-            await stream.aclose()
+        send.put_nowait(b"b")
+        assert await stream.read(100, timeout=0.2) == b"b"  # leaves a timer 0.2 s out
+        asyncio.get_running_loop().call_later(0.5, send.put_nowait, b"c")
+        assert await stream.read(100, timeout=None) == b"c"  # outlives that timer
 
 
 async def test_connecting_to_a_closed_port_raises_connect_error() -> None:
@@ -204,17 +194,14 @@ async def test_connecting_to_a_closed_port_raises_connect_error() -> None:
 
 async def test_socket_options_and_local_address_are_applied() -> None:
     options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    async with serving(echo) as port:
-        stream = await AsyncioBackend().connect_tcp(
-            "127.0.0.1", port, local_address="127.0.0.1", socket_options=options
-        )
-        try:
-            sock = stream.get_extra_info("socket")
-            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
-            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
-            assert stream.get_extra_info("client_addr")[0] == "127.0.0.1"
-        finally:
-            await stream.aclose()
+    async with (
+        serving(echo) as port,
+        connected(port, local_address="127.0.0.1", socket_options=options) as stream,
+    ):
+        sock = stream.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert stream.get_extra_info("client_addr")[0] == "127.0.0.1"
 
 
 async def test_is_readable_once_the_peer_closes_an_idle_connection() -> None:
@@ -226,18 +213,14 @@ async def test_is_readable_once_the_peer_closes_an_idle_connection() -> None:
         await writer.drain()
         await hang_up.wait()
 
-    async with serving(answer_then_hang_up) as port:
-        stream = await AsyncioBackend().connect_tcp("127.0.0.1", port)
-        try:
-            await stream.write(b"ping")
-            assert await read_exactly(stream, 4) == b"pong"
-            await asyncio.sleep(0.05)
-            assert stream.get_extra_info("is_readable") is False  # idle and open
-            hang_up.set()
-            await eventually(lambda: stream.get_extra_info("is_readable"))
-            assert await stream.read(100, timeout=5) == b""
-        finally:
-            await stream.aclose()
+    async with serving(answer_then_hang_up) as port, connected(port) as stream:
+        await stream.write(b"ping")
+        assert await read_exactly(stream, 4) == b"pong"
+        await asyncio.sleep(0.05)
+        assert stream.get_extra_info("is_readable") is False  # idle and open
+        hang_up.set()
+        await eventually(lambda: stream.get_extra_info("is_readable"))
+        assert await stream.read(100, timeout=5) == b""
 
 
 async def test_aclose_twice_and_on_a_reset_connection_is_harmless() -> None:
@@ -303,15 +286,10 @@ async def test_write_to_a_peer_that_does_not_read_times_out() -> None:
     async def ignore(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(30)
 
-    async with serving(ignore) as port:
-        stream = await AsyncioBackend().connect_tcp(
-            "127.0.0.1", port, socket_options=[(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)]
-        )
-        try:
-            with pytest.raises(httpcore.WriteTimeout):
-                await stream.write(b"x" * (16 * 1024 * 1024), timeout=0.2)
-        finally:
-            await stream.aclose()
+    small_send_buffer = [(socket.SOL_SOCKET, socket.SO_SNDBUF, 65536)]
+    async with serving(ignore) as port, connected(port, socket_options=small_send_buffer) as stream:
+        with pytest.raises(httpcore.WriteTimeout):
+            await stream.write(b"x" * (16 * 1024 * 1024), timeout=0.2)
 
 
 # --- TLS -------------------------------------------------------------------------------------

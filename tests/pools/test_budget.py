@@ -39,9 +39,9 @@ async def test_call_over_budget_is_refused_with_a_clear_error(simulator):
         with pytest.raises(RateBudgetExceeded, match="rate budget of deployment 'gpt-4o'"):
             await call(registry)
         assert simulator.stats.chat_requests == 2  # refused before reaching the endpoint
-        budget = registry.stats()["pools"]["main"]["rate_budget"]
-        assert budget["refused"] == 1 and budget["rpm"] == 2
-        assert registry.stats()["pools"]["main"]["in_use"] == 0
+        budget = registry.stats().pools["main"].rate_budget
+        assert budget.refused == 1 and budget.rpm == 2
+        assert registry.stats().pools["main"].in_use == 0
     finally:
         await registry.close()
 
@@ -56,7 +56,7 @@ async def test_endpoint_headers_tighten_the_budget_and_calls_wait(simulator_fact
         for _ in range(3):
             assert await call(registry)
         assert time.monotonic() - started >= 0.2
-        assert registry.stats()["pools"]["main"]["rate_budget"]["throttled"] >= 2
+        assert registry.stats().pools["main"].rate_budget.throttled >= 2
         assert simulator.stats.status_counts.get(429, 0) == 0  # we never hit the server's limit
     finally:
         await registry.close()

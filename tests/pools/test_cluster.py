@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import openai
@@ -19,22 +18,12 @@ from pools.engine.config import parse_config
 from pools.engine.exceptions import CircuitOpen, PoolTimeout, RateBudgetExceeded
 from pools.engine.registry import PoolRegistry
 from tests.conftest import probe
+from tests.helpers.services import REDIS_URL, forget_keys, needs_redis, run_prefix
+from tests.helpers.waiting import eventually
 
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 ROOT = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "Design a ledger"}]
-
-
-def redis_reachable() -> bool:
-    try:
-        return redis.Redis.from_url(REDIS_URL, socket_timeout=1).ping()
-    except redis.RedisError:
-        return False
-
-
-pytestmark = pytest.mark.skipif(
-    not redis_reachable(), reason=f"no Redis at {REDIS_URL} (.ci/run starts one)"
-)
+pytestmark = needs_redis()
 
 
 def cluster_raw(base_url: str, prefix: str, **pool) -> dict:
@@ -49,7 +38,7 @@ def cluster_raw(base_url: str, prefix: str, **pool) -> dict:
 @pytest.fixture
 async def instances(simulator_factory):
     """Build 'instances': registries that share one Redis prefix, as separate processes do."""
-    prefix = f"test-{uuid.uuid4().hex[:8]}"
+    prefix = run_prefix()
     made: list[PoolRegistry] = []
 
     async def build(count: int = 2, **options):
@@ -66,9 +55,7 @@ async def instances(simulator_factory):
     yield build
     for registry in made:
         await registry.close()
-    client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{prefix}:*"):
-        client.delete(key)
+    forget_keys(REDIS_URL, prefix)
 
 
 async def one_call(registry: PoolRegistry) -> str:
@@ -86,9 +73,9 @@ async def test_cluster_never_exceeds_its_capacity(instances):
     assert 1 < simulator.stats.peak_in_flight <= 8
     for registry in (first, second):
         stats = registry.stats()
-        assert stats["pools"]["main"]["in_use"] == 0
-        assert stats["cluster"]["leases_granted"] >= 1
-    assert first.stats()["cluster"]["instance"] != second.stats()["cluster"]["instance"]
+        assert stats.pools["main"].in_use == 0
+        assert stats.cluster.leases_granted >= 1
+    assert first.stats().cluster.instance != second.stats().cluster.instance
 
 
 async def test_an_open_breaker_is_shared(instances):
@@ -96,20 +83,15 @@ async def test_an_open_breaker_is_shared(instances):
     first.breaker_for("main").failures_to_open = 1
     with pytest.raises(openai.InternalServerError):
         await one_call(first)
-    await asyncio.sleep(0.05)  # the opening is published in the background
+    shared = redis.Redis.from_url(REDIS_URL)
+    await eventually(  # the opening is published in the background
+        lambda: shared.exists(first.cluster.breaker_key("gpt-4o")), what="the breaker published"
+    )
+    shared.close()
     before = simulator.stats.chat_requests
     with pytest.raises(CircuitOpen, match="seen by"):
         await one_call(second)  # second never failed itself
     assert simulator.stats.chat_requests == before
-
-
-async def until_true(condition, what: str, limit_s: float = 5.0) -> None:
-    """Poll a condition the instances reach in the background; fail naming it."""
-    for _ in range(int(limit_s / 0.02)):
-        if condition():
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"never happened: {what}")
 
 
 async def test_a_429_seen_by_one_instance_pauses_every_instance(instances):
@@ -120,11 +102,11 @@ async def test_a_429_seen_by_one_instance_pauses_every_instance(instances):
     for registry in (first, second):
         await registry.initialize()
     waiting = asyncio.create_task(one_call(first))
-    await until_true(lambda: simulator.stats.status_counts.get(429, 0) == 1, "the 429")
-    await until_true(
-        lambda: second.limiters["gpt-4o"].paused_for() > 0, "the second instance pauses"
+    await eventually(lambda: simulator.stats.status_counts.get(429, 0) == 1, what="the 429")
+    await eventually(
+        lambda: second.limiters["gpt-4o"].paused_for() > 0, what="the second instance pauses"
     )
-    assert second.stats()["pools"]["main"]["concurrency"]["pause_reason"].startswith("429")
+    assert second.stats().pools["main"].concurrency.pause_reason.startswith("429")
     requests = simulator.stats.chat_requests
     second_call = asyncio.create_task(one_call(second))
     await asyncio.sleep(0.1)
@@ -139,21 +121,19 @@ async def test_the_learned_limit_is_one_limit_for_the_cluster(instances):
     _, (first, second) = await instances()
     for registry in (first, second):
         await registry.initialize()
-    await until_true(
+    await eventually(
         lambda: first.cluster.live_instances == 2 and second.cluster.live_instances == 2,
-        "both instances see each other",
+        what="both instances see each other",
     )
     limiter = first.limiters["gpt-4o"]
     before = limiter.limit
     limiter.release(await limiter.acquire(time.monotonic(), 5), Outcome.DROP)
     assert limiter.limit < before
     # Each instance runs its share of one cluster limit: the same learned value on both.
-    await until_true(
-        lambda: second.limiters["gpt-4o"].limit == limiter.limit, "the second adopts it"
+    await eventually(
+        lambda: second.limiters["gpt-4o"].limit == limiter.limit, what="the second adopts it"
     )
-    assert second.stats()["pools"]["main"]["concurrency"]["last_change"]["reason"] == (
-        "cluster: 429"
-    )
+    assert second.stats().pools["main"].concurrency.last_change.reason == ("cluster: 429")
 
 
 async def test_rate_budget_is_shared_across_instances(instances):
@@ -165,9 +145,9 @@ async def test_rate_budget_is_shared_across_instances(instances):
         with pytest.raises(RateBudgetExceeded, match="rate budget of deployment 'gpt-4o'"):
             await one_call(registry)
     assert simulator.stats.chat_requests == 4
-    budget = second.stats()["pools"]["main"]["rate_budget"]
-    assert budget["shared"] is True and budget["refused"] == 1
-    assert budget["requests_available"] < 1
+    budget = second.stats().pools["main"].rate_budget
+    assert budget.shared is True and budget.refused == 1
+    assert budget.requests_available < 1
 
 
 async def test_headers_seen_by_one_instance_throttle_the_other(instances):
@@ -178,12 +158,12 @@ async def test_headers_seen_by_one_instance_throttle_the_other(instances):
     )
     assert await one_call(first)
     assert await one_call(second)
-    assert second.stats()["pools"]["main"]["rate_budget"]["throttled"] >= 1
+    assert second.stats().pools["main"].rate_budget.throttled >= 1
     assert simulator.stats.status_counts.get(429, 0) == 0
 
 
 async def test_rate_budget_falls_back_to_local_buckets_without_redis(simulator):
-    raw = cluster_raw(simulator.base_url, f"test-{uuid.uuid4().hex[:8]}")
+    raw = cluster_raw(simulator.base_url, run_prefix())
     raw["CLUSTER"].update(REDIS_URL="redis://127.0.0.1:1/0", REDIS_TIMEOUT=0.1)
     raw["RATE_LIMITS"] = "gpt-4o=2"
     raw["RESILIENCE"]["RATE_LIMIT_MAX_WAIT"] = 0.1
@@ -192,9 +172,9 @@ async def test_rate_budget_falls_back_to_local_buckets_without_redis(simulator):
         assert await one_call(registry) and await one_call(registry)
         with pytest.raises(RateBudgetExceeded):
             await one_call(registry)  # this process's own budget still holds
-        budget = registry.stats()["pools"]["main"]["rate_budget"]
-        assert budget["shared"] is False and budget["refused"] == 1
-        assert registry.stats()["cluster"]["mode"].startswith("local")
+        budget = registry.stats().pools["main"].rate_budget
+        assert budget.shared is False and budget.refused == 1
+        assert registry.stats().cluster.mode.startswith("local")
     finally:
         await registry.close()
 
@@ -205,14 +185,14 @@ async def test_cluster_view_lists_every_instance(instances):
     await second.initialize()
     view = await first.cluster_stats()
     assert set(view["instances"]) == {
-        first.stats()["cluster"]["instance"],
-        second.stats()["cluster"]["instance"],
+        first.stats().cluster.instance,
+        second.stats().cluster.instance,
     }
-    assert view["instances"][second.stats()["cluster"]["instance"]]["pools"]["main"]["total"] == 4
+    assert view["instances"][second.stats().cluster.instance]["pools"]["main"]["total"] == 4
 
 
 async def test_unreachable_redis_falls_back_to_local_limits_and_resumes(simulator, caplog):
-    config = parse_config(cluster_raw(simulator.base_url, f"test-{uuid.uuid4().hex[:8]}"))
+    config = parse_config(cluster_raw(simulator.base_url, run_prefix()))
     from dataclasses import replace
 
     down = replace(config.cluster, url="redis://127.0.0.1:1/0", redis_timeout=0.1)
@@ -222,9 +202,9 @@ async def test_unreachable_redis_falls_back_to_local_limits_and_resumes(simulato
         with caplog.at_level(logging.WARNING, logger="pools"):
             assert await one_call(registry)
             assert await one_call(registry)  # local limits, Redis not asked again yet
-        snapshot = registry.stats()["cluster"]
-        assert snapshot["mode"].startswith("local")
-        assert snapshot["local_fallbacks"] == 2 and snapshot["redis_errors"] == 1
+        snapshot = registry.stats().cluster
+        assert snapshot.mode.startswith("local")
+        assert snapshot.local_fallbacks == 2 and snapshot.redis_errors == 1
         assert sum("Redis unreachable" in r.message for r in caplog.records) == 1
 
         # Redis "comes back": point at the real one and wait out the retry period.
@@ -233,7 +213,7 @@ async def test_unreachable_redis_falls_back_to_local_limits_and_resumes(simulato
         await asyncio.sleep(0.25)
         with caplog.at_level(logging.INFO, logger="pools"):
             assert await one_call(registry)
-        assert registry.stats()["cluster"]["mode"] == "cluster"
+        assert registry.stats().cluster.mode == "cluster"
         assert any("coordination resumed" in r.message for r in caplog.records)
     finally:
         await registry.close()

@@ -11,6 +11,7 @@ import json
 import signal
 import sqlite3
 import time
+from dataclasses import replace
 from datetime import timedelta
 from io import StringIO
 from pathlib import Path
@@ -191,17 +192,17 @@ async def test_cron_snapshot_counts_the_increase_since_the_previous_row(installe
         async with registry.get_main_llm() as llm:
             await llm.ainvoke(HELLO)
     start = timezone.now()
-    first = snapshot_from_health("cron", start, "main", registry.stats()["pools"]["main"], None)
+    first = snapshot_from_health("cron", start, "main", registry.stats().pools["main"], None)
     assert first.requests == 2 and first.interval_s is None  # since the server started
     for _ in range(3):
         async with registry.get_main_llm() as llm:
             await llm.ainvoke(HELLO)
     later = start + timedelta(seconds=60)
-    stats = registry.stats()["pools"]["main"]
+    stats = registry.stats().pools["main"]
     second = snapshot_from_health("cron", later, "main", stats, first)
     assert (second.requests, second.errors, second.interval_s) == (3, 0, 60.0)
     # A restarted server's counters start again from zero: its whole count is the interval.
-    restarted = snapshot_from_health("cron", later, "main", {**stats, "requests_num": 1}, second)
+    restarted = snapshot_from_health("cron", later, "main", replace(stats, requests_num=1), second)
     assert restarted.requests == 1
 
 

@@ -103,7 +103,7 @@ def test_get_pool_size_argument_is_never_ignored():
         registry = get_pool()
         assert get_pool() is registry
         get_pool(size=4)
-        assert {n: p.stats()["total"] for n, p in registry.pools.items()} == {
+        assert {n: p.stats().total for n, p in registry.pools.items()} == {
             "main": 4,
             "ronei": 2,
             "mini": 4,

@@ -32,8 +32,8 @@ async def test_sequential_calls_reuse_one_connection(make_registry, simulator):
             assert result.text
             assert result.usage.completion_tokens > 0
     assert simulator.stats.connections_accepted == 1
-    assert registry.stats()["pools"]["main"]["connections_num"] == 1
-    assert registry.stats()["pools"]["main"]["requests_num"] == 5
+    assert registry.stats().pools["main"].connections_num == 1
+    assert registry.stats().pools["main"].requests_num == 5
 
 
 async def test_warm_up_opens_every_slot_once(make_registry, simulator):
@@ -50,7 +50,7 @@ async def test_warm_up_opens_every_slot_once(make_registry, simulator):
     async with registry.get_main_llm() as llm:
         await llm.ainvoke(HELLO)
     assert simulator.stats.connections_accepted == 5
-    assert registry.stats()["http"]["connections_open"] == 5
+    assert registry.stats().http.connections_open == 5
 
 
 async def test_concurrent_calls_use_distinct_pooled_connections(make_registry, simulator_factory):
@@ -100,18 +100,18 @@ async def test_exhaustion_overflows_instead_of_blocking(make_registry, simulator
 
     async def call() -> bool:
         async with registry.get_main_llm() as llm:
-            stats = registry.stats()["pools"]["main"]
-            peak["in_use"] = max(peak["in_use"], stats["in_use"])
-            peak["overflow"] = max(peak["overflow"], stats["overflow_in_use"])
+            stats = registry.stats().pools["main"]
+            peak["in_use"] = max(peak["in_use"], stats.in_use)
+            peak["overflow"] = max(peak["overflow"], stats.overflow_in_use)
             result = await llm.ainvoke(HELLO)
             return llm.overflow and bool(result.text)
 
     with caplog.at_level(logging.WARNING, logger="pools"):
         overflowed = await asyncio.gather(*(call() for _ in range(50)))
     assert sum(overflowed) == 48
-    stats = registry.stats()["pools"]["main"]
-    assert stats["requests_num"] == 50 and stats["requests_overflow"] == 48
-    assert stats["in_use"] == 0 and stats["overflow_in_use"] == 0 and stats["waiting"] == 0
+    stats = registry.stats().pools["main"]
+    assert stats.requests_num == 50 and stats.requests_overflow == 48
+    assert stats.in_use == 0 and stats.overflow_in_use == 0 and stats.waiting == 0
     assert peak == {"in_use": 50, "overflow": 48}  # the stats never hid the overflow
     warnings = [
         r for r in caplog.records if "exhausted, creating temporary connection" in r.message
@@ -119,7 +119,7 @@ async def test_exhaustion_overflows_instead_of_blocking(make_registry, simulator
     assert len(warnings) == 1  # once per burst
     # Temporary connections are closed after use: only the two pooled ones stay open.
     await eventually(lambda: simulator.stats.connections_open == 2)
-    assert stats["connections_num"] == 50 and stats["connections_closed"] == 48
+    assert stats.connections_num == 50 and stats.connections_closed == 48
 
 
 async def test_capped_overflow_queues_fifo_then_times_out(make_registry, simulator_factory):
@@ -136,24 +136,24 @@ async def test_capped_overflow_queues_fifo_then_times_out(make_registry, simulat
     for index in range(5):
         tasks.append(asyncio.create_task(call(index)))
         await asyncio.sleep(0.02)  # enqueue in a known order
-    await eventually(lambda: registry.stats()["pools"]["main"]["waiting"] == 3)
-    stats = registry.stats()["pools"]["main"]
-    assert (stats["in_use"], stats["available"], stats["overflow_in_use"]) == (2, 0, 1)
+    await eventually(lambda: registry.stats().pools["main"].waiting == 3)
+    stats = registry.stats().pools["main"]
+    assert (stats.in_use, stats.available, stats.overflow_in_use) == (2, 0, 1)
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2, 3, 4]
-    assert registry.stats()["pools"]["main"]["requests_queued"] == 3
+    assert registry.stats().pools["main"].requests_queued == 3
     assert simulator.stats.peak_in_flight == 2
 
     # A queue timeout raises PoolTimeout and leaves nothing behind.
     holder = asyncio.create_task(call(9))
     holder2 = asyncio.create_task(call(10))
-    await eventually(lambda: registry.stats()["pools"]["main"]["in_use"] == 2)
+    await eventually(lambda: registry.stats().pools["main"].in_use == 2)
     with pytest.raises(PoolTimeout):
         async with registry.acquire("main", timeout=0.05):
             pass
     await asyncio.gather(holder, holder2)
-    stats = registry.stats()["pools"]["main"]
-    assert stats["requests_timeouts"] == 1 and stats["waiting"] == 0 and stats["in_use"] == 0
+    stats = registry.stats().pools["main"]
+    assert stats.requests_timeouts == 1 and stats.waiting == 0 and stats.in_use == 0
 
 
 async def test_max_waiting_refuses_at_once(make_registry, simulator_factory):
@@ -168,13 +168,13 @@ async def test_max_waiting_refuses_at_once(make_registry, simulator_factory):
 
     first = asyncio.create_task(call())
     second = asyncio.create_task(call())
-    await eventually(lambda: registry.stats()["pools"]["main"]["waiting"] == 1)
+    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
     with pytest.raises(PoolExhausted, match="1 callers already waiting"):
         async with registry.get_main_llm():
             pass
     await asyncio.gather(first, second)
-    stats = registry.stats()["pools"]["main"]
-    assert stats["requests_refused"] == 1 and stats["in_use"] == 0
+    stats = registry.stats().pools["main"]
+    assert stats.requests_refused == 1 and stats.in_use == 0
 
 
 async def test_cancel_while_holding_a_stream_releases_the_slot(make_registry, simulator_factory):
@@ -189,12 +189,12 @@ async def test_cancel_while_holding_a_stream_releases_the_slot(make_registry, si
 
     task = asyncio.create_task(reader())
     await got_chunk.wait()
-    assert registry.stats()["pools"]["main"]["in_use"] == 1
+    assert registry.stats().pools["main"].in_use == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    assert registry.stats()["pools"]["main"]["in_use"] == 0
-    assert registry.stats()["pools"]["main"]["requests_errors"] == 0  # cancelling is no error
+    assert registry.stats().pools["main"].in_use == 0
+    assert registry.stats().pools["main"].requests_errors == 0  # cancelling is no error
     await eventually(lambda: simulator.stats.connections_open == 0)  # half-read: dropped
 
 
@@ -210,16 +210,16 @@ async def test_cancel_while_queued_leaves_no_waiter_and_loses_no_slot(
 
     holder = asyncio.create_task(call())
     queued = asyncio.create_task(call())
-    await eventually(lambda: registry.stats()["pools"]["main"]["waiting"] == 1)
+    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
     queued.cancel()
     with pytest.raises(asyncio.CancelledError):
         await queued
-    assert registry.stats()["pools"]["main"]["waiting"] == 0
+    assert registry.stats().pools["main"].waiting == 0
     await holder
     # The slot is still there for the next caller.
     async with registry.acquire("main", timeout=1) as llm:
         await llm.ainvoke(HELLO)
-    assert registry.stats()["pools"]["main"]["in_use"] == 0
+    assert registry.stats().pools["main"].in_use == 0
 
 
 async def test_slot_granted_to_a_waiter_cancelled_at_the_same_time_is_given_back(
@@ -229,12 +229,12 @@ async def test_slot_granted_to_a_waiter_cancelled_at_the_same_time_is_given_back
     pool = registry.pools["main"]
     held = await pool.acquire()
     queued = asyncio.create_task(pool.acquire())
-    await eventually(lambda: pool.stats()["waiting"] == 1)
+    await eventually(lambda: pool.stats().waiting == 1)
     pool.release(held)  # grants the slot to the queued task...
     queued.cancel()  # ...which is cancelled before it can run
     with pytest.raises(asyncio.CancelledError):
         await queued
-    assert pool.stats()["in_use"] == 0
+    assert pool.stats().in_use == 0
     again = await pool.acquire(timeout=0.1)
     pool.release(again)
 
@@ -246,9 +246,9 @@ async def test_abandoned_half_read_stream_is_closed_with_the_block(make_registry
         iterator = aiter(stream)
         await anext(iterator)
         await anext(iterator)
-        assert registry.stats()["pools"]["main"]["in_use"] == 1
+        assert registry.stats().pools["main"].in_use == 1
     assert stream.closed
-    assert registry.stats()["pools"]["main"]["in_use"] == 0
+    assert registry.stats().pools["main"].in_use == 0
     await eventually(lambda: simulator.stats.connections_open == 0)
     async with registry.get_main_llm() as llm:  # the pool still works on a new connection
         assert (await llm.ainvoke(HELLO)).text
@@ -262,8 +262,8 @@ async def test_error_from_the_endpoint_is_counted_and_slot_released(make_registr
         async with registry.get_main_llm() as llm:
             llm.client = llm.client.with_options(max_retries=0)
             await llm.ainvoke(HELLO)
-    stats = registry.stats()["pools"]["main"]
-    assert stats["requests_errors"] == 1 and stats["in_use"] == 0
+    stats = registry.stats().pools["main"]
+    assert stats.requests_errors == 1 and stats.in_use == 0
 
 
 async def test_closed_registry_refuses_calls_and_wakes_waiters(make_registry, simulator_factory):
@@ -277,7 +277,7 @@ async def test_closed_registry_refuses_calls_and_wakes_waiters(make_registry, si
 
     holder = asyncio.create_task(call())
     queued = asyncio.create_task(call())
-    await eventually(lambda: registry.stats()["pools"]["main"]["waiting"] == 1)
+    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
     await registry.close()
     with pytest.raises(PoolClosed):
         await queued
@@ -300,8 +300,8 @@ def test_clients_belong_to_their_loop(simulator_thread):
     assert asyncio.run(two_calls())
     assert async_to_sync(two_calls)()
     assert asyncio.run(two_calls())
-    assert registry.stats()["pools"]["main"]["requests_num"] == 6
-    assert registry.stats()["http"]["connections_open"] == 0
+    assert registry.stats().pools["main"].requests_num == 6
+    assert registry.stats().http.connections_open == 0
 
 
 async def _one_call(registry) -> str:
@@ -331,8 +331,8 @@ def test_one_registry_serves_several_loops_at_once(simulator_thread):
     for thread in threads:
         thread.join()
     assert errors == []
-    stats = registry.stats()["pools"]["main"]
-    assert stats["requests_num"] == 10 and stats["in_use"] == 0
+    stats = registry.stats().pools["main"]
+    assert stats.requests_num == 10 and stats.in_use == 0
 
 
 async def test_events_report_every_grant_call_and_refusal(make_registry, simulator_factory):

@@ -79,17 +79,16 @@ async def test_metrics_match_the_registry_after_calls(registry, simulator):
     simulator.config.error_rate = 0.0
 
     samples = await scrape()
-    stats = registry.stats()["pools"]
+    stats = registry.stats().pools
     assert value(samples, "carlos_pools_up") == 1
     for pool in ("main", "mini"):
-        assert value(samples, "carlos_pool_size", pool=pool) == stats[pool]["total"]
+        assert value(samples, "carlos_pool_size", pool=pool) == stats[pool].total
         assert value(samples, "carlos_pool_in_use", pool=pool) == 0
         assert value(samples, "carlos_pool_waiting", pool=pool) == 0
         requests = value(samples, "carlos_pool_requests_total", pool=pool)
-        assert requests == stats[pool]["requests_num"]
-        assert (
-            value(samples, "carlos_pool_connections_opened_total", pool=pool)
-            == (stats[pool]["connections_num"])
+        assert requests == stats[pool].requests_num
+        assert value(samples, "carlos_pool_connections_opened_total", pool=pool) == (
+            stats[pool].connections_num
         )
         # Every granted slot's wait is in the histogram.
         assert value(samples, "carlos_pool_acquire_wait_seconds_count", pool=pool) == requests
@@ -243,20 +242,20 @@ async def test_metrics_show_the_deployment_limit_its_queue_and_pause(limited, si
             await asyncio.sleep(0.005)
         limiter.pause(30, "429, Retry-After 30s")
         samples = await scrape()
-        stats = registry.stats()["pools"]["main"]["concurrency"]
+        stats = registry.stats().pools["main"].concurrency
         assert value(samples, "carlos_pool_deployment_in_flight", pool="main") == len(held)
         assert value(samples, "carlos_pool_deployment_waiting", pool="main") == 1
         assert 29 < value(samples, "carlos_pool_deployment_paused_seconds", pool="main") <= 30
         assert value(samples, "carlos_pool_deployment_pauses_total", pool="main") == 2
-        for name, key in (
-            ("concurrency_limit", "limit"),
-            ("deployment_in_flight", "in_flight"),
-            ("deployment_waiting", "waiting"),
+        for name, figure in (
+            ("concurrency_limit", stats.limit),
+            ("deployment_in_flight", stats.in_flight),
+            ("deployment_waiting", stats.waiting),
         ):
-            assert value(samples, f"carlos_pool_{name}", pool="main") == stats[key]
+            assert value(samples, f"carlos_pool_{name}", pool="main") == figure
         assert value(
             samples, "carlos_pool_concurrency_limit_changed_timestamp_seconds", pool="main"
-        ) == pytest.approx(stats["last_change"]["at"])
+        ) == pytest.approx(stats.last_change.at)
     finally:
         queued.cancel()
         for permit in held:

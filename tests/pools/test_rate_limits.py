@@ -18,6 +18,7 @@ from pools.engine.config import parse_config
 from pools.engine.exceptions import MalformedResponse, RateLimited, TruncatedResponse
 from pools.engine.registry import PoolRegistry
 from tests.conftest import probe
+from tests.helpers.waiting import eventually
 
 HELLO = [{"role": "user", "content": "Design a queue"}]
 FAST = {"BACKOFF_BASE": 0.01, "BACKOFF_MAX": 0.05, "BREAKER_COOLDOWN": 30}
@@ -48,8 +49,8 @@ async def pools(simulator_factory):
 
     yield build
     for registry in made:
-        for stats in registry.stats()["pools"].values():
-            assert stats["in_use"] == 0 and stats["concurrency"]["in_flight"] == 0
+        for stats in registry.stats().pools.values():
+            assert stats.in_use == 0 and stats.concurrency.in_flight == 0
         await registry.close()
 
 
@@ -73,9 +74,9 @@ async def test_one_429_on_a_deployment_is_waited_out_by_both_parallel_calls(pool
     assert carlos and ronei
     assert sim.stats.status_counts[429] == 1
     assert registry.breaker_for("main").state == "closed"
-    stats = registry.stats()["pools"]
-    assert stats["main"]["requests_rate_limited"] + stats["ronei"]["requests_rate_limited"] == 1
-    assert stats["main"]["concurrency"]["pauses"] == 1
+    stats = registry.stats().pools
+    assert stats["main"].requests_rate_limited + stats["ronei"].requests_rate_limited == 1
+    assert stats["main"].concurrency.pauses == 1
 
 
 async def test_two_429s_a_few_ms_apart_do_not_refuse_the_first_callers_retry(pools):
@@ -218,13 +219,12 @@ async def test_connections_the_server_closed_while_idle_are_replaced(pools, monk
     monkeypatch.setattr(registry_module, "KEEP_WARM_INTERVAL_S", 0.05)
     registry, sim = await pools(keepalive_timeout_s=0.3)
     warm = registry.config.total_slots
-    while sim.stats.idle_closes < warm:  # the server closes every idle connection
-        await asyncio.sleep(0.02)
-    while sim.stats.connections_open < warm:  # and they come back, without a request
-        await asyncio.sleep(0.02)
+    # The server closes every idle connection, and they come back, without a request.
+    await eventually(lambda: sim.stats.idle_closes >= warm, what="every idle connection closed")
+    await eventually(lambda: sim.stats.connections_open >= warm, what="the connections reopened")
     sim.apply_faults({"keepalive_timeout_s": 60})
     assert sim.stats.chat_requests == 0
-    assert registry.stats()["http"]["connections_open"] == warm  # open sockets, counted
+    assert registry.stats().http.connections_open == warm  # open sockets, counted
     accepted = sim.stats.connections_accepted
     assert await stream(registry)
     assert sim.stats.connections_accepted == accepted  # the call found a warm connection

@@ -27,6 +27,7 @@ from pools.engine.resilience import (
     parse_retry_after,
 )
 from tests.conftest import probe
+from tests.helpers.waiting import eventually
 
 HELLO = [{"role": "user", "content": "Design a queue"}]
 FAST_BACKOFF = {"BACKOFF_BASE": 0.01, "BACKOFF_MAX": 0.02}
@@ -53,7 +54,7 @@ async def build(simulator_factory):
 
     yield factory
     for registry in made:
-        assert registry.stats()["pools"]["main"]["in_use"] == 0  # nothing leaked
+        assert registry.stats().pools["main"].in_use == 0  # nothing leaked
         await registry.close()
 
 
@@ -89,7 +90,7 @@ async def test_idle_gap_deadline_is_not_retried_after_tokens(build):
     assert caught.value.deadline == "idle"
     assert chunks  # the user saw tokens, so the call was not repeated
     assert sim.stats.chat_requests == 1
-    assert registry.stats()["pools"]["main"]["requests_retries"] == 0
+    assert registry.stats().pools["main"].requests_retries == 0
 
 
 async def test_total_deadline(build):
@@ -106,8 +107,8 @@ async def test_server_errors_are_retried_then_surface(build):
     with pytest.raises(openai.InternalServerError):
         await invoke(registry)
     assert sim.stats.chat_requests == 3  # one call, two retries
-    stats = registry.stats()["pools"]["main"]
-    assert stats["requests_retries"] == 2 and stats["requests_errors"] == 1
+    stats = registry.stats().pools["main"]
+    assert stats.requests_retries == 2 and stats.requests_errors == 1
 
 
 async def test_a_retry_recovers_from_a_passing_fault(build):
@@ -130,8 +131,7 @@ async def test_retry_after_is_honoured_on_429(build):
         {"MAX_RETRIES": 2}, capacity=1, retry_after_s=0.5, tokens_per_second=200
     )
     holder = asyncio.create_task(stream_all(registry))  # takes the simulator's capacity
-    while sim.stats.in_flight < 1:
-        await asyncio.sleep(0.005)
+    await eventually(lambda: sim.stats.in_flight >= 1, what="the holder's call is under way")
     started = time.monotonic()
     result = await invoke(registry)
     assert time.monotonic() - started >= 0.5  # waited what the server asked for
@@ -153,8 +153,7 @@ async def test_stream_with_tokens_is_never_retried(build):
 async def test_cancelled_call_is_not_retried(build):
     registry, sim = await build({"MAX_RETRIES": 2}, ttft_ms=1000)
     task = asyncio.create_task(invoke(registry))
-    while sim.stats.in_flight < 1:
-        await asyncio.sleep(0.005)
+    await eventually(lambda: sim.stats.in_flight >= 1, what="the call is under way")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task

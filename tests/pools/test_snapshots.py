@@ -222,7 +222,7 @@ async def test_rows_keep_the_deployment_limit_the_peaks_and_the_429s(make_regist
         while limiter.snapshot()["waiting"] < 1:
             await asyncio.sleep(0.005)
         calls.append(asyncio.create_task(call()))
-        while registry.pools["main"].stats()["waiting"] < 1:
+        while registry.pools["main"].stats().waiting < 1:
             await asyncio.sleep(0.005)
         await asyncio.sleep(0.2)  # the sampler's loop looks at the queues meanwhile
         for permit in held:
@@ -231,7 +231,7 @@ async def test_rows_keep_the_deployment_limit_the_peaks_and_the_429s(make_regist
         # Another attempt answered 429, and the pause is still on when the row is taken.
         limiter.release(await limiter.acquire(time.monotonic(), 5), Outcome.DROP)
         limiter.pause(30, "429, Retry-After 30s")
-        limit = registry.stats()["pools"]["main"]["concurrency"]["limit"]
+        limit = registry.stats().pools["main"].concurrency.limit
 
         first = {row.pool: row for row in await sampler.snapshot_once()}
         second = {row.pool: row for row in await sampler.snapshot_once()}
@@ -251,7 +251,7 @@ async def test_rows_keep_the_deployment_limit_the_peaks_and_the_429s(make_regist
 
     mini = first["mini"]
     assert (mini.rate_limited, mini.limit_reason, mini.paused_s) == (0, "start", 0)
-    assert mini.concurrency_limit == registry.stats()["pools"]["mini"]["concurrency"]["ceiling"]
+    assert mini.concurrency_limit == registry.stats().pools["mini"].concurrency.ceiling
     assert (mini.in_use_peak, mini.waiting_peak, mini.deployment_waiting_peak) == (0, 0, 0)
 
     # The next row counts the 429s since the first, and its peaks start over.

@@ -32,6 +32,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from pools.engine.config import parse_config
 from pools.engine.registry import PoolRegistry
 from pools.simulator.responders import count_prompt_tokens, tokenize
+from tests.helpers.waiting import eventually
 
 HELLO = [{"role": "user", "content": "Design a queue for the billing service"}]
 ANSWER = "A durable queue with one consumer group per region, and a dead-letter topic."
@@ -460,7 +461,9 @@ async def test_waiting_for_a_slot_is_a_queued_event(otel, build) -> None:
     registry, _ = await build({"SIZE": 1, "MAX_OVERFLOW": 0}, ttft_ms=100)
     async with registry.acquire("main") as first:
         second = asyncio.create_task(stream_all(registry))
-        await asyncio.sleep(0.05)  # the second caller queues for the only slot
+        await eventually(  # the second caller queues for the only slot
+            lambda: registry.pools["main"].stats().waiting == 1, what="the second caller queues"
+        )
         await first.astream(HELLO).text()
     await second
 
@@ -512,9 +515,9 @@ async def test_a_stream_left_open_is_ended_when_its_slot_is_released(otel, build
 
 
 async def test_a_cancelled_call_ends_its_span(otel, build) -> None:
-    registry, _ = await build(ttft_ms=5000)
+    registry, sim = await build(ttft_ms=5000)
     task = asyncio.create_task(stream_all(registry))
-    await asyncio.sleep(0.1)
+    await eventually(lambda: sim.stats.in_flight == 1, what="the call is under way")
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -576,14 +579,14 @@ async def test_the_pool_gauges_and_counters_read_the_registry_stats(otel, build)
             ]
             return point.value
 
-        stats = registry.stats()["pools"][pool]
-        assert value("carlos.pool.size") == stats["total"] == 3
-        assert value("carlos.pool.in_use") == stats["in_use"] == 1
-        assert value("carlos.pool.available") == stats["available"] == 2
-        assert value("carlos.pool.overflow_in_use") == stats["overflow_in_use"] == 0
-        assert value("carlos.pool.waiting") == stats["waiting"] == 0
-        assert value("carlos.pool.requests") == stats["requests_num"] == 2
-        assert value("carlos.pool.refusals") == stats["requests_refused"] == 0
-        assert value("carlos.pool.rate_limited") == stats["requests_rate_limited"] == 0
-        assert value("carlos.pool.concurrency_limit") == stats["concurrency"]["limit"]
-        assert value("carlos.pool.deployment_in_flight") == stats["concurrency"]["in_flight"]
+        stats = registry.stats().pools[pool]
+        assert value("carlos.pool.size") == stats.total == 3
+        assert value("carlos.pool.in_use") == stats.in_use == 1
+        assert value("carlos.pool.available") == stats.available == 2
+        assert value("carlos.pool.overflow_in_use") == stats.overflow_in_use == 0
+        assert value("carlos.pool.waiting") == stats.waiting == 0
+        assert value("carlos.pool.requests") == stats.requests_num == 2
+        assert value("carlos.pool.refusals") == stats.requests_refused == 0
+        assert value("carlos.pool.rate_limited") == stats.requests_rate_limited == 0
+        assert value("carlos.pool.concurrency_limit") == stats.concurrency.limit
+        assert value("carlos.pool.deployment_in_flight") == stats.concurrency.in_flight

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from carlos.worker_loop import WorkerLoop
+from tests.helpers.waiting import eventually
 
 
 @pytest.fixture
@@ -94,7 +95,17 @@ async def test_on_its_own_loop_run_awaits_directly(worker):
 
 
 async def test_stopping_a_worker_never_started_does_nothing():
-    await WorkerLoop("idle").stop()
+    """No thread or loop is started just to be stopped, and there is nothing to clean up."""
+    threads_before = set(threading.enumerate())
+    cleaned: list[bool] = []
+
+    async def cleanup() -> None:
+        cleaned.append(True)
+
+    idle = WorkerLoop("idle")
+    await asyncio.wait_for(idle.stop(cleanup=cleanup), 5)
+    assert cleaned == [] and not idle.running
+    assert set(threading.enumerate()) <= threads_before  # no thread was started
 
 
 async def test_a_run_that_races_stop_is_cancelled_not_left_waiting(worker):
@@ -115,9 +126,5 @@ async def test_a_run_that_races_stop_is_cancelled_not_left_waiting(worker):
     for caller in (first, late):
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(caller, 10)
-    for _ in range(1000):  # its thread closes the loop (a fail-safe limit only)
-        if loop.is_closed():
-            break
-        await asyncio.sleep(0.005)
-    assert loop.is_closed()
+    await eventually(loop.is_closed, what="its thread closes the loop")
     await asyncio.wait_for(worker.stop(), 10)  # then stopping for good is quick

@@ -27,13 +27,14 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
 from agents.models import AgentRun, Design
-from agents.options import ANALYST_AGENTS, DESIGN_AGENTS
 from agents.pipeline import create_design
 from agents.simulated import agent_of, carlos_responder, in_process_endpoint
+from agents.specs import STAGE_ORDER, Output, Stage, find_spec, spec_for, specs_in_stage
 from agents.tasks import start_design
 from carlos import telemetry
 from pools import runtime
 from pools.engine.config import parse_config
+from pools.engine.intervals import percentile
 from pools.engine.registry import PoolRegistry
 from pools.runtime import get_pool
 from pools.simulator import ChatRequest, SimulatorConfig, tokenize
@@ -41,26 +42,11 @@ from pools.simulator.process import start_simulator
 
 BENCHMARK_USERNAME = "benchmark"
 TARGET_RATIO = 1.15
-# The original's documented latency of each agent, in seconds (ANCHORS.md, CONNECTION_POOLING).
-STAGE_SECONDS: dict[str, tuple[float, float]] = {
-    "requirements": (2, 3),
-    "carlos": (15, 25),
-    "ronei": (15, 25),
-    "security": (5, 10),
-    "cost": (5, 10),
-    "reliability": (5, 10),
-    "auditor": (3, 5),
-    "recommender": (2, 3),
-    "terraform": (10, 20),
-}
-# Sequential stages; the parallel ones are timed by their slowest member.
-STAGES: dict[str, tuple[str, ...]] = {
-    "requirements": ("requirements",),
-    "designs": DESIGN_AGENTS,
-    "analysts": ANALYST_AGENTS,
-    "auditor": ("auditor",),
-    "recommender": ("recommender",),
-    "terraform": ("terraform",),
+# The report's names for the stages, as in the reports published so far.
+REPORTED_STAGE_NAMES = {
+    Stage.ANALYSES: "analysts",
+    Stage.AUDIT: "auditor",
+    Stage.RECOMMENDATION: "recommender",
 }
 # A model streaming this many tokens per second, time-compressed by the scale.
 REAL_TOKENS_PER_SECOND = 80.0
@@ -96,7 +82,7 @@ class PacedResponder:
         if self.brief and agent is not None:
             text = condense(agent, text)
         match = _NUMBER.search(_request_line(request))
-        if agent not in STAGE_SECONDS or match is None:
+        if find_spec(agent) is None or match is None:
             return text
         number = int(match[1])
         streaming = len(tokenize(text)) / self.tokens_per_second if self.tokens_per_second else 0
@@ -106,8 +92,9 @@ class PacedResponder:
 
 
 def planned_seconds(number: int, agent: str, scale: float) -> float:
-    """The planned time of `agent` in design `number`: drawn from its stage's range, fixed."""
-    low, high = STAGE_SECONDS[agent]
+    """The planned time of `agent` in design `number`: drawn from the range of its spec's
+    emulated seconds (the original's documented latency), fixed."""
+    low, high = spec_for(agent).emulated_seconds
     digest = hashlib.sha256(f"{number}:{agent}".encode()).digest()
     fraction = int.from_bytes(digest[:4], "big") / 2**32
     return scale * (low + (high - low) * fraction)
@@ -145,7 +132,8 @@ def critical_path_of_runs(
         spent[key] = spent.get(key, 0.0) + max(planned_seconds(number, run.agent, scale), streaming)
     return {
         number: sum(
-            max(spent.get((number, agent), 0.0) for agent in agents) for agents in STAGES.values()
+            max(spent.get((number, spec.key), 0.0) for spec in specs_in_stage(stage))
+            for stage in STAGE_ORDER
         )
         for number in set(number_of.values())
     }
@@ -157,7 +145,8 @@ def condense(agent: str, text: str) -> str:
     Streaming costs CPU per chunk (mostly the SDK building one object per chunk); with full
     answers, many concurrent designs in one process measure that cost rather than the pools.
     """
-    if agent in ANALYST_AGENTS:
+    spec = find_spec(agent)
+    if spec is not None and spec.output == Output.JSON:
         return json.dumps(_trim(json.loads(text)), separators=(",", ":"))
     return text.strip().splitlines()[0]  # the title, or the VERDICT / RECOMMEND line
 
@@ -178,13 +167,6 @@ def _request_line(request: ChatRequest) -> str:
     prompt = next((m.get("content") or "" for m in request.messages if m["role"] == "user"), "")
     start = prompt.find("<request>\n")
     return prompt[start + len("<request>\n") :] if start >= 0 else ""
-
-
-def _percentile(values: list[float], share: float) -> float:
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
 
 class Command(BaseCommand):
@@ -281,7 +263,8 @@ class Command(BaseCommand):
                     "--responder",
                     f"{__name__}.paced_responder",
                 ],
-                {
+                manage_py=settings.BASE_DIR / "manage.py",
+                env={
                     "CARLOS_BENCHMARK_SCALE": str(scale),
                     "CARLOS_BENCHMARK_TPS": str(tokens_per_second),
                     "CARLOS_BENCHMARK_BRIEF": "1" if brief else "0",
@@ -320,15 +303,15 @@ class Command(BaseCommand):
             "simulator": "in-process" if inline else "child process",
             "pools": {
                 name: {
-                    "size": data["total"],
-                    "max_overflow": data["max_overflow"],
-                    "overflow_limit": data["overflow_limit"],
-                    "requests": data["requests_num"],
-                    "overflow_requests": data["requests_overflow"],
-                    "queued_requests": data["requests_queued"],
-                    "errors": data["requests_errors"],
+                    "size": data.total,
+                    "max_overflow": data.max_overflow,
+                    "overflow_limit": data.overflow_limit,
+                    "requests": data.requests_num,
+                    "overflow_requests": data.requests_overflow,
+                    "queued_requests": data.requests_queued,
+                    "errors": data.requests_errors,
                 }
-                for name, data in stats["pools"].items()
+                for name, data in stats.pools.items()
             },
             "database": {
                 "vendor": connection.vendor,
@@ -371,19 +354,21 @@ class Command(BaseCommand):
 def stage_rows(runs: list[AgentRun], scale: float) -> list[dict[str, Any]]:
     """Per stage: planned range, measured durations, waits for a slot, overflow calls."""
     rows = []
-    for stage, agents in STAGES.items():
-        low, high = STAGE_SECONDS[agents[0]]
+    for stage in STAGE_ORDER:
+        agents = {spec.key: spec.emulated_seconds for spec in specs_in_stage(stage)}
+        low = min(seconds[0] for seconds in agents.values())
+        high = max(seconds[1] for seconds in agents.values())
         members = [run for run in runs if run.agent in agents]
         durations = [run.duration_ms / 1000 for run in members if run.duration_ms is not None]
         waits = [run.wait_ms for run in members if run.wait_ms is not None]
         rows.append(
             {
-                "stage": stage,
+                "stage": REPORTED_STAGE_NAMES.get(stage, str(stage)),
                 "agents": len(agents),
                 "planned_s": [round(low * scale, 3), round(high * scale, 3)],
                 "measured_mean_s": round(statistics.fmean(durations), 3) if durations else None,
                 "measured_max_s": round(max(durations), 3) if durations else None,
-                "wait_p50_ms": round(_percentile(waits, 0.5), 1),
+                "wait_p50_ms": round(percentile(waits, 50) or 0.0, 1),
                 "wait_max_ms": round(max(waits), 1) if waits else None,
                 "overflow_calls": sum(1 for run in members if run.overflow),
                 "calls": len(members),

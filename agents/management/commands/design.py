@@ -21,11 +21,20 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connection
 
+from agents.events import (
+    AgentFinished,
+    AgentStarted,
+    DesignStatus,
+    Event,
+    design_group,
+    from_json,
+)
 from agents.forms import DesignRequestForm
 from agents.models import AgentRun, Design
-from agents.options import AGENTS, DEFAULT_OPTIONS, OPTION_FIELDS, Agent
+from agents.options import DEFAULT_OPTIONS, OPTION_FIELDS
 from agents.pipeline import create_design
 from agents.simulated import in_process_endpoint
+from agents.specs import Stage, only_in_stage, registered, spec_for
 from agents.tasks import run_here
 from agents.terraform import deployment_steps, split_terraform
 from carlos import telemetry
@@ -192,7 +201,7 @@ class ProgressPrinter:
         if self.layer is None:
             return
         channel = await self.layer.new_channel()
-        await self.layer.group_add(f"design-{design_id}", channel)
+        await self.layer.group_add(design_group(design_id), channel)
         self._task = asyncio.create_task(self._print(channel))
 
     async def stop(self) -> None:
@@ -204,46 +213,43 @@ class ProgressPrinter:
 
     async def _print(self, channel: str) -> None:
         while True:
-            event = (await self.layer.receive(channel))["event"]
+            event = from_json((await self.layer.receive(channel))["event"])
             line = self.describe(event)
             if line:
                 self.out.write(line + "\n")
                 self.out.flush()
-            if event["kind"] == "design_status" and event["status"] in Design.TERMINAL_STATUSES:
+            if isinstance(event, DesignStatus) and event.terminal:
                 return
 
-    def describe(self, event: dict[str, Any]) -> str | None:
+    def describe(self, event: Event) -> str | None:
         clock = f"[{time.monotonic() - self._started:6.1f}s]"
-        kind = event["kind"]
-        if kind == "agent_started":
-            return (
-                f"{clock} ▶ {_agent_name(event)} started on pool {event['pool']} ({event['model']})"
-            )
-        if kind == "agent_finished":
-            mark = "✔" if event["status"] == AgentRun.Status.SUCCEEDED else "✘"
+        if isinstance(event, AgentStarted):
+            return f"{clock} ▶ {_agent_name(event)} started on pool {event.pool} ({event.model})"
+        if isinstance(event, AgentFinished):
+            mark = "✔" if event.status == AgentRun.Status.SUCCEEDED else "✘"
             line = (
-                f"{clock} {mark} {_agent_name(event)} {event['status']} in "
-                f"{_seconds(event['duration_ms'])} (ttft {_ms(event['ttft_ms'])}, wait "
-                f"{_ms(event['wait_ms'])}, pool {event['pool']}"
-                + (", overflow" if event["overflow"] else "")
-                + f", tokens {event['tokens_in']}→{event['tokens_out']})"
+                f"{clock} {mark} {_agent_name(event)} {event.status} in "
+                f"{_seconds(event.duration_ms)} (ttft {_ms(event.ttft_ms)}, wait "
+                f"{_ms(event.wait_ms)}, pool {event.pool}"
+                + (", overflow" if event.overflow else "")
+                + f", tokens {event.tokens_in}→{event.tokens_out})"
             )
-            return line + (f": {event['error']}" if event["error"] else "")
-        if kind == "design_status" and event["status"] in Design.TERMINAL_STATUSES:
-            details = [f"verdict {event['verdict']}"] if event["verdict"] else []
-            if event["recommendation"]:
-                details.append(f"recommendation {event['recommendation']}")
-            if event["error"]:
-                details.append(event["error"])
-            return f"{clock} ■ design {event['status']}" + (
+            return line + (f": {event.error}" if event.error else "")
+        if isinstance(event, DesignStatus) and event.terminal:
+            details = [f"verdict {event.verdict}"] if event.verdict else []
+            if event.recommendation:
+                details.append(f"recommendation {event.recommendation}")
+            if event.error:
+                details.append(event.error)
+            return f"{clock} ■ design {event.status}" + (
                 f" ({'; '.join(details)})" if details else ""
             )
         return None
 
 
-def _agent_name(event: dict[str, Any]) -> str:
-    name = str(Agent(event["agent"]).label)
-    return name + (f" (round {event['round']})" if event["round"] else "")
+def _agent_name(event: AgentStarted | AgentFinished) -> str:
+    name = spec_for(event.agent).label
+    return name + (f" (round {event.round})" if event.round else "")
 
 
 def _seconds(ms: float | None) -> str:
@@ -261,8 +267,9 @@ def _iso(value: Any) -> str | None:
 def design_document(design: Design, runs: list[AgentRun]) -> dict[str, Any]:
     """Everything about one design as JSON-ready data: fields, every run, the outputs."""
     current = [run for run in runs if run.attempt == design.attempts]
+    terraform_agent = only_in_stage(Stage.TERRAFORM).key
     terraform = next(
-        (r for r in reversed(current) if r.agent == "terraform" and r.status == "succeeded"),
+        (r for r in reversed(current) if r.agent == terraform_agent and r.status == "succeeded"),
         None,
     )
     return {
@@ -327,11 +334,11 @@ def design_report(design: Design, runs: list[AgentRun]) -> str:
     lines.append(" · ".join(summary))
     if design.error:
         lines.append(f"Error ({design.failed_agent or 'pipeline'}): {design.error}")
-    for agent in AGENTS:
-        run = latest.get(agent)
+    for spec in registered():
+        run = latest.get(spec.key)
         if run is None:
             continue
-        title = str(Agent(agent).label) + (f" (round {run.round})" if run.round else "")
+        title = spec.label + (f" (round {run.round})" if run.round else "")
         lines += ["", f"## {title}", ""]
         if run.output_json is not None:
             lines += ["```json", json.dumps(run.output_json, indent=2), "```"]
@@ -339,7 +346,7 @@ def design_report(design: Design, runs: list[AgentRun]) -> str:
             if run.json_error:
                 lines.append(f"(invalid JSON: {run.json_error})")
             lines.append(run.output_text.strip())
-    terraform = latest.get("terraform")
+    terraform = latest.get(only_in_stage(Stage.TERRAFORM).key)
     if terraform is not None:
         files = split_terraform(terraform.output_text)
         steps = deployment_steps(terraform.output_text)

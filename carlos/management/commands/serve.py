@@ -18,6 +18,7 @@ import socket
 from typing import Any
 from urllib.parse import urlsplit
 
+from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
@@ -213,7 +214,7 @@ class Command(BaseCommand):
         if parts.scheme == "https":
             arguments.append("--tls")
         try:
-            simulator = start_simulator(arguments)
+            simulator = start_simulator(arguments, manage_py=settings.BASE_DIR / "manage.py")
         except SimulatorDidNotStart as exc:
             raise CommandError(
                 f"{exc}; is port {parts.port} already in use? Run with --no-simulator if one "

@@ -6,6 +6,7 @@ import asyncio
 import json
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from pools.benchmark_adaptive import Scenario, format_report, run_benchmark, summarise
@@ -67,7 +68,8 @@ class Command(BaseCommand):
                 "--capacity", str(capacity),
                 "--retry-after", str(options["retry_after_ms"] / 1000),
                 "--keepalive-timeout", "120",
-            ]
+            ],
+            manage_py=settings.BASE_DIR / "manage.py",
         )  # fmt: skip
         try:
             results = asyncio.run(run_benchmark(simulator.root_url, scenario, options["rounds"]))

@@ -94,7 +94,8 @@ class Command(BaseCommand):
         with tempfile.TemporaryDirectory() as tmp:
             ca_file = str(Path(tmp) / "simulator-ca.pem")
             simulator = start_simulator(
-                ["--port", "0", "--tls", "--ca-file", ca_file, "--rtt-ms", str(options["rtt_ms"])]
+                ["--port", "0", "--tls", "--ca-file", ca_file, "--rtt-ms", str(options["rtt_ms"])],
+                manage_py=settings.BASE_DIR / "manage.py",
             )
             base_url = simulator.base_url
             try:

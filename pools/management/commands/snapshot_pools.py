@@ -8,8 +8,9 @@ import httpx
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
+from pools.engine.stats import PoolStats
 from pools.models import PoolSnapshot
-from pools.sampler import counters, gauges
+from pools.sampler import gauges
 
 # Cumulative counter in /health -> the row's interval field that its increase fills.
 DELTAS = {
@@ -22,11 +23,11 @@ REFUSALS = ("requests_timeouts", "requests_refused")
 
 
 def snapshot_from_health(
-    instance: str, taken_at: Any, name: str, stats: dict[str, Any], previous: PoolSnapshot | None
+    instance: str, taken_at: Any, name: str, stats: PoolStats, previous: PoolSnapshot | None
 ) -> PoolSnapshot:
     """A row from one pool of /health; its interval figures are the counters' increase since
     `previous` (or since the server started, when there is none or the server restarted)."""
-    now_counters = counters(stats)
+    now_counters = stats.counters()
     before = previous.counters if previous is not None else {}
     restarted = any(now_counters.get(key, 0) < before.get(key, 0) for key in now_counters)
     base = {} if restarted else before
@@ -73,13 +74,13 @@ class Command(BaseCommand):
         try:
             response = httpx.get(f"{base}/health", timeout=options["timeout"])
             body = response.json()
-            pools = body["pools"]
+            pools = {name: PoolStats.from_json(pool) for name, pool in body["pools"].items()}
         except httpx.HTTPError as exc:
             raise CommandError(
                 f"cannot reach {base}/health ({type(exc).__name__}: {exc}); is the server "
                 "running? Nothing was saved."
             ) from None
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise CommandError(
                 f"{base}/health answered HTTP {response.status_code} without the pools' JSON; "
                 "is --url a Carlos server? Nothing was saved."

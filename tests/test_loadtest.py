@@ -20,18 +20,13 @@ import httpx
 import pytest
 from django.core.management import CommandError, call_command
 
-from agents.loadtest import (
-    PAGES,
-    failure_cause,
-    format_report,
-    percentile,
-    pool_leaks,
-    repeated_calls,
-    retry_after,
-)
 from agents.options import AGENTS
+from carlos.loadtest.checks import pool_leaks
+from carlos.loadtest.report import failure_cause, format_report, summarize
+from carlos.loadtest.rolling import repeated_calls
+from carlos.loadtest.users import PAGES, retry_after
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--ttft-ms", "5", "--tokens-per-second", "3000", "--stall-seconds", "1"]
 
 
@@ -304,12 +299,11 @@ def test_leak_check_names_what_is_not_at_rest():
     ]
 
 
-def test_percentile_is_nearest_rank():
-    values = [float(v) for v in range(1, 201)]
-    assert percentile(values, 0.50) == 100.0
-    assert percentile(values, 0.99) == 198.0
-    assert percentile([7.0], 0.99) == 7.0
-    assert percentile([], 0.5) is None
+def test_latencies_are_summarized_with_the_engines_percentile():
+    values = [float(v) for v in range(200, 0, -1)]  # in any order
+    assert summarize(values) == {"count": 200, "p50_ms": 100.5, "p99_ms": 198.0, "max_ms": 200.0}
+    assert summarize([7.0]) == {"count": 1, "p50_ms": 7.0, "p99_ms": 7.0, "max_ms": 7.0}
+    assert summarize([]) == {"count": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
 
 
 @pytest.mark.parametrize(

@@ -8,49 +8,42 @@ measures what a storm does to such a user now, on loopback and nowhere else.
 The run builds its own world, as `manage.py loadtest` does: a throwaway SQLite database
 with the page user (and designs on their list) and the storm's target accounts, and
 `manage.py serve` as a child process (production settings, plain HTTP on loopback). The
-logged-in user's pages are timed by a process of its own (this module run with `python -m`,
-`pages`), on a fixed schedule whatever the answers take, so that neither the storm's CPU
-nor a slow answer flatters the figure. This process sends the storm: all the wrong logins
-at once, from `--addresses` loopback addresses (127.0.0.2 and up) against `--accounts`
-accounts, then checks that the right password of a stormed account is refused too.
+logged-in user's pages are timed by a process of its own (`carlos.loadtest.probe pages`),
+on a fixed schedule whatever the answers take, so that neither the storm's CPU nor a slow
+answer flatters the figure. This process sends the storm: all the wrong logins at once,
+from `--addresses` loopback addresses (127.0.0.2 and up) against `--accounts` accounts,
+then checks that the right password of a stormed account is refused too.
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import json
 import math
 import os
-import re
 import secrets
-import signal
-import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
-from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from agents.loadtest import (
-    MAX_NICE,
+from carlos.loadtest.options import MAX_NICE, SETUP_TIMEOUT_S, LoadTestError, loopback_host
+from carlos.loadtest.probe import SESSION_VARIABLE, probe_command
+from carlos.loadtest.readings import cores_used, cpu_seconds, machine_cores, machine_cpu
+from carlos.loadtest.report import answers_summary, summarize
+from carlos.loadtest.users import CSRF_TOKEN
+from carlos.loadtest.world import server_env
+from carlos.processes import (
     Children,
-    LoadTestError,
-    cpu_seconds,
     free_port,
-    loopback_host,
-    machine_cpu,
     manage_py,
     run_manage,
-    server_env,
     stop_process,
-    summarize,
     tail,
     wait_healthy,
 )
@@ -58,14 +51,9 @@ from agents.loadtest import (
 PAGE_P99_TARGET_MS = 250.0
 MAX_LOGINS = 2000
 MAX_ADDRESSES = 250  # 127.0.0.2 ... 127.0.0.251
-PAGES = ("/designs/", "/")
 PAGE_USER = "reader"
 TARGET_PREFIX = "target-"
 DESIGNS_ON_THE_LIST = 20
-PAGE_TIMEOUT_S = 60.0
-SETUP_TIMEOUT_S = 180.0
-SESSION_VARIABLE = "LOGINSTORM_SESSION"  # the page user's cookie: kept out of `ps`
-_CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 
 
 @dataclass(frozen=True)
@@ -188,64 +176,13 @@ async def start_world(options: StormOptions, tmp: Path, children: Children) -> W
 async def log_in(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
     """GET the login page for its CSRF token, then POST the form, as a browser does."""
     page = await client.get("/accounts/login/")
-    match = _CSRF.search(page.text)
+    match = CSRF_TOKEN.search(page.text)
     if page.status_code != 200 or match is None:
         raise LoadTestError(f"the login page answered HTTP {page.status_code} without a form")
     return await client.post(
         "/accounts/login/",
         data={"username": username, "password": password, "csrfmiddlewaretoken": match[1]},
     )
-
-
-# --- the page user (a process of its own) ---------------------------------------------------
-
-
-def pages_main(argv: Sequence[str]) -> None:
-    """`python -m agents.management.commands.loginstorm pages`: load the logged-in user's
-    pages every --interval seconds until SIGTERM, one line per answer in --out:
-    `P <sent, monotonic s> <ms> <status> <path>` (status 0: no answer)."""
-    parser = argparse.ArgumentParser(prog="python -m agents.management.commands.loginstorm")
-    parser.add_argument("--url", required=True)
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--interval", type=float, default=0.05)
-    args = parser.parse_args(argv)
-    session = os.environ.get(SESSION_VARIABLE, "")
-    asyncio.run(_load_pages(args.url, session, Path(args.out), args.interval))
-
-
-async def _load_pages(url: str, session: str, out_path: Path, interval: float) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    most = math.ceil(PAGE_TIMEOUT_S / interval) + 1
-    limits = httpx.Limits(max_connections=most, max_keepalive_connections=4)
-    outstanding: set[asyncio.Task[None]] = set()
-    with out_path.open("w", buffering=1) as out:
-
-        async def load(client: httpx.AsyncClient, path: str) -> None:
-            sent = time.monotonic()
-            try:
-                status = (await client.get(path)).status_code
-            except httpx.HTTPError:
-                status = 0
-            out.write(f"P {sent:.6f} {(time.monotonic() - sent) * 1000:.3f} {status} {path}\n")
-
-        async with httpx.AsyncClient(
-            base_url=url, timeout=PAGE_TIMEOUT_S, limits=limits, cookies={"sessionid": session}
-        ) as client:
-            next_at, turn = time.monotonic(), 0
-            while not stop.is_set():
-                # A fixed schedule: a slow answer does not delay (or spare) the next request.
-                task = asyncio.create_task(load(client, PAGES[turn % len(PAGES)]))
-                outstanding.add(task)
-                task.add_done_callback(outstanding.discard)
-                turn += 1
-                next_at += interval
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), max(0.0, next_at - time.monotonic()))
-            if outstanding:
-                await asyncio.wait(outstanding, timeout=PAGE_TIMEOUT_S)
 
 
 def read_pages(path: Path) -> list[tuple[float, float, int]]:
@@ -262,10 +199,7 @@ def read_pages(path: Path) -> list[tuple[float, float, int]]:
 
 def pages_between(samples: list[tuple[float, float, int]], start: float, end: float) -> dict:
     window = [(ms, status) for sent, ms, status in samples if start <= sent < end]
-    return {
-        **summarize([ms for ms, _ in window]),
-        "not_200": sum(1 for _, status in window if status != 200),
-    }
+    return answers_summary(window, failed_key="not_200")
 
 
 # --- the storm ------------------------------------------------------------------------------
@@ -292,13 +226,13 @@ async def storm(world: World, options: StormOptions) -> dict[str, Any]:
         tokens = []
         for client in clients:  # before the clock starts: each address's form and cookie
             page = await client.get("/accounts/login/")
-            match = _CSRF.search(page.text)
+            match = CSRF_TOKEN.search(page.text)
             if match is None:
                 raise LoadTestError(f"no login form for the storm (HTTP {page.status_code})")
             tokens.append(match[1])
         calm_started, calm_machine = time.monotonic(), machine_cpu()
         await asyncio.sleep(options.calm)
-        calm_machine_cores = _machine_cores(calm_machine, machine_cpu())
+        calm_machine_cores = machine_cores(calm_machine, machine_cpu())
         latencies: list[float] = []
         statuses: Counter[str] = Counter()
 
@@ -329,26 +263,14 @@ async def storm(world: World, options: StormOptions) -> dict[str, Any]:
             "ended": ended,
             "statuses": dict(sorted(statuses.items())),
             "latency": summarize(latencies),
-            "server_cpu_cores": _cores(started_cpu, cpu_seconds(world.server.pid), ended - started),
-            "machine_cpu_cores": _machine_cores(started_machine, machine_cpu()),
+            "server_cpu_cores": cores_used(
+                started_cpu, cpu_seconds(world.server.pid), ended - started
+            ),
+            "machine_cpu_cores": machine_cores(started_machine, machine_cpu()),
         }
     finally:
         for client in clients:
             await client.aclose()
-
-
-def _cores(start: float | None, end: float | None, span: float) -> float | None:
-    if start is None or end is None or span <= 0:
-        return None
-    return round((end - start) / span, 2)
-
-
-def _machine_cores(
-    start: tuple[float, float] | None, end: tuple[float, float] | None
-) -> float | None:
-    if not start or not end or end[1] <= start[1]:
-        return None
-    return round((end[0] - start[0]) / (end[1] - start[1]) * (os.cpu_count() or 1), 2)
 
 
 async def right_password_after(world: World, options: StormOptions) -> int:
@@ -383,18 +305,7 @@ async def run_storm(
             pages_log = tmp / "pages.log"
             pages = await children.start(
                 "pages",
-                [
-                    sys.executable,
-                    "-m",
-                    "agents.management.commands.loginstorm",
-                    "pages",
-                    "--url",
-                    world.base_url,
-                    "--out",
-                    str(pages_log),
-                    "--interval",
-                    f"{options.page_interval:g}",
-                ],
+                probe_command("pages", world.base_url, pages_log, options.page_interval),
                 {**os.environ, SESSION_VARIABLE: session},
             )
             progress(
@@ -469,103 +380,3 @@ def format_report(report: dict[str, Any]) -> str:
         + ("met" if report["met"] else "MISSED"),
     ]
     return "\n".join(lines)
-
-
-class Command(BaseCommand):
-    help = (
-        "Measure a login storm on loopback: start a server (`manage.py serve`) on a throwaway "
-        "SQLite database, log a user in and time their pages from a separate process, send "
-        "N wrong-password logins at once, and report the user's page p50/p99 before and "
-        "during the storm with the storm's answers (429 throttled, 401 wrong password)."
-    )
-    requires_system_checks: list[str] = []  # it checks the world it starts, not this shell
-
-    def add_arguments(self, parser: CommandParser) -> None:
-        defaults = StormOptions()
-        parser.add_argument(
-            "--logins", type=int, default=defaults.logins, help="Wrong logins sent at once."
-        )
-        parser.add_argument(
-            "--accounts",
-            type=int,
-            default=defaults.accounts,
-            help="Accounts they target, in turn (1: one account stormed; = --logins: each "
-            "login a different account, so no account lockout helps).",
-        )
-        parser.add_argument(
-            "--addresses",
-            type=int,
-            default=defaults.addresses,
-            help=f"Loopback addresses they come from, in turn (127.0.0.2 and up, at most "
-            f"{MAX_ADDRESSES}; many: no address lockout helps either).",
-        )
-        parser.add_argument(
-            "--calm",
-            type=float,
-            default=defaults.calm,
-            metavar="SECONDS",
-            help="Pages timed before the storm, for comparison.",
-        )
-        parser.add_argument(
-            "--page-interval",
-            type=float,
-            default=defaults.page_interval,
-            metavar="SECONDS",
-            help="Time between the logged-in user's page loads (/designs/ and / in turn).",
-        )
-        parser.add_argument(
-            "--timeout", type=float, default=defaults.timeout, help="Bound on one login."
-        )
-        parser.add_argument("--host", default=defaults.host, help="Loopback address to serve on.")
-        parser.add_argument(
-            "--storm-nice",
-            type=int,
-            default=defaults.storm_nice,
-            metavar="N",
-            help="CPU priority (nice, 0-19) of the storm's sender, which stands in for attackers "
-            "on other machines: above 0 its CPU does not preempt the server measured here "
-            "(default 0: the same priority).",
-        )
-        parser.add_argument("--keep", action="store_true", help="Keep the database and logs.")
-        parser.add_argument("--json", action="store_true", help="Print the report as JSON.")
-        parser.add_argument(
-            "--check", action="store_true", help="Exit with status 1 when the target is missed."
-        )
-
-    def handle(self, *args: Any, **options: Any) -> None:
-        try:
-            storm_options = StormOptions(
-                logins=options["logins"],
-                accounts=options["accounts"],
-                addresses=options["addresses"],
-                calm=options["calm"],
-                page_interval=options["page_interval"],
-                timeout=options["timeout"],
-                host=options["host"],
-                keep=options["keep"],
-                storm_nice=options["storm_nice"],
-            ).validated()
-        except LoadTestError as exc:
-            raise CommandError(str(exc)) from exc
-
-        def progress(line: str) -> None:
-            if options["verbosity"] > 0:
-                self.stderr.write(f"loginstorm: {line}")
-
-        try:
-            report = asyncio.run(run_storm(storm_options, progress))
-        except LoadTestError as exc:
-            raise CommandError(str(exc)) from exc
-        except (KeyboardInterrupt, asyncio.CancelledError):
-            raise CommandError("interrupted; every child process was stopped") from None
-        self.stdout.write(
-            json.dumps(report, indent=2) if options["json"] else format_report(report)
-        )
-        if options["check"] and not report["met"]:
-            sys.exit(1)
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["pages"]:
-        sys.exit("usage: python -m agents.management.commands.loginstorm pages --url URL --out F")
-    pages_main(sys.argv[2:])
