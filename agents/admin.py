@@ -31,25 +31,25 @@ class ReadOnlyMixin:
         return False
 
 
+# A run's columns, shared by the design's inline and the runs' list: which agent ran where
+# and how it waited, then its token usage and start (the list shows its duration between).
+_RUN_FACTS = (
+    "agent",
+    "round",
+    "attempt",
+    "pool",
+    "model",
+    "status",
+    "overflow",
+    "wait_ms",
+    "ttft_ms",
+)
+_RUN_USAGE = ("tokens_in", "tokens_out", "tokens_estimated", "started_at")
+
+
 class AgentRunInline(ReadOnlyMixin, admin.TabularInline):
     model = AgentRun
-    fields = (
-        "agent",
-        "round",
-        "attempt",
-        "pool",
-        "model",
-        "status",
-        "overflow",
-        "wait_ms",
-        "ttft_ms",
-        "tokens_in",
-        "tokens_out",
-        "tokens_estimated",
-        "started_at",
-        "finished_at",
-        "error",
-    )
+    fields = (*_RUN_FACTS, *_RUN_USAGE, "finished_at", "error")
     readonly_fields = fields
     extra = 0
     show_change_link = True
@@ -121,24 +121,7 @@ class DesignAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
 
 @admin.register(AgentRun)
 class AgentRunAdmin(SafeFiltersMixin, ReadOnlyMixin, admin.ModelAdmin):
-    list_display = (
-        "id",
-        "design",
-        "agent",
-        "round",
-        "attempt",
-        "pool",
-        "model",
-        "status",
-        "overflow",
-        "wait_ms",
-        "ttft_ms",
-        "duration",
-        "tokens_in",
-        "tokens_out",
-        "tokens_estimated",
-        "started_at",
-    )
+    list_display = ("id", "design", *_RUN_FACTS, "duration", *_RUN_USAGE)
     list_filter = ("status", "agent", "pool", "overflow")
     search_fields = ("error", "design__request_text")
     date_hierarchy = "started_at"

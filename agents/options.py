@@ -8,108 +8,132 @@ prompts can always render them.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from django.db import models
 
 from agents.specs import AGENT_SPECS, Stage
 
-
-class Scenario(models.TextChoices):
-    CUSTOM = "custom", "Custom"
-    WEB_APP = "web_app", "Public web app"
-    DATA_PIPELINE = "data_pipeline", "Data pipeline"
-    MICROSERVICES = "microservices", "Event-driven microservices"
+# One value of an option: (value, label, what it asks of the architects, so that a prompt
+# says more than a bare label).
+Value = tuple[str, str, str]
 
 
-class Priority(models.TextChoices):
-    COST = "cost", "Optimise cost"
-    BALANCED = "balanced", "Balanced"
-    PERFORMANCE = "performance", "Optimise performance"
+class Option(NamedTuple):
+    key: str
+    label: str  # the form's
+    default: str
+    choices: type[models.TextChoices]
+    guidance: dict[str, str]  # value -> what it asks of the architects
 
 
-class Compliance(models.TextChoices):
-    STANDARD = "standard", "Standard"
-    REGULATED = "regulated", "Regulated (GDPR, SOC 2)"
-    STRICT = "strict", "Strict (HIPAA, PCI DSS)"
+def _option(key: str, label: str, default: str, *values: Value) -> Option:
+    """An option described once: its key, form label and default, then its values."""
+    members = [(value.upper(), (value, name)) for value, name, _ in values]
+    choices = models.TextChoices(key.capitalize(), members)
+    return Option(key, label, default, choices, {value: text for value, _, text in values})
 
 
-class Reliability(models.TextChoices):
-    NORMAL = "normal", "Normal (99.5-99.9%)"
-    HIGH = "high", "High (99.95%+, multi-zone)"
-    EXTREME = "extreme", "Extreme (multi-region)"
+# The request form's options, in the order the form and the prompts show them.
+_OPTIONS = (
+    _option(
+        "scenario",
+        "Scenario preset",
+        "custom",
+        ("custom", "Custom", "No preset: infer the workload from the request."),
+        (
+            "web_app",
+            "Public web app",
+            "A public, internet-facing web application with a relational database, caching, "
+            "a CDN and user sign-in.",
+        ),
+        (
+            "data_pipeline",
+            "Data pipeline",
+            "A data pipeline: ingestion, processing (batch and/or streaming), storage and an "
+            "analytics warehouse.",
+        ),
+        (
+            "microservices",
+            "Event-driven microservices",
+            "Event-driven microservices: independently deployable services communicating "
+            "through queues and an event bus.",
+        ),
+    ),
+    _option(
+        "priority",
+        "Cost vs performance",
+        "balanced",
+        (
+            "cost",
+            "Optimise cost",
+            "Prefer the cheapest services and SKUs that meet the requirements; use serverless "
+            "and autoscale-to-zero where possible.",
+        ),
+        ("balanced", "Balanced", "Balance cost and performance; justify every premium SKU."),
+        (
+            "performance",
+            "Optimise performance",
+            "Prefer low latency and headroom over cost; premium SKUs are acceptable.",
+        ),
+    ),
+    _option(
+        "compliance",
+        "Compliance",
+        "standard",
+        ("standard", "Standard", "Baseline security best practices."),
+        (
+            "regulated",
+            "Regulated (GDPR, SOC 2)",
+            "GDPR and SOC 2 controls: data residency, audit logging, access reviews.",
+        ),
+        (
+            "strict",
+            "Strict (HIPAA, PCI DSS)",
+            "HIPAA / PCI DSS controls: private networking only, customer-managed keys, full "
+            "audit trails, no public data endpoints.",
+        ),
+    ),
+    _option(
+        "reliability",
+        "Reliability target",
+        "normal",
+        ("normal", "Normal (99.5-99.9%)", "Target 99.5-99.9% availability in a single region."),
+        (
+            "high",
+            "High (99.95%+, multi-zone)",
+            "Target 99.95% or better: zone-redundant services in one region.",
+        ),
+        (
+            "extreme",
+            "Extreme (multi-region)",
+            "Target 99.99%: active-active or warm standby across two regions.",
+        ),
+    ),
+    _option(
+        "strictness",
+        "Design strictness",
+        "balanced",
+        ("flexible", "Flexible", "Creative freedom: propose alternatives where they help."),
+        ("balanced", "Balanced", "Follow the requirements; deviate only with a stated reason."),
+        ("strict", "Strict", "Follow the requirements to the letter; no unrequested components."),
+    ),
+    _option(
+        "cloud",
+        "Cloud provider",
+        "azure",
+        ("azure", "Azure", "Use Microsoft Azure services only."),
+        ("aws", "AWS", "Use Amazon Web Services only."),
+        ("gcp", "Google Cloud", "Use Google Cloud services only."),
+    ),
+)
 
-
-class Strictness(models.TextChoices):
-    FLEXIBLE = "flexible", "Flexible"
-    BALANCED = "balanced", "Balanced"
-    STRICT = "strict", "Strict"
-
-
-class Cloud(models.TextChoices):
-    AZURE = "azure", "Azure"
-    AWS = "aws", "AWS"
-    GCP = "gcp", "Google Cloud"
-
-
-# Option key -> (form label, choices), in the order the form and the prompts show them.
+# Option key -> (form label, choices).
 OPTION_FIELDS: dict[str, tuple[str, type[models.TextChoices]]] = {
-    "scenario": ("Scenario preset", Scenario),
-    "priority": ("Cost vs performance", Priority),
-    "compliance": ("Compliance", Compliance),
-    "reliability": ("Reliability target", Reliability),
-    "strictness": ("Design strictness", Strictness),
-    "cloud": ("Cloud provider", Cloud),
+    option.key: (option.label, option.choices) for option in _OPTIONS
 }
-
-DEFAULT_OPTIONS: dict[str, str] = {
-    "scenario": Scenario.CUSTOM.value,
-    "priority": Priority.BALANCED.value,
-    "compliance": Compliance.STANDARD.value,
-    "reliability": Reliability.NORMAL.value,
-    "strictness": Strictness.BALANCED.value,
-    "cloud": Cloud.AZURE.value,
-}
-
-# What each option value asks of the architects, so a prompt says more than a bare label.
-OPTION_GUIDANCE: dict[str, dict[str, str]] = {
-    "scenario": {
-        "custom": "No preset: infer the workload from the request.",
-        "web_app": "A public, internet-facing web application with a relational database, "
-        "caching, a CDN and user sign-in.",
-        "data_pipeline": "A data pipeline: ingestion, processing (batch and/or streaming), "
-        "storage and an analytics warehouse.",
-        "microservices": "Event-driven microservices: independently deployable services "
-        "communicating through queues and an event bus.",
-    },
-    "priority": {
-        "cost": "Prefer the cheapest services and SKUs that meet the requirements; "
-        "use serverless and autoscale-to-zero where possible.",
-        "balanced": "Balance cost and performance; justify every premium SKU.",
-        "performance": "Prefer low latency and headroom over cost; premium SKUs are acceptable.",
-    },
-    "compliance": {
-        "standard": "Baseline security best practices.",
-        "regulated": "GDPR and SOC 2 controls: data residency, audit logging, access reviews.",
-        "strict": "HIPAA / PCI DSS controls: private networking only, customer-managed keys, "
-        "full audit trails, no public data endpoints.",
-    },
-    "reliability": {
-        "normal": "Target 99.5-99.9% availability in a single region.",
-        "high": "Target 99.95% or better: zone-redundant services in one region.",
-        "extreme": "Target 99.99%: active-active or warm standby across two regions.",
-    },
-    "strictness": {
-        "flexible": "Creative freedom: propose alternatives where they help.",
-        "balanced": "Follow the requirements; deviate only with a stated reason.",
-        "strict": "Follow the requirements to the letter; no unrequested components.",
-    },
-    "cloud": {
-        "azure": "Use Microsoft Azure services only.",
-        "aws": "Use Amazon Web Services only.",
-        "gcp": "Use Google Cloud services only.",
-    },
-}
+DEFAULT_OPTIONS: dict[str, str] = {option.key: option.default for option in _OPTIONS}
+OPTION_GUIDANCE: dict[str, dict[str, str]] = {option.key: option.guidance for option in _OPTIONS}
 
 
 # The shipped roster as constants, for callers that want a fixed list (tests, reports); the

@@ -21,6 +21,7 @@ from typing import Any
 
 from agents.options import OPTION_FIELDS, OPTION_GUIDANCE, option_label, validate_options
 from agents.schemas import schema_text
+from agents.specs import Stage, specs_in_stage
 
 Messages = list[dict[str, str]]
 
@@ -300,6 +301,13 @@ def analysis_text(output_json: Any, output_text: str) -> str:
 
 # -- auditor, recommender, Terraform ------------------------------------------------------------
 
+_NUMBER_WORDS = ("no", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+
+
+def _in_words(number: int) -> str:
+    """A small count in words ("three"), as prose writes it; larger ones in digits."""
+    return _NUMBER_WORDS[number] if number < len(_NUMBER_WORDS) else str(number)
+
 
 def auditor_messages(
     brief: Brief,
@@ -310,11 +318,12 @@ def auditor_messages(
     *,
     final_round: bool,
 ) -> Messages:
+    analysts = _in_words(len(specs_in_stage(Stage.ANALYSES)))
     system = _system(
         "auditor",
         "You are the auditor of Carlos the Architect's design team.",
-        """
-Check both designs against the requirements, every option and the three analysts' reports.
+        f"""
+Check both designs against the requirements, every option and the {analysts} analysts' reports.
 Approve when both designs are sound enough to recommend one; ask for a revision only for
 concrete, material problems. Answer in exactly this format:
 VERDICT: APPROVED            (or: VERDICT: NEEDS REVISION, on a line of its own)

@@ -60,7 +60,8 @@ class AgentSpec:
 
     `messages` builds its prompt (a function of agents.prompts; the arguments are those of
     its stage). `simulated` answers a request for it in the offline simulator, as a
-    function of the ChatRequest; None leaves it to the simulator's own answers.
+    function of the ChatRequest (the shipped agents' are in agents.simulated.dispatch);
+    None leaves it to the simulator's default paragraph.
     `emulated_seconds` is the original's documented latency range, which the benchmark
     reproduces.
     """
@@ -98,6 +99,30 @@ class AgentSpec:
 
 
 _PROMPTS = "agents.prompts."
+_SIMULATED = "agents.simulated.dispatch."
+
+
+def _alone(
+    key: str,
+    label: str,
+    stage: Stage,
+    emulated_seconds: tuple[float, float],
+    output: Output = Output.MARKDOWN,
+    pool: str = "main",
+) -> AgentSpec:
+    """An agent alone in its stage: its tab is the stage's name, its prompt builder and
+    simulated answer are named after its key."""
+    return AgentSpec(
+        key=key,
+        label=label,
+        tab=stage.capitalize(),
+        pool=pool,
+        stage=stage,
+        messages=f"{_PROMPTS}{key}_messages",
+        output=output,
+        simulated=_SIMULATED + key,
+        emulated_seconds=emulated_seconds,
+    )
 
 
 def _architect(key: str, label: str, pool: str) -> AgentSpec:
@@ -109,6 +134,7 @@ def _architect(key: str, label: str, pool: str) -> AgentSpec:
         pool=pool,
         stage=Stage.DESIGNS,
         messages=_PROMPTS + "design_messages",
+        simulated=_SIMULATED + "design",
         emulated_seconds=(15, 25),
     )
 
@@ -125,56 +151,22 @@ def _analyst(key: str, schema: str) -> AgentSpec:
         output=Output.JSON,
         schema=f"agents.schemas.{schema}",
         template=f"agents/analysis/{key}.html",
+        simulated=_SIMULATED + "analysis",
         emulated_seconds=(5, 10),
     )
 
 
 # The shipped agents, in pipeline order (ANCHORS.md section 1 for pools and latencies).
 AGENT_SPECS: tuple[AgentSpec, ...] = (
-    AgentSpec(
-        key="requirements",
-        label="Requirements analyst",
-        tab="Requirements",
-        pool="mini",
-        stage=Stage.REQUIREMENTS,
-        messages=_PROMPTS + "requirements_messages",
-        emulated_seconds=(2, 3),
-    ),
+    _alone("requirements", "Requirements analyst", Stage.REQUIREMENTS, (2, 3), pool="mini"),
     _architect("carlos", "Carlos (lead architect)", pool="main"),
     _architect("ronei", "Ronei (rival architect)", pool="ronei"),
     _analyst("security", "SecurityReport"),
     _analyst("cost", "CostReport"),
     _analyst("reliability", "ReliabilityReport"),
-    AgentSpec(
-        key="auditor",
-        label="Auditor",
-        tab="Audit",
-        pool="main",
-        stage=Stage.AUDIT,
-        messages=_PROMPTS + "auditor_messages",
-        output=Output.LABELLED,
-        emulated_seconds=(3, 5),
-    ),
-    AgentSpec(
-        key="recommender",
-        label="Recommender",
-        tab="Recommendation",
-        pool="main",
-        stage=Stage.RECOMMENDATION,
-        messages=_PROMPTS + "recommender_messages",
-        output=Output.LABELLED,
-        emulated_seconds=(2, 3),
-    ),
-    AgentSpec(
-        key="terraform",
-        label="Terraform coder",
-        tab="Terraform",
-        pool="main",
-        stage=Stage.TERRAFORM,
-        messages=_PROMPTS + "terraform_messages",
-        output=Output.TERRAFORM,
-        emulated_seconds=(10, 20),
-    ),
+    _alone("auditor", "Auditor", Stage.AUDIT, (3, 5), Output.LABELLED),
+    _alone("recommender", "Recommender", Stage.RECOMMENDATION, (2, 3), Output.LABELLED),
+    _alone("terraform", "Terraform coder", Stage.TERRAFORM, (10, 20), Output.TERRAFORM),
 )
 
 # What is in force: the shipped table, plus what a test registered for a while.

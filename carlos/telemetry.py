@@ -575,18 +575,19 @@ def _destinations(where: Any) -> str:
 def _install(telemetry: Telemetry) -> None:
     """Make the providers the global ones. The API allows that once a process: a provider set
     before (a test's in-memory one, `opentelemetry-instrument`) stays, and is named here."""
-    if telemetry.tracer_provider is not None:
-        trace.set_tracer_provider(telemetry.tracer_provider)
-        if trace.get_tracer_provider() is telemetry.tracer_provider:
+    tracing = (telemetry.tracer_provider, trace.set_tracer_provider, trace.get_tracer_provider)
+    metering = (telemetry.meter_provider, metrics.set_meter_provider, metrics.get_meter_provider)
+    for signal, kind, (provider, set_global, get_global) in (
+        ("traces", "tracer", tracing),
+        ("metrics", "meter", metering),
+    ):
+        if provider is None:
+            continue
+        set_global(provider)
+        if get_global() is provider:
             telemetry.installed = True
         else:
-            telemetry.errors["traces"] = "another tracer provider was set in this process first"
-    if telemetry.meter_provider is not None:
-        metrics.set_meter_provider(telemetry.meter_provider)
-        if metrics.get_meter_provider() is telemetry.meter_provider:
-            telemetry.installed = True
-        else:
-            telemetry.errors["metrics"] = "another meter provider was set in this process first"
+            telemetry.errors[signal] = f"another {kind} provider was set in this process first"
     # What could not be installed would only export from threads nothing feeds: stop it.
     if "traces" in telemetry.errors and telemetry.tracer_provider is not None:
         telemetry.tracer_provider.shutdown()

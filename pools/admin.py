@@ -180,20 +180,16 @@ _BUCKET_COLUMNS = {
     "rows": (Count("id"), "SUM"),
     "instance": (None, "COUNT"),
     # Rows from before the peaks were kept fall back on their moment.
-    "in_use_peak": (Max(Coalesce("in_use_peak", "in_use")), "SUM"),
-    "waiting_peak": (Max(Coalesce("waiting_peak", "waiting")), "SUM"),
-    "deployment_waiting_peak": (
-        Max(Coalesce("deployment_waiting_peak", "deployment_waiting")),
-        "SUM",
-    ),
+    **{
+        f"{gauge}_peak": (Max(Coalesce(f"{gauge}_peak", gauge)), "SUM")
+        for gauge in ("in_use", "waiting", "deployment_waiting")
+    },
     "limit": (Min("concurrency_limit"), "SUM"),
-    "requests_per_min": (_per_minute("requests"), "SUM"),
-    "errors_per_min": (_per_minute("errors"), "SUM"),
-    "refused_per_min": (_per_minute("refused"), "SUM"),
-    "rate_limited_per_min": (_per_minute("rate_limited"), "SUM"),
-    "wait_p95_ms": (Max("wait_p95_ms"), "MAX"),
-    "latency_p95_ms": (Max("latency_p95_ms"), "MAX"),
-    "ttft_p95_ms": (Max("ttft_p95_ms"), "MAX"),
+    **{
+        f"{count}_per_min": (_per_minute(count), "SUM")
+        for count in ("requests", "errors", "refused", "rate_limited")
+    },
+    **{p95: (Max(p95), "MAX") for p95 in ("wait_p95_ms", "latency_p95_ms", "ttft_p95_ms")},
 }
 _INTEGER_COLUMNS = {"size", "rows", "instance"}
 

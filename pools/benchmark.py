@@ -20,7 +20,7 @@ import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from openai import AsyncOpenAI
@@ -28,6 +28,9 @@ from openai import AsyncOpenAI
 from pools.engine.config import parse_config
 from pools.engine.intervals import percentile
 from pools.engine.registry import PoolRegistry
+
+if TYPE_CHECKING:
+    from http.server import BaseHTTPRequestHandler
 
 MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
 
@@ -413,6 +416,16 @@ def format_telemetry_overhead(summary: dict[str, Any]) -> str:
 SINK_READY = "OTLP sink listening on "
 
 
+def reply_ok(handler: BaseHTTPRequestHandler, content: bytes, kind: str) -> None:
+    """Answer 200 with `content` of type `kind`, its length given so the connection stays
+    open (the HTTP/1.1 handlers of a test receiver or sink)."""
+    handler.send_response(200)
+    handler.send_header("Content-Type", kind)
+    handler.send_header("Content-Length", str(len(content)))
+    handler.end_headers()
+    handler.wfile.write(content)
+
+
 def serve_otlp_sink() -> None:
     """A minimal OTLP/HTTP collector for the benchmark, run in a child process (so its work
     is not on the measured process's CPU): it accepts every export, counts the spans and
@@ -442,17 +455,10 @@ def serve_otlp_sink() -> None:
                     for resource in request.resource_spans
                     for scope in resource.scope_spans
                 )
-            self._reply(b"", "application/x-protobuf")
+            reply_ok(self, b"", "application/x-protobuf")
 
         def do_GET(self) -> None:
-            self._reply(json.dumps(counts).encode(), "application/json")
-
-        def _reply(self, content: bytes, kind: str) -> None:
-            self.send_response(200)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(content)))
-            self.end_headers()
-            self.wfile.write(content)
+            reply_ok(self, json.dumps(counts).encode(), "application/json")
 
         def log_message(self, *args: Any) -> None:
             pass

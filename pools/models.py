@@ -8,9 +8,16 @@ process (`pools.sampler`) or by `manage.py snapshot_pools` from cron.
 
 from __future__ import annotations
 
+from typing import Any
+
 from django.db import models
 
 LIMIT_REASON_LENGTH = 80
+
+
+def _optional(field: type[models.Field], help_text: str = "") -> Any:
+    """A figure some rows lack (rows from before it was kept, or from cron): null there."""
+    return field(null=True, blank=True, help_text=help_text)
 
 
 class PoolSnapshot(models.Model):
@@ -29,10 +36,9 @@ class PoolSnapshot(models.Model):
     waiting = models.PositiveIntegerField(help_text="Callers queued for a slot.")
     # The pool's deployment at that moment (`pools.engine.adaptive`): pools on one model share its
     # limiter, so these repeat under each of them. Empty in rows from before the limiter.
-    concurrency_limit = models.PositiveIntegerField(
-        null=True,
-        blank=True,
-        help_text="The deployment's learned concurrency limit: attempts it may have in flight.",
+    concurrency_limit = _optional(
+        models.PositiveIntegerField,
+        "The deployment's learned concurrency limit: attempts it may have in flight.",
     )
     limit_reason = models.CharField(
         max_length=LIMIT_REASON_LENGTH,
@@ -41,24 +47,20 @@ class PoolSnapshot(models.Model):
         help_text="Why the limit last changed: start, 429, latency, requests running low, "
         "tokens running low, recovering, or cluster: (another instance's reason).",
     )
-    deployment_in_flight = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Attempts in flight to the deployment, all its pools."
+    deployment_in_flight = _optional(
+        models.PositiveIntegerField, "Attempts in flight to the deployment, all its pools."
     )
-    deployment_waiting = models.PositiveIntegerField(
-        null=True,
-        blank=True,
-        help_text="Calls queued for the deployment (its limit or its 429 pause), each holding "
-        "its slot.",
+    deployment_waiting = _optional(
+        models.PositiveIntegerField,
+        "Calls queued for the deployment (its limit or its 429 pause), each holding its slot.",
     )
-    paused_s = models.FloatField(
-        null=True,
-        blank=True,
-        help_text="Seconds left of the deployment's 429 pause (0: dispatch is open).",
+    paused_s = _optional(
+        models.FloatField, "Seconds left of the deployment's 429 pause (0: dispatch is open)."
     )
 
     # The interval since this instance's previous row.
-    interval_s = models.FloatField(
-        null=True, blank=True, help_text="Seconds covered; empty when there was no earlier row."
+    interval_s = _optional(
+        models.FloatField, "Seconds covered; empty when there was no earlier row."
     )
     requests = models.PositiveIntegerField(default=0, help_text="Slots granted.")
     overflow_requests = models.PositiveIntegerField(
@@ -68,36 +70,31 @@ class PoolSnapshot(models.Model):
         default=0, help_text="Callers that had to queue for a slot."
     )
     errors = models.PositiveIntegerField(default=0, help_text="Calls that raised.")
-    rate_limited = models.PositiveIntegerField(
-        null=True,
-        blank=True,
-        help_text="429 answers to the pool's calls (each paused the deployment; the calls "
+    rate_limited = _optional(
+        models.PositiveIntegerField,
+        "429 answers to the pool's calls (each paused the deployment; the calls "
         "waited and retried); the increase of the counter requests_rate_limited.",
     )
     # Peaks of the interval, so a busy minute between two rows still shows: slots are looked
     # at on every grant, the queues about every second. Empty in cron rows.
-    in_use_peak = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Most slots in use at once."
-    )
-    waiting_peak = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Most callers queued for a slot at once."
-    )
-    deployment_waiting_peak = models.PositiveIntegerField(
-        null=True, blank=True, help_text="Most calls queued for the deployment at once."
+    in_use_peak = _optional(models.PositiveIntegerField, "Most slots in use at once.")
+    waiting_peak = _optional(models.PositiveIntegerField, "Most callers queued for a slot at once.")
+    deployment_waiting_peak = _optional(
+        models.PositiveIntegerField, "Most calls queued for the deployment at once."
     )
     refused = models.PositiveIntegerField(
         default=0, help_text="Callers refused by the pool (PoolTimeout, PoolExhausted)."
     )
-    wait_p50_ms = models.FloatField(null=True, blank=True)
-    wait_p95_ms = models.FloatField(null=True, blank=True)
-    wait_max_ms = models.FloatField(null=True, blank=True)
-    latency_p50_ms = models.FloatField(null=True, blank=True)
-    latency_p95_ms = models.FloatField(null=True, blank=True)
-    ttft_p50_ms = models.FloatField(null=True, blank=True, help_text="Streamed calls only.")
-    ttft_p95_ms = models.FloatField(null=True, blank=True, help_text="Streamed calls only.")
+    wait_p50_ms = _optional(models.FloatField)
+    wait_p95_ms = _optional(models.FloatField)
+    wait_max_ms = _optional(models.FloatField)
+    latency_p50_ms = _optional(models.FloatField)
+    latency_p95_ms = _optional(models.FloatField)
+    ttft_p50_ms = _optional(models.FloatField, "Streamed calls only.")
+    ttft_p95_ms = _optional(models.FloatField, "Streamed calls only.")
     # Empty for cron rows: /health does not count tokens.
-    tokens_in = models.PositiveBigIntegerField(null=True, blank=True)
-    tokens_out = models.PositiveBigIntegerField(null=True, blank=True)
+    tokens_in = _optional(models.PositiveBigIntegerField)
+    tokens_out = _optional(models.PositiveBigIntegerField)
     error_kinds = models.JSONField(
         default=dict, blank=True, help_text="Errors and refusals by exception class."
     )

@@ -30,13 +30,13 @@ import httpx
 import psycopg
 import pytest
 from django.conf import settings
-from psycopg import sql
 
 from agents.options import AGENTS, DEFAULT_OPTIONS
 from agents.simulated import agent_of
 from pools.simulator.process import SimulatorProcess, start_simulator
+from tests.helpers.services import forget_keys, run_prefix, throwaway_database
 from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
-from tests.test_multi_instance import POSTGRES_URL, REDIS_URL, SERVICES_PROBLEM, submit
+from tests.test_multi_instance import REDIS_URL, SERVICES_PROBLEM, submit
 
 DESIGNS = 10
 LEASE_SECONDS = 3.0
@@ -80,17 +80,12 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Databas
     if request.param == "sqlite":
         yield Database(f"sqlite:///{tmp_path / 'crash.sqlite3'}", {})
         return
-    name = f"carlos_crash_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        prefix = f"test-crash-{uuid.uuid4().hex[:8]}"  # this run's own keys
-        yield Database(f"{POSTGRES_URL}/{name}", {"REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix})
-    finally:
-        with psycopg.connect(f"{POSTGRES_URL}/postgres", autocommit=True) as admin:
-            admin.execute(
-                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-            )
+    prefix = run_prefix("test-crash")  # this run's own keys
+    with throwaway_database("carlos_crash") as url:
+        try:
+            yield Database(url, {"REDIS_URL": REDIS_URL, "REDIS_PREFIX": prefix})
+        finally:
+            forget_keys(REDIS_URL, prefix)
 
 
 @pytest.fixture

@@ -51,13 +51,13 @@ from pools.engine.registry import PoolRegistry
 from pools.models import PoolSnapshot
 from tests.helpers import services
 from tests.helpers.services import (
-    POSTGRES_URL,
     forget_keys,
     postgres_problem,
     redis_problem,
     run_prefix,
     throwaway_database,
 )
+from tests.helpers.snapshots import snap
 from tests.helpers.waiting import eventually
 from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
 
@@ -77,21 +77,12 @@ REDIS_PROBLEM = redis_problem(REDIS_URL)
 SERVICES_PROBLEM = REDIS_PROBLEM or postgres_problem()
 needs_redis = services.needs_redis(REDIS_URL)
 needs_services = pytest.mark.skipif(SERVICES_PROBLEM is not None, reason=SERVICES_PROBLEM or "")
-__all__ = ["POSTGRES_URL", "REDIS_URL", "SERVICES_PROBLEM", "submit"]  # tests/test_crash.py
+__all__ = ["REDIS_URL", "SERVICES_PROBLEM", "submit"]  # tests/test_crash.py
 
 
 # == the admin chart: the cluster summed per time bucket, or one instance =========================
 def snapshot(instance: str, second: int, in_use: int) -> PoolSnapshot:
-    return PoolSnapshot(
-        taken_at=T0 + timedelta(seconds=second),
-        instance=instance,
-        pool="main",
-        size=10,
-        in_use=in_use,
-        available=10 - in_use,
-        overflow_in_use=0,
-        waiting=0,
-    )
+    return snap("main", T0 + timedelta(seconds=second), in_use, instance=instance)
 
 
 # web-1 reports 2, 4 and 0; web-2 reports 5, 1 and 3 (seconds 0..3).

@@ -15,15 +15,8 @@ from django.conf import settings
 from agents import prompts
 from agents.models import Design
 from agents.redaction import RedactSecrets, redact
-from pools.engine.exceptions import (
-    CircuitOpen,
-    PoolClosed,
-    PoolError,
-    PoolExhausted,
-    PoolTimeout,
-    RateBudgetExceeded,
-    RateLimited,
-)
+from pools.engine import POOL_REFUSALS as POOL_REFUSALS  # the pipeline's, from the engine
+from pools.engine import PoolError
 
 logger = logging.getLogger("agents")
 
@@ -56,17 +49,6 @@ UNFINISHED_ANSWERS = {
     "content_filter": "the endpoint's content filter stopped the answer before it was "
     "finished (finish reason 'content_filter'); rephrase the request and retry",
 }
-
-# The pools refusing to take a call (full, circuit open, over the rate budget, shutting
-# down) rather than the model failing it: a caller in a request answers "try again later".
-POOL_REFUSALS = (
-    PoolExhausted,
-    PoolTimeout,
-    CircuitOpen,
-    RateBudgetExceeded,
-    RateLimited,
-    PoolClosed,
-)
 
 
 def max_revisions() -> int:

@@ -20,6 +20,11 @@ from carlos.processes import ChildFailed
 type Progress = Callable[[str], None]
 # One command-line option: flag, type (None: a switch, off by default), default, metavar, help.
 type Option = tuple[str, type | None, Any, str | None, str]
+# The options `measure` reads, last in each command's table.
+REPORT_OPTIONS: tuple[Option, ...] = (
+    ("--json", None, False, None, "Print the report as JSON."),
+    ("--check", None, False, None, "Exit with status 1 when a target is missed (for scripts)."),
+)
 
 
 def add_options(parser: Any, options: Iterable[Option]) -> None:

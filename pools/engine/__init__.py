@@ -18,6 +18,7 @@ from pools.engine.config import (
 )
 from pools.engine.events import EventBus, EventKind, PoolEvent
 from pools.engine.exceptions import (
+    POOL_REFUSALS,
     BadResponse,
     CircuitOpen,
     ConfigError,
@@ -39,6 +40,7 @@ from pools.engine.registry import PoolRegistry
 from pools.engine.resilience import BreakerState
 
 __all__ = [
+    "POOL_REFUSALS",
     "BadResponse",
     "BreakerState",
     "CircuitOpen",

@@ -37,12 +37,16 @@ class ConfigError(PoolError, ValueError):
         self.message = message
 
 
-class CircuitOpen(PoolError):
-    """The upstream deployment failed repeatedly; calls are refused until it cools down."""
+class RefusalWithRetryAfter(PoolError):
+    """A refusal that says when to try again: in `retry_after` seconds (0: no hint)."""
 
     def __init__(self, message: str, retry_after: float = 0.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class CircuitOpen(RefusalWithRetryAfter):
+    """The upstream deployment failed repeatedly; calls are refused until it cools down."""
 
 
 class DeadlineExceeded(TimeoutError):
@@ -59,25 +63,17 @@ class DeadlineExceeded(TimeoutError):
         self.seconds = seconds
 
 
-class RateBudgetExceeded(PoolError):
+class RateBudgetExceeded(RefusalWithRetryAfter):
     """A call would overdraw its deployment's requests or tokens per minute for too long."""
 
-    def __init__(self, message: str, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
-
-class RateLimited(PoolError):
+class RateLimited(RefusalWithRetryAfter):
     """The endpoint is rate limiting the deployment for longer than the call can wait.
 
     A 429 pauses dispatch and callers wait within their deadline; this is raised only when
     the wait the server asked for (or the queue behind the learned concurrency limit) does
     not fit in what is left of the call's deadline. The message says which and how long.
     """
-
-    def __init__(self, message: str, retry_after: float = 0.0) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 class BadResponse(PoolError):
@@ -94,3 +90,15 @@ class MalformedResponse(BadResponse):
 
 class EmptyResponse(BadResponse):
     """The model finished without a single character of text."""
+
+
+# The pools refusing to take a call (full, circuit open, over the rate budget, shutting
+# down) rather than the model failing it: a caller in a request answers "try again later".
+POOL_REFUSALS = (
+    PoolExhausted,
+    PoolTimeout,
+    CircuitOpen,
+    RateBudgetExceeded,
+    RateLimited,
+    PoolClosed,
+)

@@ -174,43 +174,44 @@ class _StatsCollector(Collector):
         )
         up.add_metric([], 1.0 if registry.usable else 0.0)
         yield up
-        family: GaugeMetricFamily | CounterMetricFamily
         for name, (gauge, documentation) in _GAUGES.items():
-            family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-            for pool, stats in pools.items():
-                family.add_metric([pool], float(gauge(stats)))
-            yield family
+            values = {pool: float(gauge(stats)) for pool, stats in pools.items()}
+            yield _per_pool(GaugeMetricFamily, name, documentation, values)
         for name, (counter, divisor, documentation) in _COUNTERS.items():
-            family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-            for pool, stats in pools.items():
-                family.add_metric([pool], float(counter(stats)) / divisor)
-            yield family
+            values = {pool: float(counter(stats)) / divisor for pool, stats in pools.items()}
+            yield _per_pool(CounterMetricFamily, name, documentation, values)
         yield from _concurrency(pools)
+
+
+def _per_pool(
+    kind: type[GaugeMetricFamily | CounterMetricFamily],
+    name: str,
+    documentation: str,
+    values: dict[str, float],
+) -> Metric:
+    """A `carlos_pool_<name>` family with one sample a pool, labelled by the pool."""
+    family = kind(f"{PREFIX}_{name}", documentation, labels=["pool"])
+    for pool, value in values.items():
+        family.add_metric([pool], value)
+    return family
 
 
 def _concurrency(pools: dict[str, PoolStats]) -> Iterator[Metric]:
     """The deployment limiter's figures under each pool (none for a pool without them)."""
     limited = {pool: stats.concurrency for pool, stats in pools.items() if stats.concurrency}
-    family: GaugeMetricFamily | CounterMetricFamily
     for name, (gauge, documentation) in _CONCURRENCY_GAUGES.items():
-        family = GaugeMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-        for pool, deployment in limited.items():
-            family.add_metric([pool], float(gauge(deployment)))
-        yield family
-    adaptive = GaugeMetricFamily(
-        f"{PREFIX}_adaptive",
+        values = {pool: float(gauge(deployment)) for pool, deployment in limited.items()}
+        yield _per_pool(GaugeMetricFamily, name, documentation, values)
+    yield _per_pool(
+        GaugeMetricFamily,
+        "adaptive",
         "1 when the pool's calls follow the learned concurrency limit (ADAPTIVE), 0 when they "
         "only obey the 429 pause.",
-        labels=["pool"],
+        {pool: 1.0 if deployment.pool_adaptive else 0.0 for pool, deployment in limited.items()},
     )
-    for pool, deployment in limited.items():
-        adaptive.add_metric([pool], 1.0 if deployment.pool_adaptive else 0.0)
-    yield adaptive
     for name, (counter, documentation) in _CONCURRENCY_COUNTERS.items():
-        family = CounterMetricFamily(f"{PREFIX}_{name}", documentation, labels=["pool"])
-        for pool, deployment in limited.items():
-            family.add_metric([pool], float(counter(deployment)))
-        yield family
+        values = {pool: float(counter(deployment)) for pool, deployment in limited.items()}
+        yield _per_pool(CounterMetricFamily, name, documentation, values)
     change = InfoMetricFamily(
         f"{PREFIX}_concurrency_limit_change",
         "Why the concurrency limit of the pool's deployment last changed (reason: start, 429, "
@@ -238,41 +239,41 @@ class PoolMetrics:
     def __init__(self, registry: PoolRegistry) -> None:
         self.collectors = CollectorRegistry()
         self.collectors.register(_StatsCollector(weakref.ref(registry)))
-        self.wait = Histogram(
-            f"{PREFIX}_acquire_wait_seconds",
-            "Time a caller waited for a slot.",
-            ["pool"],
-            buckets=WAIT_BUCKETS,
-            registry=self.collectors,
+        self.wait = self._histogram(
+            "acquire_wait_seconds", "Time a caller waited for a slot.", WAIT_BUCKETS
         )
-        self.latency = Histogram(
-            f"{PREFIX}_call_latency_seconds",
+        self.latency = self._histogram(
+            "call_latency_seconds",
             "Duration of completed calls (whole answer, or the stream read to its end).",
-            ["pool"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.collectors,
+            LATENCY_BUCKETS,
         )
-        self.ttft = Histogram(
-            f"{PREFIX}_time_to_first_token_seconds",
+        self.ttft = self._histogram(
+            "time_to_first_token_seconds",
             "Time from the request to the first streamed token.",
-            ["pool"],
-            buckets=TTFT_BUCKETS,
-            registry=self.collectors,
+            TTFT_BUCKETS,
         )
-        self.tokens = Counter(
-            f"{PREFIX}_tokens",
+        self.tokens = self._counter(
+            "tokens",
             "Tokens of completed calls, by direction (in = prompt, out = completion).",
-            ["pool", "direction"],
-            registry=self.collectors,
+            "direction",
         )
-        self.errors = Counter(
-            f"{PREFIX}_errors",
+        self.errors = self._counter(
+            "errors",
             "Calls that raised (kind = exception class) and callers the pool refused "
             "(kind = PoolTimeout or PoolExhausted).",
-            ["pool", "kind"],
-            registry=self.collectors,
+            "kind",
         )
         registry.events.subscribe(self.observe)
+
+    def _histogram(self, name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+        """A `carlos_pool_<name>` histogram by pool, in this registry's collectors."""
+        return Histogram(
+            f"{PREFIX}_{name}", documentation, ["pool"], buckets=buckets, registry=self.collectors
+        )
+
+    def _counter(self, name: str, documentation: str, label: str) -> Counter:
+        """A `carlos_pool_<name>` counter by pool and `label`, in this registry's collectors."""
+        return Counter(f"{PREFIX}_{name}", documentation, ["pool", label], registry=self.collectors)
 
     def observe(self, event: PoolEvent) -> None:
         """Event-bus observer: cheap, on the caller's path."""

@@ -84,6 +84,8 @@ KEEP_WARM_PER_MINUTE = 2
 # A start-up outage: the endpoint is probed again after 1 s, doubling up to 30 s.
 REPROBE_FIRST_S = 1.0
 REPROBE_MAX_S = 30.0
+# What opening connections raises when the endpoint cannot be reached.
+UNREACHABLE = (httpx.HTTPError, httpcore.NetworkError, httpcore.TimeoutException, OSError)
 # The name prefix of the pools' own background tasks (keeping warm, re-probing).
 POOL_UPKEEP = "pools-upkeep"
 
@@ -333,12 +335,7 @@ class PoolRegistry:
             try:
                 await self._open_connections(clients.http)
                 self.warmup_error = None
-            except (
-                httpx.HTTPError,
-                httpcore.NetworkError,
-                httpcore.TimeoutException,
-                OSError,
-            ) as exc:
+            except UNREACHABLE as exc:
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
                 logger.error(
                     "❌ Warm-up could not reach the LLM endpoint %s (%s); calls will connect "
@@ -410,12 +407,7 @@ class PoolRegistry:
             await asyncio.sleep(delay * (0.5 + 0.5 * random.random()))
             try:
                 await self._open_connections(clients.http)
-            except (
-                httpx.HTTPError,
-                httpcore.NetworkError,
-                httpcore.TimeoutException,
-                OSError,
-            ) as exc:
+            except UNREACHABLE as exc:
                 self.warmup_error = f"{type(exc).__name__}: {exc}"
                 delay = min(REPROBE_MAX_S, delay * 2)
                 continue

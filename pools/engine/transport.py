@@ -2,8 +2,8 @@
 
 Every pooled call goes through one keep-alive `httpx.AsyncClient` per event loop; an
 overflow call gets a client of its own that keeps nothing alive, so its connection is
-closed as soon as the call ends. The ledger counts connections at the socket level by
-wrapping httpcore's network backend, which makes "connections opened" a measured fact.
+closed as soon as the call ends. The ledger counts connections at the socket level, in
+httpcore's network backend, which makes "connections opened" a measured fact.
 
 The connections themselves run on `AsyncioBackend`, plain asyncio protocols instead of
 httpcore's default anyio streams, because anyio's read path was the client's largest CPU
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import select
 import ssl
 import threading
@@ -21,7 +22,6 @@ import time
 import typing
 from asyncio.trsock import TransportSocket
 from collections import Counter
-from dataclasses import dataclass
 
 import h11
 import httpcore
@@ -72,18 +72,6 @@ class ConnectionLedger:
             }
 
 
-@dataclass(eq=False)
-class _ConnectionRecord:
-    ledger: ConnectionLedger
-    pool: str
-    closed: bool = False
-
-    def close(self) -> None:
-        if not self.closed:
-            self.closed = True
-            self.ledger._count(self.ledger.closed, self.pool)
-
-
 def _fd_is_readable(fileno: int) -> bool:
     """True when a read would not block: data, or the peer closed an idle connection."""
     if fileno < 0:
@@ -131,9 +119,10 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self._eof = False  # the peer will send nothing more
         self._error: Exception | None = None  # why the connection broke, if it broke
         self._closed = False  # aclose() was called
-        # Told when the socket is really gone, even if nobody has closed it on our side yet
-        # (a server closing an idle keep-alive connection): the ledger counts open sockets.
-        self.on_lost: typing.Callable[[], None] | None = None
+        # Told once, when the socket is gone: closed here, or lost first (a server closing an
+        # idle keep-alive connection); the ledger counts open sockets. `start_tls` hands it
+        # on to the TLS stream.
+        self.on_gone: typing.Callable[[], None] | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------------------
 
@@ -154,8 +143,7 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
     def connection_lost(self, exc: Exception | None) -> None:
         self._eof = True
         self._error = exc
-        if self.on_lost is not None:
-            self.on_lost()
+        self._gone()
         self._cancel_read_timer()
         self._wake(self._read_waiter)
         self._wake(self._drain_waiter)
@@ -203,6 +191,7 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         self._closed = True
         if self._transport is not None:
             self._transport.abort()
+        self._gone()
         self._cancel_read_timer()
         self._wake(self._read_waiter)
         self._wake(self._drain_waiter)
@@ -230,6 +219,7 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
             raise
         # start_tls does not call connection_made on the protocol it is given.
         tls_stream._attach(typing.cast(asyncio.Transport, tls_transport))
+        tls_stream.on_gone, self.on_gone = self.on_gone, None
         return tls_stream
 
     def get_extra_info(self, info: str) -> typing.Any:
@@ -315,6 +305,11 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
             return True
         return _fd_is_readable(self._socket.fileno())
 
+    def _gone(self) -> None:
+        on_gone, self.on_gone = self.on_gone, None
+        if on_gone is not None:
+            on_gone()
+
     @staticmethod
     def _wake(waiter: asyncio.Future[None] | None) -> None:
         if waiter is not None and not waiter.done():
@@ -325,8 +320,13 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
     """httpcore's network backend on plain asyncio transports (see `AsyncioStream` for why).
 
     Errors map as in httpcore's own backends: timeouts to ConnectTimeout, other OSErrors
-    (refused, unreachable, DNS failures) to ConnectError.
+    (refused, unreachable, DNS failures) to ConnectError. Given a ledger, it records each TCP
+    connection it opens or fails to open for the pool of the call (`current_pool`), and its
+    closing.
     """
+
+    def __init__(self, ledger: ConnectionLedger | None = None) -> None:
+        self._ledger = ledger
 
     async def connect_tcp(
         self,
@@ -346,7 +346,17 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             port,
             local_addr=None if local_address is None else (local_address, 0),
         )
-        return await _connected(connecting, timeout, socket_options)
+        if self._ledger is None:
+            return await _connected(connecting, timeout, socket_options)
+        ledger, pool = self._ledger, current_pool.get()
+        try:
+            stream = await _connected(connecting, timeout, socket_options)
+        except BaseException:
+            ledger._count(ledger.failed, pool)
+            raise
+        ledger._count(ledger.opened, pool)
+        stream.on_gone = functools.partial(ledger._count, ledger.closed, pool)
+        return stream
 
     async def connect_unix_socket(
         self,
@@ -382,86 +392,6 @@ async def _connected(
     except OSError as exc:
         raise httpcore.ConnectError(exc) from exc
     return stream
-
-
-class _CountedStream(httpcore.AsyncNetworkStream):
-    """A connection that reports its closing to the ledger."""
-
-    def __init__(self, inner: httpcore.AsyncNetworkStream, record: _ConnectionRecord) -> None:
-        self._inner = inner
-        self._record = record
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        try:
-            await self._inner.aclose()
-        finally:
-            self._record.close()
-
-    async def start_tls(
-        self,
-        ssl_context: ssl.SSLContext,
-        server_hostname: str | None = None,
-        timeout: float | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        inner = await self._inner.start_tls(ssl_context, server_hostname, timeout)
-        _watch_loss(inner, self._record)
-        return _CountedStream(inner, self._record)
-
-    def get_extra_info(self, info: str) -> typing.Any:
-        return self._inner.get_extra_info(info)
-
-
-def _watch_loss(stream: httpcore.AsyncNetworkStream, record: _ConnectionRecord) -> None:
-    if isinstance(stream, AsyncioStream):
-        stream.on_lost = record.close
-
-
-class _CountingBackend(httpcore.AsyncNetworkBackend):
-    def __init__(self, inner: httpcore.AsyncNetworkBackend, ledger: ConnectionLedger) -> None:
-        self._inner = inner
-        self._ledger = ledger
-
-    async def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        pool = current_pool.get()
-        try:
-            stream = await self._inner.connect_tcp(
-                host,
-                port,
-                timeout=timeout,
-                local_address=local_address,
-                socket_options=socket_options,
-            )
-        except BaseException:
-            self._ledger._count(self._ledger.failed, pool)
-            raise
-        self._ledger._count(self._ledger.opened, pool)
-        record = _ConnectionRecord(self._ledger, pool)
-        _watch_loss(stream, record)
-        return _CountedStream(stream, record)
-
-    async def connect_unix_socket(
-        self,
-        path: str,
-        timeout: float | None = None,
-        socket_options: typing.Iterable[httpcore.SOCKET_OPTION] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        return await self._inner.connect_unix_socket(path, timeout, socket_options)
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
 
 
 _ssl_lock = threading.Lock()
@@ -505,7 +435,7 @@ def build_http_client(
     )  # httpcore.AsyncConnectionPool; tests prove the counts match the server's
     if not hasattr(pool, "_network_backend"):
         raise RuntimeError("this httpcore version has no _network_backend; pin httpcore 1.0.x")
-    pool._network_backend = _CountingBackend(AsyncioBackend(), ledger)
+    pool._network_backend = AsyncioBackend(ledger)
     event_hooks: dict[str, list[typing.Any]] = {"request": [inject_trace_context]}
     if on_response:
         event_hooks["response"] = [on_response]

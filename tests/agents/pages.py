@@ -127,6 +127,11 @@ def finished_design(owner: Any) -> Design:
     return design
 
 
+def failed_design(owner: Any, error: str = "boom", **fields: Any) -> Design:
+    """A design that failed at its first attempt, with `error`."""
+    return make_design(owner, status=Design.Status.FAILED, attempts=1, error=error, **fields)
+
+
 def valid_form(**overrides: str) -> dict[str, str]:
     return {"request_text": "An internal wiki for 200 staff", **DEFAULT_OPTIONS, **overrides}
 

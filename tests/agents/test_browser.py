@@ -14,20 +14,11 @@ from typing import Any
 
 import pytest
 
+from tests.helpers.browser import CHROMIUM, MISSING, chromium_page
 from tests.servers import child_env, manage, serving
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
 USERNAME = "browser-user"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 SERVER_START_DEADLINE_S = 90.0
@@ -42,7 +33,7 @@ SIMULATOR_ARGS = (
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`manage.py serve` on free ports with a throwaway SQLite database and one user."""
     if not CHROMIUM.exists():
-        pytest.skip("Debian's chromium is not installed (apt-get install -y chromium)")
+        pytest.skip(MISSING)
     database = Path(f"/tmp/carlos-browser-{uuid.uuid4().hex}.sqlite3")
     env = child_env(f"sqlite:///{database}")  # always the offline simulator
     log = tmp_path_factory.mktemp("server") / "serve.log"
@@ -65,17 +56,11 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture
-def page(server: str) -> Iterator[Any]:
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        context = browser.new_context(viewport={"width": 1280, "height": 900})
-        page = context.new_page()
-        page.set_default_timeout(30_000)
+def page(server: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    with chromium_page(
+        failure_screenshot=Path("/tmp/carlos-browser-failed.png"), request=request
+    ) as page:
         yield page
-        context.close()
-        browser.close()
 
 
 def test_user_designs_and_watches_it_live(server: str, page: Any) -> None:

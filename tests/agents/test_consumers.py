@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -304,11 +305,10 @@ async def test_oversized_client_message_closes_the_socket(frame: str) -> None:
     await communicator.disconnect()
 
 
-async def test_a_socket_closed_for_a_bad_message_stops_resyncing_and_leaves_its_group(
-    monkeypatch,
-) -> None:
-    """The defect: after the refused close the socket stayed in its group and its resync kept
-    querying the database every RESYNC_AFTER_S while the design was unfinished."""
+@pytest.fixture
+async def resyncing(monkeypatch) -> tuple[Design, set[tuple[str, str]], WebsocketCommunicator]:
+    """A socket on its owner's running design, connected, its first snapshot read, resyncing
+    every 0.05 s; with the channel layer's groups from before it."""
     monkeypatch.setattr(consumers, "RESYNC_AFTER_S", 0.05)
     owner = await make_user("olivia")
     design = await make_design(owner, status=Design.Status.RUNNING, attempts=1)
@@ -316,6 +316,15 @@ async def test_a_socket_closed_for_a_bad_message_stops_resyncing_and_leaves_its_
     communicator = await open_socket(design.pk, owner)
     await communicator.connect()
     assert (await communicator.receive_json_from(timeout=5))["kind"] == "snapshot"
+    return design, members, communicator
+
+
+async def test_a_socket_closed_for_a_bad_message_stops_resyncing_and_leaves_its_group(
+    resyncing,
+) -> None:
+    """The defect: after the refused close the socket stayed in its group and its resync kept
+    querying the database every RESYNC_AFTER_S while the design was unfinished."""
+    design, members, communicator = resyncing
     assert (await communicator.receive_json_from(timeout=5))["kind"] == "snapshot"  # resynced
     await communicator.send_to(text_data="x" * (MAX_CLIENT_MESSAGE_BYTES + 1))
     _, code = await replies_until_closed(communicator)
@@ -329,17 +338,11 @@ async def test_a_socket_closed_for_a_bad_message_stops_resyncing_and_leaves_its_
 
 @pytest.mark.parametrize("ending", ["disconnect", "crash"])
 async def test_however_the_consumer_ends_its_timers_stop_and_it_leaves_its_groups(
-    monkeypatch, ending: str
+    resyncing, ending: str
 ) -> None:
     """A client that goes away, or a consumer that fails (here: the server hands it an event
     it has no handler for), releases what the socket held."""
-    monkeypatch.setattr(consumers, "RESYNC_AFTER_S", 0.05)
-    owner = await make_user("olivia")
-    design = await make_design(owner, status=Design.Status.RUNNING, attempts=1)
-    members = layer_members()
-    communicator = await open_socket(design.pk, owner)
-    await communicator.connect()
-    await communicator.receive_json_from(timeout=5)
+    _, members, communicator = resyncing
     if ending == "disconnect":
         await communicator.disconnect()
     else:
@@ -396,40 +399,58 @@ async def still_follows(communicator: WebsocketCommunicator, design: Design) -> 
     assert await communicator.receive_json_from(timeout=5) == as_json(event)
 
 
-async def test_logout_closes_that_sessions_socket_and_no_other() -> None:
-    owner = await make_user("olivia")
+@dataclass
+class TwoSessions:
+    """One user logged in on two machines, both watching the same running design."""
+
+    design: Design
+    members: set[tuple[str, str]]  # the channel layer's groups before the sockets
+    browser: AsyncClient  # the first machine's
+    cookie: str
+    other_cookie: str
+    socket: WebsocketCommunicator
+    other: WebsocketCommunicator
+
+
+async def two_sessions(owner: Any) -> TwoSessions:
     design = await make_design(owner, status=Design.Status.RUNNING, attempts=1)
     members = layer_members()
     browser, cookie = await logged_in(owner)
-    _, other_cookie = await logged_in(owner)  # the same user on another machine
+    _, other_cookie = await logged_in(owner)
     socket, other = await watching(design, cookie), await watching(design, other_cookie)
+    return TwoSessions(design, members, browser, cookie, other_cookie, socket, other)
 
-    response = await browser.post("/accounts/logout/")
-    assert response.status_code == 302
-    assert await session_ended(socket)
-    await still_follows(other, design)
-    await socket.disconnect()
-    # The page reconnects after a 4401; with the logged-out cookie it is told to log in.
+
+async def told_to_log_in(design: Design, cookie: str) -> bool:
+    """Whether a page reconnecting with `cookie` is accepted, then closed 4403 (log in)."""
     again = await open_socket(design.pk, cookie=cookie)
     assert (await again.connect())[0]
-    assert await closed_with(again) == NOT_AUTHENTICATED
+    code = await closed_with(again)
     await again.disconnect()
-    await other.disconnect()
-    assert await leftovers(members) == []
+    return code == NOT_AUTHENTICATED
+
+
+async def test_logout_closes_that_sessions_socket_and_no_other() -> None:
+    two = await two_sessions(await make_user("olivia"))
+
+    response = await two.browser.post("/accounts/logout/")
+    assert response.status_code == 302
+    assert await session_ended(two.socket)
+    await still_follows(two.other, two.design)
+    await two.socket.disconnect()
+    # The page reconnects after a 4401; with the logged-out cookie it is told to log in.
+    assert await told_to_log_in(two.design, two.cookie)
+    await two.other.disconnect()
+    assert await leftovers(two.members) == []
 
 
 async def test_a_password_change_closes_every_socket_of_the_user() -> None:
     """Through the admin's own form: the session that changed the password gets a new key and
     stays logged in (Django's `update_session_auth_hash`), so its page reconnects and follows
     on; every other session of the user has ended."""
-    owner = await make_user("olivia", staff=True)
-    design = await make_design(owner, status=Design.Status.RUNNING, attempts=1)
-    members = layer_members()
-    browser, cookie = await logged_in(owner)
-    _, other_cookie = await logged_in(owner)
-    socket, other = await watching(design, cookie), await watching(design, other_cookie)
+    two = await two_sessions(await make_user("olivia", staff=True))
 
-    response = await browser.post(
+    response = await two.browser.post(
         "/admin/password_change/",
         {
             "old_password": "a-long-test-password",
@@ -438,20 +459,17 @@ async def test_a_password_change_closes_every_socket_of_the_user() -> None:
         },
     )
     assert response.status_code == 302, response.content[:500]
-    assert await session_ended(socket)
-    assert await session_ended(other)
-    await socket.disconnect()
-    await other.disconnect()
-    new_cookie = browser.cookies[settings.SESSION_COOKIE_NAME].value
-    assert new_cookie != cookie
-    reconnected = await watching(design, new_cookie)
-    await still_follows(reconnected, design)
+    assert await session_ended(two.socket)
+    assert await session_ended(two.other)
+    await two.socket.disconnect()
+    await two.other.disconnect()
+    new_cookie = two.browser.cookies[settings.SESSION_COOKIE_NAME].value
+    assert new_cookie != two.cookie
+    reconnected = await watching(two.design, new_cookie)
+    await still_follows(reconnected, two.design)
     await reconnected.disconnect()
-    refused = await open_socket(design.pk, cookie=other_cookie)
-    assert (await refused.connect())[0]
-    assert await closed_with(refused) == NOT_AUTHENTICATED
-    await refused.disconnect()
-    assert await leftovers(members) == []
+    assert await told_to_log_in(two.design, two.other_cookie)
+    assert await leftovers(two.members) == []
 
 
 @pytest.mark.parametrize("change", ["deactivated", "deleted"])
@@ -495,22 +513,17 @@ async def test_a_session_that_ends_in_the_store_closes_its_socket(monkeypatch, e
     """Expiry, or a session removed without a logout (`clearsessions`, an operator), is
     noticed by the socket's periodic check of its session (SESSION_RECHECK_S)."""
     monkeypatch.setattr(consumers, "SESSION_RECHECK_S", 0.05)
-    owner = await make_user("olivia")
-    design = await make_design(owner, status=Design.Status.RUNNING, attempts=1)
-    members = layer_members()
-    _, cookie = await logged_in(owner)
-    _, other_cookie = await logged_in(owner)
-    socket, other = await watching(design, cookie), await watching(design, other_cookie)
-    assert await socket.receive_nothing(timeout=0.3)  # checked a few times: still live
-    await still_follows(socket, design)
+    two = await two_sessions(await make_user("olivia"))
+    assert await two.socket.receive_nothing(timeout=0.3)  # checked a few times: still live
+    await still_follows(two.socket, two.design)
 
-    sessions = Session.objects.filter(session_key=cookie)
+    sessions = Session.objects.filter(session_key=two.cookie)
     if end == "expired":
         await sessions.aupdate(expire_date=timezone.now())
     else:
         await sessions.adelete()
-    assert await session_ended(socket)
-    await still_follows(other, design)
-    await socket.disconnect()
-    await other.disconnect()
-    assert await leftovers(members) == []
+    assert await session_ended(two.socket)
+    await still_follows(two.other, two.design)
+    await two.socket.disconnect()
+    await two.other.disconnect()
+    assert await leftovers(two.members) == []

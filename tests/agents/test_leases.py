@@ -57,6 +57,30 @@ async def drained(design: Design, seconds: float) -> tuple[DrainReport, Design]:
     return report, design
 
 
+@pytest.fixture
+def started(simulator_factory, make_registry, install_registry, owner, recorder):
+    """`design, task = await started(**simulator_options)`: a design of REQUEST held by this
+    process and started in the background, against a new simulator answering with `recorder`."""
+
+    async def start(**simulator_options) -> tuple[Design, asyncio.Task[None]]:
+        simulator = await simulator_factory(responder=recorder, **simulator_options)
+        install_registry(make_registry(simulator))
+        design = await create_design(owner, REQUEST)
+        return design, start_design(design.pk)
+
+    return start
+
+
+@pytest.fixture
+async def carlos_writing(started, monkeypatch) -> tuple[Design, asyncio.Task[None]]:
+    """A design started in the background, returned once Carlos has saved some of his answer
+    (partial answers saved every 0.05 s)."""
+    monkeypatch.setattr("agents.pipeline.live.PARTIAL_SAVE_INTERVAL_S", 0.05)
+    design, task = await started(ttft_ms=5, tokens_per_second=60)
+    await eventually(has_written(design, "carlos"), SETTLE_LIMIT_S, what="carlos wrote")
+    return design, task
+
+
 async def left_by_a_dead_process(owner, *, expired: bool = True, finished=("requirements",)):
     """A design as a killed server leaves it: RUNNING, its lease in OTHER's name, some agents
     finished (their answers as the simulator gives them) and one agent cut mid-answer."""
@@ -186,14 +210,10 @@ async def test_unanswered_questions_time_out_and_the_design_goes_on(
 # -- the lease keeper --------------------------------------------------------------------------
 
 
-async def test_a_process_that_lost_the_lease_stops_and_writes_nothing_more(
-    simulator_factory, make_registry, install_registry, owner, recorder, settings
-):
+async def test_a_process_that_lost_the_lease_stops_and_writes_nothing_more(started, settings):
     settings.DESIGN_LEASE_SECONDS = 1.5  # renewed every 0.5 s
-    simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=100)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)  # held by this process
-    task = start_design(design.pk)  # its lease kept by the LLM loop's keeper
+    # Held by this process, its lease kept by the LLM loop's keeper.
+    design, task = await started(ttft_ms=5, tokens_per_second=100)
 
     async def carlos_running() -> bool:
         return await AgentRun.objects.filter(
@@ -236,13 +256,8 @@ async def test_a_finished_agent_is_not_saved_once_the_design_is_taken_over(
 # -- the drain -----------------------------------------------------------------------------------
 
 
-async def test_a_drain_lets_running_agents_finish_then_hands_the_design_back(
-    simulator_factory, make_registry, install_registry, owner, recorder
-):
-    simulator = await simulator_factory(responder=recorder, ttft_ms=300)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
-    start_design(design.pk)
+async def test_a_drain_lets_running_agents_finish_then_hands_the_design_back(started, recorder):
+    design, _ = await started(ttft_ms=300)
 
     async def designs_running() -> bool:
         return await AgentRun.objects.filter(design=design, agent="ronei").aexists()
@@ -259,15 +274,8 @@ async def test_a_drain_lets_running_agents_finish_then_hands_the_design_back(
     assert set(recorder.calls) == {"requirements", "carlos", "ronei"}
 
 
-async def test_a_drain_past_its_time_stops_agents_keeping_their_text(
-    simulator_factory, make_registry, install_registry, owner, recorder, monkeypatch
-):
-    monkeypatch.setattr("agents.pipeline.live.PARTIAL_SAVE_INTERVAL_S", 0.05)
-    simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=60)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
-    start_design(design.pk)
-    await eventually(has_written(design, "carlos"), SETTLE_LIMIT_S, what="carlos wrote")
+async def test_a_drain_past_its_time_stops_agents_keeping_their_text(carlos_writing):
+    design, _ = carlos_writing
     report, design = await drained(design, 0.2)
     assert (report.finished, report.stopped) == (0, 1)
     carlos = await AgentRun.objects.aget(design=design, agent="carlos")
@@ -278,14 +286,9 @@ async def test_a_drain_past_its_time_stops_agents_keeping_their_text(
 
 
 async def test_cancelling_a_running_design_ends_it_cancelled_keeping_what_it_made(
-    simulator_factory, make_registry, install_registry, owner, recorder, monkeypatch
+    carlos_writing,
 ):
-    monkeypatch.setattr("agents.pipeline.live.PARTIAL_SAVE_INTERVAL_S", 0.05)
-    simulator = await simulator_factory(responder=recorder, ttft_ms=5, tokens_per_second=60)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
-    task = start_design(design.pk)
-    await eventually(has_written(design, "carlos"), SETTLE_LIMIT_S, what="carlos wrote")
+    design, task = carlos_writing
     assert await cancel_design(design.pk)
     await asyncio.gather(task, return_exceptions=True)
 

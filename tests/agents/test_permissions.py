@@ -17,7 +17,7 @@ from django.test import Client
 
 from agents.models import Design
 from agents.options import DEFAULT_OPTIONS
-from tests.agents.pages import add_run, finished_design, make_design, make_user
+from tests.agents.pages import add_run, failed_design, finished_design, make_design, make_user
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +41,7 @@ def logged_in(user: Any) -> Client:
 def others_designs() -> tuple[Design, Design, Design]:
     """Mallory's finished, failed and waiting designs."""
     mallory = make_user("mallory")
-    failed = make_design(mallory, status=Design.Status.FAILED, attempts=1, error="boom")
+    failed = failed_design(mallory)
     add_run(failed, "requirements")
     waiting = make_design(mallory, status=Design.Status.AWAITING_ANSWERS, clarifications=WAITING)
     return finished_design(mallory), failed, waiting

@@ -84,6 +84,23 @@ async def collect_events(design_id: int) -> tuple[asyncio.Task[None], list[dict]
     return asyncio.create_task(drain()), events
 
 
+@pytest.fixture
+def run_one(simulator_factory, make_registry, install_registry, owner):
+    """`design, simulator = await run_one(responder, **simulator_options)`: one design of
+    REQUEST run to its end against a new simulator (first tokens fast unless `ttft_ms` says
+    otherwise), on the default pools or `pools`; the design comes back reloaded."""
+
+    async def run(responder, pools=None, **simulator_options):
+        simulator_options.setdefault("ttft_ms", FAST_TTFT_MS)
+        simulator = await simulator_factory(responder=responder, **simulator_options)
+        install_registry(make_registry(simulator, pools))
+        design = await create_design(owner, REQUEST)
+        await run_design(design.pk)
+        return await reload(design), simulator
+
+    return run
+
+
 async def test_agents_run_in_order_with_parallel_stages_timings_and_events(carlos_registry, owner):
     design = await create_design(owner, REQUEST, {"cloud": "aws", "priority": "cost"})
     collector, events = await collect_events(design.pk)
@@ -210,22 +227,16 @@ async def test_clarifying_answers_travel_with_their_questions(carlos_registry, o
             assert f"Q: {unasked}\nA: (skipped by the user" in prompt
 
 
-async def test_invalid_analyst_json_is_repaired_once(
-    simulator_factory, make_registry, install_registry, owner
-):
+async def test_invalid_analyst_json_is_repaired_once(run_one):
     invalid = '{"carlos": {"score": 80, "findings": ['
 
     def security(request, index):
         return invalid if index == 0 else carlos_responder(request)
 
     recorder = RecordingResponder({"security": security})
-    simulator = await simulator_factory(responder=recorder, ttft_ms=FAST_TTFT_MS)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(recorder)
 
-    await run_design(design.pk)
-
-    assert (await reload(design)).status == Design.Status.SUCCEEDED
+    assert design.status == Design.Status.SUCCEEDED
     first, repair = recorder.for_agent("security")
     assert first.response_format == {"type": "json_object"}
     assert repair.response_format == {"type": "json_object"}
@@ -241,18 +252,12 @@ async def test_invalid_analyst_json_is_repaired_once(
     assert run.tokens_out == len(tokenize(invalid)) + len(tokenize(repaired))
 
 
-async def test_json_still_invalid_after_repair_is_kept_raw_and_the_design_goes_on(
-    simulator_factory, make_registry, install_registry, owner
-):
+async def test_json_still_invalid_after_repair_is_kept_raw_and_the_design_goes_on(run_one):
     wrong_shape = '{"carlos": {"monthly_usd": -5}}'
     recorder = RecordingResponder({"cost": lambda request, index: wrong_shape})
-    simulator = await simulator_factory(responder=recorder, ttft_ms=FAST_TTFT_MS)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(recorder)
 
-    await run_design(design.pk)
-
-    assert (await reload(design)).status == Design.Status.SUCCEEDED
+    assert design.status == Design.Status.SUCCEEDED
     assert len(recorder.for_agent("cost")) == 2  # the answer and exactly one repair attempt
     runs = await runs_of(design)
     cost = one(runs, "cost")
@@ -311,18 +316,10 @@ def test_recommendation_anything_else_is_an_error(text):
         prompts.parse_recommendation(text)
 
 
-async def test_an_unparseable_verdict_fails_the_design_at_the_auditor(
-    simulator_factory, make_registry, install_registry, owner
-):
+async def test_an_unparseable_verdict_fails_the_design_at_the_auditor(run_one):
     vague = "SUMMARY: Looks approved to me, ship it."
-    recorder = RecordingResponder({"auditor": lambda request, index: vague})
-    simulator = await simulator_factory(responder=recorder, ttft_ms=FAST_TTFT_MS)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(RecordingResponder({"auditor": lambda request, index: vague}))
 
-    await run_design(design.pk)
-
-    design = await reload(design)
     assert design.status == Design.Status.FAILED
     assert design.failed_agent == "auditor"
     assert "no VERDICT line" in design.error
@@ -333,17 +330,10 @@ async def test_an_unparseable_verdict_fails_the_design_at_the_auditor(
     assert all(run.status == AgentRun.Status.SUCCEEDED for run in runs[:-1])
 
 
-async def test_an_empty_answer_is_a_failure_not_an_empty_design(
-    simulator_factory, make_registry, install_registry, owner
-):
-    recorder = RecordingResponder({"requirements": lambda request, index: ""})
-    simulator = await simulator_factory(responder=recorder, ttft_ms=FAST_TTFT_MS)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+async def test_an_empty_answer_is_a_failure_not_an_empty_design(run_one):
+    empty = RecordingResponder({"requirements": lambda request, index: ""})
+    design, simulator = await run_one(empty)
 
-    await run_design(design.pk)
-
-    design = await reload(design)
     assert (design.status, design.failed_agent) == ("failed", "requirements")
     assert design.error == "EmptyResponse: the model finished without any text"
     assert simulator.stats.chat_requests == 3  # retried like a transport error (MAX_RETRIES 2)
@@ -352,7 +342,7 @@ async def test_an_empty_answer_is_a_failure_not_an_empty_design(
 
 
 async def test_revision_rounds_are_capped_carry_the_changes_and_keep_prompts_bounded(
-    simulator_factory, make_registry, install_registry, owner, settings
+    run_one, settings
 ):
     settings.DESIGN_MAX_REVISIONS = 2
 
@@ -363,13 +353,8 @@ async def test_revision_rounds_are_capped_carry_the_changes_and_keep_prompts_bou
         )
 
     recorder = RecordingResponder({"auditor": always_revise})
-    simulator = await simulator_factory(responder=recorder, ttft_ms=FAST_TTFT_MS)
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(recorder)
 
-    await run_design(design.pk)
-
-    design = await reload(design)
     assert design.status == Design.Status.SUCCEEDED
     assert (design.verdict, design.revisions) == ("NEEDS REVISION", 2)
     runs = await runs_of(design)
@@ -408,24 +393,15 @@ async def test_revision_rounds_are_capped_carry_the_changes_and_keep_prompts_bou
     assert len(final_audit) < 1.5 * len(auditor_prompts[0])
 
 
-async def test_a_failing_agent_fails_the_design_and_keeps_completed_outputs(
-    simulator_factory, make_registry, install_registry, owner, recorder
-):
+async def test_a_failing_agent_fails_the_design_and_keeps_completed_outputs(run_one, recorder):
     # The endpoint does not know Ronei's deployment: a real 404, not retried by the SDK.
-    simulator = await simulator_factory(
-        responder=recorder, ttft_ms=300, deployments=("gpt-4o", "gpt-4o-mini")
-    )
     pools = {
         "main": {"model": "gpt-4o"},
         "ronei": {"model": "gpt-4o-ronei-missing", "temperature": 0.9},
         "mini": {"model": "gpt-4o-mini"},
     }
-    install_registry(make_registry(simulator, pools))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(recorder, pools, ttft_ms=300, deployments=("gpt-4o", "gpt-4o-mini"))
 
-    await run_design(design.pk)
-
-    design = await reload(design)
     assert design.status == Design.Status.FAILED
     assert design.failed_agent == "ronei"
     assert design.error == (
@@ -644,20 +620,11 @@ async def test_shutting_down_hands_running_designs_back_and_closes_their_connect
         ({"content_filter_rate": 1.0}, "OutputFormatError: the endpoint's content filter"),
     ],
 )
-async def test_a_cut_answer_fails_the_agent_and_is_never_recommended(
-    simulator_factory, make_registry, install_registry, owner, fault, expected
-):
+async def test_a_cut_answer_fails_the_agent_and_is_never_recommended(run_one, fault, expected):
     """Reproduces: Carlos's design cut to 36 of 536 characters "succeeded" and was
     recommended; finish_reason "length" was accepted silently."""
-    simulator = await simulator_factory(
-        responder=RecordingResponder(), ttft_ms=FAST_TTFT_MS, fault_model="gpt-4o", **fault
-    )
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(RecordingResponder(), fault_model="gpt-4o", **fault)
 
-    await run_design(design.pk)
-
-    design = await reload(design)
     assert design.status == "failed" and design.failed_agent in ("carlos", "ronei")
     assert design.error.startswith(expected), design.error
     assert design.recommendation == ""
@@ -665,18 +632,10 @@ async def test_a_cut_answer_fails_the_agent_and_is_never_recommended(
     assert runs[design.failed_agent].status == "failed"
 
 
-async def test_a_server_without_usage_records_estimated_tokens(
-    simulator_factory, make_registry, install_registry, owner
-):
+async def test_a_server_without_usage_records_estimated_tokens(run_one):
     """Reproduces: a server that sends no usage recorded 0 -> 0 tokens."""
-    simulator = await simulator_factory(
-        responder=RecordingResponder(), ttft_ms=FAST_TTFT_MS, no_usage=1
-    )
-    install_registry(make_registry(simulator))
-    design = await create_design(owner, REQUEST)
+    design, _ = await run_one(RecordingResponder(), no_usage=1)
 
-    await run_design(design.pk)
-
-    runs = await runs_of(await reload(design))
+    runs = await runs_of(design)
     assert runs and all(run.tokens_estimated for run in runs)
     assert all(run.tokens_in > 0 and run.tokens_out > 0 for run in runs)

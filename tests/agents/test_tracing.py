@@ -1,7 +1,7 @@
 """A design's OpenTelemetry trace: one trace across its starts, stages, agents and calls.
 
 Designs run through the real pool engine against the real simulator; the spans are read
-from an in-memory exporter (`otel`, see tests/pools/test_telemetry.py), which is on for
+from an in-memory exporter (`otel`, see tests/pools/engine/test_telemetry.py), which is on for
 the tests that take it only.
 """
 
@@ -25,7 +25,7 @@ from agents.pipeline import create_design, run_design
 from agents.simulated import carlos_responder
 from agents.tasks import retry_design
 from tests.agents.conftest import FAST_TTFT_MS, RecordingResponder
-from tests.pools.test_telemetry import OtelHarness
+from tests.pools.engine.test_telemetry import OtelHarness
 
 REQUEST = "A ticketing system for 300 support agents with SLA reports"
 STAGES = {

@@ -18,6 +18,7 @@ from agents.models import AgentRun, Design, DesignRetry
 from agents.options import DEFAULT_OPTIONS
 from tests.agents.pages import (
     add_run,
+    failed_design,
     finished_design,
     logged_in,
     make_design,
@@ -271,13 +272,7 @@ def test_run_fragment_is_sanitised_and_scoped_to_the_design(client: Client, alic
 
 
 def test_failed_design_shows_the_cause_and_a_retry_button(client: Client, alice: Any) -> None:
-    design = make_design(
-        alice,
-        status=Design.Status.FAILED,
-        attempts=1,
-        error="APIConnectionError: Connection error.",
-        failed_agent="security",
-    )
+    design = failed_design(alice, "APIConnectionError: Connection error.", failed_agent="security")
     add_run(design, "security", status=AgentRun.Status.FAILED, error="APIConnectionError")
     html = client.get(f"/designs/{design.pk}/").content.decode()
     assert "This design failed" in html and "at the security agent" in html

@@ -17,25 +17,11 @@ from pools.admin import MAX_POINTS, chart_data
 from pools.engine.adaptive import Outcome
 from pools.models import PoolSnapshot
 from pools.sampler import SnapshotSampler
+from tests.helpers.snapshots import snap
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
 LIST = "/admin/pools/poolsnapshot/"
 CHART = "/admin/pools/poolsnapshot/chart.svg"
-
-
-def snap(pool: str, at: datetime, in_use: int, size: int = 10, **fields) -> PoolSnapshot:
-    values = {
-        "taken_at": at,
-        "instance": "web-1:100",
-        "pool": pool,
-        "size": size,
-        "in_use": in_use,
-        "available": max(0, size - in_use),
-        "overflow_in_use": max(0, in_use - size),
-        "waiting": 0,
-    }
-    values.update(fields)
-    return PoolSnapshot(**values)
 
 
 @pytest.fixture
@@ -132,52 +118,27 @@ def test_list_page_shows_the_chart_above_the_rows(staff, known_snapshots):
 def limited_snapshots(db) -> None:
     """main over 20 s: its deployment's limit cut from 100 to 70 to 7 by 429s, its queues and
     calls between the rows."""
+    # One column per row, 10 s apart; None: not recorded.
+    columns = {
+        "in_use": (2, 4, 1),
+        "in_use_peak": (6, 9, 5),
+        "waiting_peak": (3, None, None),
+        "concurrency_limit": (100, 70, 7),
+        "limit_reason": ("start", "429", "429"),
+        "deployment_waiting": (0, 2, None),
+        "deployment_waiting_peak": (0, 4, 1),
+        "paused_s": (None, None, 2.5),
+        "interval_s": (None, 10, 10),  # the instance's first row: left out of the rates
+        "requests": (5, 20, 10),
+        "errors": (0, 1, 0),
+        "rate_limited": (None, 3, 1),
+        "wait_p95_ms": (None, 12, None),
+        "latency_p95_ms": (None, 800, 1500),
+        "ttft_p95_ms": (None, 300, None),
+    }
+    rows = [dict(zip(columns, row, strict=True)) for row in zip(*columns.values(), strict=True)]
     PoolSnapshot.objects.bulk_create(
-        [
-            snap(
-                "main",
-                T0,
-                2,
-                in_use_peak=6,
-                waiting_peak=3,
-                concurrency_limit=100,
-                limit_reason="start",
-                deployment_waiting=0,
-                deployment_waiting_peak=0,
-                requests=5,  # no interval_s: the instance's first row, left out of the rates
-            ),
-            snap(
-                "main",
-                T0 + timedelta(seconds=10),
-                4,
-                in_use_peak=9,
-                concurrency_limit=70,
-                limit_reason="429",
-                deployment_waiting=2,
-                deployment_waiting_peak=4,
-                interval_s=10,
-                requests=20,
-                errors=1,
-                rate_limited=3,
-                wait_p95_ms=12,
-                latency_p95_ms=800,
-                ttft_p95_ms=300,
-            ),
-            snap(
-                "main",
-                T0 + timedelta(seconds=20),
-                1,
-                in_use_peak=5,
-                concurrency_limit=7,
-                limit_reason="429",
-                deployment_waiting_peak=1,
-                paused_s=2.5,
-                interval_s=10,
-                requests=10,
-                rate_limited=1,
-                latency_p95_ms=1500,
-            ),
-        ]
+        [snap("main", T0 + timedelta(seconds=10 * i), **row) for i, row in enumerate(rows)]
     )
 
 

@@ -23,6 +23,7 @@ from django.test import override_settings
 from django.utils import timezone
 
 from pools.models import PoolSnapshot
+from tests.helpers.snapshots import snap
 from tests.servers import child_env, free_port, manage, serving
 
 HELLO = [{"role": "user", "content": "hello"}]
@@ -121,14 +122,11 @@ def test_pool_status_history_from_snapshots():
     now = timezone.now()
     PoolSnapshot.objects.bulk_create(
         [
-            PoolSnapshot(
-                taken_at=now - timedelta(minutes=minutes),
+            snap(
+                "main",
+                now - timedelta(minutes=minutes),
+                in_use,
                 instance=instance,
-                pool="main",
-                size=10,
-                in_use=in_use,
-                available=10 - min(in_use, 10),
-                overflow_in_use=max(0, in_use - 10),
                 waiting=waiting,
                 requests=requests,
                 errors=errors,
@@ -212,16 +210,7 @@ def aged_snapshots(db):
     now = timezone.now()
     PoolSnapshot.objects.bulk_create(
         [
-            PoolSnapshot(
-                taken_at=now - age,
-                instance="h:1",
-                pool="main",
-                size=1,
-                in_use=0,
-                available=1,
-                overflow_in_use=0,
-                waiting=0,
-            )
+            snap("main", now - age, 0, size=1, instance="h:1")
             for age in (
                 timedelta(minutes=30),
                 timedelta(hours=13),

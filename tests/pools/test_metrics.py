@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
 import openai
 import pytest
@@ -14,6 +16,7 @@ from pools import runtime, views
 from pools.engine.adaptive import Outcome
 from pools.engine.exceptions import PoolExhausted
 from pools.engine.metrics import limit_reason_label, metrics_for
+from pools.engine.registry import PoolRegistry
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -39,21 +42,28 @@ async def scrape(**headers: str) -> dict:
     return parse(response.content.decode())
 
 
+@contextlib.asynccontextmanager
+async def installed(registry: PoolRegistry) -> AsyncIterator[PoolRegistry]:
+    """`registry` as the process registry, its metrics subscribed at start (as `serve` and the
+    lifespan do), initialized; the previous registry is put back afterwards."""
+    previous = runtime.install(registry)
+    metrics_for(registry)
+    await registry.initialize()
+    try:
+        yield registry
+    finally:
+        runtime.install(previous)
+
+
 @pytest.fixture
 async def registry(make_registry, simulator):
     """Small pools, no retries (a failure shows at once), installed as the process registry."""
-    registry = make_registry(
-        simulator,
-        pools={
-            "main": {"size": 2, "max_retries": 0},
-            "mini": {"size": 1, "max_overflow": 0, "max_waiting": 0, "max_retries": 0},
-        },
-    )
-    previous = runtime.install(registry)
-    metrics_for(registry)  # subscribed at start, as `serve` and the lifespan do
-    await registry.initialize()
-    yield registry
-    runtime.install(previous)
+    pools = {
+        "main": {"size": 2, "max_retries": 0},
+        "mini": {"size": 1, "max_overflow": 0, "max_waiting": 0, "max_retries": 0},
+    }
+    async with installed(make_registry(simulator, pools=pools)) as registry:
+        yield registry
 
 
 async def test_metrics_match_the_registry_after_calls(registry, simulator):
@@ -196,18 +206,9 @@ async def test_scrapes_while_calls_run_concurrently(registry, simulator):
 @pytest.fixture
 async def limited(make_registry, simulator):
     """main on gpt-4o with a limit of at most 10; mini on gpt-4o-mini opted out (ADAPTIVE=0)."""
-    registry = make_registry(
-        simulator,
-        pools={
-            "main": {"size": 2, "max_concurrency": 10},
-            "mini": {"size": 1, "adaptive": False},
-        },
-    )
-    previous = runtime.install(registry)
-    metrics_for(registry)
-    await registry.initialize()
-    yield registry
-    runtime.install(previous)
+    pools = {"main": {"size": 2, "max_concurrency": 10}, "mini": {"size": 1, "adaptive": False}}
+    async with installed(make_registry(simulator, pools=pools)) as registry:
+        yield registry
 
 
 async def test_metrics_show_the_deployment_limit_its_queue_and_pause(limited, simulator):

@@ -14,7 +14,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from carlos.loadtest.command import Option, add_options, measure, options_from
+from carlos.loadtest.command import REPORT_OPTIONS, Option, add_options, measure, options_from
 from carlos.loadtest.options import MAX_DESIGNS, MAX_TIMEOUT_S, LoadTestOptions
 from carlos.loadtest.report import format_report
 from carlos.loadtest.run import run_load_test
@@ -145,8 +145,7 @@ REPORT: tuple[Option, ...] = (
         "repeated (from the simulator's request log) and each restart's drain and downtime. "
         "No faults are injected unless a rate is given.",
     ),
-    ("--json", None, False, None, "Print the report as JSON."),
-    ("--check", None, False, None, "Exit with status 1 when a target is missed (for scripts)."),
+    *REPORT_OPTIONS,
 )
 
 

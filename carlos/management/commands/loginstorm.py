@@ -12,7 +12,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandParser
 
-from carlos.loadtest.command import Option, add_options, measure, options_from
+from carlos.loadtest.command import REPORT_OPTIONS, Option, add_options, measure, options_from
 from carlos.loadtest.storm import MAX_ADDRESSES, StormOptions, format_report, run_storm
 
 DEFAULTS = StormOptions()
@@ -54,8 +54,7 @@ OPTIONS: tuple[Option, ...] = (
         "0: the same priority).",
     ),
     ("--keep", None, False, None, "Keep the database and logs."),
-    ("--json", None, False, None, "Print the report as JSON."),
-    ("--check", None, False, None, "Exit with status 1 when the target is missed."),
+    *REPORT_OPTIONS,
 )
 
 

@@ -12,6 +12,26 @@ from django.core.management.base import BaseCommand, CommandError
 from pools.benchmark_adaptive import Scenario, format_report, run_benchmark, summarise
 from pools.simulator.process import start_simulator
 
+# The run's numbers: (flag, type, default, help).
+_NUMBERS: tuple[tuple[str, type, float, str], ...] = (
+    ("--rounds", int, 1, "Runs per variant (default 1)."),
+    ("--phase-seconds", float, 20.0, "Length of each capacity phase (default 20 s)."),
+    (
+        "--capacity",
+        int,
+        16,
+        "The upstream's capacity at the start and end; it is halved in the middle phase "
+        "(default 16).",
+    ),
+    ("--callers", int, 48, "Callers (default 48)."),
+    (
+        "--retry-after-ms",
+        float,
+        1000.0,
+        "What the upstream's 429s ask to wait (default 1000 ms, as Retry-After: 1).",
+    ),
+)
+
 
 class Command(BaseCommand):
     help = (
@@ -25,27 +45,8 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser) -> None:
-        parser.add_argument("--rounds", type=int, default=1, help="Runs per variant (default 1).")
-        parser.add_argument(
-            "--phase-seconds",
-            type=float,
-            default=20.0,
-            help="Length of each capacity phase (default 20 s).",
-        )
-        parser.add_argument(
-            "--capacity",
-            type=int,
-            default=16,
-            help="The upstream's capacity at the start and "
-            "end; it is halved in the middle phase (default 16).",
-        )
-        parser.add_argument("--callers", type=int, default=48, help="Callers (default 48).")
-        parser.add_argument(
-            "--retry-after-ms",
-            type=float,
-            default=1000.0,
-            help="What the upstream's 429s ask to wait (default 1000 ms, as Retry-After: 1).",
-        )
+        for flag, kind, default, text in _NUMBERS:
+            parser.add_argument(flag, type=kind, default=default, help=text)
         parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
 
     def handle(self, *args: Any, **options: Any) -> None:

@@ -16,17 +16,19 @@ from django.db.models import Avg, Count, Max, Sum
 from django.utils import timezone
 
 from pools.engine.intervals import parse_duration
+from pools.management.commands._server import add_server_arguments
 from pools.models import PoolSnapshot
 
 TEXT_KEYS = {"pool", "model"}
-LIVE_COLUMNS = (
-    ("pool", "pool"),
-    ("model", "model"),
+# A pool's slots and its counters since start, as both tables show them.
+_SLOT_COLUMNS = (
     ("size", "total"),
     ("in use", "in_use"),
     ("free", "available"),
     ("overflow", "overflow_in_use"),
     ("waiting", "waiting"),
+)
+_COUNTER_COLUMNS = (
     ("requests", "requests_num"),
     ("overflowed", "requests_overflow"),
     ("queued", "requests_queued"),
@@ -35,24 +37,15 @@ LIVE_COLUMNS = (
     ("avg wait ms", "avg_wait_ms"),
     ("conns open", "connections_open"),
 )
+LIVE_COLUMNS = (("pool", "pool"), ("model", "model"), *_SLOT_COLUMNS, *_COUNTER_COLUMNS)
 CLUSTER_COLUMNS = (
     ("pool", "pool"),
     ("model", "model"),
     ("instances", "instances"),
-    ("size", "total"),
-    ("in use", "in_use"),
-    ("free", "available"),
-    ("overflow", "overflow_in_use"),
-    ("waiting", "waiting"),
+    *_SLOT_COLUMNS,
     ("cluster waiting", "cluster_waiting"),
     ("leases held", "leases_held"),
-    ("requests", "requests_num"),
-    ("overflowed", "requests_overflow"),
-    ("queued", "requests_queued"),
-    ("timeouts", "requests_timeouts"),
-    ("errors", "requests_errors"),
-    ("avg wait ms", "avg_wait_ms"),
-    ("conns open", "connections_open"),
+    *_COUNTER_COLUMNS,
 )
 # Summed over the instances for the cluster totals (the rest are per-instance settings).
 SUMMED_KEYS = (
@@ -221,11 +214,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--url",
-            default="http://127.0.0.1:8000",
-            help="Base URL of the running Carlos server (default http://127.0.0.1:8000).",
-        )
+        add_server_arguments(parser)
         parser.add_argument(
             "--history",
             metavar="WINDOW",
@@ -240,9 +229,6 @@ class Command(BaseCommand):
         )
         parser.add_argument("--pool", action="append", help="Only this pool (repeatable).")
         parser.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
-        parser.add_argument(
-            "--timeout", type=float, default=5.0, help="Seconds to wait for /health (default 5)."
-        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         if options["history"] and options["cluster"]:

@@ -9,6 +9,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.utils import timezone
 
 from pools.engine.stats import PoolStats
+from pools.management.commands._server import add_server_arguments
 from pools.models import PoolSnapshot
 from pools.sampler import gauges
 
@@ -59,15 +60,7 @@ class Command(BaseCommand):
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument(
-            "--url",
-            default="http://127.0.0.1:8000",
-            help="Base URL of the running Carlos server (default http://127.0.0.1:8000); "
-            "the rows' instance.",
-        )
-        parser.add_argument(
-            "--timeout", type=float, default=5.0, help="Seconds to wait for /health (default 5)."
-        )
+        add_server_arguments(parser, url_role="; the rows' instance")
 
     def handle(self, *args: Any, **options: Any) -> None:
         base = options["url"].rstrip("/")

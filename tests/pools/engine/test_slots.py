@@ -11,7 +11,7 @@ import pytest
 
 from pools.engine.config import PoolConfig
 from pools.engine.exceptions import PoolClosed, PoolExhausted, PoolTimeout
-from pools.engine.slots import SlotKind, SlotPool
+from pools.engine.slots import Slot, SlotKind, SlotPool
 from pools.engine.stats import SlotStats
 from tests.helpers.waiting import eventually
 
@@ -25,6 +25,14 @@ def held(pool: SlotPool) -> tuple[int, int, int, int]:
     """(in use, pooled free, overflow in use, waiting)."""
     stats = pool.stats()
     return stats.in_use, stats.available, stats.overflow_in_use, stats.waiting
+
+
+async def one_queued(pool: SlotPool) -> tuple[Slot, asyncio.Task[Slot]]:
+    """Take the pool's one slot and queue a caller behind it: (the slot, the queued caller)."""
+    slot = await pool.acquire()
+    waiter = asyncio.create_task(pool.acquire(timeout=5))
+    await eventually(lambda: pool.stats().waiting == 1, what="the caller queues")
+    return slot, waiter
 
 
 async def test_a_new_pool_is_all_free() -> None:
@@ -98,9 +106,7 @@ async def test_a_queued_caller_that_times_out_leaves_the_queue() -> None:
 
 async def test_a_cancelled_waiter_leaves_nothing_held() -> None:
     pool = slot_pool(size=1, max_overflow=0)
-    slot = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire(timeout=5))
-    await eventually(lambda: pool.stats().waiting == 1, what="the caller queues")
+    slot, waiter = await one_queued(pool)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -111,9 +117,7 @@ async def test_a_cancelled_waiter_leaves_nothing_held() -> None:
 
 async def test_past_max_waiting_a_caller_is_refused_at_once() -> None:
     pool = slot_pool(size=1, max_overflow=0, max_waiting=1)
-    slot = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire(timeout=5))
-    await eventually(lambda: pool.stats().waiting == 1, what="the caller queues")
+    slot, waiter = await one_queued(pool)
     with pytest.raises(PoolExhausted):
         await pool.acquire(timeout=5)
     assert pool.stats().requests_refused == 1 and pool.stats().waiting == 1
@@ -124,9 +128,7 @@ async def test_past_max_waiting_a_caller_is_refused_at_once() -> None:
 
 async def test_close_wakes_the_queue_and_refuses_until_reopened() -> None:
     pool = slot_pool(size=1, max_overflow=0)
-    slot = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire(timeout=5))
-    await eventually(lambda: pool.stats().waiting == 1, what="the caller queues")
+    slot, waiter = await one_queued(pool)
     pool.close()
     with pytest.raises(PoolClosed):
         await waiter
@@ -141,9 +143,7 @@ async def test_close_wakes_the_queue_and_refuses_until_reopened() -> None:
 
 async def test_a_larger_size_grants_the_queue() -> None:
     pool = slot_pool(size=1, max_overflow=0)
-    slot = await pool.acquire()
-    waiter = asyncio.create_task(pool.acquire(timeout=5))
-    await eventually(lambda: pool.stats().waiting == 1, what="the caller queues")
+    slot, waiter = await one_queued(pool)
     pool.reconfigure(PoolConfig(name="main", model="gpt-4o", size=2, max_overflow=0))
     second = await waiter
     assert held(pool) == (2, 0, 0, 0)

@@ -24,6 +24,22 @@ async def eventually(predicate, timeout: float = 5.0) -> None:
             await asyncio.sleep(0.01)
 
 
+async def one_call(registry: PoolRegistry) -> str:
+    """One whole call through the main pool: the answer's text."""
+    async with registry.get_main_llm() as llm:
+        return (await llm.ainvoke(HELLO)).text
+
+
+async def one_holding_one_queued(
+    registry: PoolRegistry,
+) -> tuple[asyncio.Task[str], asyncio.Task[str]]:
+    """Start two calls on a main pool of one slot; return once the second queues for it."""
+    holder = asyncio.create_task(one_call(registry))
+    queued = asyncio.create_task(one_call(registry))
+    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
+    return holder, queued
+
+
 async def test_sequential_calls_reuse_one_connection(make_registry, simulator):
     registry = make_registry(simulator, {"main": {"size": 2}})
     for _ in range(5):
@@ -161,14 +177,7 @@ async def test_max_waiting_refuses_at_once(make_registry, simulator_factory):
     registry = make_registry(
         simulator, {"main": {"size": 1, "max_overflow": 0, "max_waiting": 1, "timeout": 5}}
     )
-
-    async def call() -> None:
-        async with registry.get_main_llm() as llm:
-            await llm.ainvoke(HELLO)
-
-    first = asyncio.create_task(call())
-    second = asyncio.create_task(call())
-    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
+    first, second = await one_holding_one_queued(registry)
     with pytest.raises(PoolExhausted, match="1 callers already waiting"):
         async with registry.get_main_llm():
             pass
@@ -203,14 +212,7 @@ async def test_cancel_while_queued_leaves_no_waiter_and_loses_no_slot(
 ):
     simulator = await simulator_factory(ttft_ms=200)
     registry = make_registry(simulator, {"main": {"size": 1, "max_overflow": 0, "timeout": 5}})
-
-    async def call() -> None:
-        async with registry.get_main_llm() as llm:
-            await llm.ainvoke(HELLO)
-
-    holder = asyncio.create_task(call())
-    queued = asyncio.create_task(call())
-    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
+    holder, queued = await one_holding_one_queued(registry)
     queued.cancel()
     with pytest.raises(asyncio.CancelledError):
         await queued
@@ -270,14 +272,7 @@ async def test_closed_registry_refuses_calls_and_wakes_waiters(make_registry, si
     simulator = await simulator_factory(ttft_ms=300)
     registry = make_registry(simulator, {"main": {"size": 1, "max_overflow": 0, "timeout": 5}})
     await registry.initialize()
-
-    async def call() -> None:
-        async with registry.get_main_llm() as llm:
-            await llm.ainvoke(HELLO)
-
-    holder = asyncio.create_task(call())
-    queued = asyncio.create_task(call())
-    await eventually(lambda: registry.stats().pools["main"].waiting == 1)
+    holder, queued = await one_holding_one_queued(registry)
     await registry.close()
     with pytest.raises(PoolClosed):
         await queued
@@ -293,7 +288,7 @@ def test_clients_belong_to_their_loop(simulator_thread):
     registry = PoolRegistry(registry_config(simulator_thread.base_url, {"main": {"size": 2}}))
 
     async def two_calls() -> str:
-        texts = [await _one_call(registry), await _one_call(registry)]
+        texts = [await one_call(registry), await one_call(registry)]
         await registry.aclose_loop()
         return texts[0]
 
@@ -304,11 +299,6 @@ def test_clients_belong_to_their_loop(simulator_thread):
     assert registry.stats().http.connections_open == 0
 
 
-async def _one_call(registry) -> str:
-    async with registry.get_main_llm() as llm:
-        return (await llm.ainvoke(HELLO)).text
-
-
 def test_one_registry_serves_several_loops_at_once(simulator_thread):
     """Two threads, two loops, one registry: slots are shared, clients are per loop."""
     registry = PoolRegistry(registry_config(simulator_thread.base_url, {"main": {"size": 2}}))
@@ -317,7 +307,7 @@ def test_one_registry_serves_several_loops_at_once(simulator_thread):
     def worker() -> None:
         async def run() -> None:
             for _ in range(5):
-                await _one_call(registry)
+                await one_call(registry)
             await registry.aclose_loop()
 
         try:

@@ -21,7 +21,7 @@ from tests.conftest import probe
 from tests.helpers.services import REDIS_URL, forget_keys, needs_redis, run_prefix
 from tests.helpers.waiting import eventually
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 HELLO = [{"role": "user", "content": "Design a ledger"}]
 pytestmark = needs_redis()
 
@@ -223,7 +223,7 @@ HOLDER = """
 import asyncio, sys
 from pools.engine.config import parse_config
 from pools.engine.registry import PoolRegistry
-from tests.pools.test_cluster import cluster_raw
+from tests.pools.engine.test_cluster import cluster_raw
 
 async def main():
     registry = PoolRegistry(parse_config(cluster_raw(sys.argv[1], sys.argv[2])))

@@ -32,7 +32,7 @@ from django.test import Client
 pytestmark = pytest.mark.django_db(transaction=True)
 
 User = get_user_model()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "a-long-test-password"
 WRONG = "hunter2-not-it"
 LOGIN = "/accounts/login/"
@@ -70,14 +70,14 @@ class HeldHasher(CountingHasher):
 
 @pytest.fixture
 def counting_hasher(settings) -> Iterator[type[CountingHasher]]:
-    settings.PASSWORD_HASHERS = ["tests.test_login.CountingHasher"]
+    settings.PASSWORD_HASHERS = ["tests.carlos.test_login.CountingHasher"]
     CountingHasher.checks = 0
     yield CountingHasher
 
 
 @pytest.fixture
 def held_hasher(settings) -> Iterator[type[HeldHasher]]:
-    settings.PASSWORD_HASHERS = ["tests.test_login.HeldHasher"]
+    settings.PASSWORD_HASHERS = ["tests.carlos.test_login.HeldHasher"]
     HeldHasher.entered.clear()
     HeldHasher.released.clear()
     try:

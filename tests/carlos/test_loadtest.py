@@ -26,7 +26,7 @@ from carlos.loadtest.report import failure_cause, format_report, summarize
 from carlos.loadtest.rolling import repeated_calls
 from carlos.loadtest.users import PAGES, retry_after
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FAST = ["--ttft-ms", "5", "--tokens-per-second", "3000", "--stall-seconds", "1"]
 
 

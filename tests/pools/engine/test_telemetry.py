@@ -377,7 +377,7 @@ print("off")
         text=True,
         timeout=60,
         check=False,
-        cwd=Path(__file__).resolve().parents[2],
+        cwd=Path(__file__).resolve().parents[3],
     )
     assert done.stdout.strip() == "off", done.stderr
 
