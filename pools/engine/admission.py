@@ -1,11 +1,11 @@
 """What lets a call in or turns new work away: the parts `PoolRegistry.acquire` composes.
 
-Each concern is one small helper whose release goes on the caller's `AsyncExitStack`: the
-slot, the cluster-wide lease, the pool's name for the connections opened in the block, the
-closing of connections a failed call stranded. `refusal_for` says, before any of it, why new
-work would be refused now (the views ask it before starting a design in the background);
-`deployment_unready`, why a deployment makes the service unready (/health's readiness);
-`limit_settings`, how many calls a deployment's limiter lets in flight.
+Each concern is one small helper: the cluster-wide lease taken for a slot, the closing of
+the connection a block used (a temporary one, or those a failed call stranded).
+`refusal_for` says, before any of it, why new work would be refused now (the views ask it
+before starting a design in the background); `deployment_unready`, why a deployment makes
+the service unready (/health's readiness); `limit_settings`, how many calls a deployment's
+limiter lets in flight.
 """
 
 from __future__ import annotations
@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from types import TracebackType
 from typing import TYPE_CHECKING
 
 import httpx
@@ -27,61 +25,40 @@ from pools.engine.exceptions import CircuitOpen, PoolTimeout
 from pools.engine.resilience import BreakerState, CircuitBreaker
 from pools.engine.slots import Slot, SlotPool
 from pools.engine.stats import BreakerStats, PoolStats
-from pools.engine.transport import close_stranded_connections, current_pool
+from pools.engine.transport import close_stranded_connections
 
 if TYPE_CHECKING:
     from pools.engine.cluster import ClusterCoordinator, Lease
+    from pools.engine.handle import LLMHandle
 
 
-@contextmanager
-def attributed_to(name: str) -> Iterator[None]:
-    """Connections opened in the block count for pool `name` (the transport's ledger)."""
-    token = current_pool.set(name)
+async def close_connection(
+    handle: LLMHandle, temporary: httpx.AsyncClient | None, shared: httpx.AsyncClient, failed: bool
+) -> None:
+    """Leaving a block: its streams closed, then its temporary connection; after a failure
+    or a cancellation, the shared client's connections it may have left mid-response."""
     try:
-        yield
+        await handle._close_streams()
     finally:
-        current_pool.reset(token)
-
-
-@dataclass(frozen=True, slots=True)
-class StrandedCloser:
-    """An exit callback: a block that failed or was cancelled may have left a connection
-    mid-response; close such connections rather than hand them to the next caller."""
-
-    http: httpx.AsyncClient
-
-    async def __call__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> bool:
-        if exc_type is not None:
-            await close_stranded_connections(self.http)
-        return False
-
-
-async def take_slot(taken: AsyncExitStack, pool: SlotPool, timeout: float | None) -> Slot:
-    """A slot of `pool`, given back when `taken` unwinds."""
-    slot = await pool.acquire(timeout)
-    taken.callback(pool.release, slot)
-    return slot
+        if temporary is not None:
+            await temporary.aclose()
+        elif failed:
+            await close_stranded_connections(shared)
 
 
 async def take_lease(
-    taken: AsyncExitStack,
     cluster: ClusterCoordinator,
     pool: SlotPool,
     slot: Slot,
     timeout: float | None,
     waiting: Counter[str],
-) -> None:
-    """A cluster-wide lease for `slot`, released when `taken` unwinds. Waiting for it counts
-    as waiting for the slot (in `wait_ms`, the counters and the ACQUIRED event)."""
+) -> Lease:
+    """A cluster-wide lease for `slot`; the caller releases it. Waiting for it counts as
+    waiting for the slot (in `wait_ms`, the counters and the ACQUIRED event)."""
     leasing = time.perf_counter()
     lease = await wait_for_lease(cluster, pool, timeout, slot.wait_ms, waiting)
-    taken.push_async_callback(cluster.release, lease)
     pool.record_wait(slot, (time.perf_counter() - leasing) * 1000)
+    return lease
 
 
 async def wait_for_lease(
@@ -211,13 +188,11 @@ def refusal_for(
 
 __all__ = [
     "Refusal",
-    "StrandedCloser",
-    "attributed_to",
+    "close_connection",
     "deployment_unready",
     "limit_settings",
     "pool_capacity",
     "refusal_for",
     "take_lease",
-    "take_slot",
     "wait_for_lease",
 ]

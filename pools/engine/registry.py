@@ -18,7 +18,7 @@ import time
 import weakref
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -30,13 +30,11 @@ from pools.engine import telemetry
 from pools.engine.adaptive import DeploymentLimiter
 from pools.engine.admission import (
     Refusal,
-    StrandedCloser,
-    attributed_to,
+    close_connection,
     deployment_unready,
     limit_settings,
     refusal_for,
     take_lease,
-    take_slot,
 )
 from pools.engine.budget import RateBudget
 from pools.engine.config import PoolsConfig
@@ -67,7 +65,7 @@ from pools.engine.transport import (
 if TYPE_CHECKING:
     import httpx2
 
-    from pools.engine.cluster import ClusterCoordinator
+    from pools.engine.cluster import ClusterCoordinator, Lease
 
 logger = logging.getLogger("pools")
 
@@ -216,11 +214,13 @@ class PoolRegistry:
 
         Taken in this order and given back in the reverse: the slot, the cluster-wide lease,
         the handle's connection, the pool's name for the connections opened in the block.
+        Plain `try`/`finally` with one helper per concern: this runs on every call, and an
+        exit stack or a generator per concern costs it several times over (benchmark_pools).
         """
         pool = self._open_pool(name)
         guard = self._guards[name]
-        async with AsyncExitStack() as held:
-            slot = await self._admit(held, pool, guard.breaker, timeout)
+        slot, lease = await self._admit(pool, guard.breaker, timeout)
+        try:
             self.events.emit(
                 PoolEvent(
                     name,
@@ -230,9 +230,24 @@ class PoolRegistry:
                     queued=slot.queued,
                 )
             )
-            handle = await held.enter_async_context(self._handle_on_connection(pool, slot, guard))
-            held.enter_context(attributed_to(name))
-            yield handle
+            shared = self._clients()
+            sdk, temporary = shared.sdk, None
+            if slot.overflow:
+                temporary = self._build_http(max_connections=1, keepalive=1)
+                sdk = sdk.copy(http_client=_sdk_client(temporary))
+            handle = LLMHandle(pool, slot, sdk, guard)
+            token = current_pool.set(name)  # connections opened in the block count for `name`
+            failed = False
+            try:
+                yield handle
+            except BaseException:
+                failed = True
+                raise
+            finally:
+                current_pool.reset(token)
+                await close_connection(handle, temporary, shared.http, failed)
+        finally:
+            await self._give_back(pool, slot, lease)
 
     def _open_pool(self, name: str) -> SlotPool:
         pool = self.pools.get(name)
@@ -243,49 +258,32 @@ class PoolRegistry:
         return pool
 
     async def _admit(
-        self,
-        held: AsyncExitStack,
-        pool: SlotPool,
-        breaker: CircuitBreaker,
-        timeout: float | None,
-    ) -> Slot:
-        """The breaker's consent, a slot, a cluster lease; their release goes on `held`.
-
-        A refusal (`PoolError`) gives back what was taken, then is published as REFUSED.
-        """
+        self, pool: SlotPool, breaker: CircuitBreaker, timeout: float | None
+    ) -> tuple[Slot, Lease | None]:
+        """The breaker's consent, a slot, a cluster lease. A refusal (`PoolError`) gives back
+        what was taken, then is published as REFUSED."""
         try:
-            async with AsyncExitStack() as taken:
-                breaker.check()  # fail fast while the upstream cools down: hold no slot
-                slot = await take_slot(taken, pool, timeout)
-                if self.cluster is not None:
-                    await take_lease(
-                        taken, self.cluster, pool, slot, timeout, self._cluster_waiting
-                    )
-                held.push_async_exit(taken.pop_all())
+            breaker.check()  # fail fast while the upstream cools down: hold no slot
+            slot = await pool.acquire(timeout)
+            if self.cluster is None:
+                return slot, None
+            try:
+                lease = await take_lease(self.cluster, pool, slot, timeout, self._cluster_waiting)
+            except BaseException:
+                pool.release(slot)
+                raise
+            return slot, lease
         except PoolError as exc:
             self.events.emit(PoolEvent(pool.name, EventKind.REFUSED, error=type(exc).__name__))
             raise
-        return slot
 
-    @asynccontextmanager
-    async def _handle_on_connection(
-        self, pool: SlotPool, slot: Slot, guard: Guard
-    ) -> AsyncIterator[LLMHandle]:
-        """The slot's handle: on this loop's client, or on a temporary connection for an
-        overflow slot. Leaving closes its streams, then the temporary connection, or after a
-        failure or cancellation the connections it may have stranded."""
-        clients = self._clients()
-        async with AsyncExitStack() as connection:
-            sdk = clients.sdk
-            if slot.overflow:
-                temporary = self._build_http(max_connections=1, keepalive=1)
-                connection.push_async_callback(temporary.aclose)
-                sdk = sdk.copy(http_client=_sdk_client(temporary))
-            else:
-                connection.push_async_exit(StrandedCloser(clients.http))
-            handle = LLMHandle(pool, slot, sdk, guard)
-            connection.push_async_callback(handle._close_streams)
-            yield handle
+    async def _give_back(self, pool: SlotPool, slot: Slot, lease: Lease | None) -> None:
+        """The cluster lease, then the slot: the slot is given back even if Redis fails."""
+        try:
+            if lease is not None and self.cluster is not None:
+                await self.cluster.release(lease)
+        finally:
+            pool.release(slot)
 
     def _breaker_listener(self, model: str) -> Callable[[BreakerState, float, str], None]:
         """Publish a local breaker's opening and closing to the other instances."""
