@@ -136,6 +136,15 @@ class _Warnings(logging.Handler):
         self.messages.append(record.getMessage())
 
 
+SDK_LOGGERS = (
+    "opentelemetry.sdk",
+    "opentelemetry.trace",
+    "opentelemetry.metrics",
+    "opentelemetry.attributes",
+    "opentelemetry.context",
+)
+
+
 class OtelHarness:
     """Global providers installed once per process, forwarding to one test's SDK providers."""
 
@@ -180,12 +189,16 @@ class OtelHarness:
         anything (a span ended twice, an attribute set on an ended span)."""
         harness = cls.install()
         harness.start()
-        sdk_logger = logging.getLogger("opentelemetry")
-        sdk_logger.addHandler(harness.sdk_warnings)
+        # The API and SDK's own loggers (span misuse, bad attributes); not the exporters',
+        # whose retries may belong to another test's exporter still draining in its thread.
+        sdk_loggers = [logging.getLogger(name) for name in SDK_LOGGERS]
+        for sdk_logger in sdk_loggers:
+            sdk_logger.addHandler(harness.sdk_warnings)
         try:
             yield harness
         finally:
-            sdk_logger.removeHandler(harness.sdk_warnings)
+            for sdk_logger in sdk_loggers:
+                sdk_logger.removeHandler(harness.sdk_warnings)
             harness.stop()
         assert harness.sdk_warnings.messages == []
 
