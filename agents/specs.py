@@ -204,10 +204,6 @@ def only_in_stage(stage: Stage | str) -> AgentSpec:
     return found[0]
 
 
-def agent_keys() -> tuple[str, ...]:
-    return tuple(spec.key for spec in _registered)
-
-
 def agent_choices() -> list[tuple[str, str]]:
     """AgentRun.agent's choices: a callable, so a new agent needs no migration."""
     return [(spec.key, spec.label) for spec in _registered]
