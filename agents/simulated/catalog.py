@@ -1,7 +1,9 @@
 """The service catalogue and how each architect composes a priced design from it.
 
 The catalogue itself is data (catalog.toml); the architects differ in the roles they pick:
-Carlos managed services, Ronei Kubernetes. Options add controls and scale the prices.
+Carlos managed services, Ronei Kubernetes. Options add controls and scale the prices; an
+internal application is reached over a VPN through a private gateway with single sign-on,
+never through a public edge.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, replace
 from importlib.resources import files
 
+from agents.simulated.facts import read_facts
 from agents.simulated.text import Context, workload
 
 
@@ -20,6 +23,7 @@ class Service:
     monthly_usd: float
     category: str
     shape: str = "box"  # box, db or round (Mermaid node shape)
+    terraform: str = ""  # terraform/<cloud>/<this>.tf.tmpl; "" when set up outside Terraform
 
 
 def _load_catalog() -> dict[str, dict[str, Service]]:
@@ -61,15 +65,28 @@ _RELIABILITY_FACTOR = {"normal": 1.0, "high": 1.35, "extreme": 2.0}
 _PRIORITY_FACTOR = {"cost": 0.8, "balanced": 1.0, "performance": 1.35}
 
 
+def _internal(roles: list[str]) -> list[str]:
+    """An internal application's roles: no public edge; VPN, private gateway and SSO instead."""
+    swapped = {"gateway": "private_gateway", "identity": "sso"}
+    kept = [swapped.get(role, role) for role in roles if role not in ("edge", "global")]
+    if "private_gateway" not in kept:
+        kept.insert(0, "private_gateway")
+    kept.insert(0, "vpn")
+    kept += [role for role in ("sso", "private") if role not in kept]
+    return kept
+
+
 def compose(ctx: Context, architect: str) -> dict[str, Service]:
     """The services of one architect's design, priced for the options."""
     roles = list(_ROLES[(architect, workload(ctx))])
+    if read_facts(ctx.request_text).internal:
+        roles = _internal(roles)
     compliance = ctx.options["compliance"]
     if compliance in ("regulated", "strict"):
         roles.append("policy")
     if compliance == "strict":
         roles += ["private", "siem"]
-    if ctx.options["reliability"] == "extreme":
+    if ctx.options["reliability"] == "extreme" and "vpn" not in roles:
         roles = ["global" if role == "edge" else role for role in roles]
         if "global" not in roles:
             roles.insert(0, "global")

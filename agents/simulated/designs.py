@@ -9,15 +9,17 @@ from __future__ import annotations
 from agents.options import option_label
 from agents.prompts import DESIGN_SECTIONS
 from agents.simulated.catalog import NETWORK, Service, compose, compute_role, total
+from agents.simulated.facts import quoted
 from agents.simulated.text import (
     RECOVERY_HOURS,
-    WORKLOAD_TEXT,
     Context,
+    internal,
     quote,
     regions,
     scale_phrase,
     subject,
     workload,
+    workload_text,
 )
 
 
@@ -37,14 +39,15 @@ def _mermaid(ctx: Context, services: dict[str, Service], secondary: str) -> str:
     lines = ["flowchart TD"]
     kind = workload(ctx)
     source = "sources" if kind == "data" else "users"
-    lines.append('    sources(["Data sources"])' if source == "sources" else '    users(["Users"])')
+    people = "Employees" if internal(ctx) else "Users"
+    lines.append('    sources(["Data sources"])' if kind == "data" else f'    users(["{people}"])')
     lines += [f"    {_node(role, service)}" for role, service in services.items()]
     compute = compute_role(services)
     previous = source
     if kind == "data" and "stream" in services:
         lines.append(f"    {previous} --> stream")
         previous = "stream"
-    for role in _present(services, "global", "edge", "gateway"):
+    for role in _present(services, *_ENTRY_ROLES):
         lines.append(f"    {previous} --> {role}")
         previous = role
     lines.append(f"    {previous} --> {compute}")
@@ -64,7 +67,7 @@ def _mermaid(ctx: Context, services: dict[str, Service], secondary: str) -> str:
         lines.append("    storage --> warehouse")
     if "warehouse" in services:
         lines.append('    warehouse --> bi(["Analysts and dashboards"])')
-    controls = _present(services, "secrets", "identity", "registry", "private", "policy")
+    controls = _present(services, "secrets", "identity", "sso", "registry", "private", "policy")
     lines += [f"    {compute} -.-> {role}" for role in controls]
     lines += [f"    {r} -.-> {compute}" for r in _present(services, "monitoring", "backup", "siem")]
     if "global" in services:
@@ -117,7 +120,6 @@ def design(ctx: Context, architect: str) -> str:
     cloud = option_label("cloud", ctx.cloud)
     title, approach, stance = _VOICE[architect]
     compute = services[compute_role(services)]
-    words = ", ".join(ctx.keywords) or "your request"
     reliability = o["reliability"]
     multi_region = reliability == "extreme"
     zones = reliability != "normal" or architect == "ronei"
@@ -129,9 +131,12 @@ def design(ctx: Context, architect: str) -> str:
             + (ctx.required_changes or "- (none listed)")
         )
     sections: dict[str, list[str]] = {}
+    scale = scale_phrase(ctx)
+    sized = f", sized for {scale}" if scale else ""
     sections["Executive Summary"] = [
-        f"You asked for: “{quote(ctx.request_text)}”.",
-        f"{architect.capitalize()} proposes {approach} on {cloud} built around {words}. {stance}",
+        f"You asked for {quoted(quote(ctx.request_text))}",
+        f"{architect.capitalize()} proposes {approach} on {cloud} for {subject(ctx)}{sized}. "
+        + stance,
         f"It targets {option_label('reliability', reliability)} availability, "
         f"{option_label('compliance', o['compliance'])} compliance and the "
         f"“{option_label('priority', o['priority'])}” budget posture, for an estimated "
@@ -142,15 +147,19 @@ def design(ctx: Context, architect: str) -> str:
         for question, answer in ctx.clarifications
     ]
     sections["Requirements and Assumptions"] = [
-        f"- Workload: {WORKLOAD_TEXT[workload(ctx)].lower()}.",
-        f"- Scale: {scale_phrase(ctx) or 'assumed up to 500 requests per second at peak'}.",
+        f"- Workload: {workload_text(ctx)[:1].lower()}{workload_text(ctx)[1:]}.",
+        (
+            f"- Scale: {scale}, as the request states."
+            if scale
+            else "- Scale: not stated; assumed up to 500 requests per second at peak."
+        ),
         f"- Scenario preset: {option_label('scenario', o['scenario'])}; design strictness: "
         f"{option_label('strictness', o['strictness'])}.",
         *(clar or ["- No clarifying questions were answered; typical values are assumed."]),
     ]
     sections["Architecture Overview"] = [
-        f"Traffic enters through {_entry(services)} and reaches {compute.name}; state lives in "
-        f"{_data_names(services)}. The primary region is {primary}"
+        f"{_arrival(ctx, services, compute)}; state lives in {_data_names(services)}. The "
+        f"primary region is {primary}"
         + (f", with a standby in {secondary}." if multi_region else "."),
         "",
         "```mermaid",
@@ -167,9 +176,10 @@ def design(ctx: Context, architect: str) -> str:
     sections["Networking"] = [
         f"- {NETWORK[ctx.cloud]} `10.20.0.0/16` in {primary}: subnets for ingress "
         "(`10.20.0.0/24`), application (`10.20.1.0/24`) and data (`10.20.2.0/24`).",
-        f"- Ingress only through {_entry(services)}; TLS 1.2+ terminates at the edge.",
+        _ingress(services),
         (
-            f"- Data services have no public endpoints: {services['private'].name}."
+            f"- Data services are reachable only through private endpoints "
+            f"({services['private'].name})."
             if "private" in services
             else "- Data services restrict access to the application subnet with firewall rules."
         ),
@@ -178,7 +188,13 @@ def design(ctx: Context, architect: str) -> str:
     sections["Security"] = [
         f"- Secrets and keys in **{services['secrets'].name}**; workloads use managed identities.",
         *(
-            _if_present(services, "identity", "- Sign-in through **{name}**.")
+            _if_present(
+                services,
+                "sso",
+                "- Single sign-on through **{name}**, with the corporate directory's groups "
+                "mapped to roles.",
+            )
+            or _if_present(services, "identity", "- Sign-in through **{name}**.")
             or ["- Workload identity federation for pods; no long-lived credentials."]
         ),
         "- Encryption at rest with platform keys"
@@ -189,11 +205,10 @@ def design(ctx: Context, architect: str) -> str:
         f"- Compliance level: {option_label('compliance', o['compliance'])}.",
     ]
     rto, rpo = RECOVERY_HOURS[reliability]
-    standby = f"- Warm standby in {secondary}; failover through {{name}}."
     sections["Reliability"] = [
         f"- Target: {option_label('reliability', reliability)}.",
         f"- {_ZONES_TEXT[zones]} in {primary}.",
-        *(_if_present(services, "global", standby) if multi_region else []),
+        *(_standby(services, secondary) if multi_region else []),
         f"- Backups with **{services['backup'].name}**; RTO {rto} h, RPO {rpo} h.",
         "- Health probes, retries with backoff and circuit breakers between services.",
     ]
@@ -202,7 +217,11 @@ def design(ctx: Context, architect: str) -> str:
         + (" with a generous minimum for low latency." if o["priority"] == "performance" else "."),
         *_if_present(services, "cache", "- Hot reads served from **{name}**."),
         *_if_present(services, "edge", "- Static content and caching at the edge with **{name}**."),
-        "- Load tests before launch against the traffic assumptions above.",
+        (
+            f"- Sized for {scale}; load tests before launch confirm the headroom."
+            if scale
+            else "- Load tests before launch against the traffic assumptions above."
+        ),
     ]
     table = ["| Service | SKU | Monthly (USD) |", "|---|---|---:|"]
     table += [f"| {s.name} | {s.sku} | ${s.monthly_usd:,.0f} |" for s in services.values()]
@@ -232,15 +251,51 @@ def design(ctx: Context, architect: str) -> str:
     return "\n".join(body)
 
 
+_ENTRY_ROLES = ("vpn", "global", "edge", "gateway", "private_gateway")
+
+
 def _entry(services: dict[str, Service]) -> str:
-    names = [services[r].name for r in _present(services, "global", "edge", "gateway")]
+    names = [services[r].name for r in _present(services, *_ENTRY_ROLES)]
     return " and ".join(names) if names else "the ingestion endpoint"
+
+
+def _arrival(ctx: Context, services: dict[str, Service], compute: Service) -> str:
+    """How requests or data reach the code, for the overview's first sentence."""
+    if workload(ctx) == "data":
+        source = services["stream"].name if "stream" in services else "the ingestion endpoint"
+        return f"Data arrives through {source} and is processed by {compute.name}"
+    if "vpn" in services:
+        return (
+            f"Employees connect from the corporate network over {services['vpn'].name} to "
+            f"{services['private_gateway'].name}, which forwards to {compute.name}"
+        )
+    return f"Traffic enters through {_entry(services)} and reaches {compute.name}"
+
+
+def _ingress(services: dict[str, Service]) -> str:
+    if "vpn" in services:
+        return (
+            "- No public ingress: the application is reachable only through "
+            f"{services['private_gateway'].name}, over {services['vpn'].name} from the corporate "
+            "network; TLS 1.2+ terminates at the private gateway."
+        )
+    if not _present(services, *_ENTRY_ROLES):
+        return "- No inbound web traffic: producers write to the ingestion service over TLS 1.2+."
+    return f"- Ingress only through {_entry(services)}; TLS 1.2+ terminates at the edge."
+
+
+def _standby(services: dict[str, Service], secondary: str) -> list[str]:
+    if "global" in services:
+        return [f"- Warm standby in {secondary}; failover through {services['global'].name}."]
+    return [f"- Warm standby in {secondary}, reached over a second VPN connection on failover."]
 
 
 def _data_names(services: dict[str, Service]) -> str:
     roles = _present(services, "sql", "nosql", "cache", "storage", "warehouse")
     names = [services[r].name for r in roles]
-    return ", ".join(names) if names else "managed storage"
+    if not names:
+        return "managed storage"
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
 def _compute_lines(architect: str, services: dict[str, Service], compute: Service) -> list[str]:
@@ -249,7 +304,11 @@ def _compute_lines(architect: str, services: dict[str, Service], compute: Servic
         lines += [
             "- Separate node pools for system and application workloads; Horizontal Pod "
             "Autoscaler and cluster autoscaler.",
-            "- Ingress controller behind the gateway; network policies isolate namespaces.",
+            (
+                "- Ingress controller behind the gateway; network policies isolate namespaces."
+                if _present(services, *_ENTRY_ROLES)
+                else "- Network policies isolate namespaces; the cluster has no public ingress."
+            ),
             *_if_present(services, "registry", "- Images in **{name}**, signed and scanned."),
         ]
     else:

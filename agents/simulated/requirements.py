@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 from agents.options import option_label
+from agents.simulated.facts import quoted, read_facts, sentence
 from agents.simulated.text import (
     BR_WORDS,
     EU_WORDS,
-    WORKLOAD_TEXT,
     Context,
     answer_about,
+    internal,
     quote,
     regions,
-    scale_phrase,
     subject,
     workload,
+    workload_text,
 )
 
 _QUESTION_TEMPLATES = {
@@ -37,8 +38,11 @@ def questions(ctx: Context) -> str:
     topics = list(_QUESTION_TEMPLATES)
     if EU_WORDS.search(ctx.request_text) or BR_WORDS.search(ctx.request_text):
         topics.remove("regions")
-    if scale_phrase(ctx):
+    scale = read_facts(ctx.request_text).scale
+    if scale.people or scale.rate:
         topics.remove("traffic")
+    if scale.data:
+        topics.remove("data")
     count = 3 + ctx.seed % 3
     values = {
         "subject": subject(ctx),
@@ -52,34 +56,75 @@ def questions(ctx: Context) -> str:
     )
 
 
+def _capitalised(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def _traffic(ctx: Context) -> str:
+    answered = answer_about(ctx, "traffic", "users", "requests")
+    if answered:
+        return sentence(answered)
+    scale = read_facts(ctx.request_text).scale
+    stated = [part for part in (scale.people, scale.rate) if part]
+    if stated:
+        return f"{' and '.join(stated)}, as the request states; confirm the peak with a load test."
+    return "assumed up to 500 requests per second at peak."
+
+
+def _audience(ctx: Context) -> str:
+    if workload(ctx) == "data":
+        return "- Consumers: analysts, dashboards and downstream services."
+    if internal(ctx):
+        return (
+            "- Audience: the organisation's own people, signing in with single sign-on from the "
+            "corporate network or over VPN; nothing is exposed to the internet."
+        )
+    return "- Audience: the public, over the internet, on web and mobile clients."
+
+
 def requirements(ctx: Context) -> str:
     """The structured summary, with the user's answers or explicit assumptions."""
     o = ctx.options
-    scale = scale_phrase(ctx)
-    traffic = answer_about(ctx, "traffic", "users", "requests") or (
-        f"{scale} (from the request)" if scale else "assumed up to 500 requests per second at peak"
+    scale = read_facts(ctx.request_text).scale
+    data = answer_about(ctx, "data", "retain")
+    data_text = (
+        sentence(data)
+        if data
+        else f"{scale.data}, as the request states."
+        if scale.data
+        else "assumed under 1 TB in the first year."
     )
-    data = answer_about(ctx, "data", "retain") or "assumed under 1 TB in the first year"
-    budget = answer_about(ctx, "budget") or "not stated: follow the cost-versus-performance option"
-    integrations = answer_about(ctx, "integrat") or "none stated"
+    budget = answer_about(ctx, "budget")
+    budget_text = (
+        f"budget: {sentence(budget)}"
+        if budget
+        else "no budget stated, so this option guides the choices."
+    )
+    integrations = answer_about(ctx, "integrat")
     region_text = answer_about(ctx, "region") or ", ".join(regions(ctx))
-    words = ", ".join(ctx.keywords) or "(none)"
     lines = [
         "## Workload",
-        f"{WORKLOAD_TEXT[workload(ctx)]}, for: “{quote(ctx.request_text)}”.",
-        f"Key terms from the request: {words}.",
+        f"{_capitalised(subject(ctx))}: {workload_text(ctx)[:1].lower()}{workload_text(ctx)[1:]}.",
+        f"The request: {quoted(quote(ctx.request_text))}",
+        _audience(ctx),
         "",
         "## Functional requirements",
-        f"- Deliver the capabilities described in the request for {subject(ctx)}.",
-        "- Authenticated access for users and administrators, with audit of changes.",
-        f"- Integrations: {integrations}.",
+        f"- Deliver what the request describes for {subject(ctx)}.",
+        (
+            "- Employees sign in through the corporate identity provider; administrators' "
+            "changes are audited."
+            if internal(ctx)
+            else "- Authenticated access for users and administrators, with audit of changes."
+        ),
+        f"- Integrations: {sentence(integrations) if integrations else 'none stated.'}",
         "",
         "## Non-functional requirements",
-        f"- Traffic: {traffic}.",
+        f"- Traffic: {_traffic(ctx)}",
+        *([f"- Devices: {scale.devices}, as the request states."] if scale.devices else []),
         f"- Availability: {option_label('reliability', o['reliability'])}.",
         "- Latency: p95 under 300 ms for interactive requests.",
-        f"- Data: {data}.",
-        f"- Regions: {region_text}.",
+        f"- Data: {data_text}",
+        f"- Regions: {sentence(region_text)}",
         "",
         "## Compliance and security",
         f"- Level: {option_label('compliance', o['compliance'])}.",
@@ -87,7 +132,7 @@ def requirements(ctx: Context) -> str:
         "",
         "## Constraints",
         f"- Cloud provider: {option_label('cloud', o['cloud'])}.",
-        f"- Budget posture: {option_label('priority', o['priority'])}; budget: {budget}.",
+        f"- Budget posture: {option_label('priority', o['priority'])}; {budget_text}",
         f"- Scenario preset: {option_label('scenario', o['scenario'])}.",
         f"- Design strictness: {option_label('strictness', o['strictness'])}.",
         "",
@@ -95,6 +140,6 @@ def requirements(ctx: Context) -> str:
     ]
     skipped = [q for q, a in ctx.clarifications if not a]
     if skipped:
-        lines += [f"- Not answered, assumed typical: {q}" for q in skipped]
+        lines += [f"- Not answered, so a typical value is assumed: {q}" for q in skipped]
     lines.append("- Managed services are preferred over self-hosted software where equivalent.")
     return "\n".join(lines) + "\n"

@@ -27,6 +27,7 @@ from agents.prompts import (
     REVISION_ROUND,
     SKIPPED_ANSWER,
 )
+from agents.simulated.facts import read_facts
 from pools.simulator.responders import ChatRequest, message_text
 
 AGENT_LINE = re.compile(rf"^{re.escape(AGENT_MARKER)}\s*([\w-]+)", re.MULTILINE)
@@ -46,17 +47,6 @@ _CLARIFICATION = re.compile(
     re.MULTILINE,
 )
 
-_STOPWORDS = frozenset(
-    """
-    about above after again also because been before being below between both build cannot
-    could create design does doing during each every from have having here into just like
-    make many more most much need needs only other over please same should some such than
-    that their them then there these they this those through under until very want wants
-    were what when where which while with within without would your yours will shall able
-    using used help system platform application solution company need team something
-    """.split()  # noqa: SIM905 - a word list reads better as prose
-)
-
 
 @dataclass(frozen=True)
 class Context:
@@ -70,7 +60,7 @@ class Context:
     required_changes: str
     recommended: str | None
     seed: int
-    keywords: tuple[str, ...] = ()
+    design_text: str = ""  # the design the Terraform coder implements (after its marker line)
 
     @property
     def cloud(self) -> str:
@@ -87,19 +77,6 @@ def _first_user_text(request: ChatRequest) -> str:
         if message.get("role") == "user":
             return message_text(message)
     return ""
-
-
-def _keywords(text: str, limit: int = 5) -> tuple[str, ...]:
-    seen: dict[str, str] = {}
-    for match in re.finditer(r"[A-Za-z][A-Za-z0-9+-]{3,}", text):
-        word = match[0]
-        key = word.lower()
-        if key in _STOPWORDS or key in seen:
-            continue
-        seen[key] = word if word.isupper() else key
-        if len(seen) == limit:
-            break
-    return tuple(seen.values())
 
 
 def read_context(request: ChatRequest, agent: str) -> Context:
@@ -132,7 +109,7 @@ def read_context(request: ChatRequest, agent: str) -> Context:
         ),
         recommended=recommended[1] if recommended else None,
         seed=int.from_bytes(hashlib.sha256(blob.encode()).digest()[:8], "big"),
-        keywords=_keywords(request_text),
+        design_text=prompt[recommended.end() :] if recommended else "",
     )
 
 
@@ -140,9 +117,8 @@ def read_context(request: ChatRequest, agent: str) -> Context:
 
 
 def subject(ctx: Context) -> str:
-    """A short name for the user's workload built from their own words."""
-    words = list(ctx.keywords[:2])
-    return f"the {' '.join(words)} workload" if words else "this workload"
+    """What the user is building, named as they named it: "the ride-sharing app"."""
+    return read_facts(ctx.request_text).subject
 
 
 def quote(text: str, limit: int = 300) -> str:
@@ -152,19 +128,14 @@ def quote(text: str, limit: int = 300) -> str:
     return flat[: limit - 1].rsplit(" ", 1)[0] + "…"
 
 
-_SCALE = re.compile(
-    r"(\d[\d,.]*\s*(?:k|m|million|thousand)?\+?)\s*"
-    r"(daily |monthly |concurrent |active )?"
-    r"(users|visitors|customers|requests|orders|transactions|devices|events|messages|tb|gb)\b",
-    re.IGNORECASE,
-)
-
-
 def scale_phrase(ctx: Context) -> str | None:
-    match = _SCALE.search(ctx.request_text)
-    if not match:
-        return None
-    return " ".join(part.strip() for part in match.groups() if part).strip()
+    """The figures the request states, as the user wrote them ("a million users")."""
+    return read_facts(ctx.request_text).scale.summary()
+
+
+def internal(ctx: Context) -> bool:
+    """An application for the organisation's own people, reached from its private network."""
+    return read_facts(ctx.request_text).internal
 
 
 def answer_about(ctx: Context, *topics: str) -> str | None:
@@ -236,11 +207,21 @@ def regions(ctx: Context) -> tuple[str, str]:
     return _REGIONS[area][ctx.cloud]
 
 
-WORKLOAD_TEXT = {
+_WORKLOAD_TEXT = {
     "web": "An internet-facing web application with a relational database, caching and "
     "static content delivery",
-    "data": "A data platform: ingestion, processing, durable storage and analytics",
+    "internal web": "An internal web application for the organisation's own people, reached "
+    "only from the corporate network over VPN, with single sign-on and a relational database",
+    "data": "A data platform for ingestion, processing, durable storage and analytics",
     "events": "Event-driven services that communicate through queues and events",
 }
+
+
+def workload_text(ctx: Context) -> str:
+    """The kind of system, in a phrase that never calls an internal tool internet-facing."""
+    kind = workload(ctx)
+    return _WORKLOAD_TEXT[f"internal {kind}" if kind == "web" and internal(ctx) else kind]
+
+
 # Reliability target -> (RTO, RPO) in hours, as the designs and the analyst state them.
 RECOVERY_HOURS = {"normal": (4, 1), "high": (1, 0.25), "extreme": (0.25, 0.08)}

@@ -210,7 +210,8 @@ def test_the_recommendation_follows_the_priority(priority, expected):
 @pytest.mark.parametrize("choice", ["CARLOS", "RONEI"])
 @pytest.mark.parametrize("scenario", ["web_app", "data_pipeline", "microservices"])
 def test_terraform_is_four_parseable_files_for_the_recommended_design(cloud, choice, scenario):
-    """Every template combination (cloud, architect, workload's messaging) parses as HCL."""
+    """A design text naming no catalogue service gets the architect's usual services, in four
+    files that parse as HCL (tests/agents/test_terraform_design.py checks real designs)."""
     b = brief(cloud=cloud, scenario=scenario)
     text = ask(prompts.terraform_messages(b, choice, "the design"))
     files = split_terraform(text)
