@@ -4,6 +4,9 @@ The pipeline publishes to the design's group (`agents.events.design_group`; the 
 typed in `agents.events`); this consumer only relays, so a browser that disconnects never
 affects the design. The group is joined before the snapshot is read: an event published in
 between is then sent twice (harmless, the page applies events idempotently) rather than lost.
+After each snapshot with agents writing, the socket asks the process running the design for
+their text so far (`agents.pipeline.live`), which answers to this socket's channel alone; the
+tokens carry their offsets, so the page puts the two together without a gap or a repeat.
 
 Every way a socket ends releases what it holds, before the close is sent and again when the
 consumer stops for any reason: its timers (resync, session check) are cancelled and it leaves
@@ -62,6 +65,8 @@ from agents.events import (
     design_group,
     snapshot,
 )
+from agents.models import AgentRun
+from agents.pipeline.live import ask_for_text
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +169,7 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
         if state is None:  # deleted in between
             await self._close(CLOSE_NOT_FOUND)
             return
-        await self.send_event(state)
+        await self._send_snapshot(state)
         self._session_watch = self._start(self._recheck_session_periodically(), "session")
         if self._resync is None:
             self._resync = self._start(self._resync_while_quiet(), "resync")
@@ -185,6 +190,14 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
     async def send_event(self, event: Event) -> None:
         """One of the consumer's own events (a snapshot, a pong)."""
         await self.send_json(as_json(event))
+
+    async def _send_snapshot(self, state: Snapshot) -> None:
+        """A snapshot, then the text so far of the agents it shows writing (asked of the
+        process running the design, which sends it to this socket)."""
+        await self.send_event(state)
+        writing = [run.run_id for run in state.runs if run.status == AgentRun.Status.RUNNING]
+        if writing and not self._closing:
+            await ask_for_text(self.design_id, writing, self.channel_name)
 
     async def send_json(self, content: Any, close: bool = False) -> None:
         """Every event the page receives passes here, its own and those relayed (already
@@ -210,7 +223,7 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
             if state is None:
                 await self._close(CLOSE_NOT_FOUND)
                 return
-            await self.send_event(state)
+            await self._send_snapshot(state)
 
     async def _recheck_session_periodically(self) -> None:
         while not self._closing:
@@ -305,7 +318,7 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
         elif kind == Snapshot.kind:
             state = await snapshot(self.design_id)
             if state is not None:
-                await self.send_event(state)
+                await self._send_snapshot(state)
         else:
             await self._close(CLOSE_BAD_MESSAGE, "unknown message; send ping or snapshot")
 

@@ -4,22 +4,30 @@ The pipeline publishes them to `design_group(design_id)` on the channel layer (`
 the WebSocket consumer relays them as they are and sends a `Snapshot` on connect, and
 `manage.py design` prints them. Whatever the page shows of a design or a run comes rendered
 from the same templates as the full page (`agents/_design_status.html`,
-`agents/_design_failure.html`, `agents/_timeline_row.html`, autoescaped), so the page swaps
-fragments in rather than knowing columns or status labels. Streamed text (`Tokens`) stays
-plain text, rendered by nothing, because it is the one event sent many times a second.
+`agents/_design_failure.html`, `agents/_timeline_row.html`, `agents/_progress.html`,
+`agents/_timeline.html`, autoescaped), so the page swaps fragments in rather than knowing
+columns or status labels; what the page announces to screen readers comes as a sentence
+(`announcement`). Streamed text (`Tokens`) stays plain text, rendered by nothing, because it
+is the one event sent many times a second; each carries the offset of its first character in
+the run's text, so a page that joined mid-answer and was sent the text so far (`TextSoFar`,
+see `agents.pipeline.live`) appends only what it does not have yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, ClassVar
 
 from django.template.loader import render_to_string
+from django.utils import timezone
 
 from agents import leases
 from agents.models import AgentRun, Design
-from agents.specs import tab_labels
+from agents.progress import ProgressState, design_progress, design_timeline, stage_estimates
+from agents.specs import Stage, find_spec, tab_labels
 
 # The channel-layer message type of a live event (`DesignConsumer.design_event` handles it).
 DESIGN_EVENT = "design.event"
@@ -28,6 +36,17 @@ DESIGN_EVENT = "design.event"
 def design_group(design_id: int) -> str:
     """The channel-layer group every live event of one design is published to."""
     return f"design-{design_id}"
+
+
+# An agent's state as words, beside the coloured dot that shows it (by AgentRun status, and
+# "pending" before it ran): the page reads them from its data.
+AGENT_STATE_TEXT = {
+    "pending": "not started",
+    "running": "running",
+    "succeeded": "done",
+    "failed": "failed",
+    "stopped": "stopped",
+}
 
 
 # -- what the page shows ---------------------------------------------------------------------
@@ -46,6 +65,7 @@ class DesignState:
     revisions: int
     error: str
     failed_agent: str
+    failed_agent_label: str  # the agent's label, as every message names it
     queue_place: int | None
     terminal: bool  # nothing more will happen to it: the page stops following
     retryable: bool  # it ended without success: the page shows why, and Retry
@@ -66,7 +86,8 @@ class RunState:
 
     run_id: int
     agent: str
-    label: str
+    label: str  # its tab's short name
+    title: str  # its full label (messages and announcements name agents by it)
     round: int
     status: str
     pool: str
@@ -83,7 +104,9 @@ class RunState:
 
 # What a run's state copies from the run as it is (AgentRun has an attribute of each name).
 _RUN_OWN_FIELDS = tuple(
-    field.name for field in dataclasses.fields(RunState) if field.name not in {"run_id", "label"}
+    field.name
+    for field in dataclasses.fields(RunState)
+    if field.name not in {"run_id", "label", "title"}
 )
 
 
@@ -92,6 +115,14 @@ class LiveRun(RunState):
     """A run with its timeline row rendered."""
 
     row_html: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class LiveProgress(ProgressState):
+    """The design's progress with its bar and its timeline rendered."""
+
+    progress_html: str
+    timeline_html: str
 
 
 # -- the events --------------------------------------------------------------------------------
@@ -104,6 +135,7 @@ class Snapshot:
     kind: ClassVar[str] = "snapshot"
     design: LiveDesign
     runs: tuple[LiveRun, ...]
+    progress: LiveProgress
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -111,20 +143,39 @@ class DesignStatus(LiveDesign):
     """The design's status changed (started, ended, stopped and queued again)."""
 
     kind: ClassVar[str] = "design_status"
+    announcement: str
+    progress: LiveProgress
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AgentStarted(LiveRun):
     kind: ClassVar[str] = "agent_started"
+    announcement: str
+    progress: LiveProgress
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class Tokens:
-    """Text one agent streamed since the last such event (coalesced by the pipeline)."""
+    """Text one agent streamed since the last such event (coalesced by the pipeline);
+    `offset` is where its first character is in the run's text (in characters)."""
 
     kind: ClassVar[str] = "tokens"
     agent: str
     round: int
+    run_id: int
+    offset: int
+    text: str
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class TextSoFar:
+    """A running agent's whole text so far, for a page that joined mid-answer (sent to that
+    page's socket alone, by the process running the design)."""
+
+    kind: ClassVar[str] = "text"
+    agent: str
+    round: int
+    run_id: int
     text: str
 
 
@@ -134,6 +185,8 @@ class AgentFinished(LiveRun):
     stopped."""
 
     kind: ClassVar[str] = "agent_finished"
+    announcement: str
+    progress: LiveProgress
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,7 +204,9 @@ class SocketError:
     error: str
 
 
-Event = Snapshot | DesignStatus | AgentStarted | Tokens | AgentFinished | Pong | SocketError
+Event = (
+    Snapshot | DesignStatus | AgentStarted | Tokens | TextSoFar | AgentFinished | Pong | SocketError
+)
 EVENT_TYPES: dict[str, type[Event]] = {
     event_type.kind: event_type
     for event_type in (
@@ -159,6 +214,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DesignStatus,
         AgentStarted,
         Tokens,
+        TextSoFar,
         AgentFinished,
         Pong,
         SocketError,
@@ -186,10 +242,13 @@ def from_json(payload: dict[str, Any]) -> Event:
     """The event a JSON object describes; KeyError or TypeError if it is not one."""
     event_type = EVENT_TYPES[payload["kind"]]
     fields = {name: value for name, value in payload.items() if name != "kind"}
+    if "progress" in fields:
+        fields["progress"] = LiveProgress(**fields["progress"])
     if event_type is Snapshot:
         return Snapshot(
             design=LiveDesign(**fields["design"]),
             runs=tuple(LiveRun(**run) for run in fields["runs"]),
+            progress=fields["progress"],
         )
     return event_type(**fields)
 
@@ -219,6 +278,7 @@ def design_state(design: Design, queue_place: int | None = None) -> DesignState:
         revisions=design.revisions,
         error=design.error,
         failed_agent=design.failed_agent,
+        failed_agent_label=agent_label(design.failed_agent) if design.failed_agent else "",
         queue_place=queue_place,
         terminal=terminal,
         retryable=terminal and status != Design.Status.SUCCEEDED,
@@ -226,31 +286,99 @@ def design_state(design: Design, queue_place: int | None = None) -> DesignState:
 
 
 def live_design[Kind: LiveDesign](
-    design: Design, queue_place: int | None = None, kind: type[Kind] = LiveDesign
+    design: Design, queue_place: int | None = None, kind: type[Kind] = LiveDesign, **extra: Any
 ) -> Kind:
-    """The design's state with the page's fragments of it rendered from that state."""
+    """The design's state with the page's fragments of it rendered from that state (and, for
+    an event, its `extra` fields: announcement, progress)."""
     state = design_state(design, queue_place)
     context = {"state": state}
     return kind(
         **_fields_of(state),
         status_html=render_to_string("agents/_design_status.html", context),
         failure_html=render_to_string("agents/_design_failure.html", context),
+        **extra,
     )
+
+
+def design_announcement(design: Design) -> str:
+    """What a screen reader is told when the design's status changes."""
+    if design.status == Design.Status.RUNNING:
+        return "Design started"
+    return f"Design {Design.Status(design.status).label.lower()}"
 
 
 def run_state(run: AgentRun) -> RunState:
     return RunState(
         run_id=run.pk,
         label=agent_tab_label(run.agent),
+        title=agent_label(run.agent),
         **{name: getattr(run, name) for name in _RUN_OWN_FIELDS},
     )
 
 
-def live_run[Kind: LiveRun](run: AgentRun, kind: type[Kind] = LiveRun) -> Kind:
-    """The run's state with its timeline row rendered from that state."""
+def live_run[Kind: LiveRun](run: AgentRun, kind: type[Kind] = LiveRun, **extra: Any) -> Kind:
+    """The run's state with its timeline row rendered from that state (and, for an event,
+    its `extra` fields: announcement, progress)."""
     state = run_state(run)
     row = render_to_string("agents/_timeline_row.html", {"run": state})
-    return kind(**_fields_of(state), row_html=row)
+    return kind(**_fields_of(state), row_html=row, **extra)
+
+
+RUN_ANNOUNCEMENTS = {
+    AgentRun.Status.RUNNING: "started",
+    AgentRun.Status.SUCCEEDED: "finished",
+    AgentRun.Status.FAILED: "failed",
+    AgentRun.Status.STOPPED: "stopped",
+}
+
+
+def run_announcement(run: AgentRun) -> str:
+    """What a screen reader is told when an agent starts or ends: "Auditor started"."""
+    return f"{agent_label(run.agent)} {RUN_ANNOUNCEMENTS.get(run.status, str(run.status))}"
+
+
+def live_progress(
+    design: Design,
+    runs: Sequence[AgentRun],
+    estimates: Mapping[Stage, float],
+    now: datetime | None = None,
+) -> LiveProgress:
+    """The design's progress bar and timeline, rendered from its runs (in start order) and
+    the stage estimates (`agents.progress.stage_estimates`)."""
+    now = now or timezone.now()
+    state = design_progress(design, runs, estimates, now)
+    timeline = design_timeline(design, runs, tab_labels(), now)
+    return LiveProgress(
+        **_fields_of(state),
+        progress_html=render_to_string(
+            "agents/_progress.html", {"progress": state, "status": design.status}
+        ),
+        timeline_html=render_to_string("agents/_timeline.html", {"timeline": timeline}),
+    )
+
+
+async def read_progress(design: Design) -> LiveProgress:
+    """`live_progress` with the design's runs and the estimates read now."""
+    runs = [run async for run in design.runs.order_by("id")]
+    return live_progress(design, runs, await stage_estimates())
+
+
+def design_event(design: Design, queue_place: int | None, progress: LiveProgress) -> DesignStatus:
+    """The event of a change in the design's status."""
+    return live_design(
+        design,
+        queue_place,
+        DesignStatus,
+        announcement=design_announcement(design),
+        progress=progress,
+    )
+
+
+def run_event[Kind: AgentStarted | AgentFinished](
+    run: AgentRun, kind: type[Kind], progress: LiveProgress
+) -> Kind:
+    """The event of a run that started or ended, with the design's progress as it is now."""
+    return live_run(run, kind, announcement=run_announcement(run), progress=progress)
 
 
 async def snapshot(design_id: int) -> Snapshot | None:
@@ -258,10 +386,11 @@ async def snapshot(design_id: int) -> Snapshot | None:
     design = await Design.objects.filter(pk=design_id).afirst()
     if design is None:
         return None
-    runs = design.runs.order_by("id")
+    runs = [run async for run in design.runs.order_by("id")]
     return Snapshot(
         design=live_design(design, await leases.queue_place(design)),
-        runs=tuple([live_run(run) async for run in runs]),
+        runs=tuple(live_run(run) for run in runs),
+        progress=live_progress(design, runs, await stage_estimates()),
     )
 
 
@@ -270,5 +399,11 @@ def agent_tab_label(agent: str) -> str:
     return tab_labels().get(agent, agent)
 
 
-def _fields_of(state: DesignState | RunState) -> dict[str, Any]:
+def agent_label(agent: str) -> str:
+    """The agent's full label ("Cost analyst"), as messages name it (from its spec)."""
+    spec = find_spec(agent)
+    return spec.label if spec is not None else agent
+
+
+def _fields_of(state: DesignState | RunState | ProgressState) -> dict[str, Any]:
     return {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}

@@ -30,6 +30,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from agents import leases
+from agents.events import agent_label
 from agents.leases import LeaseSettings
 from agents.models import AgentRun, Design
 from agents.pipeline import (
@@ -343,7 +344,7 @@ class DesignSupervisor:
         )
         error = (
             f"the server running this design stopped {design.takeovers} times while it ran"
-            + (f" (last at the {last} agent)" if last else "")
+            + (f", the last time at {agent_label(last)}" if last else "")
             + "; it was not resumed again. Retry to try once more."
         )
         written = await Design.objects.filter(pk=design.pk, lease_owner=self.owner).aupdate(
@@ -381,6 +382,9 @@ class DesignSupervisor:
                 await asyncio.wait(still, timeout=10)
         await self.stop()
         report = DrainReport(len(working) - stopped, stopped, time.monotonic() - began)
+        if not working:  # a warning only when designs were in the way of the stop
+            logger.info("drained: no design was running")
+            return report
         logger.warning(
             "drained in %.1fs: %d design(s) reached a checkpoint, %d stopped mid-agent",
             report.seconds,

@@ -3,12 +3,12 @@
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from agents import views
+from agents import history, views
 
 urlpatterns = [
     path("", views.new_design, name="design-new"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
-    path("designs/", views.design_list, name="design-list"),
+    path("designs/", history.design_list, name="design-list"),
     path("designs/<int:design_id>/", views.design_detail, name="design-detail"),
     path("designs/<int:design_id>/answers/", views.answer_questions, name="design-answers"),
     path("designs/<int:design_id>/retry/", views.retry, name="design-retry"),

@@ -1,4 +1,4 @@
-"""The web pages: request a design, watch it live, browse history, download the results.
+"""The web pages: request a design, watch it live, download the results (history: agents.history).
 
 Every view is async and uses the async ORM, so a slow database or a long list never holds
 the event loop that also carries the agents' token streams. Templates only receive data
@@ -12,7 +12,6 @@ import asyncio
 import io
 import json
 import logging
-import math
 import weakref
 import zipfile
 from dataclasses import dataclass
@@ -23,7 +22,6 @@ from urllib.parse import parse_qsl
 from django.conf import settings
 from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
-from django.core.paginator import AsyncPaginator
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
 from django.shortcuts import aget_object_or_404, redirect, render
 from django.template.loader import render_to_string
@@ -32,25 +30,30 @@ from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from agents import leases, tasks
-from agents.access import may_act_on, may_delete, may_view_every_design, visible_designs
-from agents.events import as_json, design_state, run_state
+from agents.access import may_act_on, may_delete, visible_designs
+from agents.capacity import Busy, busy_from, busy_response, pools_busy
+from agents.events import (
+    AGENT_STATE_TEXT,
+    LiveProgress,
+    as_json,
+    design_state,
+    read_progress,
+    run_state,
+)
 from agents.forms import ClarificationForm, DesignRequestForm
 from agents.models import AgentRun, Design, DesignRetry
 from agents.options import OPTION_FIELDS, option_label
 from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
 from agents.rendering import present_run
-from agents.specs import Stage, only_in_stage, pools_in_use, registered
+from agents.specs import Stage, only_in_stage, registered
 from agents.terraform import split_terraform
 from carlos.admission import outside_the_gate
 from carlos.serving import llm_loop
-from pools.engine.exceptions import PoolError
-from pools.runtime import get_pool
 
 logger = logging.getLogger("agents")
 
 DEFAULT_DESIGNS_PER_HOUR = 10
 RATE_WINDOW = timedelta(hours=1)
-DESIGNS_PER_PAGE = 20
 # Serialises each user's "check the limit, then create or retry" so two quick POSTs cannot
 # both pass.
 _submission_locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
@@ -59,11 +62,6 @@ RETRYABLE = frozenset(tasks.RETRYABLE_STATUSES)
 CANCELLABLE = frozenset(tasks.CANCELLABLE_STATUSES)
 # What the design forms are posted as; anything else Django would read as an empty form.
 FORM_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data"})
-# Retry-After when the pools give no hint of their own (shutting down, a queue that timed
-# out): about one agent call.
-BUSY_RETRY_AFTER_S = 30
-# Retry-After while this server drains: a restart, or another instance, takes the design.
-DRAINING_RETRY_AFTER_S = 5
 
 
 async def _current_user(request: HttpRequest) -> AbstractBaseUser | AnonymousUser:
@@ -104,50 +102,6 @@ def _unreadable_form(request: HttpRequest) -> tuple[int, str] | None:
                 "Please type or paste your text again."
             )
     return None
-
-
-# --- capacity -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Busy:
-    """The pools cannot take a design now: why (for the log) and when to come back."""
-
-    reason: str
-    retry_after: int  # whole seconds, at least 1: the Retry-After header and the page say it
-
-
-def _whole_seconds(seconds: float | None) -> int:
-    return max(1, math.ceil(BUSY_RETRY_AFTER_S if seconds is None else seconds))
-
-
-def busy_from(refusal: PoolError) -> Busy:
-    """A refusal raised by a call (POOL_REFUSALS), with its own retry hint when it has one."""
-    hint = getattr(refusal, "retry_after", None)  # CircuitOpen and RateBudgetExceeded say
-    return Busy(f"{type(refusal).__name__}: {refusal}", _whole_seconds(hint))
-
-
-def pools_busy() -> Busy | None:
-    """Why the pools would refuse a design started now, or None if they can take it.
-
-    The pipeline runs in the background, where a refusal can only fail the design after the
-    user has left the form; so the views ask the engine first (`PoolRegistry.refusal`), for
-    every pool an agent uses: its circuit breaker, a capped pool whose queue is full
-    (MAX_WAITING), its rate budget.
-    """
-    if leases.draining():
-        return Busy("this server is stopping; it takes no new design", DRAINING_RETRY_AFTER_S)
-    refusal = get_pool().refusal(pools_in_use())
-    if refusal is None:
-        return None
-    return Busy(refusal.reason, _whole_seconds(refusal.retry_after_s))
-
-
-def _busy_response(response: HttpResponse, busy: Busy | None) -> HttpResponse:
-    if busy is not None:
-        logger.warning("design refused with 503, pools busy: %s", busy.reason)
-        response["Retry-After"] = str(busy.retry_after)
-    return response
 
 
 # --- rate limit -----------------------------------------------------------------------------
@@ -243,7 +197,7 @@ def _form_page(
     response = render(request, "agents/new_design.html", context, status=status)
     if status == 429:
         _rate_limited(response, quota)
-    return _busy_response(response, busy)
+    return busy_response(response, busy)
 
 
 @login_required
@@ -265,7 +219,7 @@ async def new_design(request: HttpRequest) -> HttpResponse:
         quota = await allowance(user.pk)
         if quota.next_at is not None:
             return _form_page(request, form, quota=quota, status=429)
-        if busy := pools_busy():
+        if busy := await pools_busy(request):
             return _form_page(request, form, quota=quota, status=503, busy=busy)
         design = await Design.objects.acreate(
             owner_id=user.pk,
@@ -309,6 +263,11 @@ class Tab:
         if self.run is None:
             return "pending"
         return self.run.status
+
+    @property
+    def state_text(self) -> str:
+        """The state in words, beside its coloured dot."""
+        return AGENT_STATE_TEXT.get(self.state, self.state)
 
 
 async def _current_runs(design: Design) -> list[AgentRun]:
@@ -364,9 +323,10 @@ def _design_page(
     problem: str = "",
     quota: Allowance | None = None,
     queue_place: int | None = None,
+    progress: LiveProgress | None = None,
 ) -> HttpResponse:
     """The design's page; the answer form and the retry, cancel and delete buttons only for
-    who may act on it."""
+    who may act on it. Without `progress`, the bar and the timeline come with the live feed."""
     questions = [item["question"] for item in design.clarifications]
     awaiting = design.status == Design.Status.AWAITING_ANSWERS
     if answers_form is None and awaiting and can_act:
@@ -377,12 +337,14 @@ def _design_page(
         "terminal": state.terminal,
         "socket": f"/ws/designs/{design.pk}/",
         "runs": f"/designs/{design.pk}/runs/",
+        "state_text": AGENT_STATE_TEXT,
     }
     context = {
         "design": design,
         "state": state,
         "runs": [run_state(run) for run in runs],
         "tabs": _tabs(runs),
+        "progress": progress,
         "options": _option_rows(design),
         "answers_form": answers_form,
         "answered": [item for item in design.clarifications if item.get("answer")],
@@ -400,7 +362,7 @@ def _design_page(
     response = render(request, "agents/design_detail.html", context, status=status)
     if quota is not None and status == 429:
         _rate_limited(response, quota)
-    return _busy_response(response, busy)
+    return busy_response(response, busy)
 
 
 @login_required
@@ -415,6 +377,7 @@ async def design_detail(request: HttpRequest, design_id: int) -> HttpResponse:
         await _current_runs(design),
         can_act=can_act,
         queue_place=await leases.queue_place(design),
+        progress=await read_progress(design),
     )
 
 
@@ -450,7 +413,7 @@ async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse
     if not skip and not form.is_valid():
         runs = await _current_runs(design)
         return _design_page(request, design, runs, can_act=True, answers_form=form, status=400)
-    if busy := pools_busy():  # the answers stay in the form, the design keeps waiting
+    if busy := await pools_busy(request):  # the answers stay in the form, the design waits
         runs = await _current_runs(design)
         return _design_page(
             request, design, runs, can_act=True, answers_form=form, status=503, busy=busy
@@ -493,7 +456,7 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
         if quota.next_at is not None:
             runs = await _current_runs(design)
             return _design_page(request, design, runs, can_act=True, status=429, quota=quota)
-        if busy := pools_busy():
+        if busy := await pools_busy(request):
             runs = await _current_runs(design)
             return _design_page(request, design, runs, can_act=True, status=503, busy=busy)
         try:
@@ -555,31 +518,6 @@ def _forbidden(request: HttpRequest, design: Design, message: str) -> HttpRespon
         },
         status=403,
     )
-
-
-# --- history --------------------------------------------------------------------------------
-
-
-@login_required
-@require_GET
-async def design_list(request: HttpRequest) -> HttpResponse:
-    """The user's designs, newest first (everyone's with the view permission)."""
-    user = await _current_user(request)
-    everyone = await may_view_every_design(user)
-    designs = (await visible_designs(user)).select_related("owner").order_by("-created_at", "-id")
-    paginator = AsyncPaginator(designs, DESIGNS_PER_PAGE)
-    page = await paginator.aget_page(request.GET.get("page"))
-    context = {
-        "nav": "history",
-        "designs": await page.aget_object_list(),
-        "page_number": page.number,
-        "num_pages": await paginator.anum_pages(),
-        "previous_page": page.number - 1 if await page.ahas_previous() else None,
-        "next_page": page.number + 1 if await page.ahas_next() else None,
-        "total": await paginator.acount(),
-        "show_owner": everyone,
-    }
-    return render(request, "agents/design_list.html", context)
 
 
 # --- downloads ------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """ASGI entry point: probes, then HTTP through Django, WebSockets through Channels.
 
-Serve it with `python manage.py serve` (Daphne, with start-up and shutdown hooks), or with
-any lifespan-aware server such as `uvicorn carlos.asgi:application`.
+Serve it with `python manage.py serve` (Daphne, with start-up and shutdown hooks), with a plain
+`daphne carlos.asgi:application` (the first request warms the pools, Daphne's shutdown closes
+them: carlos.lifespan), or with any lifespan-aware server such as `uvicorn
+carlos.asgi:application`.
 """
 
 import os
@@ -23,9 +25,8 @@ from django.core.exceptions import SuspiciousFileOperation  # noqa: E402
 from django.http import Http404, HttpRequest, HttpResponse  # noqa: E402
 
 from agents.routing import websocket_urlpatterns  # noqa: E402
-from carlos import lifecycle, telemetry  # noqa: E402
+from carlos import lifecycle, lifespan, telemetry  # noqa: E402
 from carlos.admission import RequestGate  # noqa: E402
-from carlos.lifespan import PoolLifespan  # noqa: E402
 from carlos.socket_origins import SiteOriginValidator  # noqa: E402
 from pools.endpoints import HealthEndpoints  # noqa: E402
 
@@ -40,7 +41,7 @@ class StaticFiles(ASGIStaticFilesHandler):
             raise Http404("no such static file") from exc
 
 
-application = PoolLifespan(
+application = lifespan.PoolLifespan(
     ProtocolTypeRouter(
         {
             # Health probes are answered first, on the event loop, without Django's middleware,
@@ -55,6 +56,7 @@ application = PoolLifespan(
                 ),
                 # Operators see where traces and metrics go (the key masked).
                 sections={"telemetry": telemetry.describe},
+                warming=lifespan.warming,
             ),
             # Sessions authenticate the socket; the Origin check (scheme, host and port: this
             # site's own pages, or DJANGO_WS_ALLOWED_ORIGINS) stops other sites and other

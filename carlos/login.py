@@ -49,14 +49,16 @@ from axes.backends import AxesStandaloneBackend
 from axes.handlers.proxy import AxesProxyHandler
 from axes.helpers import get_client_ip_address, get_cool_off, get_credentials, get_failure_limit
 from django.conf import settings
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.admin.forms import AdminAuthenticationForm
 from django.contrib.auth import REDIRECT_FIELD_NAME, aauthenticate, alogin, hashers
 from django.contrib.auth.decorators import login_not_required
 from django.contrib.auth.forms import AuthenticationForm
+from django.contrib.auth.signals import user_logged_out
 from django.contrib.auth.views import RedirectURLMixin
 from django.core.exceptions import ValidationError
 from django.core.validators import MaxLengthValidator
+from django.dispatch import receiver
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect
 from django.shortcuts import render, resolve_url
 from django.urls import reverse
@@ -351,3 +353,15 @@ async def admin_login(request: HttpRequest) -> HttpResponse:
         if user.is_active and user.is_staff:  # already in, as AdminSite.login does
             return HttpResponseRedirect(_redirects.get_redirect_url(request) or success)
     return await _log_in(request, AdminLoginForm, ADMIN_TEMPLATE, _admin_context, success)
+
+
+# --- logging out -----------------------------------------------------------------------------
+
+
+@receiver(user_logged_out, dispatch_uid="carlos.login.say_logged_out")
+def say_logged_out(sender: Any, request: HttpRequest | None, **kwargs: Any) -> None:
+    """Django's LogoutView redirects to the login page without a word: say it there (the
+    messages framework; base.html shows them inside <main> as a status). Connected when this
+    module is imported, which the URL configuration does before any logout can be asked for."""
+    if request is not None:
+        messages.info(request, _("You have been logged out."), fail_silently=True)

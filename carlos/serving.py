@@ -8,6 +8,7 @@ server's start and stop, used by `manage.py serve` and by the ASGI lifespan wrap
 from __future__ import annotations
 
 import gc
+import weakref
 
 from carlos.worker_loop import WorkerLoop
 from pools.engine.registry import PoolRegistry
@@ -23,9 +24,25 @@ def llm_loop() -> WorkerLoop:
     return _llm_loop
 
 
+# The registries whose warm-up has begun in this process (weakly: tests install many).
+_warm_ups: weakref.WeakSet[PoolRegistry] = weakref.WeakSet()
+
+
+def warm_up_begun(registry: PoolRegistry) -> bool:
+    """Whether this process began to warm `registry` (`serve`, a lifespan start-up or the
+    first request under a plain Daphne): what `carlos.lifespan` asks before starting, and
+    how /health tells "warming up" from "nobody warms them"."""
+    return registry in _warm_ups
+
+
 async def warm_up(registry: PoolRegistry) -> None:
     """Open the pools' connections on the LLM loop, where the calls will use them."""
-    await _llm_loop.run(registry.initialize())
+    _warm_ups.add(registry)  # before the first await: a request served meanwhile sees it
+    try:
+        await _llm_loop.run(registry.initialize())
+    except BaseException:
+        _warm_ups.discard(registry)  # not warming any more: readiness says "not initialized"
+        raise
 
 
 def tune_gc_for_serving() -> None:

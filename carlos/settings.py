@@ -55,6 +55,9 @@ CSRF_COOKIE_SECURE = env.bool("DJANGO_CSRF_COOKIE_SECURE", default=not DEBUG)
 SILENCED_SYSTEM_CHECKS = env.list("DJANGO_SILENCED_SYSTEM_CHECKS", default=[])
 
 INSTALLED_APPS = [
+    # First, so that its `runserver` (which starts the simulator and warms the pools) wins over
+    # Daphne's, which wins over Django's; its commands: serve, runserver.
+    "carlos",
     "daphne",
     "django.contrib.admin",
     "django.contrib.auth",
@@ -66,7 +69,6 @@ INSTALLED_APPS = [
     "axes",  # login throttling: the block at the end of this file
     "pools",
     "agents",
-    "carlos",  # the server's commands: serve
 ]
 
 MIDDLEWARE = [
@@ -169,7 +171,10 @@ else:
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "filters": {"trace_context": {"()": "carlos.telemetry.TraceContextFilter"}},
+    "filters": {
+        "trace_context": {"()": "carlos.telemetry.TraceContextFilter"},
+        "misleading_daphne_lines": {"()": "carlos.logs.DropMisleadingDaphneLines"},
+    },
     "formatters": {
         "plain": {
             "format": "%(asctime)s %(levelname)s %(name)s: %(message)s%(trace_context)s",
@@ -185,6 +190,11 @@ LOGGING = {
     },
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {
+        # One handler per line: Django's own default gives "django" a console handler of its
+        # own in DEBUG, which printed every django.request line a second time, unformatted.
+        "django": {"handlers": [], "level": "NOTSET", "propagate": True},
+        # "HTTP/2 support not enabled" at every start, "Killed 0 ..." at every stop (carlos.logs).
+        "daphne.server": {"filters": ["misleading_daphne_lines"]},
         "httpx": {"level": "WARNING"},
         "httpcore": {"level": "WARNING"},
         # The telemetry exporters' HTTP clients: a line per export otherwise.

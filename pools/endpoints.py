@@ -31,6 +31,7 @@ from django.http.cookie import parse_cookie
 from redis.exceptions import RedisError
 
 from pools.access import operator_allowed
+from pools.engine.registry import PoolRegistry
 from pools.runtime import get_pool
 
 Scope = MutableMapping[str, Any]
@@ -39,7 +40,10 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Extra sections of the operators' view: name -> a cheap, synchronous describer.
 Sections = Mapping[str, Callable[[], Any]]
+# Whether a server start is warming a registry not initialized yet (carlos.lifespan.warming).
+Warming = Callable[[PoolRegistry], bool]
 
+WARMING_UP = "the pools are warming up (connections opening); ready in a moment"
 READINESS_PATH = "/health"
 LIVENESS_PATH = "/health/live"
 _NO_STORE = b"max-age=0, no-cache, no-store, must-revalidate, private"
@@ -59,10 +63,13 @@ logger = logging.getLogger("pools")
 
 
 async def readiness(
-    query: dict[str, list[str]], connection: Scope, sections: Sections | None = None
+    query: dict[str, list[str]],
+    connection: Scope,
+    sections: Sections | None = None,
+    warming: Warming | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """The design note's health JSON, live; 503 when the pools cannot serve (not
-    initialized, closed, or the main deployment's circuit is open). Operators get the
+    """The design note's health JSON, live; 503 when the pools cannot serve (warming up,
+    not initialized, closed, or the main deployment's circuit is open). Operators get the
     details too, and the application's `sections`; `scope=cluster` (operators only) adds
     every instance's last report when the pools are coordinated through Redis."""
     registry = get_pool()
@@ -75,6 +82,8 @@ async def readiness(
     if scope == "cluster" and registry.cluster is None:
         return 400, {"error": "scope=cluster needs REDIS_URL (no cluster)"}
     reason = registry.unavailable_reason()
+    if reason and not registry.initialized and not registry.closed and warming is not None:
+        reason = WARMING_UP if warming(registry) else reason
     body = {"status": "degraded" if reason else "healthy", **registry.stats().as_json()}
     if not operator:
         return (503 if reason else 200), public_view(body)
@@ -95,7 +104,10 @@ async def readiness(
 
 
 async def liveness(
-    query: dict[str, list[str]], connection: Scope, sections: Sections | None = None
+    query: dict[str, list[str]],
+    connection: Scope,
+    sections: Sections | None = None,
+    warming: Warming | None = None,
 ) -> tuple[int, dict[str, Any]]:
     """The process answers: 200 even during an LLM outage, so nothing restarts a healthy app."""
     return 200, {"status": "alive"}
@@ -167,12 +179,16 @@ _HANDLERS = {READINESS_PATH: readiness, LIVENESS_PATH: liveness}
 class HealthEndpoints:
     """ASGI middleware: answer the probes, pass everything else to `app`.
 
-    `sections` (name -> describer) are added to the operators' view of /health.
+    `sections` (name -> describer) are added to the operators' view of /health; `warming`
+    tells a warm-up under way from pools nobody warms (the reason operators read).
     """
 
-    def __init__(self, app: ASGIApp, *, sections: Sections | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, *, sections: Sections | None = None, warming: Warming | None = None
+    ) -> None:
         self.app = app
         self.sections = dict(sections or {})
+        self.warming = warming
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         handler = _HANDLERS.get(scope.get("path", "")) if scope["type"] == "http" else None
@@ -184,7 +200,7 @@ class HealthEndpoints:
             await _respond(send, 405, {"error": "only GET"}, [(b"allow", b"GET, HEAD")])
             return
         query = parse_qs(scope.get("query_string", b"").decode("latin-1"), keep_blank_values=True)
-        status, body = await handler(query, scope, self.sections)
+        status, body = await handler(query, scope, self.sections, self.warming)
         await _respond(send, status, body, head=method == "HEAD")
 
 

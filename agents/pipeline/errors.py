@@ -13,6 +13,7 @@ import openai
 from django.conf import settings
 
 from agents import prompts
+from agents.events import agent_label
 from agents.models import Design
 from agents.redaction import RedactSecrets, redact
 from pools.engine import POOL_REFUSALS as POOL_REFUSALS  # the pipeline's, from the engine
@@ -69,10 +70,11 @@ class Drained(Exception):
 
 
 class AgentFailed(Exception):
-    """One agent failed; the design ends FAILED naming it."""
+    """One agent failed; the design ends FAILED naming it (by key for machines: `agent`;
+    by label where people read it)."""
 
     def __init__(self, agent: str, message: str) -> None:
-        super().__init__(f"{agent}: {message}")
+        super().__init__(f"{agent_label(agent)}: {message}")
         self.agent = agent
         self.message = message
 

@@ -18,6 +18,7 @@ from agents import leases, prompts
 from agents.events import (
     AgentFinished,
     AgentStarted,
+    agent_label,
 )
 from agents.models import AgentRun, Design
 from agents.pipeline.errors import (
@@ -286,7 +287,9 @@ class DesignPipeline:
             )
             return AgentOutput(run=stored, text=stored.output_text, json=stored.output_json)
         if leases.draining():
-            raise Drained(f"the server is stopping; {agent} starts where the design resumes")
+            raise Drained(
+                f"the server is stopping; {agent_label(agent)} starts where the design resumes"
+            )
         pool_name = spec_for(agent).pool
         attributes = {
             telemetry.GEN_AI_OPERATION_NAME: telemetry.OPERATION_INVOKE_AGENT,
@@ -326,7 +329,7 @@ class DesignPipeline:
         )
         span.set_attribute(AGENT_RUN_ID, run.pk)
         await self.events.run_changed(run, AgentStarted)
-        live = LiveText(self.events, run)
+        live = self.events.live_text(run)
         try:
             kwargs = {"response_format": JSON_RESPONSE_FORMAT} if json_report else {}
             stats = await stream_call(self.registry, pool_name, messages, live, **kwargs)

@@ -157,9 +157,15 @@ async def _remember_trace(design: Design, root: Span) -> None:
 
 
 async def _run_claimed(design: Design, owner: str, root: Span) -> None:
-    """The pipeline of a design this process just claimed, under its root span `root`."""
+    """The pipeline of a design this process just claimed, under its root span `root`; pages
+    that join meanwhile are given its running agents' text so far."""
+    events = EventPublisher(design.pk)
+    async with events.answering():
+        await _run_with_events(design, owner, root, events)
+
+
+async def _run_with_events(design: Design, owner: str, root: Span, events: EventPublisher) -> None:
     design_id = design.pk
-    events = EventPublisher(design_id)
     await events.design_status(design)
     checkpoints = await _checkpoints(design)
     logger.info(

@@ -24,7 +24,15 @@ from django.utils import timezone
 
 from agents import consumers
 from agents.consumers import MAX_CLIENT_MESSAGE_BYTES
-from agents.events import AgentFinished, Tokens, as_json, from_json, live_run, publish
+from agents.events import (
+    AgentFinished,
+    Tokens,
+    as_json,
+    from_json,
+    publish,
+    read_progress,
+    run_event,
+)
 from agents.models import AgentRun, Design
 from tests.agents.sockets import (
     closed_with,
@@ -242,17 +250,24 @@ async def test_group_events_are_forwarded_as_published() -> None:
     await communicator.connect()
     await communicator.receive_json_from(timeout=5)  # snapshot
     layer = get_channel_layer()
-    tokens = Tokens(agent="carlos", round=0, text="## 1. Overview\n")
+    tokens = Tokens(agent="carlos", round=0, run_id=7, offset=0, text="## 1. Overview\n")
     await publish(layer, design.pk, tokens)
     received = await communicator.receive_json_from(timeout=5)
-    assert received == {"kind": "tokens", "agent": "carlos", "round": 0, "text": "## 1. Overview\n"}
+    assert received == {
+        "kind": "tokens",
+        "agent": "carlos",
+        "round": 0,
+        "run_id": 7,
+        "offset": 0,
+        "text": "## 1. Overview\n",
+    }
     assert from_json(received) == tokens
 
     run = await succeeded_run(
         design, 2500, agent="carlos", attempt=1, pool="main", model="gpt-4o",
         ttft_ms=110.0, wait_ms=0.2, tokens_in=500, tokens_out=1500,
     )  # fmt: skip
-    finished = live_run(run, AgentFinished)
+    finished = run_event(run, AgentFinished, await read_progress(design))
     await publish(layer, design.pk, finished)
     received = await communicator.receive_json_from(timeout=5)
     assert received == as_json(finished) and from_json(received) == finished
@@ -260,7 +275,9 @@ async def test_group_events_are_forwarded_as_published() -> None:
     assert received["duration_ms"] == pytest.approx(2500) and received["tokens_out"] == 1500
 
     # Another design's events do not leak into this socket.
-    await publish(layer, design.pk + 1, Tokens(agent="ronei", round=0, text="secret"))
+    await publish(
+        layer, design.pk + 1, Tokens(agent="ronei", round=0, run_id=8, offset=0, text="secret")
+    )
     assert await communicator.receive_nothing(timeout=0.2)
     await communicator.disconnect()
 
@@ -331,7 +348,11 @@ async def test_a_socket_closed_for_a_bad_message_stops_resyncing_and_leaves_its_
     assert code == 4413
     assert await leftovers(members) == []
     # Neither the pipeline's events nor resyncs reach the closed socket any more.
-    await publish(get_channel_layer(), design.pk, Tokens(agent="carlos", round=0, text="late"))
+    await publish(
+        get_channel_layer(),
+        design.pk,
+        Tokens(agent="carlos", round=0, run_id=7, offset=0, text="late"),
+    )
     assert await communicator.receive_nothing(timeout=0.5)
     await communicator.disconnect()
 
@@ -394,7 +415,7 @@ async def session_ended(communicator: WebsocketCommunicator) -> bool:
 
 
 async def still_follows(communicator: WebsocketCommunicator, design: Design) -> None:
-    event = Tokens(agent="carlos", round=0, text="still here")
+    event = Tokens(agent="carlos", round=0, run_id=7, offset=0, text="still here")
     await publish(get_channel_layer(), design.pk, event)
     assert await communicator.receive_json_from(timeout=5) == as_json(event)
 

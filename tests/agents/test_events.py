@@ -1,5 +1,6 @@
 """The live events (agents.events): one JSON shape each, fragments the same as the page's own
-and escaped, and the JSON read back as the same typed event."""
+and escaped, announcements that name agents by their label, and the JSON read back as the
+same typed event."""
 
 from __future__ import annotations
 
@@ -14,17 +15,20 @@ from django.test import Client
 from django.utils import timezone
 
 from agents.events import (
+    EVENT_TYPES,
     AgentFinished,
     AgentStarted,
-    DesignStatus,
+    LiveProgress,
     Pong,
-    Snapshot,
     SocketError,
+    TextSoFar,
     Tokens,
     as_json,
+    design_event,
     from_json,
     live_design,
-    live_run,
+    read_progress,
+    run_event,
     snapshot,
 )
 from agents.models import AgentRun, Design
@@ -59,18 +63,26 @@ def make_run(design: Design, **fields: Any) -> AgentRun:
     return AgentRun.objects.create(design=design, **(values | fields))
 
 
+def progress_of(design: Design) -> LiveProgress:
+    return async_to_sync(read_progress)(design)
+
+
 def test_every_kind_reads_back_as_the_same_event_after_json() -> None:
     design = make_design(status=Design.Status.FAILED, error="boom", failed_agent="cost")
     run = make_run(design)
+    state = async_to_sync(snapshot)(design.pk)
+    assert state is not None
     every_kind = [
-        live_design(design, None, DesignStatus),
-        live_run(run, AgentStarted),
-        Tokens(agent="carlos", round=1, text="## Overview\n"),
-        live_run(run, AgentFinished),
+        design_event(design, None, progress_of(design)),
+        run_event(run, AgentStarted, progress_of(design)),
+        Tokens(agent="carlos", round=1, run_id=run.pk, offset=120, text="## Overview\n"),
+        TextSoFar(agent="carlos", round=1, run_id=run.pk, text="# Carlos\n## Overview\n"),
+        run_event(run, AgentFinished, progress_of(design)),
         Pong(),
         SocketError(error="send ping or snapshot"),
-        Snapshot(design=live_design(design), runs=(live_run(run),)),
+        state,
     ]
+    assert {type(event) for event in every_kind} == set(EVENT_TYPES.values())
     for event in every_kind:
         sent = json.loads(json.dumps(as_json(event)))
         assert next(iter(sent)) == "kind" and sent["kind"] == event.kind
@@ -80,8 +92,25 @@ def test_every_kind_reads_back_as_the_same_event_after_json() -> None:
         "kind": "tokens",
         "agent": "carlos",
         "round": 1,
+        "run_id": run.pk,
+        "offset": 120,
         "text": "## Overview\n",
     }
+
+
+def test_events_announce_changes_naming_agents_by_their_label() -> None:
+    design = make_design(status=Design.Status.SUCCEEDED)
+    run = make_run(design, agent="carlos", status="running", finished_at=None)
+    assert run_event(run, AgentStarted, progress_of(design)).announcement == (
+        "Carlos (lead architect) started"
+    )
+    run.status = "failed"
+    finished = run_event(run, AgentFinished, progress_of(design))
+    assert finished.announcement == "Carlos (lead architect) failed"
+    assert (finished.label, finished.title) == ("Carlos", "Carlos (lead architect)")
+    status = design_event(design, None, progress_of(design))
+    assert status.announcement == "Design succeeded"
+    assert status.progress.percent == 100 and 'value="6"' in status.progress.progress_html
 
 
 def test_a_design_state_says_what_follows_from_its_status() -> None:
@@ -104,7 +133,7 @@ def test_model_and_user_text_is_escaped_in_every_fragment() -> None:
         status=Design.Status.FAILED, error=HOSTILE, failed_agent=HOSTILE, verdict=HOSTILE
     )
     run = make_run(design, status="failed", model=HOSTILE, pool=HOSTILE, error=HOSTILE)
-    state, row = live_design(design), live_run(run, AgentFinished)
+    state, row = live_design(design), run_event(run, AgentFinished, progress_of(design))
     for html in (state.status_html, state.failure_html, row.row_html):
         assert "<script" not in html and "<img" not in html
         assert "&lt;script&gt;" in html
@@ -125,6 +154,7 @@ def test_the_page_and_the_events_render_the_same_fragments() -> None:
     state = async_to_sync(snapshot)(design.pk)
     assert state is not None and len(state.runs) == 2
     fragments = [state.design.status_html, state.design.failure_html]
+    fragments += [state.progress.timeline_html, state.progress.progress_html]
     for html in [*fragments, *(run.row_html for run in state.runs)]:
         assert html in page
     assert "<td>Requirements</td>" in state.runs[0].row_html

@@ -580,12 +580,17 @@ async def test_fifty_designs_on_half_the_quota_they_need_all_succeed(
     sim = await simulator_factory(
         responder=recorder, ttft_ms=FAST_TTFT_MS, quota_rpm=8, quota_window_s=1.0
     )
-    registry = fault_registry(sim, pools={name: {"CALL_TIMEOUT": 120} for name in POOL_NAMES})
+    # 150 analyst calls at once share the mini pool's 100 connections: the rest queue for a
+    # connection behind calls that wait out the quota, so the queue may take as long as a call.
+    # (A CI run failed two designs with PoolTimeout after the fixture's 10 s queue limit.)
+    patient = {"CALL_TIMEOUT": 120, "TIMEOUT": 120}
+    registry = fault_registry(sim, pools={name: patient for name in POOL_NAMES})
 
     designs = await assert_settled(registry, sim, await run_designs(owner, 50))
 
     assert sim.stats.quota_rejections > 0  # the quota really pushed back
-    assert [design.status for design in designs] == [Design.Status.SUCCEEDED] * 50
+    failures = [(d.pk, d.failed_agent, d.error) for d in designs if d.status != "succeeded"]
+    assert failures == []
     failed_runs = [run async for run in AgentRun.objects.filter(status=AgentRun.Status.FAILED)]
-    assert failed_runs == []
+    assert [(run.agent, run.error) for run in failed_runs] == []
     assert set(breaker_states(registry).values()) == {BreakerState.CLOSED}

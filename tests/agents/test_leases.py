@@ -178,7 +178,7 @@ async def test_a_design_that_keeps_killing_its_server_ends_failed_saying_so(
     design = await reload(design)
     assert design.status == Design.Status.FAILED
     assert design.takeovers == 3 and design.failed_agent == "carlos"
-    assert "stopped 3 times while it ran (last at the carlos agent)" in design.error
+    assert "stopped 3 times while it ran, the last time at Carlos (lead architect);" in design.error
     assert recorder.requests == []  # not resumed again
 
 

@@ -217,7 +217,7 @@ def test_owner_sees_every_tab_rendered_and_sanitised(client: Client, alice: Any)
         "Recommendation", "Terraform", "Timeline",
     ):  # fmt: skip
         assert f">{label}\n" in html or f"</span>{label}" in html or f">{label}<" in html
-    assert "<h1>Carlos design</h1>" in html
+    assert "<h3>Carlos design</h3>" in html  # under the tab's h2: the page has one h1
     assert '<pre class="mermaid-source">' in html
     assert "<script>alert" not in html and "&lt;script&gt;alert" in html
     assert "Audit: APPROVED" in html and "Recommended: Carlos" in html
@@ -262,7 +262,7 @@ def test_run_fragment_is_sanitised_and_scoped_to_the_design(client: Client, alic
     assert response.status_code == 200
     body = response.json()
     assert body["agent"] == "carlos" and body["status"] == "succeeded"
-    assert "<h1>Carlos design</h1>" in body["html"]
+    assert "<h3>Carlos design</h3>" in body["html"]
     assert "<script" not in body["html"]
     other = make_design(alice)
     assert client.get(f"/designs/{other.pk}/runs/{carlos.pk}/").status_code == 404
@@ -275,7 +275,7 @@ def test_failed_design_shows_the_cause_and_a_retry_button(client: Client, alice:
     design = failed_design(alice, "APIConnectionError: Connection error.", failed_agent="security")
     add_run(design, "security", status=AgentRun.Status.FAILED, error="APIConnectionError")
     html = client.get(f"/designs/{design.pk}/").content.decode()
-    assert "This design failed" in html and "at the security agent" in html
+    assert "This design failed" in html and "at Security analyst" in html
     assert "APIConnectionError: Connection error." in html
     assert f'action="/designs/{design.pk}/retry/"' in html
     assert 'id="design-failure" class="notice bad" role="alert">' in html  # not hidden

@@ -168,3 +168,35 @@ def test_every_problem_is_named_at_once() -> None:
     problems = "\n".join(deployment_problems())
     assert "DJANGO_SECRET_KEY" in problems and "DJANGO_ALLOWED_HOSTS" in problems
     assert "DJANGO_SECURE_SSL_REDIRECT" not in problems
+
+
+# -- what start-up prints: one line per log event, nothing misleading ----------------------------
+
+LOG_EVENTS = """
+import logging
+import django
+django.setup()
+logging.getLogger("django.request").warning("Not Found: /nope")
+logging.getLogger("daphne.server").info(
+    "HTTP/2 support not enabled (install the http2 and tls Twisted extras)"
+)
+logging.getLogger("daphne.server").info("Listening on TCP address 127.0.0.1:8000")
+logging.getLogger("daphne.server").info("Killed 0 pending application instances")
+"""
+
+
+def test_each_log_event_is_one_line_and_no_misleading_notice(tmp_path: Path) -> None:
+    """Reproduces (issue 15): in development (DEBUG) Django's own console handler printed
+    every django.request line a second time, unformatted; Daphne's "HTTP/2 support not
+    enabled" came at every start of a server that serves plain HTTP behind a TLS proxy."""
+    env = child_env(f"sqlite:///{tmp_path / 'db.sqlite3'}")
+    done = subprocess.run(
+        [sys.executable, "-c", LOG_EVENTS], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    lines = (done.stdout + done.stderr).splitlines()
+    assert [line for line in lines if "Not Found: /nope" in line] == [
+        next(line for line in lines if " WARNING django.request: Not Found: /nope" in line)
+    ]
+    assert not [line for line in lines if "HTTP/2" in line or "Killed 0 pending" in line]
+    assert any(" INFO daphne.server: Listening on TCP address" in line for line in lines)

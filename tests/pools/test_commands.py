@@ -357,3 +357,17 @@ def test_the_server_stops_its_sampler_before_closing_the_pools(server):
     assert "LLM connection pools closed" in text
     assert "Could not save pool snapshots" not in text
     assert "Task was destroyed but it is pending" not in text
+
+
+def test_warm_pools_never_contradicts_itself(tmp_path):
+    """Reproduces (issue 15): with nothing listening, warm_pools printed the engine's "Warm-up
+    could not reach ... probed again in the background", then "✅ Connection pool ready: 0
+    main", and a connect time for connections that never opened."""
+    result = manage(child_env(f"sqlite:///{tmp_path / 'db'}"), "warm_pools", check=False)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1
+    assert "ready" not in output and "✅" not in output, output
+    assert "probed again in the background" not in output  # the command does not stay
+    assert output.count("problem: connection refused") == 3, output  # once per pool
+    for pool, size in {"main": 10, "ronei": 5, "mini": 10}.items():
+        assert f" {pool:<8}" in output and f"connections 0/{size}, connect -, " in output

@@ -26,6 +26,7 @@ from agents.events import (
     AgentStarted,
     DesignStatus,
     Event,
+    agent_label,
     design_group,
     from_json,
 )
@@ -132,7 +133,7 @@ class Command(BaseCommand):
         if design.status != Design.Status.SUCCEEDED:
             raise CommandError(
                 f"design #{design.pk} {design.status}"
-                + (f" at {design.failed_agent}" if design.failed_agent else "")
+                + (f" at {agent_label(design.failed_agent)}" if design.failed_agent else "")
                 + (f": {design.error}" if design.error else "")
             )
 
@@ -333,7 +334,8 @@ def design_report(design: Design, runs: list[AgentRun]) -> str:
     summary.append(f"revisions {design.revisions}")
     lines.append(" · ".join(summary))
     if design.error:
-        lines.append(f"Error ({design.failed_agent or 'pipeline'}): {design.error}")
+        where = agent_label(design.failed_agent) if design.failed_agent else "pipeline"
+        lines.append(f"Error ({where}): {design.error}")
     for spec in registered():
         run = latest.get(spec.key)
         if run is None:

@@ -1,13 +1,21 @@
 """`manage.py warm_pools`: open every pool's connections and make one small call per pool,
-then say plainly what is wrong when that fails (the design note's "Startup failures")."""
+then say plainly what is wrong when that fails (the design note's "Startup failures").
+
+The command's own lines are the whole report: the engine's progress lines for a server
+("✅ Connection pool ready: 0 main" after a failed connect, "probed again in the background"
+from a command that exits) would contradict them, so they are held back while it runs.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 import ssl
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 from urllib.parse import urlsplit
@@ -140,6 +148,18 @@ def diagnose(
     return f"{type(exc).__name__}: {exc}", "see the server log for the traceback"
 
 
+@contextlib.contextmanager
+def _engine_quiet() -> Iterator[None]:
+    """Hold back the engine's log below CRITICAL: what it says, the command says better."""
+    engine = logging.getLogger("pools")
+    level = engine.level
+    engine.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        engine.setLevel(level)
+
+
 class Command(BaseCommand):
     help = (
         "Check that every LLM pool can start: for each pool, open its connections to the "
@@ -174,7 +194,8 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"Warming {len(names)} pool(s) at {endpoint.kind} {endpoint.public_url}"
             )
-        results = asyncio.run(self._warm_all(config, names, options["timeout"]))
+        with _engine_quiet():
+            results = asyncio.run(self._warm_all(config, names, options["timeout"]))
         if options["json"]:
             payload = {
                 "endpoint": {"kind": endpoint.kind, "url": endpoint.public_url},
@@ -224,8 +245,9 @@ class Command(BaseCommand):
                     TimeoutError(), config.endpoint, name, pool.model
                 )
                 return result
-            result.connect_ms = (time.perf_counter() - started) * 1000
             result.connections_opened = registry.ledger.for_pool(name)["connections_num"]
+            if registry.warmup_error is None:  # no connect time for connections never made
+                result.connect_ms = (time.perf_counter() - started) * 1000
             try:
                 async with asyncio.timeout(timeout), registry.acquire(name) as llm:
                     started = time.perf_counter()
