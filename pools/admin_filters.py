@@ -11,21 +11,33 @@ regular expression that does not compile (SQLite and PostgreSQL), a NUL characte
 needs them; staff have the search box and exact filters), and turns whatever else the
 database cannot evaluate for a filtered list into the same 400. An error on a list without
 filters is not the filter's fault and still raises.
+
+`RecentFilter` offers a range that moves with the clock (the last hour, day, week ...).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from typing import Any
 
+from django.contrib.admin import SimpleListFilter
 from django.contrib.admin.exceptions import DisallowedModelAdminLookup
-from django.contrib.admin.options import IS_FACETS_VAR, IS_POPUP_VAR, TO_FIELD_VAR
+from django.contrib.admin.options import (
+    IS_FACETS_VAR,
+    IS_POPUP_VAR,
+    TO_FIELD_VAR,
+    IncorrectLookupParameters,
+)
 from django.contrib.admin.views.main import ALL_VAR, ERROR_FLAG, ORDER_VAR, PAGE_VAR
 from django.db import DatabaseError, connections, router, transaction
+from django.db.models import QuerySet
 from django.db.models.constants import LOOKUP_SEP
 from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest
+from django.utils import timezone
+
+from pools.engine.intervals import parse_duration
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +55,10 @@ class UnusableFilter(Exception):
     """A filter from the query string that the database could not evaluate."""
 
 
-def filters_in(request: HttpRequest) -> list[str]:
-    """The query-string parameters that filter the list (search included)."""
-    return [key for key in request.GET if key not in LIST_PARAMS]
+def filters_in(request: HttpRequest, ignored: Collection[str] = ()) -> list[str]:
+    """The query-string parameters that filter the list (search included); `ignored` names
+    a list's own other parameters (a chart's choices)."""
+    return [key for key in request.GET if key not in LIST_PARAMS and key not in ignored]
 
 
 def bad_filter_response(request: HttpRequest, problem: Exception) -> HttpResponse:
@@ -60,7 +73,9 @@ def bad_filter_response(request: HttpRequest, problem: Exception) -> HttpRespons
 
 
 @contextlib.contextmanager
-def evaluating_filters(request: HttpRequest, model: type) -> Iterator[None]:
+def evaluating_filters(
+    request: HttpRequest, model: type, ignored: Collection[str] = ()
+) -> Iterator[None]:
     """Runs the queries of a filtered admin list; an error they raise becomes UnusableFilter.
 
     Inside a transaction the queries run in a savepoint, so a PostgreSQL error does not
@@ -73,7 +88,7 @@ def evaluating_filters(request: HttpRequest, model: type) -> Iterator[None]:
         with atomic or contextlib.nullcontext():
             yield
     except EVALUATION_ERRORS as exc:
-        filters = filters_in(request)
+        filters = filters_in(request, ignored)
         if not filters:
             raise
         logger.warning(
@@ -86,8 +101,41 @@ def evaluating_filters(request: HttpRequest, model: type) -> Iterator[None]:
         raise UnusableFilter(f"the database could not evaluate {', '.join(filters)}") from exc
 
 
+class RecentFilter(SimpleListFilter):
+    """Rows of the last hour, day, week ...: a range that moves with the clock. Any duration
+    such as `?within=90m` works too; fixed ranges are the date drill-down, or
+    `<field>__gte=` and `__lt=` in the address."""
+
+    title = "period"
+    parameter_name = "within"
+    field_name = "taken_at"
+    periods = (
+        ("1h", "Last hour"),
+        ("6h", "Last 6 hours"),
+        ("24h", "Last 24 hours"),
+        ("7d", "Last 7 days"),
+        ("30d", "Last 30 days"),
+    )
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> tuple[tuple[str, str], ...]:
+        return self.periods
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Any]) -> QuerySet[Any]:
+        value = self.value()
+        if value is None:
+            return queryset
+        try:
+            age = parse_duration(str(value))
+        except ValueError as exc:
+            raise IncorrectLookupParameters(f"{self.parameter_name}: {exc}") from None
+        return queryset.filter(**{f"{self.field_name}__gte": timezone.now() - age})
+
+
 class SafeFiltersMixin:
     """For a ModelAdmin: a bad filter in the query string is a 400 with a reason, never 500."""
+
+    # The list's own query-string parameters that are not filters (a chart's choices).
+    list_params: frozenset[str] = frozenset()
 
     def lookup_allowed(self, lookup: str, value: Any, request: HttpRequest) -> bool:
         if lookup.rsplit(LOOKUP_SEP, 1)[-1] in REFUSED_LOOKUPS:
@@ -98,7 +146,7 @@ class SafeFiltersMixin:
 
     def get_changelist_instance(self, request: HttpRequest) -> Any:
         # The ChangeList counts its rows as it is built: a bad filter fails here.
-        with evaluating_filters(request, self.model):  # type: ignore[attr-defined]
+        with evaluating_filters(request, self.model, self.list_params):  # type: ignore[attr-defined]
             return super().get_changelist_instance(request)  # type: ignore[misc]
 
     def changelist_view(self, request: HttpRequest, extra_context: Any = None) -> HttpResponse:

@@ -8,11 +8,16 @@ process (`pools.sampler`) or by `manage.py snapshot_pools` from cron.
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
+from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 LIMIT_REASON_LENGTH = 80
+# The periods of the admin's date drill-down, found by index probes (`datetimes`).
+PROBED_PERIODS = ("year", "month", "day")
 
 
 def _optional(field: type[models.Field], help_text: str = "") -> Any:
@@ -20,8 +25,54 @@ def _optional(field: type[models.Field], help_text: str = "") -> Any:
     return field(null=True, blank=True, help_text=help_text)
 
 
+def _period_start(moment: datetime, kind: str) -> datetime:
+    if kind == "year":
+        return moment.replace(month=1, day=1, hour=0, minute=0, second=0, microsecond=0)
+    if kind == "month":
+        return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _next_period(start: datetime, kind: str) -> datetime:
+    if kind == "year":
+        return start.replace(year=start.year + 1)
+    if kind == "month":
+        return start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    return start + timedelta(days=1)  # wall-clock arithmetic: the next local midnight
+
+
+class PoolSnapshotQuerySet(models.QuerySet):
+    """`datetimes()` by taken_at's years, months or days (the admin's date drill-down) probes
+    each period between the first and the last row through the index, instead of truncating
+    every row: on SQLite with time zones that truncation is a Python call per row (1.9 s at
+    100,000 rows); this is about one indexed EXISTS per period shown."""
+
+    def datetimes(
+        self, field_name: str, kind: str, order: str = "ASC", tzinfo: tzinfo | None = None
+    ) -> Any:
+        if field_name != "taken_at" or kind not in PROBED_PERIODS or not settings.USE_TZ:
+            return super().datetimes(field_name, kind, order, tzinfo)
+        if order not in ("ASC", "DESC"):
+            raise ValueError("'order' must be either 'ASC' or 'DESC'.")
+        zone = tzinfo or timezone.get_current_timezone()
+        bounds = self.aggregate(first=models.Min("taken_at"), last=models.Max("taken_at"))
+        if bounds["first"] is None:
+            return []
+        start = _period_start(timezone.localtime(bounds["first"], zone), kind)
+        last = timezone.localtime(bounds["last"], zone)
+        periods = []
+        while start <= last:
+            end = _next_period(start, kind)
+            if self.filter(taken_at__gte=start, taken_at__lt=end).exists():
+                periods.append(start)
+            start = end
+        return periods[::-1] if order == "DESC" else periods
+
+
 class PoolSnapshot(models.Model):
     """One pool of one server process at one moment, and what it did since the last row."""
+
+    objects = PoolSnapshotQuerySet.as_manager()
 
     taken_at = models.DateTimeField(db_index=True)
     # "host:pid" for the in-process sampler, the server's URL for `snapshot_pools` (cron).
@@ -75,9 +126,18 @@ class PoolSnapshot(models.Model):
         "429 answers to the pool's calls (each paused the deployment; the calls "
         "waited and retried); the increase of the counter requests_rate_limited.",
     )
-    # Peaks of the interval, so a busy minute between two rows still shows: slots are looked
-    # at on every grant, the queues about every second. Empty in cron rows.
+    pauses = _optional(
+        models.PositiveIntegerField,
+        "429 pauses of the pool's deployment (shared by its pools, so repeated under each); "
+        "empty in cron rows.",
+    )
+    # Peaks of the interval, so a busy minute between two rows still shows: the pool keeps
+    # the slots' and its queue's exactly, the deployment's queue is looked at about every
+    # second. Empty in cron rows.
     in_use_peak = _optional(models.PositiveIntegerField, "Most slots in use at once.")
+    overflow_in_use_peak = _optional(
+        models.PositiveIntegerField, "Most temporary connections in use at once."
+    )
     waiting_peak = _optional(models.PositiveIntegerField, "Most callers queued for a slot at once.")
     deployment_waiting_peak = _optional(
         models.PositiveIntegerField, "Most calls queued for the deployment at once."

@@ -6,9 +6,10 @@ ask. It runs on the server's event loop and only awaits (async ORM, its writes i
 database thread), so requests never wait on it, and a database error is logged and the
 unsaved rows are retried at the next interval instead of killing the task.
 
-Besides the moment's gauges, each row keeps the interval's peaks (slots in use, callers
-queued for a slot and for the deployment; `PeakTracker`), the deployment's concurrency limit
-and 429 pause (`pools.engine.adaptive`), and the 429s seen since the previous row.
+Besides the moment's gauges, each row keeps the interval's peaks (slots in use, temporary
+connections, callers queued for a slot and for the deployment; `PeakTracker`), the
+deployment's concurrency limit and 429 pause (`pools.engine.adaptive`), and the 429s and
+pauses since the previous row.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ from django.conf import settings
 from django.db import close_old_connections
 from django.utils import timezone
 
-from pools.engine.events import EventKind, PoolEvent
 from pools.engine.intervals import IntervalRecorder, PoolInterval
 from pools.engine.registry import PoolRegistry
+from pools.engine.slots import PeakWatch
 from pools.engine.stats import DeploymentStats, PoolStats
 from pools.models import LIMIT_REASON_LENGTH, PoolSnapshot
 
@@ -81,55 +82,60 @@ def _whole(value: float) -> int:
 
 
 class PeakTracker:
-    """The most slots in use, callers queued for a slot and calls queued for the deployment,
-    per pool, since the last drain: one row's moment alone would miss a busy interval.
+    """Per pool, the most slots in use, temporary connections in use, callers queued for a
+    slot and calls queued for the deployment since the last drain: one row's moment alone
+    would show a flat 0 through a busy interval.
 
-    Slots in use only grow when one is granted, so the event-bus observer looks at the pool
-    just after every grant; queues grow without an event, so the sampler's loop also calls
-    `sample()` about every second. Both only read in-memory counters (no I/O).
+    The pool keeps the first three exactly, raised wherever a count grows
+    (`SlotPool.watch_peaks`), with one watch per tracker, so two samplers never take each
+    other's peaks. The deployment's queue has no such hook: the sampler's loop looks at it
+    about every second (`sample()`), and a queue shorter than that may be missed.
     """
 
     def __init__(self, registry: PoolRegistry) -> None:
         self.registry = registry
         self._lock = threading.Lock()
-        self._peaks: dict[str, dict[str, int]] = {}
+        self._watches: dict[str, PeakWatch] = {}
+        self._deployment_waiting: dict[str, int] = {}
 
-    def _raise(self, pool: str, **values: int) -> None:
-        with self._lock:
-            peaks = self._peaks.setdefault(pool, {})
-            for key, value in values.items():
-                if value > peaks.get(key, -1):
-                    peaks[key] = value
+    def start(self) -> None:
+        """Have every pool keep this tracker's peaks from now on."""
+        for name, pool in self.registry.pools.items():
+            if name not in self._watches:
+                self._watches[name] = pool.watch_peaks()
 
-    def observe(self, event: PoolEvent) -> None:
-        """Event-bus observer: on the caller's path, one look at the granting pool."""
-        if event.kind is not EventKind.ACQUIRED:
-            return
-        pool = self.registry.pools.get(event.pool)
-        if pool is not None:
-            in_use, waiting = pool.load()
-            self._raise(event.pool, in_use_peak=in_use, waiting_peak=waiting)
+    def stop(self) -> None:
+        for name, watch in self._watches.items():
+            self.registry.pools[name].unwatch_peaks(watch)
+        self._watches.clear()
 
     def sample(self) -> None:
-        """Look at every pool and deployment now."""
+        """Look at every deployment's queue now (in-memory counters only, no I/O)."""
         queued: dict[str, int] = {}
         for name, pool in self.registry.pools.items():
-            in_use, waiting = pool.load()
             model = pool.config.model
-            limiter = self.registry.limiters.get(model)
             if model not in queued:
+                limiter = self.registry.limiters.get(model)
                 queued[model] = limiter.waiting if limiter is not None else 0
-            self._raise(
-                name,
-                in_use_peak=in_use,
-                waiting_peak=waiting,
-                deployment_waiting_peak=queued[model],
-            )
+            with self._lock:
+                if queued[model] > self._deployment_waiting.get(name, -1):
+                    self._deployment_waiting[name] = queued[model]
 
     def drain(self) -> dict[str, dict[str, int]]:
-        """The peaks per pool since the last drain; starts over."""
+        """The peaks per pool since the last drain (the slots' only while started); starts
+        over."""
         with self._lock:
-            peaks, self._peaks = self._peaks, {}
+            deployment, self._deployment_waiting = self._deployment_waiting, {}
+        peaks: dict[str, dict[str, int]] = {}
+        for name, watch in self._watches.items():
+            slots = self.registry.pools[name].read_peaks(watch)
+            peaks[name] = {
+                "in_use_peak": slots.in_use,
+                "overflow_in_use_peak": slots.overflow_in_use,
+                "waiting_peak": slots.waiting,
+            }
+        for name, waiting in deployment.items():
+            peaks.setdefault(name, {})["deployment_waiting_peak"] = waiting
         return peaks
 
 
@@ -154,10 +160,11 @@ class SnapshotSampler:
         self.instance = instance or registry.instance
         self.recorder = IntervalRecorder(registry.pools)
         self.peaks = PeakTracker(registry)
-        # Each pool's 429 counter at the last row: a row holds the increase since.
-        self._rate_limited = {
-            name: pool.stats().requests_rate_limited for name, pool in registry.pools.items()
-        }
+        # Each pool's 429 and pause counters at the last row: a row holds the increase since.
+        self._last_counts: dict[tuple[str, str], int] = {}
+        for name, stats in registry.stats().pools.items():
+            self._increase(name, "rate_limited", stats.requests_rate_limited)
+            self._increase(name, "pauses", _pauses(stats))
         self.cycles = 0  # intervals whose rows were saved
         self.failures = 0  # intervals whose write failed
         self._pending: list[PoolSnapshot] = []
@@ -173,7 +180,7 @@ class SnapshotSampler:
         if self._task is not None:
             return self._task
         self.recorder.attach(self.registry.events)
-        self.registry.events.subscribe(self.peaks.observe)
+        self.peaks.start()
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="pool-snapshot-sampler"
         )
@@ -203,7 +210,7 @@ class SnapshotSampler:
                 await self._save_logged()
         finally:
             self.recorder.detach()
-            self.registry.events.unsubscribe(self.peaks.observe)
+            self.peaks.stop()
 
     async def snapshot_once(self) -> list[PoolSnapshot]:
         """Drain the interval and write its rows (plus any left from a failed write); raises
@@ -233,15 +240,19 @@ class SnapshotSampler:
         for name, interval in intervals.items():
             if name not in pools:
                 continue
-            row = snapshot_from(self.instance, now, pools[name], interval, peaks.get(name))
-            row.rate_limited = self._rate_limited_since(name, pools[name])
+            stats = pools[name]
+            row = snapshot_from(self.instance, now, stats, interval, peaks.get(name))
+            row.rate_limited = self._increase(name, "rate_limited", stats.requests_rate_limited)
+            row.pauses = self._increase(name, "pauses", _pauses(stats))
             rows.append(row)
         return rows
 
-    def _rate_limited_since(self, name: str, stats: PoolStats) -> int:
-        count = stats.requests_rate_limited
-        before = self._rate_limited.get(name, 0)
-        self._rate_limited[name] = count
+    def _increase(self, pool: str, counter: str, count: int | None) -> int | None:
+        """How much `counter` of `pool` grew since the last row (None: not counted)."""
+        if count is None:
+            return None
+        before = self._last_counts.get((pool, counter), 0)
+        self._last_counts[pool, counter] = count
         return count - before if count >= before else count  # a smaller count: a new registry
 
     async def _save_logged(self) -> bool:
@@ -280,6 +291,11 @@ class SnapshotSampler:
             logger.exception("sampling the pools' peaks failed")
 
 
+def _pauses(stats: PoolStats) -> int | None:
+    """The 429 pauses of the pool's deployment so far (None without its limiter's stats)."""
+    return stats.concurrency.pauses if stats.concurrency is not None else None
+
+
 def snapshot_from(
     instance: str,
     taken_at: Any,
@@ -292,6 +308,7 @@ def snapshot_from(
     # A peak is never below the row's own moment (a queue may have formed since the last look).
     in_use_peak = max(peaks.get("in_use_peak", 0), moment["in_use"])
     waiting_peak = max(peaks.get("waiting_peak", 0), moment["waiting"])
+    overflow_peak = max(peaks.get("overflow_in_use_peak", 0), moment["overflow_in_use"])
     deployment_waiting = [peaks.get("deployment_waiting_peak"), moment["deployment_waiting"]]
     known = [value for value in deployment_waiting if value is not None]
     deployment_waiting_peak = max(known) if known else None
@@ -301,6 +318,7 @@ def snapshot_from(
         pool=interval.pool,
         **moment,
         in_use_peak=in_use_peak,
+        overflow_in_use_peak=overflow_peak,
         waiting_peak=waiting_peak,
         deployment_waiting_peak=deployment_waiting_peak,
         interval_s=round(interval.seconds, 3),

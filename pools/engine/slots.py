@@ -23,7 +23,7 @@ from typing import Any
 
 from pools.engine.config import PoolConfig
 from pools.engine.exceptions import PoolClosed, PoolExhausted, PoolTimeout
-from pools.engine.stats import SLOT_COUNTERS, SlotStats, rounded_counter
+from pools.engine.stats import SLOT_COUNTERS, SlotPeaks, SlotStats, rounded_counter
 
 logger = logging.getLogger("pools")
 
@@ -47,6 +47,21 @@ class Slot:
     @property
     def overflow(self) -> bool:
         return self.kind is SlotKind.OVERFLOW
+
+
+class PeakWatch:
+    """One reader's peaks of a pool since it last read them (`SlotPool.watch_peaks`).
+
+    Each reader (a snapshot sampler) has its own, so reading and starting over never takes
+    a peak from another reader. Raised under the pool's lock wherever a count grows.
+    """
+
+    __slots__ = ("in_use", "overflow_in_use", "waiting")
+
+    def __init__(self, in_use: int, overflow_in_use: int, waiting: int) -> None:
+        self.in_use = in_use
+        self.overflow_in_use = overflow_in_use
+        self.waiting = waiting
 
 
 @dataclass(eq=False)
@@ -94,6 +109,7 @@ class SlotPool:
         self._waiters: deque[_Waiter] = deque()
         self._closed = False
         self._burst_warned = False
+        self._peak_watches: list[PeakWatch] = []
         self.counters: dict[str, float] = dict.fromkeys(SLOT_COUNTERS, 0)
 
     # -- configuration ------------------------------------------------------------------
@@ -141,6 +157,8 @@ class SlotPool:
             waiter = _Waiter(loop, loop.create_future())
             self._waiters.append(waiter)
             self.counters["requests_queued"] += 1
+            if self._peak_watches:
+                self._raise_peaks_locked()
 
         wait_for = self._config.timeout if timeout is None else timeout
         try:
@@ -218,9 +236,13 @@ class SlotPool:
     def _take_locked(self) -> SlotKind | None:
         if self._pooled_in_use < self._config.size:
             self._pooled_in_use += 1
+            if self._peak_watches:
+                self._raise_peaks_locked()
             return SlotKind.POOLED
         if self._overflow_in_use < self.overflow_limit:
             self._overflow_in_use += 1
+            if self._peak_watches:
+                self._raise_peaks_locked()
             if not self._burst_warned:
                 self._burst_warned = True
                 logger.warning(
@@ -267,11 +289,45 @@ class SlotPool:
             if not wake_on_its_loop(waiter.loop, waiter.future) and waiter.granted is not None:
                 self._give_back(waiter.granted)
 
-    def load(self) -> tuple[int, int]:
-        """(slots in use, callers waiting) now: the two numbers a per-call observer needs,
-        without building the whole `stats()`."""
+    def _raise_peaks_locked(self) -> None:
+        in_use = self._pooled_in_use + self._overflow_in_use
+        overflow, waiting = self._overflow_in_use, len(self._waiters)
+        for watch in self._peak_watches:
+            if in_use > watch.in_use:
+                watch.in_use = in_use
+            if overflow > watch.overflow_in_use:
+                watch.overflow_in_use = overflow
+            if waiting > watch.waiting:
+                watch.waiting = waiting
+
+    # -- peaks ------------------------------------------------------------------------------
+    def watch_peaks(self) -> PeakWatch:
+        """Start keeping the peaks for one more reader, from the pool as it is now."""
         with self._lock:
-            return self._pooled_in_use + self._overflow_in_use, len(self._waiters)
+            watch = PeakWatch(
+                self._pooled_in_use + self._overflow_in_use,
+                self._overflow_in_use,
+                len(self._waiters),
+            )
+            self._peak_watches.append(watch)
+        return watch
+
+    def unwatch_peaks(self, watch: PeakWatch) -> None:
+        with self._lock:
+            if watch in self._peak_watches:
+                self._peak_watches.remove(watch)
+
+    def read_peaks(self, watch: PeakWatch) -> SlotPeaks:
+        """`watch`'s peaks since its last read (or since watching began); the next ones
+        start from the pool as it is now, which the interval after this one begins with."""
+        with self._lock:
+            peaks = SlotPeaks(
+                in_use=watch.in_use, overflow_in_use=watch.overflow_in_use, waiting=watch.waiting
+            )
+            watch.in_use = self._pooled_in_use + self._overflow_in_use
+            watch.overflow_in_use = self._overflow_in_use
+            watch.waiting = len(self._waiters)
+        return peaks
 
     # -- stats ----------------------------------------------------------------------------------
     def stats(self) -> SlotStats:

@@ -147,6 +147,16 @@ COUNTER_FIELDS = (*SLOT_COUNTERS, "connections_num", "connections_closed", "conn
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class SlotPeaks(_Json):
+    """The most slots in use, temporary connections in use and callers queued for a slot at
+    once since a reader last looked (`SlotPool.read_peaks`): what an instant's sample misses."""
+
+    in_use: int = 0
+    overflow_in_use: int = 0
+    waiting: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class SlotStats(_Json):
     """One pool's slots (`SlotPool.stats()`): psycopg_pool-style numbers and counters.
 
@@ -293,5 +303,6 @@ __all__ = [
     "LimitChangeStats",
     "PoolStats",
     "RegistryStats",
+    "SlotPeaks",
     "SlotStats",
 ]

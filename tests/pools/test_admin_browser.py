@@ -21,6 +21,8 @@ pytestmark = pytest.mark.browser
 USERNAME = "pool-staff"
 PASSWORD = f"pw-{uuid.uuid4().hex}"
 SCREENSHOT = Path("/tmp/carlos-admin-pool-chart.png")
+INDEX_SCREENSHOT = Path("/tmp/carlos-admin-index-pools.png")
+PEAKS_SCREENSHOT = Path("/tmp/carlos-admin-pool-peaks.png")
 FAILED_SCREENSHOT = Path("/tmp/carlos-admin-pool-chart-failed.png")
 
 # An hour of history for two pools, one row a minute: main fills up and overflows at the
@@ -112,3 +114,28 @@ def test_staff_logs_in_and_sees_the_pool_chart(served_admin):
         panels = page.locator('#pool-history-chart g.pool-panel[data-panel="slots"]')
         assert panels.count() == 1
         assert panels.nth(0).get_attribute("data-pool") == "mini"
+
+        # The metric chooser keeps the filter; the figures open as a table.
+        page.click('#pool-history-chart nav >> text="Peaks"')
+        page.wait_for_url("**metric=peaks**")
+        assert "pool=mini" in page.url
+        panels = page.locator('#pool-history-chart g.pool-panel[data-panel="peaks"]')
+        assert panels.count() == 1
+        page.click("#pool-history-chart details summary")
+        table = page.locator('#pool-history-chart table.pool-figures[data-pool="mini"]')
+        assert table.is_visible()
+        assert table.locator('td[data-series="in_use"]').first.inner_text() == "1"
+        page.screenshot(path=str(PEAKS_SCREENSHOT), full_page=True)
+
+        # The admin index shows every pool's last hour.
+        page.goto(f"{base}/admin/")
+        module = page.locator("#pool-history-last-hour")
+        module.wait_for()
+        assert module.locator("h2").inner_text() == "Pools, last hour"
+        last_hour = module.locator("svg.pool-chart g.pool-panel")
+        assert last_hour.count() == 2
+        line = last_hour.nth(0).locator('polyline[data-series="in_use"]')
+        assert line.evaluate("element => element.getTotalLength()") > 100
+        assert "main: " in module.locator("ul.pool-totals").inner_text()
+        assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+        page.screenshot(path=str(INDEX_SCREENSHOT), full_page=True)

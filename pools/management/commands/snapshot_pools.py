@@ -55,8 +55,9 @@ class Command(BaseCommand):
         "built-in sampler does every POOL_SNAPSHOT_INTERVAL seconds, for operators who prefer "
         "cron (set POOL_SNAPSHOT_INTERVAL=0 on the server, then e.g. `* * * * * manage.py "
         "snapshot_pools --url http://127.0.0.1:8000`). Counts are the increase since the "
-        "previous row for the same URL; /health has no percentiles or tokens, so those stay "
-        "empty in these rows."
+        "previous row for the same URL; /health has no percentiles, tokens, interval peaks "
+        "or pauses, so those stay empty in these rows (the chart draws a row's moment where "
+        "its peak is missing)."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
