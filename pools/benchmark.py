@@ -9,12 +9,18 @@ drift on the machine hits them all alike:
 - `original`: the original design, an exclusive SDK object per slot, each with its own
   HTTP client, warmed by building objects only (no connection is opened).
 
-Plain asyncio; `manage.py benchmark_pools` runs it against a simulator in a child process.
+Beside it, with no emulated network delay (where what the client itself does shows): one
+non-streamed call, pooled against the bare SDK with one reused client, over TLS and plain
+HTTP (`run_zero_delay`), and the client's CPU per chunk of a long stream, pooled against the
+SDK's streaming and bare httpx line reading (`run_stream_cpu`).
+
+Plain asyncio; `manage.py benchmark_pools` runs it against simulators in child processes.
 """
 
 from __future__ import annotations
 
 import random
+import ssl
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -26,11 +32,14 @@ import httpx
 from openai import AsyncOpenAI
 
 from pools.engine.config import parse_config
+from pools.engine.events import EventKind, PoolEvent
 from pools.engine.intervals import percentile
 from pools.engine.registry import PoolRegistry
 
 if TYPE_CHECKING:
     from http.server import BaseHTTPRequestHandler
+
+    from pools.simulator.responders import ChatRequest
 
 MESSAGES = [{"role": "user", "content": "Say hello in a few words."}]
 
@@ -102,6 +111,21 @@ def _meets(value: float, op: str, limit: float) -> bool:
     return {"<=": value <= limit, ">=": value >= limit, "<": value < limit}[op]
 
 
+def trusting(ca_file: str) -> ssl.SSLContext | bool:
+    """What an httpx client verifies with: the simulator's CA, or the defaults without one."""
+    return ssl.create_default_context(cafile=ca_file) if ca_file else True
+
+
+def bare_sdk(base_url: str, ca_file: str) -> AsyncOpenAI:
+    """The SDK as one would use it without a pool: its own httpx client, no retries."""
+    return AsyncOpenAI(
+        base_url=base_url,
+        api_key="benchmark",
+        http_client=httpx.AsyncClient(verify=trusting(ca_file)),
+        max_retries=0,
+    )
+
+
 class _OriginalPool:
     """The original design: N exclusive SDK objects, each with its own HTTP client.
 
@@ -110,15 +134,7 @@ class _OriginalPool:
 
     def __init__(self, base_url: str, ca_file: str, size: int) -> None:
         self._free = list(range(size))
-        self._clients = [
-            AsyncOpenAI(
-                base_url=base_url,
-                api_key="benchmark",
-                http_client=httpx.AsyncClient(verify=ca_file),
-                max_retries=0,
-            )
-            for _ in range(size)
-        ]
+        self._clients = [bare_sdk(base_url, ca_file) for _ in range(size)]
 
     async def call(self, model: str) -> None:
         self._free.sort()
@@ -177,12 +193,7 @@ async def run_benchmark(
         registry = build_registry(base_url, ca_file, size)
         stack.push_async_callback(registry.close)
         await registry.initialize()
-        reused = AsyncOpenAI(
-            base_url=base_url,
-            api_key="benchmark",
-            http_client=httpx.AsyncClient(verify=ca_file),
-            max_retries=0,
-        )
+        reused = bare_sdk(base_url, ca_file)
         stack.push_async_callback(reused.close)
         original = _OriginalPool(base_url, ca_file, size)
         stack.push_async_callback(original.aclose)
@@ -192,12 +203,7 @@ async def run_benchmark(
                 await llm.ainvoke(MESSAGES, max_tokens=8)
 
         async def fresh() -> None:
-            async with AsyncOpenAI(
-                base_url=base_url,
-                api_key="benchmark",
-                http_client=httpx.AsyncClient(verify=ca_file),
-                max_retries=0,
-            ) as client:
+            async with bare_sdk(base_url, ca_file) as client:
                 await _complete(client, model)
 
         variants: dict[str, Callable[[], Awaitable[None]]] = {
@@ -314,7 +320,7 @@ def format_report(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-# -- telemetry overhead ------------------------------------------------------------------------
+# -- pooled against one reused client, at zero emulated delay -----------------------------------
 async def _pooled_against_reused(
     base_url: str, ca_file: str, rounds: int, size: int, seed: int
 ) -> dict[str, float]:
@@ -323,12 +329,7 @@ async def _pooled_against_reused(
     drift on the machine moves alike."""
     shuffle = random.Random(seed).shuffle
     registry = build_registry(base_url, ca_file, size)
-    reused = AsyncOpenAI(
-        base_url=base_url,
-        api_key="benchmark",
-        http_client=httpx.AsyncClient(verify=ca_file),
-        max_retries=0,
-    )
+    reused = bare_sdk(base_url, ca_file)
     try:
         await registry.initialize()
 
@@ -355,6 +356,202 @@ async def _pooled_against_reused(
     return {name: statistics.median(values) for name, values in latencies.items()}
 
 
+async def run_zero_delay(
+    endpoints: dict[str, tuple[str, str]], *, rounds: int = 200, size: int = 10, seed: int = 7
+) -> dict[str, Any]:
+    """One non-streamed call, pooled (`async with registry.get_main_llm()` and `ainvoke`)
+    against the bare SDK with one reused client, interleaved, per transport: `endpoints`
+    maps a name ("TLS", "HTTP") to a simulator's (base URL, CA file) with no emulated delay,
+    where what the client itself does is not hidden behind the network's round trips."""
+    rows = {}
+    for name, (base_url, ca_file) in endpoints.items():
+        medians = await _pooled_against_reused(base_url, ca_file, rounds, size, seed)
+        pooled, sdk = medians["pooled"], medians["reused"]
+        rows[name] = {
+            "pooled_ms": round(pooled, 3),
+            "sdk_ms": round(sdk, 3),
+            "pooled_vs_sdk": round(pooled / sdk, 3),
+            "extra_us": round((pooled - sdk) * 1000, 1),
+        }
+    return {
+        "rounds": rounds,
+        "transports": rows,
+        "target": "pooled_vs_sdk <= 1.05",
+        "observers": run_observer_cost(iterations=min(20_000, 100 * rounds)),
+    }
+
+
+def run_observer_cost(iterations: int = 20_000) -> dict[str, float]:
+    """Microseconds a call spends in the event observers a server adds to the engine's own:
+    the Prometheus metrics (`/metrics`) and the snapshots' interval recorder, each timed as
+    a call emits (one ACQUIRED and one COMPLETED event), median of 20 batches. Not in the
+    pooled figures, which measure the engine alone."""
+    from pools.engine.intervals import IntervalRecorder
+    from pools.engine.metrics import metrics_for
+
+    registry = build_registry("http://127.0.0.1:9/v1", "", 1)  # opens nothing
+    acquired = PoolEvent("main", EventKind.ACQUIRED, wait_ms=0.01)
+    completed = PoolEvent("main", EventKind.COMPLETED, latency_ms=2.0, tokens_in=9, tokens_out=8)
+    batch = max(1, iterations // 20)
+
+    def per_call() -> float:
+        batches = []
+        for _ in range(20):
+            started = time.perf_counter_ns()
+            for _ in range(batch):
+                registry.events.emit(acquired)
+                registry.events.emit(completed)
+            batches.append((time.perf_counter_ns() - started) / batch / 1000)
+        return statistics.median(batches)
+
+    engine = per_call()
+    metrics_for(registry)
+    metrics = per_call()
+    IntervalRecorder(registry.pools).attach(registry.events)
+    recorder = per_call()
+    return {
+        "prometheus_us": round(metrics - engine, 2),
+        "interval_recorder_us": round(recorder - metrics, 2),
+    }
+
+
+def format_zero_delay(summary: dict[str, Any]) -> str:
+    lines = [
+        f"Zero emulated delay, one non-streamed call, {summary['rounds']} interleaved rounds: "
+        "pooled (`async with pool.get_main_llm()` + `ainvoke`) vs the bare SDK with one "
+        "reused client",
+        "",
+        f"{'transport':<10} {'pooled ms':>10} {'SDK ms':>10} {'pooled/SDK':>11} "
+        f"{'extra µs':>9}  target <= 1.05",
+    ]
+    for name, row in summary["transports"].items():
+        mark = "met" if row["pooled_vs_sdk"] <= 1.05 else "MISSED"
+        lines.append(
+            f"{name:<10} {row['pooled_ms']:>10.3f} {row['sdk_ms']:>10.3f} "
+            f"{row['pooled_vs_sdk']:>11.3f} {row['extra_us']:>+9.0f}  {mark}"
+        )
+    observers = summary.get("observers")
+    if observers:
+        lines += [
+            "",
+            "Not in these figures: the event observers a server adds to every call, "
+            f"{observers['prometheus_us']:.1f} µs for the Prometheus metrics and "
+            f"{observers['interval_recorder_us']:.1f} µs for the snapshots' interval recorder",
+        ]
+    return "\n".join(lines)
+
+
+# -- client CPU per streamed chunk ---------------------------------------------------------------
+def long_answer(request: ChatRequest) -> str:
+    """The simulator's responder for the streaming figures (`--responder`): `max_tokens`
+    short words, so a stream carries exactly that many chunks of text."""
+    return "".join(f" word{index % 97}" for index in range(request.max_tokens or 2000))
+
+
+STREAM_VARIANTS = {
+    "pooled": "pooled `astream`",
+    "sdk": "SDK streaming (`stream=True`)",
+    "httpx_lines": "bare httpx, SSE lines only",
+}
+
+
+async def run_stream_cpu(
+    base_url: str,
+    ca_file: str,
+    *,
+    rounds: int = 20,
+    tokens: int = 2000,
+    size: int = 10,
+    seed: int = 7,
+) -> dict[str, Any]:
+    """The client's CPU per chunk of a long stream (process CPU time over the stream, over
+    its chunks), for a pooled stream, the SDK's streaming and bare httpx reading SSE lines,
+    each once per round in a shuffled order. The endpoint is a simulator answering with
+    `long_answer` as fast as it can; it runs in another process, so its CPU is not counted."""
+    shuffle = random.Random(seed).shuffle
+    request = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": tokens}
+    registry = build_registry(base_url, ca_file, size)
+    sdk = bare_sdk(base_url, ca_file)
+    lines_client = httpx.AsyncClient(
+        verify=trusting(ca_file), headers={"Authorization": "Bearer benchmark"}
+    )
+    try:
+        await registry.initialize()
+
+        async def pooled() -> int:
+            async with registry.get_main_llm() as llm:
+                return len([text async for text in llm.astream(MESSAGES, max_tokens=tokens)])
+
+        async def sdk_stream() -> int:
+            stream = await sdk.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, max_tokens=tokens, stream=True
+            )
+            chunks = 0
+            async for chunk in stream:
+                chunks += bool(chunk.choices and chunk.choices[0].delta.content)
+            return chunks
+
+        async def httpx_lines() -> int:
+            body = {**request, "stream": True}
+            chunks = 0
+            async with lines_client.stream(
+                "POST", f"{base_url}/chat/completions", json=body
+            ) as response:
+                async for line in response.aiter_lines():
+                    chunks += line.startswith("data: {")
+            return chunks
+
+        variants: dict[str, Callable[[], Awaitable[int]]] = {
+            "pooled": pooled,
+            "sdk": sdk_stream,
+            "httpx_lines": httpx_lines,
+        }
+        for read in variants.values():  # warm: connections, imports, caches
+            await read()
+        per_chunk: dict[str, list[float]] = {name: [] for name in variants}
+        chunks: dict[str, int] = {}
+        order = list(variants)
+        for _ in range(rounds):
+            shuffle(order)
+            for name in order:
+                started = time.process_time()
+                chunks[name] = await variants[name]()
+                per_chunk[name].append((time.process_time() - started) / chunks[name] * 1e6)
+    finally:
+        await lines_client.aclose()
+        await sdk.close()
+        await registry.close()
+    return {
+        "rounds": rounds,
+        "variants": {
+            name: {
+                "cpu_us_per_chunk": round(statistics.median(values), 2),
+                "chunks_per_stream": chunks[name],
+            }
+            for name, values in per_chunk.items()
+        },
+    }
+
+
+def format_stream_cpu(summary: dict[str, Any]) -> str:
+    variants = summary["variants"]
+    lines = [
+        f"Streaming, the client's CPU per chunk (process CPU time over a stream of "
+        f"{variants['pooled']['chunks_per_stream']} chunks, median of {summary['rounds']} "
+        "interleaved rounds, zero emulated delay, TLS)",
+        "",
+        f"{'variant':<32} {'CPU µs/chunk':>13} {'vs pooled':>10}",
+    ]
+    pooled = variants["pooled"]["cpu_us_per_chunk"]
+    for name, row in variants.items():
+        lines.append(
+            f"{STREAM_VARIANTS[name]:<32} {row['cpu_us_per_chunk']:>13.2f} "
+            f"{row['cpu_us_per_chunk'] / pooled:>9.2f}x"
+        )
+    return "\n".join(lines)
+
+
+# -- telemetry overhead ------------------------------------------------------------------------
 async def run_telemetry_overhead(
     base_url: str,
     ca_file: str,

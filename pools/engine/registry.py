@@ -17,8 +17,8 @@ import threading
 import time
 import weakref
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import Callable, Iterable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -208,46 +208,18 @@ class PoolRegistry:
     def get_mini_llm(self, timeout: float | None = None) -> AbstractAsyncContextManager[LLMHandle]:
         return self.acquire("mini", timeout)
 
-    @asynccontextmanager
-    async def acquire(self, name: str, timeout: float | None = None) -> AsyncIterator[LLMHandle]:
+    def acquire(
+        self, name: str, timeout: float | None = None
+    ) -> AbstractAsyncContextManager[LLMHandle]:
         """Hold one slot of pool `name` for the block; released on any exit, even cancellation.
 
         Taken in this order and given back in the reverse: the slot, the cluster-wide lease,
         the handle's connection, the pool's name for the connections opened in the block.
-        Plain `try`/`finally` with one helper per concern: this runs on every call, and an
-        exit stack or a generator per concern costs it several times over (benchmark_pools).
+        A class (`_Held`) with one helper per concern: this runs on every call, and an exit
+        stack, or a generator-based context manager (about 12 µs on the 2-core machine
+        against 0.5 µs for a class), costs it several times over (benchmark_pools).
         """
-        pool = self._open_pool(name)
-        guard = self._guards[name]
-        slot, lease = await self._admit(pool, guard.breaker, timeout)
-        try:
-            self.events.emit(
-                PoolEvent(
-                    name,
-                    EventKind.ACQUIRED,
-                    wait_ms=slot.wait_ms,
-                    overflow=slot.overflow,
-                    queued=slot.queued,
-                )
-            )
-            shared = self._clients()
-            sdk, temporary = shared.sdk, None
-            if slot.overflow:
-                temporary = self._build_http(max_connections=1, keepalive=1)
-                sdk = sdk.copy(http_client=_sdk_client(temporary))
-            handle = LLMHandle(pool, slot, sdk, guard)
-            token = current_pool.set(name)  # connections opened in the block count for `name`
-            failed = False
-            try:
-                yield handle
-            except BaseException:
-                failed = True
-                raise
-            finally:
-                current_pool.reset(token)
-                await close_connection(handle, temporary, shared.http, failed)
-        finally:
-            await self._give_back(pool, slot, lease)
+        return _Held(self, name, timeout)
 
     def _open_pool(self, name: str) -> SlotPool:
         pool = self.pools.get(name)
@@ -661,6 +633,63 @@ class PoolRegistry:
             ),
             rate_budget=BudgetStats(**budget.snapshot()) if budget is not None else None,
         )
+
+
+class _Held(AbstractAsyncContextManager[LLMHandle]):
+    """One `async with registry.acquire(name)` block (`PoolRegistry.acquire`)."""
+
+    __slots__ = (
+        "_handle",
+        "_lease",
+        "_name",
+        "_pool",
+        "_registry",
+        "_shared",
+        "_slot",
+        "_temporary",
+        "_timeout",
+        "_token",
+    )
+
+    def __init__(self, registry: PoolRegistry, name: str, timeout: float | None) -> None:
+        self._registry, self._name, self._timeout = registry, name, timeout
+
+    async def __aenter__(self) -> LLMHandle:
+        registry, name = self._registry, self._name
+        pool = self._pool = registry._open_pool(name)
+        guard = registry._guards[name]
+        slot, lease = await registry._admit(pool, guard.breaker, self._timeout)
+        self._slot, self._lease = slot, lease
+        try:
+            registry.events.emit(
+                PoolEvent(
+                    name,
+                    EventKind.ACQUIRED,
+                    wait_ms=slot.wait_ms,
+                    overflow=slot.overflow,
+                    queued=slot.queued,
+                )
+            )
+            shared = self._shared = registry._clients()
+            sdk, temporary = shared.sdk, None
+            if slot.overflow:
+                temporary = registry._build_http(max_connections=1, keepalive=1)
+                sdk = sdk.copy(http_client=_sdk_client(temporary))
+            self._temporary = temporary
+            self._handle = LLMHandle(pool, slot, sdk, guard)
+        except BaseException:
+            await registry._give_back(pool, slot, lease)
+            raise
+        self._token = current_pool.set(name)  # connections opened in the block count for it
+        return self._handle
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *details: object) -> None:
+        try:
+            current_pool.reset(self._token)
+            failed = exc_type is not None  # a failure or a cancellation may strand a connection
+            await close_connection(self._handle, self._temporary, self._shared.http, failed)
+        finally:
+            await self._registry._give_back(self._pool, self._slot, self._lease)
 
 
 def _sdk_client(http: httpx.AsyncClient) -> httpx2.AsyncClient:

@@ -5,6 +5,10 @@ overflow call gets a client of its own that keeps nothing alive, so its connecti
 closed as soon as the call ends. The ledger counts connections at the socket level, in
 httpcore's network backend, which makes "connections opened" a measured fact.
 
+The client's connection pool is httpcore's with its bookkeeping made cheap (`KeepAlivePool`):
+httpcore's polled the socket of every idle connection and compared every pair of them twice
+a request, so ten warm slots cost a call more than the rest of the client's work for it.
+
 The connections themselves run on `AsyncioBackend`, plain asyncio protocols instead of
 httpcore's default anyio streams, because anyio's read path was the client's largest CPU
 cost per streamed token.
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import math
 import select
 import ssl
 import threading
@@ -301,9 +306,13 @@ class AsyncioStream(asyncio.Protocol, httpcore.AsyncNetworkStream):
         asyncio reads the socket as data arrives, so the buffer and the EOF flag answer first;
         the poll catches what arrived since the loop last looked.
         """
-        if self._buffer or self._eof or self._closed or self._socket is None:
+        if self.seen_readable() or self._socket is None:
             return True
         return _fd_is_readable(self._socket.fileno())
+
+    def seen_readable(self) -> bool:
+        """`is_readable` as far as the event loop has seen, without asking the socket."""
+        return bool(self._buffer) or self._eof or self._closed
 
     def _gone(self) -> None:
         on_gone, self.on_gone = self.on_gone, None
@@ -327,6 +336,9 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
 
     def __init__(self, ledger: ConnectionLedger | None = None) -> None:
         self._ledger = ledger
+        # Connections that ended or failed to open: `KeepAlivePool` looks over its
+        # connections again only when this moved. Counted on the loop the streams live on.
+        self.ended = 0
 
     async def connect_tcp(
         self,
@@ -346,17 +358,23 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
             port,
             local_addr=None if local_address is None else (local_address, 0),
         )
-        if self._ledger is None:
-            return await _connected(connecting, timeout, socket_options)
         ledger, pool = self._ledger, current_pool.get()
         try:
             stream = await _connected(connecting, timeout, socket_options)
         except BaseException:
-            ledger._count(ledger.failed, pool)
+            self.ended += 1
+            if ledger is not None:
+                ledger._count(ledger.failed, pool)
             raise
-        ledger._count(ledger.opened, pool)
-        stream.on_gone = functools.partial(ledger._count, ledger.closed, pool)
+        if ledger is not None:
+            ledger._count(ledger.opened, pool)
+        stream.on_gone = functools.partial(self._gone, pool)
         return stream
+
+    def _gone(self, pool: str | None) -> None:
+        self.ended += 1
+        if self._ledger is not None and pool is not None:
+            self._ledger._count(self._ledger.closed, pool)
 
     async def connect_unix_socket(
         self,
@@ -366,7 +384,13 @@ class AsyncioBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         loop = asyncio.get_running_loop()
         connecting = loop.create_unix_connection(lambda: AsyncioStream(loop), path)
-        return await _connected(connecting, timeout, socket_options)
+        try:
+            stream = await _connected(connecting, timeout, socket_options)
+        except BaseException:
+            self.ended += 1
+            raise
+        stream.on_gone = functools.partial(self._gone, None)  # not a TCP connection: no ledger
+        return stream
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
@@ -411,6 +435,109 @@ def ssl_context_for(endpoint: EndpointConfig) -> ssl.SSLContext:
         return context
 
 
+class KeepAlivePool(httpcore.AsyncConnectionPool):
+    """httpcore's connection pool, with the bookkeeping it does on every request made cheap.
+
+    On every request and every response's end httpcore (1.0.9) asked each idle connection
+    whether it expired, which polls its socket (a system call each), and counted the idle
+    ones once per idle connection: with ten warm connections about 230 calls and 20 polls
+    a request, the largest part of what the pool added to a call. Here the pass over the
+    connections runs only when something can have changed since the last one: one of them
+    ended or failed to open (`AsyncioBackend.ended`), the earliest keep-alive expiry came,
+    or the pool holds more than `max_keepalive_connections`; it uses what the event loop
+    has seen (a server's FIN included), no system call. Only the connection about to carry
+    a request asks its socket, so one the server dropped a moment ago is still never handed
+    out. The rules are httpcore's: the first available connection; an idle one closed once
+    expired, or while the pool holds more connections than `max_keepalive_connections`; a
+    new one while under `max_connections`, else an idle one replaced.
+    """
+
+    def __init__(self, *, network_backend: AsyncioBackend, **options: typing.Any) -> None:
+        super().__init__(network_backend=network_backend, **options)
+        self._backend = network_backend
+        self._ended_seen = -1  # `network_backend.ended` at the last pass
+        self._pass_due = 0.0  # the monotonic time an idle connection may first expire
+
+    def _assign_requests_to_connections(self) -> list[httpcore.AsyncConnectionInterface]:
+        connections = self._connections
+        closing: list[httpcore.AsyncConnectionInterface] = []
+        now = time.monotonic()
+        if (
+            self._backend.ended != self._ended_seen
+            or now >= self._pass_due
+            or len(connections) > self._max_keepalive_connections
+        ):
+            self._drop_ended(now, closing)
+        for pool_request in self._requests:
+            if not pool_request.is_queued():
+                continue
+            origin = pool_request.request.url.origin
+            available = self._available(origin, closing)
+            if available is None:
+                if len(connections) >= self._max_connections:
+                    idle = next((each for each in connections if each.is_idle()), None)
+                    if idle is None:
+                        continue  # the request waits for a connection to come free
+                    connections.remove(idle)
+                    closing.append(idle)
+                available = self.create_connection(origin)
+                connections.append(available)
+            pool_request.assign_to_connection(available)
+        return closing
+
+    def _drop_ended(self, now: float, closing: list[httpcore.AsyncConnectionInterface]) -> None:
+        """The pass: drop closed connections, close idle ones expired or in surplus, and note
+        when the next idle one may expire (one going idle later expires later still)."""
+        self._ended_seen = self._backend.ended
+        connections = self._connections
+        expiry = self._keepalive_expiry
+        due = math.inf if expiry is None else now + expiry
+        for connection in list(connections):
+            if connection.is_closed():
+                connections.remove(connection)
+            elif connection.is_idle():
+                expires_at = _idle_until(connection, now)
+                if expires_at is None or len(connections) > self._max_keepalive_connections:
+                    connections.remove(connection)
+                    closing.append(connection)
+                else:
+                    due = min(due, expires_at)
+        self._pass_due = due
+
+    def _available(
+        self, origin: httpcore.Origin, closing: list[httpcore.AsyncConnectionInterface]
+    ) -> httpcore.AsyncConnectionInterface | None:
+        """The first connection that can take a request to `origin` now; an idle one the
+        server has closed meanwhile (its socket says so) is closed instead."""
+        for connection in list(self._connections):
+            if not (connection.can_handle_request(origin) and connection.is_available()):
+                continue
+            if connection.is_idle() and connection.has_expired():
+                self._connections.remove(connection)
+                closing.append(connection)
+                continue
+            return connection
+        return None
+
+    async def _close_connections(self, closing: list[httpcore.AsyncConnectionInterface]) -> None:
+        if closing:  # httpcore enters a cancel scope even when there is nothing to close
+            await super()._close_connections(closing)
+
+
+def _idle_until(connection: httpcore.AsyncConnectionInterface, now: float) -> float | None:
+    """Until when an idle connection may be kept (monotonic time), or None when it has
+    expired: past its keep-alive, or its stream has seen data or end-of-file the server sent
+    while it was idle. `has_expired()` without its system call."""
+    http11 = getattr(connection, "_connection", None)
+    stream = getattr(http11, "_network_stream", None)
+    if not isinstance(stream, AsyncioStream):
+        return None if connection.has_expired() else now  # unknown: look again next time
+    expire_at: float | None = http11._expire_at  # type: ignore[union-attr]
+    if stream.seen_readable() or (expire_at is not None and now > expire_at):
+        return None
+    return math.inf if expire_at is None else expire_at
+
+
 def build_http_client(
     endpoint: EndpointConfig,
     limits: HttpLimits,
@@ -422,20 +549,17 @@ def build_http_client(
 ) -> httpx.AsyncClient:
     """An `httpx.AsyncClient` whose every TCP connection is recorded in `ledger`, and whose
     every request carries the current span's W3C `traceparent` (`pools.engine.telemetry`)."""
-    transport = httpx.AsyncHTTPTransport(
-        verify=ssl_context_for(endpoint),
-        limits=httpx.Limits(
-            max_connections=max_connections,
-            max_keepalive_connections=max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-        ),
+    ssl_context = ssl_context_for(endpoint)
+    transport = httpx.AsyncHTTPTransport(verify=ssl_context)
+    # Its connections: `KeepAlivePool` on the asyncio backend; tests prove the ledger's
+    # counts match the server's.
+    transport._pool = KeepAlivePool(
+        ssl_context=ssl_context,
+        max_connections=max_connections,
+        max_keepalive_connections=max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=AsyncioBackend(ledger),
     )
-    pool = (
-        transport._pool
-    )  # httpcore.AsyncConnectionPool; tests prove the counts match the server's
-    if not hasattr(pool, "_network_backend"):
-        raise RuntimeError("this httpcore version has no _network_backend; pin httpcore 1.0.x")
-    pool._network_backend = AsyncioBackend(ledger)
     event_hooks: dict[str, list[typing.Any]] = {"request": [inject_trace_context]}
     if on_response:
         event_hooks["response"] = [on_response]

@@ -1,6 +1,8 @@
 """`manage.py benchmark_pools`: the pool against the alternatives, measured over TLS.
 
-With `--telemetry otlp`, what exporting traces and metrics costs a pooled call instead.
+Beside the emulated round trip, the same call with no emulated delay (over TLS and plain
+HTTP) and the client's CPU per streamed chunk. With `--telemetry otlp`, what exporting
+traces and metrics costs a pooled call instead.
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import subprocess
 import sys
 import tempfile
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,13 @@ from django.core.management.base import BaseCommand, CommandError
 from pools.benchmark import (
     SINK_READY,
     format_report,
+    format_stream_cpu,
     format_telemetry_overhead,
+    format_zero_delay,
     run_benchmark,
+    run_stream_cpu,
     run_telemetry_overhead,
+    run_zero_delay,
 )
 from pools.simulator.process import die_with_parent, start_simulator
 
@@ -44,8 +51,11 @@ class Command(BaseCommand):
         "Benchmark the LLM pool against a fresh SDK client per call, one reused client and the "
         "original per-slot design, interleaved, over TLS to the offline simulator running in a "
         "child process with an emulated network round trip. Prints median and p90 latency, the "
-        "ratios and whether each target is met. With --telemetry otlp, measure instead what "
-        "exporting traces and metrics over OTLP costs a pooled call (target <= 5 %)."
+        "ratios and whether each target is met. Then, with no emulated delay, a pooled call "
+        "against the bare SDK with one reused client over TLS and plain HTTP (target <= 1.05), "
+        "and the client's CPU per chunk of a long stream: pooled, the SDK's streaming and bare "
+        "httpx lines. With --telemetry otlp, measure instead what exporting traces and metrics "
+        "over OTLP costs a pooled call (target <= 5 %)."
     )
 
     def add_arguments(self, parser) -> None:
@@ -59,6 +69,18 @@ class Command(BaseCommand):
             help="Emulated network round trip per new connection and per request (default 5).",
         )
         parser.add_argument("--size", type=int, default=10, help="Pool size (default 10).")
+        parser.add_argument(
+            "--stream-rounds",
+            type=int,
+            default=20,
+            help="Streams per variant for the CPU per chunk (default 20).",
+        )
+        parser.add_argument(
+            "--stream-tokens",
+            type=int,
+            default=2000,
+            help="Chunks of text per stream for the CPU per chunk (default 2000).",
+        )
         parser.add_argument("--json", action="store_true", help="Print the figures as JSON.")
         parser.add_argument(
             "--redis",
@@ -89,31 +111,44 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         if options["rounds"] < 5:
             raise CommandError("--rounds must be at least 5")
+        if options["stream_rounds"] < 1 or options["stream_tokens"] < 10:
+            raise CommandError("--stream-rounds must be at least 1 and --stream-tokens 10")
         if options["telemetry_endpoint"] and options["telemetry"] != "otlp":
             raise CommandError("--telemetry-endpoint needs --telemetry otlp")
+        rounds = options["rounds"]
         with tempfile.TemporaryDirectory() as tmp:
-            ca_file = str(Path(tmp) / "simulator-ca.pem")
-            simulator = start_simulator(
-                ["--port", "0", "--tls", "--ca-file", ca_file, "--rtt-ms", str(options["rtt_ms"])],
-                manage_py=settings.BASE_DIR / "manage.py",
-            )
-            base_url = simulator.base_url
-            try:
+            with _simulator(tmp, "emulated", tls=True, rtt_ms=options["rtt_ms"]) as (url, ca):
                 if options["telemetry"] == "otlp":
-                    self._telemetry(base_url, ca_file, options)
+                    self._telemetry(url, ca, options)
                     return
                 report = asyncio.run(
                     run_benchmark(
-                        base_url,
-                        ca_file,
-                        rounds=options["rounds"],
+                        url,
+                        ca,
+                        rounds=rounds,
                         size=options["size"],
                         redis_url=options["redis"],
+                        first_call_trials=min(15, rounds),
+                        acquire_iterations=min(20_000, 100 * rounds),
                     )
                 )
-            finally:
-                simulator.stop()
-        self._write(report.summary(), format_report, options)
+            summary = report.summary()
+            with (
+                _simulator(tmp, "tls", tls=True) as tls,
+                _simulator(tmp, "http", tls=False) as http,
+            ):
+                summary["zero_delay"] = asyncio.run(
+                    run_zero_delay({"TLS": tls, "HTTP": http}, rounds=rounds, size=options["size"])
+                )
+                summary["streaming"] = asyncio.run(
+                    run_stream_cpu(
+                        *tls,
+                        rounds=options["stream_rounds"],
+                        tokens=options["stream_tokens"],
+                        size=options["size"],
+                    )
+                )
+        self._write(summary, _format_all, options)
 
     def _telemetry(self, base_url: str, ca_file: str, options: dict[str, Any]) -> None:
         from carlos import telemetry
@@ -182,3 +217,34 @@ class Command(BaseCommand):
             f"pool size {options['size']}"
         )
         self.stdout.write(formatter(summary))
+
+
+@contextmanager
+def _simulator(
+    tmp: str, name: str, *, tls: bool, rtt_ms: float | None = None
+) -> Iterator[tuple[str, str]]:
+    """A simulator in a child process for the block: its base URL and CA file ("" without
+    TLS). With no `rtt_ms` (zero delay) it answers with `pools.benchmark.long_answer`, so a
+    stream is as long as asked."""
+    ca_file = str(Path(tmp) / f"{name}-ca.pem") if tls else ""
+    arguments = ["--port", "0", "--rtt-ms", str(rtt_ms or 0.0)]
+    if rtt_ms is None:
+        arguments += ["--responder", "pools.benchmark.long_answer"]
+    if tls:
+        arguments += ["--tls", "--ca-file", ca_file]
+    simulator = start_simulator(arguments, manage_py=settings.BASE_DIR / "manage.py")
+    try:
+        yield simulator.base_url, ca_file
+    finally:
+        simulator.stop()
+
+
+def _format_all(summary: dict[str, Any]) -> str:
+    """The emulated-delay report, then the zero-delay table and the CPU per chunk."""
+    return "\n\n".join(
+        [
+            format_report(summary),
+            format_zero_delay(summary["zero_delay"]),
+            format_stream_cpu(summary["streaming"]),
+        ]
+    )

@@ -6,10 +6,12 @@ a read to the end, after an endpoint error, after the slot was given back.
 
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
 from pools.engine.events import EventKind, PoolEvent
+from pools.engine.handle import rate_limit_headers
 
 HELLO = [{"role": "user", "content": "hello"}]
 
@@ -90,3 +92,35 @@ async def test_the_handle_outlives_its_slot_only_as_a_record(make_registry, simu
         assert llm.wait_ms >= 0 and result.usage.total_tokens > 0
     assert llm._slot.released and not llm._streams
     assert registry.stats().pools["main"].in_use == 0
+
+
+async def test_the_endpoints_ratelimit_headers_reach_the_deployments_limiter(
+    make_registry, simulator_factory
+):
+    # 21 requests a minute: after the 20th call one is left, under 5 % of the limit, and the
+    # learned limit comes down on what the response's headers said.
+    simulator = await simulator_factory(quota_rpm=21)
+    registry = make_registry(simulator, {"main": {"size": 1}})
+    limiter = registry.limiters["gpt-4o"]
+    for _ in range(19):
+        async with registry.get_main_llm() as llm:
+            await llm.ainvoke(HELLO)
+    assert limiter.snapshot()["last_change"]["reason"] == "start"
+    async with registry.get_main_llm() as llm:
+        await llm.ainvoke(HELLO)
+    assert limiter.snapshot()["last_change"]["reason"] == "requests running low"
+
+
+def test_ratelimit_headers_are_taken_whatever_their_case():
+    headers = httpx.Headers(
+        [
+            ("Content-Type", "application/json"),
+            ("X-RateLimit-Remaining-Requests", "3"),
+            ("x-ratelimit-limit-requests", "600"),
+            ("x-request-id", "abc"),
+        ]
+    )
+    assert rate_limit_headers(headers) == {
+        "x-ratelimit-remaining-requests": "3",
+        "x-ratelimit-limit-requests": "600",
+    }

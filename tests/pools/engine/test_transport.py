@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import select
 import socket
 import ssl
 import time
@@ -19,6 +20,7 @@ import httpx
 import pytest
 import trustme
 
+from pools.engine import transport
 from pools.engine.config import parse_config
 from pools.engine.transport import (
     _READ_BUFFER_HIGH,
@@ -26,6 +28,7 @@ from pools.engine.transport import (
     ConnectionLedger,
     build_http_client,
     current_pool,
+    open_idle_connections,
 )
 from pools.simulator import LLMSimulator
 from tests.helpers.waiting import eventually
@@ -431,3 +434,169 @@ async def test_pool_client_counts_failed_connections() -> None:
         "connections_closed": 0,
         "connections_errors": 1,
     }
+
+
+# --- the pool's connection bookkeeping (KeepAlivePool) ---------------------------------------
+
+
+class KeepAliveServer:
+    """A minimal HTTP/1.1 server that answers every GET with `ok` on keep-alive connections,
+    and can cut one connection from its side without the client's event loop running."""
+
+    def __init__(self) -> None:
+        self.requests_by_client_port: dict[int, int] = {}
+        self.writers: dict[int, asyncio.StreamWriter] = {}
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        client_port = writer.get_extra_info("peername")[1]
+        self.writers[client_port] = writer
+        while await reader.readuntil(b"\r\n\r\n"):
+            self.requests_by_client_port[client_port] = (
+                self.requests_by_client_port.get(client_port, 0) + 1
+            )
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    def hang_up(self, client_port: int) -> None:
+        """Send FIN on the connection from `client_port` now (a system call, no loop turn)."""
+        self.writers[client_port].get_extra_info("socket").shutdown(socket.SHUT_RDWR)
+
+
+def pool_client(
+    port: int, ledger: ConnectionLedger, *, max_connections: int, keepalive: int, **http: Any
+) -> httpx.AsyncClient:
+    config = parse_config({"ENDPOINT": {"SIMULATOR_URL": f"http://127.0.0.1:{port}/v1"}, **http})
+    return build_http_client(
+        config.endpoint,
+        config.http,
+        ledger,
+        max_connections=max_connections,
+        max_keepalive_connections=keepalive,
+    )
+
+
+def client_ports(client: httpx.AsyncClient) -> list[int]:
+    """The local port of each connection in the client's pool, in the pool's order."""
+    pool = client._transport._pool  # type: ignore[attr-defined]
+    return [
+        connection._connection._network_stream.get_extra_info("client_addr")[1]
+        for connection in pool.connections
+    ]
+
+
+async def test_a_request_asks_the_socket_of_only_the_connection_it_takes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # httpcore polled the socket of every idle connection twice per request (when the
+    # request arrived and when its response ended): 16 system calls a request with eight
+    # warm connections, and the pool's largest cost per call. Now only the one connection
+    # about to carry the request is asked whether the server dropped it.
+    polls: list[int] = []
+    real_poll = transport._fd_is_readable
+
+    def counted_poll(fileno: int) -> bool:
+        polls.append(fileno)
+        return real_poll(fileno)
+
+    server = KeepAliveServer()
+    ledger = ConnectionLedger()
+    async with serving(server) as port:
+        client = pool_client(port, ledger, max_connections=8, keepalive=8)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            assert await open_idle_connections(client, base, 8, connect_timeout=5) == 8
+            monkeypatch.setattr(transport, "_fd_is_readable", counted_poll)
+            for _ in range(5):
+                assert (await client.get(f"{base}/v1/models")).text == "ok"
+        finally:
+            await client.aclose()
+    assert len(polls) == 5  # one per request, on the connection that carried it
+    assert sum(server.requests_by_client_port.values()) == 5
+    assert ledger.totals()["connections_num"] == 8  # the warm connections were used
+
+
+async def test_an_idle_connection_the_server_dropped_is_never_handed_out() -> None:
+    # The server's FIN is on the socket, but the event loop has not run since: only asking
+    # the socket can tell. The request goes on the other warm connection, the dead one is
+    # closed and counted.
+    server = KeepAliveServer()
+    ledger = ConnectionLedger()
+    async with serving(server) as port:
+        client = pool_client(port, ledger, max_connections=2, keepalive=2)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await open_idle_connections(client, base, 2, connect_timeout=5)
+            await eventually(lambda: len(server.writers) == 2)
+            dropped, kept = client_ports(client)
+            server.hang_up(dropped)
+            stream = client._transport._pool.connections[0]._connection._network_stream  # type: ignore[attr-defined]
+            readable, _, _ = select.select([stream.get_extra_info("socket").fileno()], [], [], 5)
+            assert readable and not stream.seen_readable()  # the loop has not seen it yet
+            assert (await client.get(f"{base}/v1/models")).text == "ok"
+            assert client_ports(client) == [kept]
+        finally:
+            await client.aclose()
+    assert server.requests_by_client_port == {kept: 1}
+    assert ledger.totals() == {
+        "connections_open": 0,
+        "connections_num": 2,
+        "connections_closed": 2,
+        "connections_errors": 0,
+    }
+
+
+async def test_a_connection_the_server_closed_leaves_the_pool_at_the_next_request() -> None:
+    # Not the one the request takes: the pool's pass drops it because the loop saw it end,
+    # so it no longer counts against max_connections or max_keepalive_connections.
+    server = KeepAliveServer()
+    ledger = ConnectionLedger()
+    async with serving(server) as port:
+        client = pool_client(port, ledger, max_connections=3, keepalive=3)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            await open_idle_connections(client, base, 3, connect_timeout=5)
+            await eventually(lambda: len(server.writers) == 3)
+            first, dropped, last = client_ports(client)
+            server.hang_up(dropped)
+            await eventually(lambda: ledger.totals()["connections_closed"] == 1)
+            assert client_ports(client) == [first, dropped, last]  # nothing asked the pool yet
+            assert (await client.get(f"{base}/v1/models")).text == "ok"
+            assert client_ports(client) == [first, last]
+        finally:
+            await client.aclose()
+    assert server.requests_by_client_port == {first: 1}
+
+
+async def test_the_pool_keeps_httpcores_rules_for_idle_and_new_connections() -> None:
+    server = KeepAliveServer()
+    ledger = ConnectionLedger()
+    async with serving(server) as port:
+        client = pool_client(
+            port, ledger, max_connections=2, keepalive=1, HTTP={"KEEPALIVE_EXPIRY": 0.2}
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            # Two at once need two connections; once both are idle, the pool holds more than
+            # max_keepalive_connections and closes the surplus.
+            async with (
+                client.stream("GET", f"{base}/a") as a,
+                client.stream("GET", f"{base}/b") as b,
+            ):
+                assert len(client_ports(client)) == 2
+                assert await a.aread() == await b.aread() == b"ok"
+            assert len(client_ports(client)) == 1
+            (first,) = client_ports(client)
+            await client.get(f"{base}/c")
+            assert client_ports(client) == [first]  # reused while within its keep-alive
+            # Past the keep-alive expiry the idle connection is closed, not reused.
+            await asyncio.sleep(0.3)
+            await client.get(f"{base}/d")
+            assert first not in client_ports(client)
+            # At max_connections, a request to another origin replaces an idle connection.
+            await client.get(f"http://localhost:{port}/e")
+            (only,) = client._transport._pool.connections  # type: ignore[attr-defined]
+            assert only.can_handle_request(httpcore.URL(f"http://localhost:{port}/").origin)
+        finally:
+            await client.aclose()
+    assert ledger.totals()["connections_num"] == 4
+    assert ledger.totals()["connections_open"] == 0
