@@ -324,11 +324,14 @@ class PoolRegistry:
             self._initialized = True
             if self.cluster is not None:
                 await self.cluster.start()
-            logger.info(
-                "✅ Connection pool ready: %s (%.0f ms)",
-                ", ".join(f"{count} {name}" for name, count in opened.items()),
-                (time.perf_counter() - started) * 1000,
-            )
+            if self.warmup_error is None:
+                logger.info(
+                    "✅ Connection pool ready: %s (%.0f ms)",
+                    ", ".join(f"{count} {name}" for name, count in opened.items()),
+                    (time.perf_counter() - started) * 1000,
+                )
+            else:  # never "ready: 0 main" right after saying the endpoint was unreachable
+                logger.warning("⚠️ Pools started cold: unready until the endpoint answers")
             logger.info(
                 "🌐 HTTP connection pool initialized: %s, max_connections=%d, "
                 "max_keepalive_connections=%d",

@@ -358,3 +358,23 @@ async def test_streams_read_to_the_end_leave_their_connection_reusable(make_regi
         async with registry.get_main_llm() as llm:
             assert await llm.astream(HELLO).text()
     assert simulator.stats.connections_accepted == 1
+
+
+async def test_a_warm_up_that_reached_nothing_never_says_ready(caplog):
+    """Reproduces (issue 15): after "Warm-up could not reach the LLM endpoint", the server's
+    log went on with "✅ Connection pool ready: 0 main, 0 ronei, 0 mini"."""
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    registry = PoolRegistry(registry_config(f"http://127.0.0.1:{port}/v1"))
+    try:
+        with caplog.at_level(logging.INFO, logger="pools"):
+            await registry.initialize()
+    finally:
+        await registry.close()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any("Warm-up could not reach the LLM endpoint" in m for m in messages), messages
+    assert not any("Connection pool ready" in m for m in messages), messages
+    assert any("started cold" in m for m in messages), messages
