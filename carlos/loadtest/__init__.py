@@ -23,6 +23,11 @@ the other server, a closed socket reconnects there and asks for snapshots, since
 Redis events do not cross processes), and the simulator's request log shows which agent
 calls were made twice.
 
+With `--workers N` the server is `serve --workers N` (N processes on one port, sharing
+capacity and live streams through the Redis at REDIS_URL, under a key prefix of the run's
+own that is deleted afterwards); its readings (CPU, sockets, memory) cover every process,
+and the leak checks read each worker's pools from `/health?scope=cluster`.
+
 The modules, by concern: `options` (what to run), `world` (the throwaway database, users,
 simulator and servers), `users` (the simulated users' journeys), `probe` (the /health probe
 process, and the login storm's page user), `readings` (/proc), `checks` (leaks after the

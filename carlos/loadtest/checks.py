@@ -7,11 +7,12 @@ import asyncio
 import json
 import time
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 from carlos.loadtest.options import SETTLE_TIMEOUT_S, SETUP_TIMEOUT_S
-from carlos.loadtest.readings import open_sockets, total
+from carlos.loadtest.readings import open_sockets, sockets_to, total
 from carlos.loadtest.world import World
 from carlos.processes import ChildFailed, run_manage
 
@@ -73,9 +74,9 @@ def pool_leaks(health: dict[str, Any], simulator: dict[str, Any]) -> list[str]:
 
 
 def merged_health(healths: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """Several servers' `/health` as one, for the leak checks: each pool named after its
-    server ("A main"), the upstream connection counts added up (the simulator counts them
-    all together)."""
+    """Several server processes' `/health` as one, for the leak checks: each pool named after
+    its server or worker ("A main"), the upstream connection counts added up (the simulator
+    counts them all together)."""
     if len(healths) == 1:
         return next(iter(healths.values()))
     pools = {
@@ -90,23 +91,48 @@ def merged_health(healths: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {"pools": pools, "http": http}
 
 
+async def server_health(
+    client: httpx.AsyncClient, world: World
+) -> tuple[int, dict[str, dict[str, Any]], list[str]]:
+    """Every server process's pools and connections: (the worst /health status, each
+    process's figures by name, what is missing).
+
+    A server of several workers answers for one of them at a time, so its figures are those
+    the workers last published to the cluster (`/health?scope=cluster`, every third of
+    POOL_LEASE_SECONDS), one entry per worker."""
+    statuses, healths, missing = [], {}, []
+    for server in world.servers:
+        if not server.workers:
+            status, body = await fetch_json(client, f"{server.base_url}/health")
+            statuses.append(status)
+            healths[server.label] = body
+            continue
+        status, body = await fetch_json(client, f"{server.base_url}/health?scope=cluster")
+        statuses.append(status)
+        instances = body.get("cluster_view", {}).get("instances", {})
+        for instance, stats in instances.items():
+            healths[f"{server.label} {instance}".strip()] = stats
+        if len(instances) < len(server.workers):
+            missing.append(
+                f"only {len(instances)} of the {len(server.workers)} workers report to the cluster"
+            )
+    return max(statuses), healths, missing
+
+
 async def settle(world: World) -> dict[str, Any]:
     """Poll until the pools and connections of every server are at rest (or the settle time
     is up)."""
     deadline = time.monotonic() + SETTLE_TIMEOUT_S
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
-            answers = {
-                server.label: await fetch_json(client, f"{server.base_url}/health")
-                for server in world.servers
-            }
+            status, healths, missing = await server_health(client, world)
             _, simulator = await fetch_json(client, f"{world.simulator_url}/_simulator/stats")
-            health = merged_health({label: answer for label, (_, answer) in answers.items()})
-            problems = pool_leaks(health, simulator)
+            health = merged_health(healths)
+            problems = missing + pool_leaks(health, simulator)
             if not problems or time.monotonic() > deadline:
                 return {
                     "problems": problems,
-                    "health_status": max(status for status, _ in answers.values()),
+                    "health_status": status,
                     "health": health,
                     "simulator": simulator,
                 }
@@ -116,18 +142,25 @@ async def settle(world: World) -> dict[str, Any]:
 async def socket_counts(
     world: World, until_at_most: int | None = None
 ) -> tuple[int | None, int | None]:
-    """The servers' sockets, and those that are not upstream connections (listeners,
-    clients, internal pipes), counted without connecting to a server: the upstream figure
-    comes from the simulator. With `until_at_most`, wait (a few seconds at most) for the
-    second to come down to it, as closing sockets may still be on their way out.
+    """The servers' sockets, and those that are neither upstream nor Redis connections
+    (listeners, clients, internal pipes), counted without connecting to a server: the
+    upstream figure comes from the simulator, the Redis one (workers open theirs as they need
+    them) from /proc. With `until_at_most`, wait (a few seconds at most) for the second to
+    come down to it, as closing sockets may still be on their way out.
     """
     deadline = time.monotonic() + 5
+    redis_url = world.env.get("REDIS_URL")
+    redis_port = (urlsplit(redis_url).port or 6379) if redis_url else 0
     async with httpx.AsyncClient(timeout=10) as client:
         while True:
             _, stats = await fetch_json(client, f"{world.simulator_url}/_simulator/stats")
             sockets = total(open_sockets(pid) for pid in world.pids)
             upstream = stats.get("connections_open")
-            other = None if sockets is None or upstream is None else sockets - upstream
+            redis = total(sockets_to(pid, redis_port) for pid in world.pids) if redis_port else 0
+            if sockets is None or upstream is None or redis is None:
+                other = None
+            else:
+                other = sockets - upstream - redis
             if until_at_most is None or other is None or other <= until_at_most:
                 return sockets, other
             if time.monotonic() > deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from dataclasses import dataclass
 
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "interrupted", "cancelled"})
@@ -11,6 +12,7 @@ UNFINISHED_STATUSES = ("queued", "running", "awaiting_answers")
 MAX_DESIGNS = 2000
 MAX_TIMEOUT_S = 3600.0
 MAX_NICE = 19
+MAX_WORKERS = 16
 MAX_RESUBMITS = 3  # a user refused with 503 sends the form again this many times at most
 DEFAULT_RETRY_AFTER_S = 5.0
 MAX_RETRY_AFTER_S = 60.0
@@ -66,6 +68,9 @@ class LoadTestOptions:
     # Two servers, each restarted with SIGTERM while the designs run; no injected faults
     # unless asked for, so that every failure is the restarts' doing.
     rolling_restart: bool = False
+    # Server processes on the server's port (`serve --workers`); more than one coordinate
+    # through the Redis at REDIS_URL, under a key prefix of the run's own.
+    workers: int = 1
 
     @property
     def user_count(self) -> int:
@@ -135,6 +140,19 @@ class LoadTestOptions:
         if not 0 <= self.simulator_nice <= MAX_NICE:
             problems.append(
                 f"--simulator-nice must be between 0 and {MAX_NICE}, got {self.simulator_nice}"
+            )
+        if not 1 <= self.workers <= MAX_WORKERS:
+            problems.append(f"--workers must be between 1 and {MAX_WORKERS}, got {self.workers}")
+        elif self.workers > 1 and not os.environ.get("REDIS_URL"):
+            problems.append(
+                f"--workers {self.workers} needs REDIS_URL (e.g. redis://127.0.0.1:6379/0): "
+                "the workers share pool capacity and live design streams through Redis (the run "
+                "writes under a key prefix of its own and deletes its keys afterwards)"
+            )
+        elif self.workers > 1 and self.rolling_restart:
+            problems.append(
+                "--workers and --rolling-restart do not go together: the rolling restart "
+                "measures two single-process servers without Redis"
             )
         if problems:
             raise LoadTestError("; ".join(problems))

@@ -78,19 +78,30 @@ async def timed_get(
     out.write(f"{tag} {sent:.6f} {(time.monotonic() - sent) * 1000:.3f} {status}{note}\n")
 
 
-def read_pid(path: Path) -> int | None:
+def read_pids(path: Path) -> tuple[int, ...]:
+    """The server's processes (one, or a parent and its workers); none if unreadable."""
     try:
-        return int(path.read_text())
+        return tuple(int(pid) for pid in path.read_text().split())
     except (OSError, ValueError):
+        return ()
+
+
+def server_sample(pids: tuple[int, ...]) -> tuple[int, int] | None:
+    """Sockets and RSS (kB) of the server's processes together; None if one is gone."""
+    sockets = [open_sockets(pid) for pid in pids]
+    rss = [memory_kb(pid).get("VmRSS") for pid in pids]
+    if not pids or None in sockets or None in rss:
         return None
+    return sum(s for s in sockets if s is not None), sum(r for r in rss if r is not None)
 
 
 async def probe_health(url: str, pid_file: Path, out_path: Path, interval: float) -> None:
     """Time `url` (/health) every `interval` s and sample the server's sockets and RSS.
 
     One that times out counts as PROBE_TIMEOUT_S with status 0. Lines: `H <sent> <ms>
-    <status>`, `S <at> <sockets> <rss kB> <probes in flight>`. The server's pid is read from
-    `pid_file` at each sample, so a restarted server is followed.
+    <status>`, `S <at> <sockets> <rss kB> <probes in flight>`, sockets and RSS summed over the
+    server's processes (its workers too). The pids are read from `pid_file` at each sample, so
+    a restarted server is followed.
     """
     stop = stop_on_signals()
     # Enough connections that every scheduled probe leaves even if each takes the timeout.
@@ -106,12 +117,10 @@ async def probe_health(url: str, pid_file: Path, out_path: Path, interval: float
                     in_flight.send(timed_get(client, url, out, "H"))
                     next_probe += interval
                 if now >= next_sample:
-                    pid = read_pid(pid_file)
-                    sockets = None if pid is None else open_sockets(pid)
-                    rss = None if pid is None else memory_kb(pid).get("VmRSS")
-                    if sockets is not None and rss is not None:
+                    sample = server_sample(read_pids(pid_file))
+                    if sample is not None:
                         # Our own probes in flight hold server sockets too: report them.
-                        out.write(f"S {now:.6f} {sockets} {rss} {len(in_flight)}\n")
+                        out.write(f"S {now:.6f} {sample[0]} {sample[1]} {len(in_flight)}\n")
                     next_sample = now + max(interval, 0.2)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), min(next_probe, next_sample) - now)

@@ -35,6 +35,28 @@ def open_sockets(pid: int) -> int | None:
     return count
 
 
+def sockets_to(pid: int, port: int) -> int | None:
+    """The process's TCP connections whose far end is `port` (Redis: its workers' own
+    connections, opened as they are needed), None if the process is gone."""
+    inodes: set[str] = set()
+    try:
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/{pid}/net/{table}") as rows:
+                next(rows, None)  # the header
+                for row in rows:
+                    fields = row.split()
+                    if int(fields[2].rpartition(":")[2], 16) == port:
+                        inodes.add(fields[9])
+        count = 0
+        for entry in os.scandir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(entry.path).removeprefix("socket:[").rstrip("]") in inodes:
+                    count += 1
+    except (OSError, ValueError, IndexError):
+        return None
+    return count
+
+
 def memory_kb(pid: int) -> dict[str, int]:
     """VmRSS (now) and VmHWM (the peak so far) from /proc/<pid>/status, in kB."""
     values: dict[str, int] = {}

@@ -142,9 +142,11 @@ def build_report(
     memory: dict[str, int],
     timed_out: bool,
     rolling: dict[str, Any] | None = None,
+    redis_prefix: str | None = None,
 ) -> dict[str, Any]:
     """The figures as one JSON-ready document (the table is drawn from it). `rolling`: the
-    rolling restart's figures, which add its targets."""
+    rolling restart's figures, which add its targets; `redis_prefix`: the keys of the run's
+    own, when its workers shared a Redis (deleted once the run has stopped)."""
     runs = recorder.designs
     causes: Counter[str] = Counter()
     not_terminal: Counter[str] = Counter()  # where the unfinished ones were stuck
@@ -182,8 +184,8 @@ def build_report(
     clients_before, clients_after = sockets["before"][1], sockets["after"][1]
     if clients_before is not None and clients_after is not None and clients_after > clients_before:
         leak_details.append(
-            f"{clients_after - clients_before} more non-upstream sockets open in the server "
-            "than before the run (unclosed client or WebSocket connections)"
+            f"{clients_after - clients_before} more sockets (not upstream, not Redis) open in "
+            "the server than before the run (unclosed client or WebSocket connections)"
         )
 
     phases = {
@@ -237,6 +239,8 @@ def build_report(
             "tokens_per_second": options.tokens_per_second,
             "simulator_nice": options.simulator_nice,
             "servers": len(options.server_labels),
+            "workers": options.workers,
+            **({"redis_prefix": redis_prefix} if redis_prefix else {}),
             "seed": options.seed,
             "login_concurrency": options.login_concurrency,
             "cpus": os.cpu_count(),
@@ -335,6 +339,10 @@ def rolling_targets(
     return targets
 
 
+def _workers(count: int) -> str:
+    return "1 server process" if count == 1 else f"{count} server workers (serve --workers)"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
@@ -383,7 +391,7 @@ def format_report(report: dict[str, Any]) -> str:
     rolling = report.get("rolling_restart")
     lines = [
         f"Carlos load test on {setup['host']}: {setup['designs']} designs by {setup['users']} "
-        f"users, {setup['cpus']} CPUs"
+        f"users, {setup['cpus']} CPUs, {_workers(setup.get('workers', 1))}"
         + (", two servers restarted in turn (--rolling-restart)" if rolling else ""),
         f"faults {setup['fault_rate']:.1%} (HTTP 500 {setup['error_rate']:.2%}, reset "
         f"{setup['reset_rate']:.2%}, stall {setup['stall_rate']:.2%} for "
@@ -428,10 +436,11 @@ def format_report(report: dict[str, Any]) -> str:
             f"{server['peak_rss_mb']} MB in one; cpu of restarted servers is not compared"
         )
     else:
+        every = " (all its processes)" if setup.get("workers", 1) > 1 else ""
         sockets = (
             f"server     peak sockets {server['peak_sockets']} (before "
             f"{server['sockets_before']}, after {server['sockets_after']}), peak RSS "
-            f"{server['peak_rss_mb']} MB"
+            f"{server['peak_rss_mb']} MB{every}"
         )
     lines += [
         "",

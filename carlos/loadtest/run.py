@@ -27,7 +27,7 @@ from carlos.loadtest.readings import Mark, mark, memory_kb
 from carlos.loadtest.report import ProbeReadings, build_report
 from carlos.loadtest.rolling import Restart, repeated_calls, request_log, rolling_restart
 from carlos.loadtest.users import Recorder, VirtualUsers
-from carlos.loadtest.world import World, start_world
+from carlos.loadtest.world import World, forget_redis_keys, start_world
 from carlos.processes import Children, stop_process
 
 # --- the run --------------------------------------------------------------------------------
@@ -61,11 +61,14 @@ async def run_load_test(
             prefix="carlos-loadtest-", delete=not options.keep
         ) as name:
             tmp = Path(name)
+            worlds: list[World] = []  # the one started, for what is cleaned up after it
             try:
-                report = await _run(options, tmp, children, started, deadline, progress)
+                report = await _run(options, tmp, children, started, deadline, progress, worlds)
             finally:
                 exits = await children.stop_all()
                 progress(f"stopped: {', '.join(f'{k} exit {v}' for k, v in exits.items())}")
+                for world in worlds:
+                    await forget_redis_keys(world.env)
                 if options.keep:
                     progress(f"kept the database and logs in {tmp}")
             report["setup"]["children_exit"] = exits
@@ -76,9 +79,13 @@ async def run_load_test(
 
 
 def peak_memory(world: World) -> dict[str, int]:
-    """VmRSS and VmHWM (kB) of the largest server."""
-    readings = [memory_kb(pid) for pid in world.pids]
-    return {key: max(r.get(key, 0) for r in readings) for key in ("VmRSS", "VmHWM")}
+    """VmRSS and VmHWM (kB) of the largest server, each the sum over its processes (the
+    peaks of several workers added up: at most what they held together)."""
+    readings = [[memory_kb(pid) for pid in server.pids] for server in world.servers]
+    return {
+        key: max(sum(r.get(key, 0) for r in server) for server in readings)
+        for key in ("VmRSS", "VmHWM")
+    }
 
 
 async def _run(
@@ -88,10 +95,14 @@ async def _run(
     started: Mark,
     deadline: float,
     progress: Callable[[str], None],
+    worlds: list[World],
 ) -> dict[str, Any]:
     servers = "two servers" if options.rolling_restart else "the server"
+    if options.workers > 1:
+        servers += f" ({options.workers} workers)"
     progress(f"starting the simulator, {servers} and {options.user_count} users' database ...")
     world = await start_world(options, tmp, children)
+    worlds.append(world)
     async with httpx.AsyncClient(timeout=10) as client:
         _, health_at_start = await fetch_json(client, f"{world.base_url}/health")
     probes = [await start_probe(s, options, world.env, tmp, children) for s in world.servers]
@@ -203,4 +214,5 @@ async def _run(
         memory=memory,
         timed_out=timed_out,
         rolling=rolling,
+        redis_prefix=world.env.get("REDIS_PREFIX") if options.workers > 1 else None,
     )

@@ -1,6 +1,10 @@
 """The world a load test runs in: a throwaway database with its users, the offline simulator
 and `manage.py serve` as child processes on loopback, with production settings.
 
+With `--workers N` the server is `serve --workers N`: a parent and N worker processes on one
+port, coordinating through the Redis at REDIS_URL under a key prefix of this run's own
+(deleted afterwards); the readings then cover every process of the server.
+
 The login storm builds its world from the same parts (`server_env`, `run_manage`).
 """
 
@@ -27,10 +31,20 @@ from carlos.loadtest.options import (
     LoadTestOptions,
     loopback_host,
 )
-from carlos.processes import Children, free_port, manage_py, run_manage, tail, wait_healthy
+from carlos.processes import (
+    ChildFailed,
+    Children,
+    free_port,
+    manage_py,
+    run_manage,
+    tail,
+    wait_healthy,
+)
 from carlos.startup import PLAIN_HTTP_LOOPBACK_ENV
 
 _SIMULATOR_URL = re.compile(r"listening on (https?://\S+/v1)")
+_WORKERS_READY = re.compile(r"✅ \d+ workers ready on \S+ \(pids ([\d, ]+)\)")
+WORKERS_READY_TIMEOUT_S = 90.0
 
 
 def server_env(host: str, database: Path) -> dict[str, str]:
@@ -64,6 +78,9 @@ def child_env(options: LoadTestOptions, database: Path) -> dict[str, str]:
     sets them."""
     per_user = math.ceil(options.designs / options.user_count)
     env = {**server_env(options.host, database), "DESIGNS_PER_HOUR": str(per_user + 10)}
+    if options.workers > 1:  # validated: REDIS_URL is set
+        env["REDIS_URL"] = os.environ["REDIS_URL"]
+        env["REDIS_PREFIX"] = f"carlos-loadtest-{secrets.token_hex(4)}"
     if options.rolling_restart:
         for name, value in ROLLING_ENV_DEFAULTS.items():
             env.setdefault(name, value)
@@ -117,33 +134,84 @@ class Server:
     port: int
     process: asyncio.subprocess.Process
     log: Path  # every start of this server appends to it
-    pid_file: Path  # the current process's pid, for the probe to follow it across restarts
+    pid_file: Path  # the current processes' pids, for the probe to follow across restarts
+    workers: tuple[int, ...] = ()  # the pids of its workers, with `--workers` above 1
 
     @property
     def base_url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    @property
+    def pids(self) -> tuple[int, ...]:
+        """Every process of the server: the one started, and its workers if it has any."""
+        return (self.process.pid, *self.workers)
+
 
 async def start_server(
-    label: str, host: str, port: int, env: dict[str, str], tmp: Path, children: Children
+    label: str,
+    host: str,
+    port: int,
+    env: dict[str, str],
+    tmp: Path,
+    children: Children,
+    workers: int = 1,
 ) -> Server:
-    """`manage.py serve` on `port`, returned once its `/health` answers 200."""
+    """`manage.py serve --workers <workers>` on `port`, returned once its `/health` answers
+    200 (and, with several workers, once the parent has said that every one is ready)."""
     suffix = f"-{label}" if label else ""
     log, pid_file = tmp / f"serve{suffix}.log", tmp / f"serve{suffix}.pid"
+    offset = log_size(log)
+    command = ["serve", "--host", host, "--port", str(port), "--no-simulator"]
     with log.open("ab") as out:
         process = await children.start(
             f"server {label}".strip(),
-            manage_py("serve", "--host", host, "--port", str(port), "--no-simulator"),
+            manage_py(*command, "--workers", str(workers)),
             env,
             stdout=out,
             stderr=asyncio.subprocess.STDOUT,
         )
-    # Written whole, then renamed: the probe never reads half a pid.
-    pid_file.with_suffix(".tmp").write_text(str(process.pid))
+    write_pids(pid_file, (process.pid,))
+    await wait_healthy(f"http://{host}:{port}", process, log)
+    worker_pids = await workers_ready(process, log, offset) if workers > 1 else ()
+    if worker_pids:
+        write_pids(pid_file, (process.pid, *worker_pids))
+    return Server(label, host, port, process, log, pid_file, worker_pids)
+
+
+def write_pids(pid_file: Path, pids: tuple[int, ...]) -> None:
+    """The server's pids for the probe, written whole, then renamed: it never reads half."""
+    pid_file.with_suffix(".tmp").write_text(" ".join(map(str, pids)))
     pid_file.with_suffix(".tmp").replace(pid_file)
-    server = Server(label, host, port, process, log, pid_file)
-    await wait_healthy(server.base_url, process, log)
-    return server
+
+
+async def workers_ready(
+    process: asyncio.subprocess.Process, log: Path, offset: int
+) -> tuple[int, ...]:
+    """The workers' pids, once `serve --workers` says every one is ready (its log after
+    `offset`), or ChildFailed with its log when it exits or never says so."""
+    deadline = asyncio.get_running_loop().time() + WORKERS_READY_TIMEOUT_S
+    while asyncio.get_running_loop().time() < deadline:
+        if (found := _WORKERS_READY.search(log_since(log, offset))) is not None:
+            return tuple(int(pid) for pid in found[1].split(", "))
+        if process.returncode is not None:
+            break
+        await asyncio.sleep(0.2)
+    raise ChildFailed(f"the server's workers were not all ready:\n{tail(log)}")
+
+
+async def forget_redis_keys(env: dict[str, str]) -> None:
+    """Delete the run's keys (REDIS_PREFIX, its own) from the Redis its workers shared."""
+    if not env.get("REDIS_URL"):
+        return
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(env["REDIS_URL"])
+    try:
+        keys = [key async for key in client.scan_iter(f"{env['REDIS_PREFIX']}:*")]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
 
 
 @dataclass
@@ -164,7 +232,8 @@ class World:
 
     @property
     def pids(self) -> tuple[int, ...]:
-        return tuple(server.process.pid for server in self.servers)
+        """Every server process (each server's workers included)."""
+        return tuple(pid for server in self.servers for pid in server.pids)
 
     def answered_while_draining(self, response: httpx.Response) -> bool:
         """Whether the server that gave this answer was draining (a restart under way)."""
@@ -204,7 +273,7 @@ async def start_world(options: LoadTestOptions, tmp: Path, children: Children) -
             ports.append(port)
     started = await asyncio.gather(
         *(
-            start_server(label, host, port, server_env, tmp, children)
+            start_server(label, host, port, server_env, tmp, children, options.workers)
             for label, port in zip(options.server_labels, ports, strict=True)
         ),
         return_exceptions=True,

@@ -239,12 +239,25 @@ def test_interrupted_run_stops_its_children_and_removes_its_folder(tmp_path):
         (["--login-concurrency", "-1"], "--login-concurrency must be 0 (all at once) or more"),
         (["--simulator-nice", "20"], "--simulator-nice must be between 0 and 19, got 20"),
         (["--designs", "many"], "argument --designs: invalid int value: 'many'"),
+        (["--workers", "0"], "--workers must be between 1 and 16, got 0"),
+        (
+            ["--workers", "2", "--rolling-restart"],
+            "--workers and --rolling-restart do not go together",
+        ),
     ],
 )
-def test_bad_arguments_are_refused_before_anything_starts(args, message):
+def test_bad_arguments_are_refused_before_anything_starts(args, message, monkeypatch):
+    monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:6379/14")  # never reached: refused first
     with pytest.raises(CommandError) as refused:
         call_command("loadtest", *args)
     assert message in str(refused.value)
+
+
+def test_several_workers_without_redis_are_refused(monkeypatch):
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    with pytest.raises(CommandError) as refused:
+        call_command("loadtest", "--workers", "2")
+    assert str(refused.value).startswith("--workers 2 needs REDIS_URL")
 
 
 def test_several_problems_are_named_at_once():

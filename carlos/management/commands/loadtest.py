@@ -5,7 +5,8 @@ fast) are only worth the figures that back them. The command starts its own worl
 loopback (a throwaway SQLite database, the offline simulator and `manage.py serve` as child
 processes), drives it as browsers would, checks for leaks and prints the figures; the work
 is in `carlos.loadtest`. With `--rolling-restart` it runs two servers and restarts each in
-turn while the designs run, as a deploy would.
+turn while the designs run, as a deploy would; with `--workers N` its server runs N processes
+on one port (`serve --workers N`, through Redis).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandParser
 
 from carlos.loadtest.command import REPORT_OPTIONS, Option, add_options, measure, options_from
-from carlos.loadtest.options import MAX_DESIGNS, MAX_TIMEOUT_S, LoadTestOptions
+from carlos.loadtest.options import MAX_DESIGNS, MAX_TIMEOUT_S, MAX_WORKERS, LoadTestOptions
 from carlos.loadtest.report import format_report
 from carlos.loadtest.run import run_load_test
 
@@ -49,6 +50,15 @@ RUN: tuple[Option, ...] = (
         DEFAULTS.host,
         None,
         "Loopback address to serve on (default 127.0.0.1); anything else is refused.",
+    ),
+    (
+        "--workers",
+        int,
+        DEFAULTS.workers,
+        "N",
+        f"Server processes on the server's port (`serve --workers N`, default "
+        f"{DEFAULTS.workers}, at most {MAX_WORKERS}); more than one needs REDIS_URL, where "
+        "the run writes under a key prefix of its own and deletes its keys afterwards.",
     ),
     (
         "--login-concurrency",

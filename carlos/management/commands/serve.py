@@ -7,10 +7,16 @@ first refuses a configuration that cannot serve pages safely (carlos.startup). T
 its port itself and hands the socket to Daphne: a port in use stops it with a non-zero exit
 before it migrates, touches a design or starts the simulator (Daphne alone would only log it
 and exit 0, after all of that).
+
+With `--workers N` (the default with REDIS_URL: one per core) this process becomes the parent
+of N such servers on one port, each started as `serve --worker ...` (carlos.workers): it binds
+the port, migrates, makes the demo account and starts the one simulator they share, then
+supervises them.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -25,36 +31,22 @@ from django.core.management.base import BaseCommand, CommandError
 
 from carlos.serving import shut_down, tune_gc_for_serving, warm_up
 from carlos.startup import refuse_to_start_wrong
+from carlos.workers import (
+    WorkerPlan,
+    WorkerSpec,
+    listen,
+    listen_for_workers,
+    supervise,
+    tag_log_lines,
+    worker_count,
+)
 from pools.engine.metrics import metrics_for
 from pools.engine.registry import PoolRegistry
-from pools.runtime import get_pool
+from pools.runtime import get_pool, load_config
 from pools.sampler import SnapshotSampler, start_sampler
 from pools.simulator.process import SimulatorDidNotStart, SimulatorProcess, start_simulator
 
 logger = logging.getLogger("pools")
-
-LISTEN_BACKLOG = 50  # what Daphne's `tcp:` endpoint asked for
-
-
-def listen(host: str, port: int) -> socket.socket:
-    """A socket listening on `host:port`, or a CommandError saying why there is none.
-
-    IPv4 only: Daphne adopts the socket through its `fd:` endpoint, whose parser passes the
-    address family on as the string it reads, so no endpoint string can name AF_INET6 (nor
-    did `tcp:port=...:interface=::1` ever parse: its colons split it).
-    """
-    if ":" in host:
-        raise CommandError(f"cannot listen on [{host}]:{port}: serve listens on IPv4 only")
-    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        if os.name == "posix":  # elsewhere SO_REUSEADDR lets another process take the port
-            listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listening.bind((host, port))
-        listening.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        listening.close()
-        raise CommandError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    return listening
 
 
 class Command(BaseCommand):
@@ -64,12 +56,21 @@ class Command(BaseCommand):
         "configured (no AZURE_OPENAI_ENDPOINT or LLM_BASE_URL) the offline LLM simulator is "
         "started too."
     )
+    tag = ""  # what starts each line a worker writes; nothing in a single process
 
     def add_arguments(self, parser) -> None:
         parser.add_argument(
             "--host", default="127.0.0.1", help="IPv4 interface to bind (default 127.0.0.1)."
         )
         parser.add_argument("--port", type=int, default=8000, help="Port to bind (default 8000).")
+        parser.add_argument(
+            "--workers",
+            type=int,
+            default=None,
+            help="Server processes on the port, sharing capacity, breakers, limits and live "
+            "streams through Redis (default: one per core with REDIS_URL, else 1; more than "
+            "one needs REDIS_URL).",
+        )
         parser.add_argument(
             "--no-simulator",
             action="store_true",
@@ -84,21 +85,33 @@ class Command(BaseCommand):
         parser.add_argument(
             "--migrate", action="store_true", help="Apply database migrations before serving."
         )
+        # One of the workers of a `serve --workers N` parent: NUMBER:LISTEN_FD:READY_FD.
+        parser.add_argument("--worker", help=argparse.SUPPRESS)
 
     def handle(self, *args: Any, **options: Any) -> None:
+        if options["worker"]:  # the parent checked the configuration and holds the rest
+            worker = WorkerSpec.parse(options["worker"])
+            self.tag = worker.tag
+            with worker.adopt_socket() as listening:
+                self._serve(listening, options, worker)
+            return
         try:
             refuse_to_start_wrong()
         except ImproperlyConfigured as exc:
             raise CommandError(str(exc)) from None
+        count = worker_count(options["workers"], settings.REDIS_URL)
+        if count > 1:
+            self._supervise(count, options)
+            return
         with listen(options["host"], options["port"]) as listening:
             self._serve(listening, options)
 
-    def _serve(self, listening: socket.socket, options: dict[str, Any]) -> None:
-        """Everything after the port is ours: migrations, demo account, simulator, Daphne."""
-        from daphne.server import Server  # installs Twisted's asyncio reactor: import late
+    def say(self, line: str) -> None:
+        self.stdout.write(f"{self.tag}{line}")
 
+    def _prepare(self, options: dict[str, Any]) -> SimulatorProcess | None:
+        """What one machine does once: migrations, the demo account, the simulator."""
         from agents.demo import credentials_path, ensure_demo_account
-        from carlos.asgi import application
 
         if options["migrate"]:
             call_command("migrate", interactive=False, verbosity=0)
@@ -110,19 +123,66 @@ class Command(BaseCommand):
                 f"👤 Demo account (local, offline simulator only): log in as {demo[0]!r}; "
                 f"the password is in {credentials_path()}"
             )
+        endpoint = load_config().endpoint
+        if endpoint.kind == "simulator" and not options["no_simulator"]:
+            return self._start_simulator(endpoint.base_url, options)
+        return None
+
+    def _supervise(self, count: int, options: dict[str, Any]) -> None:
+        """The parent of `count` workers: the port, what is done once, then the workers."""
+        from agents.leases import LeaseSettings
+
+        sockets = listen_for_workers(options["host"], options["port"], count)
+        try:
+            simulator = self._prepare(options)
+        except BaseException:
+            for listening in sockets:
+                listening.close()
+            raise
+        plan = WorkerPlan(
+            count=count,
+            host=options["host"],
+            port=sockets[0].getsockname()[1],
+            verbosity=options["verbosity"],
+            drain_seconds=LeaseSettings.current().drain_seconds,
+        )
+        self.stdout.write(f"👥 Starting {count} workers on {plan.host}:{plan.port}")
+        try:
+            failure = asyncio.run(supervise(plan, sockets, self.stdout.write))
+        finally:
+            if simulator is not None:  # after the workers: their designs kept their endpoint
+                simulator.stop()
+        if failure is not None:
+            raise CommandError(failure)
+
+    def _serve(
+        self,
+        listening: socket.socket,
+        options: dict[str, Any],
+        worker: WorkerSpec | None = None,
+    ) -> None:
+        """Everything after the port is ours: migrations, demo account, simulator, Daphne
+        (a worker: Daphne only, its parent did the rest)."""
+        from daphne.server import Server  # installs Twisted's asyncio reactor: import late
+
+        from carlos.asgi import application
+
+        if worker is None:
+            simulator = self._prepare(options)
+        else:
+            simulator = None
+            tag_log_lines(worker.tag)  # once the ASGI application has set up Django's logging
+            self.say(f"🚀 Worker {worker.number} starting (pid {os.getpid()})")
         registry = get_pool()
         metrics_for(registry)  # histograms count from the first call, not the first scrape
         from carlos import lifecycle
 
         lifecycle.starting()  # telemetry export, when configured, before the first request
-        simulator = None
-        if registry.config.endpoint.kind == "simulator" and not options["no_simulator"]:
-            simulator = self._start_simulator(registry.config.endpoint.base_url, options)
 
         background: set[asyncio.Task] = set()
 
         def on_ready() -> None:
-            task = asyncio.get_event_loop().create_task(self._warm_up(options))
+            task = asyncio.get_event_loop().create_task(self._warm_up(options, worker))
             background.add(task)
             task.add_done_callback(background.discard)
 
@@ -155,7 +215,7 @@ class Command(BaseCommand):
                 "adopt the socket (its 'Listen failure' above says why)"
             )
 
-    async def _warm_up(self, options: dict[str, Any]) -> None:
+    async def _warm_up(self, options: dict[str, Any], worker: WorkerSpec | None) -> None:
         registry = get_pool()
         try:
             await warm_up(registry)
@@ -168,7 +228,9 @@ class Command(BaseCommand):
                 self._sampler = start_sampler(registry)
                 await self._designs_started()
             tune_gc_for_serving()
-        self.stdout.write(
+            if worker is not None:  # warm or degraded, it serves: the parent may go on
+                worker.announce_ready()
+        self.say(
             f"✅ Backend ready to serve requests on http://{options['host']}:{options['port']}/"
         )
 
@@ -189,7 +251,7 @@ class Command(BaseCommand):
 
         report = await lifecycle.stopping()
         if report.stopped or report.finished:
-            self.stdout.write(
+            self.say(
                 f"⏸  Drained in {report.seconds:.1f}s: {report.finished} design(s) handed on at "
                 f"a checkpoint, {report.stopped} stopped mid-agent (their text saved)"
             )

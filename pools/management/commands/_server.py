@@ -13,7 +13,9 @@ def add_server_arguments(parser: CommandParser, url_role: str = "") -> None:
     parser.add_argument(
         "--url",
         default=DEFAULT_URL,
-        help=f"Base URL of the running Carlos server (default {DEFAULT_URL}){url_role}.",
+        help=f"Base URL of the running Carlos server (default {DEFAULT_URL}){url_role}. "
+        "A `serve --workers N` answers each connection from one of its workers, so /health "
+        "describes that worker only (pool_status --cluster shows them all).",
     )
     parser.add_argument(
         "--timeout", type=float, default=5.0, help="Seconds to wait for /health (default 5)."
