@@ -87,7 +87,12 @@ class Server:
 
 def start(env: Mapping[str, str], log: Path, *options: str, name: str = "serve") -> Server:
     """`manage.py serve --port <free port> <options>` in a child process, stdout and stderr
-    (in order) in `log`, leading a process group of its own (see `carlos.processes`)."""
+    (in order) in `log`, leading a process group of its own (see `carlos.processes`).
+
+    One worker unless `options` ask for more: these servers stand for separate instances
+    (with REDIS_URL, `serve` would otherwise start one worker per core)."""
+    if not any(option.startswith("--workers") for option in options):
+        options = ("--workers", "1", *options)
     port = free_port()
     return Server(name, port, start_serve(dict(env), log, port, *options), log)
 

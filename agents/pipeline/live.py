@@ -196,8 +196,16 @@ class EventPublisher:
                 message = await layer.receive(channel)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Redis away for a moment: try again shortly
-                logger.warning("design %s: text requests", self.design_id, exc_info=True)
+            except Exception as exc:  # Redis slow or away for a moment: try again shortly
+                # One line, no traceback: under load channels_redis' BZPOPMIN times out now
+                # and then (seen in `loadtest --workers 2`); a page asking meanwhile shows the
+                # live tokens and gets the whole text when the agent finishes.
+                logger.warning(
+                    "design %s: waiting for text requests failed (%s: %s); again in 1 s",
+                    self.design_id,
+                    type(exc).__name__,
+                    exc,
+                )
                 await asyncio.sleep(1.0)
                 continue
             if message.get("type") != TEXT_WANTED:
