@@ -32,6 +32,7 @@ from tests.servers import (
     free_port,
     manage,
     serving,
+    start,
     stop,
     wait_healthy,
 )
@@ -284,3 +285,22 @@ def test_dev_run_waits_for_the_server_on_ctrl_c(tmp_path):
         assert_ends(simulator)
     finally:
         stop(process)
+
+
+def test_serve_never_says_ready_while_the_endpoint_is_unreachable(tmp_path):
+    """Reproduces (issue 15): with nothing at the endpoint, `serve` logged the failed warm-up,
+    then "Connection pool ready: 0 main..." and "Backend ready to serve requests"."""
+    env = child_env(f"sqlite:///{tmp_path / 'db.sqlite3'}")  # nothing listens on its port
+    server = start(env, tmp_path / "serve.log", "--migrate", "--no-simulator")
+    try:
+        deadline = time.monotonic() + 60
+        while "unready until the LLM endpoint answers" not in server.log.read_text():
+            assert server.process.poll() is None, server.tail()
+            assert time.monotonic() < deadline, server.tail()
+            time.sleep(0.2)
+        assert get_json(f"{server.base}/health")[0] == 503
+    finally:
+        stop(server.process)
+    output = server.log.read_text()
+    assert "Warm-up could not reach the LLM endpoint" in output
+    assert "Connection pool ready" not in output and "Backend ready" not in output, output

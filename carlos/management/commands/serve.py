@@ -230,9 +230,11 @@ class Command(BaseCommand):
             tune_gc_for_serving()
             if worker is not None:  # warm or degraded, it serves: the parent may go on
                 worker.announce_ready()
-        self.say(
-            f"✅ Backend ready to serve requests on http://{options['host']}:{options['port']}/"
-        )
+        address = f"http://{options['host']}:{options['port']}/"
+        if registry.warmup_error is not None:  # it serves, but never says "ready" meanwhile
+            self.say(f"⚠️ Serving on {address}, unready until the LLM endpoint answers (/health)")
+        else:
+            self.say(f"✅ Backend ready to serve requests on {address}")
 
     async def _designs_started(self) -> None:
         """Listening and warm: take over what no live server holds, keep our leases."""
