@@ -15,6 +15,7 @@ text alternative of the drawing).
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -156,6 +157,14 @@ def render_markdown(text: str, *, top_heading: int = 1) -> SafeString:
     headings (`#`) become `h<top_heading>`, the others follow below them."""
     if not text:
         return mark_safe("")
+    return _rendered(text, top_heading)
+
+
+# A finished answer never changes, and every view of a design page rendered all nine again:
+# 60 % of the page's CPU (issue 16's profile), so 200 users opening their designs at once
+# queued seconds behind it. Keyed by the text itself; about 10 MB at most.
+@functools.lru_cache(maxsize=512)
+def _rendered(text: str, top_heading: int) -> SafeString:
     html = _parser.render(text, {"heading_shift": max(top_heading - 1, 0)})
     return mark_safe(sanitize_html(html))  # sanitised just above
 

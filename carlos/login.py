@@ -270,6 +270,9 @@ def describe_client(
 
 
 async def _site_context(request: HttpRequest) -> dict[str, Any]:
+    # The page's header shows who is logged in: load the user (and the session) here, with
+    # the async API, or the template reads the session on the event loop and fails.
+    request.user = await request.auser()
     return {"next": _redirects.get_redirect_url(request)}
 
 

@@ -170,3 +170,18 @@ def test_each_run_is_presented_as_its_agent_spec_says() -> None:
     retired = present("retired", "# Old\n<script>alert(1)</script>")
     assert retired["kind"] == "markdown"
     assert_inert(retired["html"])
+
+
+def test_a_finished_answer_is_rendered_once_however_often_its_page_is_viewed():
+    """Issue 16's profile: every view of a design page rendered all nine answers again (60 %
+    of the page's CPU). The same text gives the same safe HTML, from the cache after the
+    first time; another heading level or another text is rendered anew."""
+    from agents.rendering import _rendered
+
+    text = "# Carlos's design\n\nSome **bold** text and <script>alert(1)</script>."
+    first = render_markdown(text, top_heading=3)
+    hits = _rendered.cache_info().hits
+    assert render_markdown(text, top_heading=3) == first
+    assert _rendered.cache_info().hits == hits + 1
+    assert "<h3>" in first and "<script>" not in first
+    assert "<h4>" in render_markdown(text, top_heading=4)
