@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -39,7 +37,7 @@ from dataclasses import dataclass
 from django.core.management.base import CommandError
 
 from carlos.processes import manage_py
-from pools.simulator.process import PR_SET_PDEATHSIG
+from pools.simulator.process import die_with_parent
 
 LISTEN_BACKLOG = 50  # what Daphne's `tcp:` endpoint asked for
 MAX_WORKERS = 64
@@ -232,11 +230,7 @@ async def _read_ready(fd: int) -> bool:
 
 def _killed_with_parent() -> None:
     """In the worker, before exec: have Linux SIGKILL it when the parent dies."""
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):
-        pass  # not Linux: the parent's own shutdown still stops its workers
+    die_with_parent(signal.SIGKILL)
 
 
 async def start_worker(number: int, plan: WorkerPlan, listening: socket.socket) -> Worker:

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -158,3 +159,36 @@ async def log_in(client: Any, username: str, password: str) -> None:
         data={"username": username, "password": password, "csrfmiddlewaretoken": token[1]},
     )
     assert response.status_code == 302, response.text[:500]
+
+
+@dataclass
+class Site:
+    """A served site with one user, for the browser tests (see `site_with_one_user`)."""
+
+    server: Server
+    database: Path
+    env: dict[str, str]
+
+
+@contextmanager
+def site_with_one_user(
+    label: str, log: Path, username: str, password: str, *options: str, limit: float
+) -> Iterator[Site]:
+    """`manage.py serve <options>` on free ports with a throwaway SQLite database (removed
+    after) holding one user; always against the offline simulator."""
+    database = Path(f"/tmp/carlos-{label}-{uuid.uuid4().hex}.sqlite3")
+    env = child_env(f"sqlite:///{database}")
+    try:
+        manage(env, "migrate", "--verbosity", "0")
+        manage(
+            env,
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model; "
+            f"get_user_model().objects.create_user({username!r}, password={password!r})",
+        )
+        with serving(env, log, *options, limit=limit) as served:
+            yield Site(served, database, env)
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            Path(f"{database}{suffix}").unlink(missing_ok=True)

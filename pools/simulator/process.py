@@ -53,11 +53,12 @@ class SimulatorProcess:
                 self.process.wait()
 
 
-def die_with_parent() -> None:
-    """In the child, before exec: have Linux SIGTERM it when the parent dies, even by SIGKILL."""
+def die_with_parent(signal_number: int = signal.SIGTERM) -> None:
+    """In the child, before exec: have Linux send it `signal_number` when the parent dies,
+    even by SIGKILL."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        libc.prctl(PR_SET_PDEATHSIG, signal_number)
     except (OSError, AttributeError):
         pass  # not Linux: the parent's own shutdown still stops the child
 

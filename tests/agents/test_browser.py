@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from tests.helpers.browser import CHROMIUM, MISSING, chromium_page
-from tests.servers import child_env, manage, serving
+from tests.servers import site_with_one_user
 
 pytestmark = pytest.mark.browser
 
@@ -34,25 +34,12 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """`manage.py serve` on free ports with a throwaway SQLite database and one user."""
     if not CHROMIUM.exists():
         pytest.skip(MISSING)
-    database = Path(f"/tmp/carlos-browser-{uuid.uuid4().hex}.sqlite3")
-    env = child_env(f"sqlite:///{database}")  # always the offline simulator
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    try:
-        manage(env, "migrate", "--verbosity", "0")
-        manage(
-            env,
-            "shell",
-            "-c",
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})",
-        )
-        with serving(
-            env, log, "--simulator-args", SIMULATOR_ARGS, limit=SERVER_START_DEADLINE_S
-        ) as served:
-            yield served.base
-    finally:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{database}{suffix}").unlink(missing_ok=True)
+    options = ("--simulator-args", SIMULATOR_ARGS)
+    with site_with_one_user(
+        "browser", log, USERNAME, PASSWORD, *options, limit=SERVER_START_DEADLINE_S
+    ) as site:
+        yield site.server.base
 
 
 @pytest.fixture

@@ -27,7 +27,7 @@ from tests.helpers.browser import (
     chromium_page,
     horizontal_overflow,
 )
-from tests.servers import child_env, manage, serving
+from tests.servers import site_with_one_user
 
 pytestmark = pytest.mark.browser
 
@@ -72,23 +72,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
     """`manage.py serve` on free ports with a throwaway SQLite database and one user."""
     if not CHROMIUM.exists():
         pytest.skip(MISSING)
-    database = Path(f"/tmp/carlos-live-page-{uuid.uuid4().hex}.sqlite3")
-    env = child_env(f"sqlite:///{database}")  # always the offline simulator
     log = tmp_path_factory.mktemp("server") / "serve.log"
-    try:
-        manage(env, "migrate", "--verbosity", "0")
-        manage(
-            env,
-            "shell",
-            "-c",
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})",
-        )
-        with serving(env, log, "--simulator-args", FAST, limit=SERVER_START_DEADLINE_S) as served:
-            yield Site(served.base, database, env["LLM_SIMULATOR_PORT"])
-    finally:
-        for suffix in ("", "-wal", "-shm", "-journal"):
-            Path(f"{database}{suffix}").unlink(missing_ok=True)
+    options = ("--simulator-args", FAST)
+    with site_with_one_user(
+        "live-page", log, USERNAME, PASSWORD, *options, limit=SERVER_START_DEADLINE_S
+    ) as served:
+        yield Site(served.server.base, served.database, served.env["LLM_SIMULATOR_PORT"])
 
 
 @pytest.fixture

@@ -25,6 +25,7 @@ from daphne.server import Server
 from django.utils.autoreload import DJANGO_AUTORELOAD_ENV
 
 from carlos.management.commands.serve import Command as Serve
+from pools.management.commands._server import add_simulator_arguments
 from pools.runtime import load_config
 from pools.simulator.process import SimulatorProcess
 
@@ -40,17 +41,7 @@ class Command(DaphneRunserver):
 
     def add_arguments(self, parser: Any) -> None:
         super().add_arguments(parser)
-        parser.add_argument(
-            "--no-simulator",
-            action="store_true",
-            help="Do not start the offline simulator even when no endpoint is configured "
-            "(use when one already runs, e.g. `manage.py llm_simulator` in another shell).",
-        )
-        parser.add_argument(
-            "--simulator-args",
-            default="--ttft-ms 120 --tokens-per-second 400",
-            help="Extra arguments for the simulator it starts (default: realistic pacing).",
-        )
+        add_simulator_arguments(parser)
 
     def handle(self, *args: Any, **options: Any) -> None:
         simulator = None

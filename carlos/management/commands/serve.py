@@ -42,6 +42,7 @@ from carlos.workers import (
 )
 from pools.engine.metrics import metrics_for
 from pools.engine.registry import PoolRegistry
+from pools.management.commands._server import add_simulator_arguments
 from pools.runtime import get_pool, load_config
 from pools.sampler import SnapshotSampler, start_sampler
 from pools.simulator.process import SimulatorDidNotStart, SimulatorProcess, start_simulator
@@ -71,17 +72,7 @@ class Command(BaseCommand):
             "streams through Redis (default: one per core with REDIS_URL, else 1; more than "
             "one needs REDIS_URL).",
         )
-        parser.add_argument(
-            "--no-simulator",
-            action="store_true",
-            help="Do not start the offline simulator even when no endpoint is configured "
-            "(use when one already runs, e.g. `manage.py llm_simulator` in another shell).",
-        )
-        parser.add_argument(
-            "--simulator-args",
-            default="--ttft-ms 120 --tokens-per-second 400",
-            help="Extra arguments for the simulator it starts (default: realistic pacing).",
-        )
+        add_simulator_arguments(parser)
         parser.add_argument(
             "--migrate", action="store_true", help="Apply database migrations before serving."
         )
