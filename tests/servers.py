@@ -161,6 +161,17 @@ async def log_in(client: Any, username: str, password: str) -> None:
     assert response.status_code == 302, response.text[:500]
 
 
+def migrate_with_one_user(env: Mapping[str, str], username: str, password: str) -> None:
+    """Migrate the database `env` names and create one user in it, in one child process."""
+    script = (
+        "from django.contrib.auth import get_user_model\n"
+        "from django.core.management import call_command\n"
+        'call_command("migrate", interactive=False, verbosity=0)\n'
+        f"get_user_model().objects.create_user({username!r}, password={password!r})\n"
+    )
+    manage(env, "shell", "-c", script)
+
+
 @dataclass
 class Site:
     """A served site with one user, for the browser tests (see `site_with_one_user`)."""
@@ -179,14 +190,7 @@ def site_with_one_user(
     database = Path(f"/tmp/carlos-{label}-{uuid.uuid4().hex}.sqlite3")
     env = child_env(f"sqlite:///{database}")
     try:
-        manage(env, "migrate", "--verbosity", "0")
-        manage(
-            env,
-            "shell",
-            "-c",
-            "from django.contrib.auth import get_user_model; "
-            f"get_user_model().objects.create_user({username!r}, password={password!r})",
-        )
+        migrate_with_one_user(env, username, password)
         with serving(env, log, *options, limit=limit) as served:
             yield Site(served, database, env)
     finally:

@@ -35,7 +35,15 @@ from agents.options import AGENTS, DEFAULT_OPTIONS
 from agents.simulated import agent_of
 from pools.simulator.process import SimulatorProcess, start_simulator
 from tests.helpers.services import forget_keys, run_prefix, throwaway_database
-from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
+from tests.servers import (
+    Server,
+    child_env,
+    log_in,
+    migrate_with_one_user,
+    start,
+    stop,
+    wait_healthy,
+)
 from tests.test_multi_instance import REDIS_URL, SERVICES_PROBLEM, submit
 
 DESIGNS = 10
@@ -43,12 +51,6 @@ LEASE_SECONDS = 3.0
 SWEEP_SECONDS = 0.5
 USERNAME, PASSWORD = "crash-user", f"pw-{uuid.uuid4().hex}"
 LIMIT_S = 120.0  # a fail-safe limit, not a timing assertion: a broken build must not hang
-SETUP = f"""
-from django.contrib.auth import get_user_model
-from django.core.management import call_command
-call_command("migrate", interactive=False, verbosity=0)
-get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})
-"""
 
 
 @dataclass
@@ -138,7 +140,7 @@ def test_a_killed_server_s_designs_are_taken_over_and_finish_without_repeating_a
         DESIGN_SWEEP_SECONDS=str(SWEEP_SECONDS),
         **database.extra_env,
     )
-    manage(env, "shell", "-c", SETUP)
+    migrate_with_one_user(env, USERNAME, PASSWORD)
     first = start(env, tmp_path / "a.log", name="A")
     second = start(env, tmp_path / "b.log", name="B")
     servers = [first, second]
@@ -261,7 +263,7 @@ def test_ctrl_c_drains_hands_designs_back_and_the_next_start_finishes_them(
     re-using every agent that had finished."""
     database = Database(f"sqlite:///{tmp_path / 'drain.sqlite3'}", {})
     env = child_env(database.url, DESIGNS_PER_HOUR="1000", DRAIN_SECONDS="1.5")
-    manage(env, "shell", "-c", SETUP)
+    migrate_with_one_user(env, USERNAME, PASSWORD)
     slow = "--simulator-args=--ttft-ms 50 --tokens-per-second 40"
     server = start(env, tmp_path / "first.log", slow, name="first")
     servers = [server]

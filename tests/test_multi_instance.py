@@ -59,7 +59,15 @@ from tests.helpers.services import (
 )
 from tests.helpers.snapshots import snap
 from tests.helpers.waiting import eventually
-from tests.servers import Server, child_env, log_in, manage, start, stop, wait_healthy
+from tests.servers import (
+    Server,
+    child_env,
+    log_in,
+    migrate_with_one_user,
+    start,
+    stop,
+    wait_healthy,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 REDIS_URL = services.CLUSTER_REDIS_URL
@@ -209,14 +217,6 @@ class Cluster:
         httpx.post(f"{self.simulator}/_simulator/reset", timeout=5).raise_for_status()
 
 
-SETUP = f"""
-from django.contrib.auth import get_user_model
-from django.core.management import call_command
-call_command("migrate", interactive=False, verbosity=0)
-get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})
-"""
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     """The simulator, a fresh PostgreSQL database with one user, instances A and B."""
@@ -273,7 +273,7 @@ def run_cluster(database_url: str, folder: Path) -> Iterator[Cluster]:
             env[f"POOL_{pool.upper()}_SIZE"] = str(size)
             env[f"POOL_{pool.upper()}_MAX_OVERFLOW"] = "0"
             env[f"POOL_{pool.upper()}_TIMEOUT"] = "60"  # callers wait for capacity, never fail
-        manage(env, "shell", "-c", SETUP)
+        migrate_with_one_user(env, USERNAME, PASSWORD)
         state = Cluster(env, env["DATABASE_URL"], found[1], servers, folder)
         first, second = state.start("A"), state.start("B")
         wait_healthy(first, second, limit=START_LIMIT_S)

@@ -39,6 +39,7 @@ from tests.servers import (
     free_port,
     log_in,
     manage,
+    migrate_with_one_user,
     start,
     stop,
 )
@@ -51,12 +52,6 @@ ATTEMPTS = 60  # new connections tried to reach a given worker (each lands on on
 DESIGN_LIMIT_S = 90.0  # fail-safe limits, not timing assertions: a broken build must not hang
 FAST = {"ttft_ms": 0.0}
 SLOW = {"ttft_ms": 1500.0}  # every call holds its slot a while before its first token
-SETUP = f"""
-from django.contrib.auth import get_user_model
-from django.core.management import call_command
-call_command("migrate", interactive=False, verbosity=0)
-get_user_model().objects.create_user({USERNAME!r}, password={PASSWORD!r})
-"""
 
 
 @dataclass
@@ -164,7 +159,7 @@ def workers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Workers]:
     folder = tmp_path_factory.mktemp("workers")
     prefix = run_prefix("test-workers")
     env = workers_env(folder, prefix)
-    manage(env, "shell", "-c", SETUP)
+    migrate_with_one_user(env, USERNAME, PASSWORD)
     simulator_args = "--ttft-ms 0 --tokens-per-second 4000"
     server = start(env, folder / "serve.log", "--workers", "2", "--simulator-args", simulator_args)
     try:
