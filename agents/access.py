@@ -10,10 +10,15 @@
   permissions apply. Superusers hold every permission.
 
 Grant them in the admin (Users or Groups), e.g. a "Support" group with "Can view design".
+
+Each check is a plain function: a page calls them inside its one database round (a single
+hop to a thread, see agents.views), and `may_see` is the one the live feed awaits.
 """
 
 from __future__ import annotations
 
+from asgiref.sync import sync_to_async
+from django.contrib.auth.decorators import user_passes_test
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.db.models import QuerySet
 
@@ -26,31 +31,46 @@ DELETE_DESIGN = "agents.delete_design"
 User = AbstractBaseUser | AnonymousUser
 
 
-async def may_view_every_design(user: User) -> bool:
+async def _is_signed_in(user: User) -> bool:
+    return user.is_authenticated
+
+
+# Django's `login_required`, its test a coroutine: Django runs a plain function's test in a
+# thread, one more hop to a thread and back per page for reading an attribute.
+login_required = user_passes_test(_is_signed_in)
+
+
+def may_view_every_design(user: User) -> bool:
     """Whether `user` sees designs they do not own (view, or change which implies it)."""
     if not user.is_authenticated:
         return False
-    return await user.ahas_perm(VIEW_DESIGN) or await user.ahas_perm(CHANGE_DESIGN)
+    return user.has_perm(VIEW_DESIGN) or user.has_perm(CHANGE_DESIGN)
 
 
-async def may_act_on(user: User, design: Design) -> bool:
+def may_act_on(user: User, design: Design) -> bool:
     """Whether `user` may answer, retry (or otherwise act on) `design`."""
     if not user.is_authenticated:
         return False
-    return design.owner_id == user.pk or await user.ahas_perm(CHANGE_DESIGN)
+    return design.owner_id == user.pk or user.has_perm(CHANGE_DESIGN)
 
 
-async def may_delete(user: User, design: Design) -> bool:
+def may_delete(user: User, design: Design) -> bool:
     """Whether `user` may delete `design` (with its runs) from its page."""
     if not user.is_authenticated:
         return False
-    return design.owner_id == user.pk or await user.ahas_perm(DELETE_DESIGN)
+    return design.owner_id == user.pk or user.has_perm(DELETE_DESIGN)
 
 
-async def visible_designs(user: User) -> QuerySet[Design]:
+def visible_designs(user: User) -> QuerySet[Design]:
     """The designs `user` may see: their own, or every design with the view permission."""
     if not user.is_authenticated:
         return Design.objects.none()
-    if await may_view_every_design(user):
+    if may_view_every_design(user):
         return Design.objects.all()
     return Design.objects.filter(owner_id=user.pk)
+
+
+@sync_to_async
+def may_see(user: User, design_id: int) -> bool:
+    """Whether the design exists and `user` may see it (one hop to a thread)."""
+    return visible_designs(user).filter(pk=design_id).exists()

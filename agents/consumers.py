@@ -54,7 +54,7 @@ from django.db.models.signals import post_delete, post_save
 from django.dispatch import receiver
 from django.utils.crypto import constant_time_compare
 
-from agents.access import visible_designs
+from agents.access import may_see
 from agents.events import (
     DesignStatus,
     Event,
@@ -157,7 +157,7 @@ class DesignConsumer(AsyncJsonWebsocketConsumer):
             return
         self._session_key, self._user_pk = session_key, user.pk
         self.design_id = int(self.scope["url_route"]["kwargs"]["design_id"])
-        if not await (await visible_designs(user)).filter(pk=self.design_id).aexists():
+        if not await may_see(user, self.design_id):
             await self._close(CLOSE_NOT_FOUND)
             return
         # Sessions first: a logout from here on reaches this socket.

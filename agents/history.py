@@ -12,15 +12,15 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from urllib.parse import urlencode
 
-from django.contrib.auth.decorators import login_required
-from django.core.paginator import AsyncPage, AsyncPaginator
+from asgiref.sync import sync_to_async
+from django.core.paginator import Page, Paginator
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, QueryDict
 from django.shortcuts import render
 from django.utils import timezone
 from django.views.decorators.http import require_GET
 
-from agents.access import may_view_every_design, visible_designs
+from agents.access import User, login_required, may_view_every_design, visible_designs
 from agents.models import Design
 
 DESIGNS_PER_PAGE = 20
@@ -98,15 +98,33 @@ def matching(designs: QuerySet[Design], query: HistoryQuery) -> QuerySet[Design]
     return designs.select_related("owner").only(*ROW_FIELDS).order_by("-created_at", "-id")
 
 
-async def page_of(designs: QuerySet[Design], query: HistoryQuery) -> tuple[AsyncPage, int]:
-    """The asked page and the number of pages; a page past the end shows the last one."""
-    paginator = AsyncPaginator(designs, DESIGNS_PER_PAGE)
-    num_pages = await paginator.anum_pages()
+def page_of(designs: QuerySet[Design], query: HistoryQuery) -> tuple[Page, int]:
+    """The asked page (its rows read) and the number of pages; a page past the end shows the
+    last one."""
+    paginator = Paginator(designs, DESIGNS_PER_PAGE)
+    num_pages = paginator.num_pages
     if query.page > num_pages:
-        if await paginator.acount():
+        if paginator.count:
             query.notices.append(f"There is no page {query.page}; showing the last page.")
         query.page = num_pages
-    return await paginator.apage(query.page), num_pages
+    page = paginator.page(query.page)
+    page.object_list = list(page.object_list)
+    return page, num_pages
+
+
+@dataclass
+class History:
+    """What the history page shows, read in one database round (one hop to a thread)."""
+
+    page: Page
+    num_pages: int
+    show_owner: bool
+
+
+@sync_to_async
+def read_history(user: User, query: HistoryQuery) -> History:
+    page, num_pages = page_of(matching(visible_designs(user), query), query)
+    return History(page, num_pages, show_owner=may_view_every_design(user))
 
 
 def human_duration(span: timedelta) -> str:
@@ -153,10 +171,10 @@ async def design_list(request: HttpRequest) -> HttpResponse:
     user = await request.auser()
     request.user = user  # loaded with the async API: the template reads it without a query
     query = read_query(request.GET)
-    designs = matching(await visible_designs(user), query)
-    page, num_pages = await page_of(designs, query)
+    history = await read_history(user, query)
+    page, num_pages = history.page, history.num_pages
     now = timezone.now()
-    rows = [(design, duration_of(design, now)) for design in await page.aget_object_list()]
+    rows = [(design, duration_of(design, now)) for design in page.object_list]
     context = {
         "nav": "history",
         "rows": rows,
@@ -166,7 +184,7 @@ async def design_list(request: HttpRequest) -> HttpResponse:
         "num_pages": num_pages,
         "previous_url": query.url(page.number - 1) if page.number > 1 else None,
         "next_url": query.url(page.number + 1) if page.number < num_pages else None,
-        "total": await page.paginator.acount(),  # counted once already, for the pages
-        "show_owner": await may_view_every_design(user),
+        "total": page.paginator.count,  # counted once already, for the pages
+        "show_owner": history.show_owner,
     }
     return render(request, "agents/design_list.html", context)

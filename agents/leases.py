@@ -22,6 +22,7 @@ import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db.models import F, Q
 from django.utils import timezone
@@ -170,7 +171,7 @@ async def skip_questions(design_id: int, owner: str) -> bool:
     )
 
 
-async def queue_place(design: Design) -> int | None:
+def place_in_queue(design: Design) -> int | None:
     """A QUEUED design's place in the line (1 = next to start), or None if not queued.
 
     The line is every queued design, oldest first: each process starts its queued designs
@@ -181,7 +182,14 @@ async def queue_place(design: Design) -> int | None:
     ahead = Design.objects.filter(status=Status.QUEUED).filter(
         Q(created_at__lt=design.created_at) | Q(created_at=design.created_at, pk__lt=design.pk)
     )
-    return await ahead.acount() + 1
+    return ahead.count() + 1
+
+
+async def queue_place(design: Design) -> int | None:
+    """`place_in_queue` from async code (no query unless the design is queued)."""
+    if design.status != Status.QUEUED:
+        return None
+    return await sync_to_async(place_in_queue)(design)
 
 
 # -- the process's drain ---------------------------------------------------------------------

@@ -19,31 +19,32 @@ from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qsl
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.contrib.auth.decorators import login_required
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import aget_object_or_404, redirect, render
+from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from agents import leases, tasks
-from agents.access import may_act_on, may_delete, visible_designs
+from agents.access import login_required, may_act_on, may_delete, visible_designs
 from agents.capacity import Busy, busy_from, busy_response, pools_busy
 from agents.events import (
     AGENT_STATE_TEXT,
     LiveProgress,
     as_json,
     design_state,
-    read_progress,
+    live_progress,
     run_state,
 )
 from agents.forms import ClarificationForm, DesignRequestForm
 from agents.models import AgentRun, Design, DesignRetry
 from agents.options import OPTION_FIELDS, option_label
 from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
+from agents.progress import stage_estimates
 from agents.rendering import present_run
 from agents.specs import Stage, only_in_stage, registered
 from agents.terraform import split_terraform
@@ -71,11 +72,37 @@ async def _current_user(request: HttpRequest) -> AbstractBaseUser | AnonymousUse
     return user
 
 
-async def _visible_design(request: HttpRequest, design_id: int) -> Design:
-    """The design if this user may see it (see agents.access); 404 otherwise, existing or not."""
+@dataclass(frozen=True)
+class Seen:
+    """A design this user may see, read in one database round with what its views ask of it:
+    each async ORM call is a hop to a thread and back, and each hop waits for a turn of an
+    event loop that, under load, also carries hundreds of live feeds."""
+
+    design: Design
+    may_act: bool
+    may_delete: bool
+    runs: list[AgentRun]  # in start order; empty unless asked for
+    queue_place: int | None  # None unless asked for, or not queued
+
+
+@sync_to_async
+def _read_seen(user: AbstractBaseUser | AnonymousUser, design_id: int, *, page: bool) -> Seen:
+    designs = visible_designs(user).select_related("owner")
+    design = get_object_or_404(designs, pk=design_id)
+    return Seen(
+        design,
+        may_act=may_act_on(user, design),
+        may_delete=may_delete(user, design),
+        runs=_current_runs(design) if page else [],
+        queue_place=leases.place_in_queue(design) if page else None,
+    )
+
+
+async def _visible_design(request: HttpRequest, design_id: int, *, page: bool = False) -> Seen:
+    """The design if this user may see it (see agents.access); 404 otherwise, existing or not.
+    With `page`, also its runs and its place in the queue, for its page."""
     user = await _current_user(request)
-    designs = (await visible_designs(user)).select_related("owner")
-    return await aget_object_or_404(designs, pk=design_id)
+    return await _read_seen(user, design_id, page=page)
 
 
 def _unreadable_form(request: HttpRequest) -> tuple[int, str] | None:
@@ -128,14 +155,16 @@ def _submission_lock(user_id: int) -> asyncio.Lock:
     return _submission_locks.setdefault(user_id, asyncio.Lock())
 
 
-async def allowance(user_id: int) -> Allowance:
-    """What this user has used of the hour. The window slides: each attempt inside the last
-    hour frees its place an hour after it was made."""
+@sync_to_async
+def allowance(user_id: int) -> Allowance:
+    """What this user has used of the hour, in one database round (a hop to a thread). The
+    window slides: each attempt inside the last hour frees its place an hour after it was
+    made."""
     limit = designs_per_hour()
     since = timezone.now() - RATE_WINDOW
     designs = Design.objects.filter(owner_id=user_id, created_at__gt=since)
     retries = DesignRetry.objects.filter(requested_by_id=user_id, requested_at__gt=since)
-    used = await designs.acount() + await retries.acount()
+    used = designs.count() + retries.count()
     if used < limit:
         return Allowance(used, limit, None)
     # Once the (used - limit + 1) oldest attempts have left the window, one more fits; they
@@ -143,13 +172,8 @@ async def allowance(user_id: int) -> Allowance:
     leaving = used - limit + 1
     created = designs.order_by("created_at").values_list("created_at", flat=True)
     retried = retries.order_by("requested_at").values_list("requested_at", flat=True)
-    oldest = sorted([at async for at in created[:leaving]] + [at async for at in retried[:leaving]])
+    oldest = sorted([*created[:leaving], *retried[:leaving]])
     return Allowance(used, limit, oldest[leaving - 1] + RATE_WINDOW)
-
-
-async def next_submission_time(user_id: int) -> datetime | None:
-    """When this user may submit (or retry) again, or None if they may now."""
-    return (await allowance(user_id)).next_at
 
 
 def _wait_text(when: datetime) -> str:
@@ -270,10 +294,13 @@ class Tab:
         return AGENT_STATE_TEXT.get(self.state, self.state)
 
 
-async def _current_runs(design: Design) -> list[AgentRun]:
+def _current_runs(design: Design) -> list[AgentRun]:
     """Every run of the design, in start order: a resume re-uses the finished ones, and the
     stopped or failed ones before it stay on the record."""
-    return [run async for run in design.runs.order_by("id")]
+    return list(design.runs.order_by("id"))
+
+
+_read_runs = sync_to_async(_current_runs)
 
 
 def _tabs(runs: list[AgentRun]) -> list[Tab]:
@@ -369,15 +396,15 @@ def _design_page(
 @require_GET
 async def design_detail(request: HttpRequest, design_id: int) -> HttpResponse:
     """The design with every agent's output so far; the page script streams the rest."""
-    design = await _visible_design(request, design_id)
-    can_act = await may_act_on(request.user, design)
+    seen = await _visible_design(request, design_id, page=True)
+    design, runs = seen.design, seen.runs
     return _design_page(
         request,
         design,
-        await _current_runs(design),
-        can_act=can_act,
-        queue_place=await leases.queue_place(design),
-        progress=await read_progress(design),
+        runs,
+        can_act=seen.may_act,
+        queue_place=seen.queue_place,
+        progress=live_progress(design, runs, await stage_estimates()),
     )
 
 
@@ -385,7 +412,7 @@ async def design_detail(request: HttpRequest, design_id: int) -> HttpResponse:
 @require_GET
 async def run_output(request: HttpRequest, design_id: int, run_id: int) -> JsonResponse:
     """One finished run rendered on the server (sanitised), for the page to swap in."""
-    design = await _visible_design(request, design_id)
+    design = (await _visible_design(request, design_id)).design
     run = await aget_object_or_404(AgentRun, pk=run_id, design_id=design.pk)
     presented = present_run(run) if run.status == AgentRun.Status.SUCCEEDED else None
     html = render_to_string(
@@ -398,23 +425,24 @@ async def run_output(request: HttpRequest, design_id: int, run_id: int) -> JsonR
 @require_POST
 async def answer_questions(request: HttpRequest, design_id: int) -> HttpResponse:
     """Store the answers (or the skip) and start the design; only once, while it waits."""
-    design = await _visible_design(request, design_id)
-    if not await may_act_on(request.user, design):
+    seen = await _visible_design(request, design_id)
+    design = seen.design
+    if not seen.may_act:
         message = "Only the owner of this design can answer its questions."
         return _forbidden(request, design, message)
     if design.status != Design.Status.AWAITING_ANSWERS:
         return _conflict(request, design, "This design is not waiting for answers any more.")
     if problem := _unreadable_form(request):
         status, message = problem
-        runs = await _current_runs(design)
+        runs = await _read_runs(design)
         return _design_page(request, design, runs, can_act=True, status=status, problem=message)
     form = ClarificationForm([item["question"] for item in design.clarifications], request.POST)
     skip = "skip" in request.POST
     if not skip and not form.is_valid():
-        runs = await _current_runs(design)
+        runs = await _read_runs(design)
         return _design_page(request, design, runs, can_act=True, answers_form=form, status=400)
     if busy := await pools_busy(request):  # the answers stay in the form, the design waits
-        runs = await _current_runs(design)
+        runs = await _read_runs(design)
         return _design_page(
             request, design, runs, can_act=True, answers_form=form, status=503, busy=busy
         )
@@ -443,9 +471,9 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
     """Resume a failed, interrupted or cancelled design from its first unfinished agent: one
     more attempt, counted against the hourly allowance of the user who asks (429 past it,
     nothing started)."""
-    design = await _visible_design(request, design_id)
-    user = request.user
-    if not await may_act_on(user, design):
+    seen = await _visible_design(request, design_id)
+    design, user = seen.design, request.user
+    if not seen.may_act:
         return _forbidden(request, design, "Only the owner of this design can retry it.")
     if design.status not in RETRYABLE:
         return _conflict(
@@ -454,10 +482,10 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
     async with _submission_lock(user.pk):
         quota = await allowance(user.pk)
         if quota.next_at is not None:
-            runs = await _current_runs(design)
+            runs = await _read_runs(design)
             return _design_page(request, design, runs, can_act=True, status=429, quota=quota)
         if busy := await pools_busy(request):
-            runs = await _current_runs(design)
+            runs = await _read_runs(design)
             return _design_page(request, design, runs, can_act=True, status=503, busy=busy)
         try:
             await tasks.retry_design(design.pk)
@@ -472,8 +500,9 @@ async def retry(request: HttpRequest, design_id: int) -> HttpResponse:
 async def cancel(request: HttpRequest, design_id: int) -> HttpResponse:
     """Stop a queued, waiting or running design for good: it ends cancelled, and what its
     agents produced (the text of one stopped mid-answer included) is kept."""
-    design = await _visible_design(request, design_id)
-    if not await may_act_on(request.user, design):
+    seen = await _visible_design(request, design_id)
+    design = seen.design
+    if not seen.may_act:
         return _forbidden(request, design, "Only the owner of this design can cancel it.")
     if not await tasks.cancel_design(design.pk):
         return _conflict(request, design, "This design has already finished.")
@@ -485,8 +514,9 @@ async def cancel(request: HttpRequest, design_id: int) -> HttpResponse:
 async def delete(request: HttpRequest, design_id: int) -> HttpResponse:
     """Delete a finished design with its runs; a design still in progress is cancelled first
     (409 until then), so no process is left writing to a design that no longer exists."""
-    design = await _visible_design(request, design_id)
-    if not await may_delete(request.user, design):
+    seen = await _visible_design(request, design_id)
+    design = seen.design
+    if not seen.may_delete:
         return _forbidden(request, design, "Only the owner of this design can delete it.")
     deleted, _ = await Design.objects.filter(
         pk=design.pk, status__in=Design.TERMINAL_STATUSES
@@ -537,7 +567,7 @@ def _terraform_files(run: AgentRun | None) -> dict[str, str]:
 @require_GET
 async def terraform_zip(request: HttpRequest, design_id: int) -> HttpResponse:
     """The Terraform coder's files (main, variables, outputs, versions) as a zip."""
-    design = await _visible_design(request, design_id)
+    design = (await _visible_design(request, design_id)).design
     files = _terraform_files(await design.aoutput(only_in_stage(Stage.TERRAFORM).key))
     if not files:
         raise Http404("This design has no Terraform yet.")
@@ -596,8 +626,8 @@ def _ms(value: float | None) -> str:
 @require_GET
 async def download_package(request: HttpRequest, design_id: int) -> HttpResponse:
     """Everything the agents produced, as a zip of markdown files plus the Terraform files."""
-    design = await _visible_design(request, design_id)
-    runs = await _current_runs(design)
+    seen = await _visible_design(request, design_id, page=True)
+    design, runs = seen.design, seen.runs
     outputs: dict[str, AgentRun] = {}
     for run in runs:
         if run.status == AgentRun.Status.SUCCEEDED:

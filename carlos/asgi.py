@@ -8,10 +8,15 @@ carlos.asgi:application`.
 
 import os
 
-from django.core.asgi import get_asgi_application
+import django
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "carlos.settings")
-django_asgi_app = get_asgi_application()
+django.setup(set_prefix=False)  # as django.core.asgi.get_asgi_application does
+
+from carlos.middleware import LoopMiddlewareHandler  # noqa: E402
+
+# Django's handler, with its middleware run on the event loop (carlos.middleware).
+django_asgi_app = LoopMiddlewareHandler()
 
 from carlos.startup import refuse_to_import_wrong  # noqa: E402
 
