@@ -47,6 +47,13 @@ def may_view_every_design(user: User) -> bool:
     return user.has_perm(VIEW_DESIGN) or user.has_perm(CHANGE_DESIGN)
 
 
+def may_view(user: User, design: Design) -> bool:
+    """Whether `user` may see `design`: an owner without a permission query."""
+    if not user.is_authenticated:
+        return False
+    return design.owner_id == user.pk or may_view_every_design(user)
+
+
 def may_act_on(user: User, design: Design) -> bool:
     """Whether `user` may answer, retry (or otherwise act on) `design`."""
     if not user.is_authenticated:

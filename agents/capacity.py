@@ -22,6 +22,7 @@ from agents import leases
 from agents.specs import pools_in_use
 from carlos import serving
 from carlos.admission import outside_the_gate
+from carlos.middleware import detached_task
 from pools.engine.exceptions import PoolError
 from pools.engine.registry import PoolRegistry
 from pools.runtime import get_pool
@@ -87,7 +88,7 @@ async def _join_warm_up(request: HttpRequest, registry: PoolRegistry) -> None:
     server's own (it just started), or one begun here when nothing warms them (a server
     without start-up events that is not Daphne). A design sent in the server's first second
     then waits a moment instead of being refused; the readiness check that follows decides."""
-    warm = asyncio.ensure_future(serving.warm_up(registry))  # joins one under way (same lock)
+    warm = detached_task(serving.warm_up(registry), name="pool warm-up")  # joins one under way
     warm.add_done_callback(_warm_up_outcome)
     async with outside_the_gate(request.scope):
         with contextlib.suppress(TimeoutError):

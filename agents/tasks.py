@@ -39,6 +39,7 @@ from agents.pipeline import (
     complete_even_if_cancelled,
     run_design,
 )
+from carlos.middleware import detached_task
 from carlos.serving import llm_loop
 from pools.engine.resilience import BreakerState
 from pools.runtime import get_pool
@@ -70,9 +71,7 @@ def start_design(design_id: int) -> asyncio.Task[None]:
     existing = _running.get(design_id)
     if existing is not None and not existing.done():
         return existing
-    task = asyncio.get_running_loop().create_task(
-        llm_loop().run(run_here(design_id)), name=f"design-{design_id}"
-    )
+    task = detached_task(llm_loop().run(run_here(design_id)), name=f"design-{design_id}")
     _running[design_id] = task
     task.add_done_callback(lambda done: _forget(design_id, done))
     return task

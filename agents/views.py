@@ -9,6 +9,7 @@ same reason.
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
 import json
 import logging
@@ -23,14 +24,14 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.contrib.auth.models import AbstractBaseUser, AnonymousUser
 from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.shortcuts import aget_object_or_404, get_object_or_404, redirect, render
+from django.shortcuts import aget_object_or_404, redirect, render
 from django.template.loader import render_to_string
 from django.utils import timezone
 from django.utils.text import slugify
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from agents import leases, tasks
-from agents.access import login_required, may_act_on, may_delete, visible_designs
+from agents.access import login_required, may_act_on, may_delete, may_view
 from agents.capacity import Busy, busy_from, busy_response, pools_busy
 from agents.events import (
     AGENT_STATE_TEXT,
@@ -40,7 +41,7 @@ from agents.events import (
     live_progress,
     run_state,
 )
-from agents.forms import ClarificationForm, DesignRequestForm
+from agents.forms import ClarificationForm, DesignRequestForm, design_max_chars
 from agents.models import AgentRun, Design, DesignRetry
 from agents.options import OPTION_FIELDS, option_label
 from agents.pipeline import POOL_REFUSALS, DesignNotRunnable, ask_clarifying_questions
@@ -87,8 +88,9 @@ class Seen:
 
 @sync_to_async
 def _read_seen(user: AbstractBaseUser | AnonymousUser, design_id: int, *, page: bool) -> Seen:
-    designs = visible_designs(user).select_related("owner")
-    design = get_object_or_404(designs, pk=design_id)
+    design = Design.objects.select_related("owner").filter(pk=design_id).first()
+    if design is None or not may_view(user, design):
+        raise Http404("No Design matches the given query.")  # existing or not, as Django's
     return Seen(
         design,
         may_act=may_act_on(user, design),
@@ -202,6 +204,12 @@ def _rate_limited(response: HttpResponse, quota: Allowance) -> HttpResponse:
     return response
 
 
+@functools.lru_cache(maxsize=4)
+def _blank_form_fields(max_chars: int) -> str:
+    """The fields of an unbound form with this length limit (the only setting they show)."""
+    return render_to_string("agents/_design_form_fields.html", {"form": DesignRequestForm()})
+
+
 def _form_page(
     request: HttpRequest,
     form: DesignRequestForm,
@@ -213,6 +221,9 @@ def _form_page(
 ) -> HttpResponse:
     context = {
         "form": form,
+        # An unbound form's fields are the same for everyone: rendered once (the widgets are
+        # most of the page's rendering time).
+        "blank_fields": "" if form.is_bound else _blank_form_fields(design_max_chars()),
         "nav": "new",
         **_allowance_context(quota),
         "busy": busy,

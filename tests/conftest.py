@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -26,6 +27,16 @@ def stopped_llm_loop() -> Iterator[None]:
     yield
     if serving.llm_loop().running:
         asyncio.run(serving.llm_loop().stop())
+
+
+@pytest.fixture(autouse=True)
+def fresh_database_lanes() -> Iterator[None]:
+    """After each test, the served application's request threads (carlos.middleware lanes)
+    end: each holds its database connection, which must not reach into the next test."""
+    yield
+    served = sys.modules.get("carlos.asgi")
+    if served is not None:
+        served.django_asgi_app.lanes.close()
 
 
 @pytest.fixture

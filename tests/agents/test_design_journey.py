@@ -227,3 +227,42 @@ async def test_a_refused_key_is_shown_as_a_category_and_no_fragment_of_it_anywhe
         assert "QX7Z" not in text and "sk-wrong" not in text and "********" not in text, where
     for where, text in (("page", page), ("fragment", fragment), ("zip", readme)):
         assert "Incorrect API key" not in text, where
+
+
+@pytest.mark.django_db(transaction=True)
+async def test_a_design_submitted_through_the_served_application_runs_after_its_request(
+    carlos_registry: Any,
+) -> None:
+    """Through the real ASGI application (carlos.asgi), whose requests do their database
+    work on a lane that is handed to the next request when this one ends: the design started
+    by the submit outlives its request (carlos.middleware.detached_task), so it must not use
+    that lane, and runs to the end."""
+    from tests.carlos.test_login import (
+        ORIGIN,
+        PASSWORD,
+        amake_user,
+        browser,
+        csrf_token,
+        post_login,
+    )
+
+    await amake_user("lane-user")
+    async with browser() as client:
+        assert (
+            await post_login(client, "lane-user", PASSWORD, await csrf_token(client))
+        ).status_code == 302
+        token = await csrf_token(client, "/")
+        answer = await client.post(
+            "/",
+            data={
+                **valid_form(request_text="A ticket shop for concerts"),
+                "csrfmiddlewaretoken": token,
+            },
+            headers={"referer": f"{ORIGIN}/"},
+        )
+        assert answer.status_code == 302, answer.text[:500]
+        design_id = int(re.fullmatch(r"/designs/(\d+)/", answer.headers["location"])[1])
+        for _ in range(3):  # later requests take the lane back meanwhile
+            assert (await client.get(f"/designs/{design_id}/")).status_code == 200
+    design = await _finish(design_id)
+    assert design.status == Design.Status.SUCCEEDED, design.error

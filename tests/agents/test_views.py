@@ -76,6 +76,37 @@ def test_form_states_the_limit_and_offers_every_option(
     assert 'name="csrfmiddlewaretoken"' in html
 
 
+def test_a_blank_forms_fields_are_rendered_once_and_a_bound_forms_each_time(
+    client: Client, alice: Any, settings
+) -> None:
+    """The widgets were most of the form page's rendering (issue 16): an unbound form's are
+    the same for everyone, so they are kept; a posted form shows its own values and errors."""
+    from django.test.signals import template_rendered
+
+    from agents.views import _blank_form_fields
+
+    _blank_form_fields.cache_clear()
+    rendered: list[str] = []
+
+    def count(sender: Any, template: Any, **kwargs: Any) -> None:
+        rendered.append(template.name)
+
+    template_rendered.connect(count)
+    try:
+        first, second = client.get("/").content.decode(), client.get("/").content.decode()
+        assert rendered.count("agents/_design_form_fields.html") == 1
+        fields = re.compile(r'<div class="options-grid">.*<div class="actions">', re.DOTALL)
+        assert fields.search(first)[0] == fields.search(second)[0]  # type: ignore[index]
+        settings.DESIGN_MAX_CHARS = 77  # a new limit shows at once
+        assert 'maxlength="77"' in client.get("/").content.decode()
+        posted = client.post("/", valid_form(request_text="", cloud="gcp"))
+        assert posted.status_code == 400
+        assert rendered.count("agents/_design_form_fields.html") == 3
+        assert '<option value="gcp" selected>' in posted.content.decode()
+    finally:
+        template_rendered.disconnect(count)
+
+
 @pytest.mark.parametrize("text", ["", "   \n\t  "])
 def test_empty_request_is_rejected_with_a_message(client: Client, alice: Any, text: str) -> None:
     response = client.post("/", valid_form(request_text=text))

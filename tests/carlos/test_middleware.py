@@ -159,3 +159,21 @@ def test_settings_keep_djangos_paths_so_its_deploy_checks_find_the_middleware() 
     chain = django_asgi_app._view_middleware
     assert [type(method.__self__).__module__ for method in chain] == ["carlos.middleware"]
     assert set(ON_THE_LOOP) <= set(settings.MIDDLEWARE)
+
+
+async def test_requests_reuse_their_database_threads(signed_in, monkeypatch) -> None:
+    """Django starts a thread for each request and joins it at the end, on the event loop;
+    the handler hands its threads (lanes) from request to request instead."""
+    import threading
+
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def counting(thread: threading.Thread) -> None:
+        started.append(thread.name)
+        start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", counting)
+    for _ in range(10):
+        assert (await signed_in.get("/designs/")).status_code == 200
+    assert len(started) <= 1, started  # before: 20, a thread and its joiner a request
