@@ -24,9 +24,12 @@ import logging
 import random
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+from asgiref.sync import ThreadSensitiveContext
 from django.conf import settings
+from django.db import connections
 from django.utils import timezone
 
 from agents import leases
@@ -95,7 +98,7 @@ async def run_here(design_id: int) -> None:
         finally:
             _waiting_for_place.discard(design_id)
         try:
-            await run_design(design_id)
+            await _on_a_database_thread_of_its_own(design_id)
         except DesignNotRunnable as exc:
             logger.info("design %s: not started here: %s", design_id, exc)
         finally:
@@ -104,6 +107,26 @@ async def run_here(design_id: int) -> None:
         if _working.get(design_id) is current:
             del _working[design_id]
         _stop_keeper_when_idle()
+
+
+async def _on_a_database_thread_of_its_own(design_id: int) -> None:
+    """Run the design with its database work on a thread of its own, so it waits neither
+    behind the live feeds' queries (asgiref's one shared thread) nor other designs' writes;
+    the thread and its connection end with the run.
+
+    Not with an in-memory SQLite database (the tests'): its connections share one cache
+    whose table locks fail at once instead of waiting, so there it keeps to the shared
+    thread and its one connection."""
+    if getattr(connections["default"], "is_in_memory_db", lambda: False)():
+        await run_design(design_id)
+        return
+    thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"design-{design_id}-db")
+    try:
+        async with ThreadSensitiveContext(executor=thread):
+            await run_design(design_id)
+    finally:
+        thread.submit(connections.close_all)
+        thread.shutdown(wait=False)  # after that last call; the loop does not wait for it
 
 
 async def _release_queued(design_id: int) -> None:

@@ -7,6 +7,7 @@ import asyncio
 import io
 import logging
 import re
+import threading
 import zipfile
 from typing import Any
 
@@ -237,6 +238,8 @@ async def test_a_design_submitted_through_the_served_application_runs_after_its_
     work on a lane that is handed to the next request when this one ends: the design started
     by the submit outlives its request (carlos.middleware.detached_task), so it must not use
     that lane, and runs to the end."""
+    from django.db.models.signals import post_save
+
     from tests.carlos.test_login import (
         ORIGIN,
         PASSWORD,
@@ -246,6 +249,12 @@ async def test_a_design_submitted_through_the_served_application_runs_after_its_
         post_login,
     )
 
+    written_from: set[str] = set()
+
+    def note_thread(sender: Any, **kwargs: Any) -> None:
+        written_from.add(threading.current_thread().name)
+
+    post_save.connect(note_thread, sender=AgentRun, weak=False)
     await amake_user("lane-user")
     async with browser() as client:
         assert (
@@ -265,4 +274,9 @@ async def test_a_design_submitted_through_the_served_application_runs_after_its_
         for _ in range(3):  # later requests take the lane back meanwhile
             assert (await client.get(f"/designs/{design_id}/")).status_code == 200
     design = await _finish(design_id)
+    post_save.disconnect(note_thread, sender=AgentRun)
     assert design.status == Design.Status.SUCCEEDED, design.error
+    # Its runs were written from the designs' database threads, never from a request's lane
+    # (with the tests' in-memory database, the shared one: agents.tasks).
+    assert written_from, "no run was saved"
+    assert not any(name.startswith("request-db") for name in written_from), written_from
