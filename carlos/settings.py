@@ -285,8 +285,9 @@ DESIGNS_PER_HOUR = env.int("DESIGNS_PER_HOUR", default=10)
 MAX_RUNNING_DESIGNS = env.int("MAX_RUNNING_DESIGNS", default=50)
 # Page requests in Django at once, and how many more may wait their turn before a 503
 # (carlos/admission.py); health probes and WebSockets are not counted. In the load test
-# (README) 4 kept /health p99 under 50 ms where 16 gave 90-117 ms, with pages as fast.
-MAX_CONCURRENT_REQUESTS = env.int("MAX_CONCURRENT_REQUESTS", default=4)
+# (README, issue 16), with 3-4 hops to a thread per page: 4 gave /health p99 49 ms and
+# pages p99 5.6-6.6 s; 8 gave 63 ms and 4.1-4.9 s; 16 gave 88-125 ms and 3.0-4.9 s.
+MAX_CONCURRENT_REQUESTS = env.int("MAX_CONCURRENT_REQUESTS", default=8)
 MAX_WAITING_REQUESTS = env.int("MAX_WAITING_REQUESTS", default=1000)
 
 # Content Security Policy (Django's own middleware): the pages show model output, which is

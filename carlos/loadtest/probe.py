@@ -36,6 +36,10 @@ if TYPE_CHECKING:
     from carlos.loadtest.world import Server
 
 PROBE_TIMEOUT_S = 30.0
+# A visitor opening the login page (no session) while the users work: the page everyone sees
+# first, timed through the designs phase as well as /health.
+VISITOR_PATH = "/accounts/login/"
+VISITOR_INTERVAL_S = 1.0
 PAGE_TIMEOUT_S = 60.0
 STORM_PAGES = ("/designs/", "/")  # what the login storm's page user loads, in turn
 SESSION_VARIABLE = "LOGINSTORM_SESSION"  # the page user's cookie: kept out of `ps`
@@ -100,30 +104,37 @@ async def probe_health(url: str, pid_file: Path, out_path: Path, interval: float
 
     One that times out counts as PROBE_TIMEOUT_S with status 0. Lines: `H <sent> <ms>
     <status>`, `S <at> <sockets> <rss kB> <probes in flight>`, sockets and RSS summed over the
-    server's processes (its workers too). The pids are read from `pid_file` at each sample, so
-    a restarted server is followed.
+    server's processes (its workers too), and every VISITOR_INTERVAL_S the login page as a
+    visitor without a session sees it, `V <sent> <ms> <status>`. The pids are read from
+    `pid_file` at each sample, so a restarted server is followed.
     """
     stop = stop_on_signals()
     # Enough connections that every scheduled probe leaves even if each takes the timeout.
     most = math.ceil(PROBE_TIMEOUT_S / interval) + 1
     limits = httpx.Limits(max_connections=most, max_keepalive_connections=1)
     in_flight = InFlight()
+    visitor_url = url.removesuffix("/health") + VISITOR_PATH
     with out_path.open("w", buffering=1) as out:
         async with httpx.AsyncClient(timeout=PROBE_TIMEOUT_S, limits=limits) as client:
-            next_probe = next_sample = time.monotonic()
+            next_probe = next_sample = next_visit = time.monotonic()
             while not stop.is_set():
                 now = time.monotonic()
                 if now >= next_probe:
                     in_flight.send(timed_get(client, url, out, "H"))
                     next_probe += interval
+                if now >= next_visit:
+                    client.cookies.clear()  # a new visitor each time
+                    in_flight.send(timed_get(client, visitor_url, out, "V"))
+                    next_visit += VISITOR_INTERVAL_S
                 if now >= next_sample:
                     sample = server_sample(read_pids(pid_file))
                     if sample is not None:
                         # Our own probes in flight hold server sockets too: report them.
                         out.write(f"S {now:.6f} {sample[0]} {sample[1]} {len(in_flight)}\n")
                     next_sample = now + max(interval, 0.2)
+                wake = min(next_probe, next_sample, next_visit)
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), min(next_probe, next_sample) - now)
+                    await asyncio.wait_for(stop.wait(), wake - now)
             for task in list(in_flight.tasks):
                 task.cancel()
             if in_flight.tasks:

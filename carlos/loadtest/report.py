@@ -72,6 +72,7 @@ class ProbeReadings:
     """What the probe wrote, read back after it stopped."""
 
     health: list[tuple[float, float, int]] = field(default_factory=list)  # start, ms, status
+    visits: list[tuple[float, float, int]] = field(default_factory=list)  # the login page
     # at, server sockets (less the probe's own in-flight connections), RSS in kB
     samples: list[tuple[float, int, int]] = field(default_factory=list)
     # Probes sent while their server was restarting (draining, then down): what a deploy
@@ -90,6 +91,8 @@ class ProbeReadings:
                         probe = (float(parts[1]), float(parts[2]), int(parts[3]))
                         restarting = any(a <= probe[0] < b for a, b in out_of_service)
                         (readings.restarting if restarting else readings.health).append(probe)
+                    elif parts[0] == "V":
+                        readings.visits.append((float(parts[1]), float(parts[2]), int(parts[3])))
                     elif parts[0] == "S":
                         own = int(parts[4]) if len(parts) > 4 else 0
                         readings.samples.append(
@@ -103,6 +106,7 @@ class ProbeReadings:
         readings = cls()
         for part in parts:
             readings.health += part.health
+            readings.visits += part.visits
             readings.samples += part.samples
             readings.restarting += part.restarting
         return readings
@@ -110,6 +114,11 @@ class ProbeReadings:
     def health_between(self, start: float, end: float) -> dict[str, Any]:
         return answers_summary(
             [(ms, status) for at, ms, status in self.health if start <= at < end]
+        )
+
+    def visits_between(self, start: float, end: float) -> dict[str, Any]:
+        return answers_summary(
+            [(ms, status) for at, ms, status in self.visits if start <= at < end]
         )
 
     def during_restarts(self) -> dict[str, Any]:
@@ -272,6 +281,10 @@ def build_report(
             "whole_run": readings.health_between(marks["ready"].at, marks["checks"].at),
             "during_logins": readings.health_between(marks["ready"].at, marks["logins"].at),
             "during_designs": health_designs,
+            # A visitor's login page (carlos.loadtest.probe), while the designs run.
+            "login_page_during_designs": readings.visits_between(
+                marks["logins"].at, marks["designs"].at
+            ),
         },
         "server": {
             "peak_sockets": peak_sockets,
@@ -422,6 +435,8 @@ def format_report(report: dict[str, Any]) -> str:
         ("/health during designs", health["during_designs"]),
         ("/health whole run", health["whole_run"]),
     ]
+    if "login_page_during_designs" in health:
+        rows.append(("login page, designs phase", health["login_page_during_designs"]))
     for label, stats in rows:
         lines.append(
             f"  {label:<26} {stats['count']:>6} {_ms(stats['p50_ms']):>10} "

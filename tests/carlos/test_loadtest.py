@@ -82,6 +82,9 @@ def test_small_run_reports_every_design_terminal_and_no_leak(tmp_path):
     health = report["health"]["whole_run"]
     assert health["count"] > 0 and health["non_200"] == 0
     assert health["p50_ms"] <= health["p99_ms"] <= health["max_ms"]
+    # A visitor opens the login page once a second (this run's designs phase may be shorter).
+    visits = report["health"]["login_page_during_designs"]
+    assert visits["non_200"] == 0, visits
 
     server = report["server"]
     assert server["peak_sockets"] >= server["sockets_before"] > 0
@@ -326,3 +329,15 @@ def test_latencies_are_summarized_with_the_engines_percentile():
 def test_a_refused_user_waits_as_told_within_bounds(header, seconds):
     headers = {} if header is None else {"retry-after": header}
     assert retry_after(httpx.Response(503, headers=headers)) == seconds
+
+
+def test_the_visitors_login_page_is_read_back_for_the_designs_phase(tmp_path):
+    from carlos.loadtest.report import ProbeReadings
+
+    log = tmp_path / "probe.log"
+    log.write_text("H 1.0 2.0 200\nV 1.5 7.0 200\nV 2.5 900.0 200\nV 9.5 3.0 503\nS 1.0 10 100 1\n")
+    readings = ProbeReadings.read(log)
+    during = readings.visits_between(2.0, 9.0)  # the designs phase: one visit, the slow one
+    assert during["count"] == 1 and during["max_ms"] == 900.0 and during["non_200"] == 0
+    assert readings.visits_between(0, 10)["non_200"] == 1
+    assert [ms for _, ms, _ in readings.health] == [2.0]  # the visits are not /health probes
