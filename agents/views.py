@@ -1,9 +1,10 @@
 """The web pages: request a design, watch it live, download the results (history: agents.history).
 
-Every view is async and uses the async ORM, so a slow database or a long list never holds
-the event loop that also carries the agents' token streams. Templates only receive data
-that is already loaded (lists, dicts, model instances without lazy relations) for the
-same reason.
+Every view is async, and a page reads what it shows in one round on its request's database
+thread (`_read_seen`, `allowance`: each hop to a thread waits for a turn of the event loop
+that also carries the live feeds, so a page makes as few as it can), so a slow database or a
+long list never holds that loop. Templates only receive data that is already loaded (lists,
+dicts, model instances without lazy relations) for the same reason.
 """
 
 from __future__ import annotations

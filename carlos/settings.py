@@ -17,8 +17,10 @@ if (BASE_DIR / ".env").is_file():
 
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 # A development key is only acceptable while DEBUG is on; production must set its own (outside
-# DEBUG, carlos.startup refuses to serve with a missing or weak one).
-SECRET_KEY = env("DJANGO_SECRET_KEY", default="") or (
+# DEBUG, carlos.startup refuses to serve with a missing or weak one). Read as written:
+# django-environ takes a value that starts with `$` for the name of another variable, and
+# Django's key generator (the README's command) starts one key in 50 with `$`.
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "") or (
     "dev-insecure-carlos-key-change-me" if DEBUG else ""
 )
 ALLOWED_HOSTS = [

@@ -171,7 +171,7 @@ async def test_other_scopes_pass_through():
 def test_the_application_gates_pages_with_the_settings():
     gate = asgi.application.app.application_mapping["http"].app
     assert isinstance(gate, RequestGate)
-    assert (gate.limit, gate.max_waiting) == (4, 1000)
+    assert (gate.limit, gate.max_waiting) == (8, 1000)
     assert gate.logins == settings.MAX_CONCURRENT_LOGINS
     assert gate.login_paths == {reverse("login"), reverse("admin-login")}
 

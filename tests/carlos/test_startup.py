@@ -157,6 +157,18 @@ def test_serve_in_production_behind_a_tls_proxy(tmp_path: Path) -> None:
         assert headers["location"].startswith("https://")
 
 
+def test_a_generated_key_that_starts_with_a_dollar_is_kept_as_written(tmp_path: Path) -> None:
+    """Django's key generator starts one key in 50 with `$`, which django-environ read as the
+    name of another variable: the key was then "not set" and the server refused to start
+    (a flaky `test_serve_in_production_behind_a_tls_proxy` showed it)."""
+    key = "$" + get_random_secret_key()[1:]
+    env = bare_production_env(tmp_path, DJANGO_SECRET_KEY=key)
+    shown = manage(
+        env, "shell", "-c", "from django.conf import settings; print(settings.SECRET_KEY)"
+    )
+    assert shown.stdout.strip().splitlines()[-1] == key  # after the shell's banner
+
+
 @override_settings(DEBUG=True, SECRET_KEY="dev", ALLOWED_HOSTS=[])
 def test_debug_is_not_a_deployment() -> None:
     assert deployment_problems() == []
