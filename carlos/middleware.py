@@ -189,12 +189,10 @@ class DatabaseLanes:
     def __init__(self, keep: int = IDLE_LANES_KEPT) -> None:
         self.keep = keep
         self._idle: list[ThreadPoolExecutor] = []
-        self.started = 0  # threads started, ever (for tests and curiosity)
 
     def take(self) -> ThreadPoolExecutor:
         if self._idle:
             return self._idle.pop()
-        self.started += 1
         return ThreadPoolExecutor(max_workers=1, thread_name_prefix="request-db")
 
     def give_back(self, lane: ThreadPoolExecutor) -> None:

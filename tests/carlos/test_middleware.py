@@ -9,7 +9,6 @@ The hops are counted here by counting `sync_to_async` calls during one request.
 from __future__ import annotations
 
 import collections
-import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -29,7 +28,6 @@ pytestmark = pytest.mark.django_db(transaction=True)
 # What a page may still cost: Django's request_started signal, the session and user (one
 # hop), the page's one database round, and closing the response (request_finished).
 HOPS_PER_PAGE = 4
-_CSRF = re.compile(r'name="csrfmiddlewaretoken" value="([^"]+)"')
 
 
 @pytest.fixture
@@ -55,7 +53,7 @@ async def signed_in() -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def running_design(client: httpx.AsyncClient) -> int:
+async def running_design() -> int:
     """A running design of the signed-in user's, one agent done and one at work."""
 
     def create() -> int:
@@ -82,7 +80,7 @@ async def running_design(client: httpx.AsyncClient) -> int:
 
 async def test_each_page_makes_at_most_four_hops_to_a_thread(signed_in, hops) -> None:
     """Before: login page 19, form 22, history 24, design page 25 (and 24 for a login)."""
-    design_id = await running_design(signed_in)
+    design_id = await running_design()
     await signed_in.get(f"/designs/{design_id}/")  # the stage estimates' cache filled
     for path in ("/", "/designs/", f"/designs/{design_id}/"):
         hops.clear()
@@ -104,12 +102,10 @@ async def test_the_session_is_still_saved_and_messages_still_shown(signed_in) ->
     """A login saves the session (its save goes to a thread), and the logout's message,
     stored through the messages middleware, reaches the next page."""
     assert (await signed_in.get("/")).status_code == 200  # the saved session holds
-    form = await signed_in.get("/")
-    token = _CSRF.search(form.text)
-    assert token is not None
+    token = await csrf_token(signed_in, "/")
     out = await signed_in.post(
         "/accounts/logout/",
-        data={"csrfmiddlewaretoken": token[1]},
+        data={"csrfmiddlewaretoken": token},
         headers={"referer": f"{ORIGIN}/"},
     )
     assert out.status_code == 302, out.text[:300]
